@@ -1,0 +1,55 @@
+"""Every size and time limit in kvswap, in one place, with its unit and its reason.
+
+FORMAT.md and README.md ("Limits") list the same values; tests/test_limits.py checks they agree.
+Sizes a peer declares are never trusted beyond these bounds.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# --- artifact format -------------------------------------------------------------------------------
+#: Largest canonical manifest (bytes). A 3774-token Qwen3-4B artifact with 64-token blocks lists 59
+#: chunks (~10 KB); 4 MiB leaves room for ~100k-token documents while stopping a hostile peer early.
+MAX_MANIFEST_BYTES = 4 * MiB
+#: Largest signature envelope list for one manifest (bytes): a few attestations, not a database.
+MAX_ENVELOPES_BYTES = 256 * KiB
+#: Largest raw (decompressed) chunk (bytes). Qwen3-4B at 64 tokens per block is 9.4 MB raw; 64 MiB
+#: bounds memory per in-flight chunk and caps a zstd bomb before any allocation.
+MAX_CHUNK_RAW_BYTES = 64 * MiB
+#: Largest stored (on-disk / on-the-wire) chunk (bytes); a stored chunk is never larger than raw + header.
+MAX_CHUNK_STORED_BYTES = MAX_CHUNK_RAW_BYTES + 64 * KiB
+#: Most chunks in one artifact.
+MAX_CHUNKS = 65_536
+#: Most tokens in one artifact (longer than any context window we serve).
+MAX_TOKENS = 1_048_576
+#: Default tokens per chunk block: a Qwen3-4B chunk (147,456 B/token) is ~9.4 MB, "a few MB".
+DEFAULT_BLOCK_TOKENS = 64
+
+# --- wire protocol ---------------------------------------------------------------------------------
+#: Largest control frame (bytes): requests, responses, announcements. Chunk payloads travel in data
+#: frames bounded by MAX_CHUNK_STORED_BYTES.
+MAX_FRAME_BYTES = 1 * MiB
+#: Largest data frame (bytes): one stored chunk plus its small header.
+MAX_DATA_FRAME_BYTES = MAX_CHUNK_STORED_BYTES + 4 * KiB
+#: Largest gossipsub announcement (bytes).
+MAX_ANNOUNCE_BYTES = 16 * KiB
+#: Seconds a peer may stay silent mid-frame before we cut it off.
+STREAM_IDLE_TIMEOUT_S = 15.0
+#: Seconds to open a stream / dial a peer.
+DIAL_TIMEOUT_S = 10.0
+#: Seconds for one chunk request, end to end, before the provider is dropped for this chunk.
+CHUNK_TIMEOUT_S = 60.0
+#: Seconds a hosted generation may take before the client gives up.
+GENERATE_TIMEOUT_S = 600.0
+#: Most suffix + output tokens in one hosted generation request.
+MAX_GENERATE_TOKENS = 4096
+
+# --- daemon ----------------------------------------------------------------------------------------
+#: Seconds between re-provides of everything the node holds.
+REPROVIDE_INTERVAL_S = 300.0
+#: Seconds the daemon waits for its tasks on SIGINT/SIGTERM before it exits anyway.
+SHUTDOWN_TIMEOUT_S = 10.0
+#: Largest control-API request body (bytes): a document to publish.
+MAX_API_BODY_BYTES = 64 * MiB
