@@ -53,3 +53,25 @@ REPROVIDE_INTERVAL_S = 300.0
 SHUTDOWN_TIMEOUT_S = 10.0
 #: Largest control-API request body (bytes): a document to publish.
 MAX_API_BODY_BYTES = 64 * MiB
+
+# --- network layer (node/p2p.py, node/exchange.py, node/fetch.py) ---------------------------------------
+#: Largest ManifestResponse frame body (bytes): a maximal manifest plus maximal envelopes plus msgpack overhead.
+MAX_MANIFEST_FRAME_BYTES = MAX_MANIFEST_BYTES + MAX_ENVELOPES_BYTES + 4 * KiB
+#: Most chunk CIDs in one ChunkRequest / DataGrant: bounds the server's work per request.
+MAX_CHUNKS_PER_REQUEST = 1024
+#: Bytes of a one-time data-plane token (random, 256 bits: unguessable).
+DATAPLANE_TOKEN_BYTES = 32
+#: Seconds a data-plane grant stays valid if unused: a fetcher connects right after it is granted.
+DATAPLANE_GRANT_TTL_S = 60.0
+#: Most concurrent inbound streams per protocol a node serves; the rest wait (bounds memory and threads).
+MAX_CONCURRENT_SERVES = 32
+#: Parallel chunk requests a fetch keeps in flight (across all providers).
+FETCH_PARALLEL_CHUNKS = 4
+#: Failures (timeout, bad bytes, reset) after which a provider is dropped for the rest of a fetch.
+MAX_PROVIDER_FAILURES = 2
+#: Most providers a fetch asks the DHT for.
+MAX_PROVIDERS_PER_FETCH = 20
+#: Seconds for one DHT lookup or provide before it is abandoned (the fetch falls back to connected peers).
+DHT_QUERY_TIMEOUT_S = 15.0
+#: Worker threads the trio side may use at once for store, engine and hashing work.
+WORKER_THREADS = 16

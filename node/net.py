@@ -1,0 +1,280 @@
+"""The network layer as the asyncio daemon sees it: `Network`, a facade over a trio libp2p node in a thread.
+
+    net = Network()
+    await net.start(seed=seed32, listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=[...],
+                    service=service, target=target, on_transfer=ledger_hook, on_announce=callback)
+    cid = (await net.fetch(Cid.parse(text))).cid
+    await net.stop()
+
+Everything libp2p runs on the trio side (`TrioNode`: P2PHost + Exchange + DataPlane + Fetcher), reached through
+node/bridge.py. Callbacks given here (on_transfer, on_announce, progress) are always invoked on the asyncio
+loop that called start(), never on the trio thread, so the daemon can touch its SQLite ledger from them.
+Service and target methods are called from worker threads (they must be thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import trio
+
+from kvswap.cid import Cid
+from kvswap.errors import FormatError, LocalProtocolError, UsageError
+from kvswap.protocol import limits
+from kvswap.protocol.codec import Decoder, encode
+from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse, announce_topic
+
+from .bridge import TrioBridge
+from .dataplane import DataPlane
+from .exchange import Exchange, Service, TransferEvent
+from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
+from .p2p import P2PConfig, P2PHost, document_key
+
+log = logging.getLogger(__name__)
+
+
+def parse_fetch_key(key: Any) -> FetchKey:
+    """A Cid, a CID string, a FetchKey, or (model fingerprint, document hash) -> FetchKey."""
+    if isinstance(key, FetchKey):
+        return key
+    if isinstance(key, Cid):
+        return FetchKey(cid=key)
+    if isinstance(key, str):
+        return FetchKey(cid=Cid.parse(key))
+    if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
+        return FetchKey(model_fingerprint=key[0], document_hash=key[1])
+    raise UsageError(f"cannot fetch {key!r:.80}: give a CID or (model fingerprint, document hash)")
+
+
+class TrioNode:
+    """The trio side of a node. `await nursery.start(node.run)`; then call its methods on the same trio loop."""
+
+    def __init__(
+        self,
+        config: P2PConfig,
+        service: Service | None = None,
+        target: FetchTarget | None = None,
+        on_transfer: Callable[[TransferEvent], None] | None = None,
+        use_dataplane: bool = True,
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> None:
+        self.config = config
+        self.p2p = P2PHost(config)
+        self.limiter = limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
+        self.on_transfer = on_transfer or (lambda event: None)
+        self.service = service
+        self.dataplane: DataPlane | None = None
+        self.use_dataplane = use_dataplane
+        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter)
+        self.fetcher = Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane) if target else None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.p2p.run)
+            if self.use_dataplane and self.service is not None:
+                self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter)
+                await nursery.start(self.dataplane.run)
+                self.exchange.dataplane = self.dataplane
+            task_status.started()
+
+    @property
+    def peer_id(self) -> str:
+        return self.p2p.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.p2p.addrs
+
+    def provide_artifact(self, cid: Cid, model_fingerprint: str, document_hash: str,
+                         chunk_cids: Sequence[Cid] = ()) -> None:
+        """Queue provider records for the artifact, its document key and its chunks (and re-provide them)."""
+        self.p2p.provide_soon(
+            [str(cid), document_key(model_fingerprint, document_hash), *(str(c) for c in chunk_cids)]
+        )
+
+    async def announce(self, announcement: Announce) -> None:
+        await self.p2p.publish(announce_topic(announcement.model_fingerprint), encode(announcement))
+
+    async def subscribe(self, model_fingerprint: str, handler: Callable[[Announce, str], None]) -> None:
+        """Call handler(announce, from_peer) for valid announcements of this model (malformed ones dropped)."""
+
+        def on_message(data: bytes, sender: str) -> None:
+            try:
+                msgs = Decoder(allowed={Announce.TYPE}).feed(data)
+            except Exception as exc:  # any malformed gossip is dropped, never raised into pubsub
+                log.info("dropped a malformed announcement from %s: %s", sender[:16], exc)
+                return
+            for msg in msgs:
+                if msg.model_fingerprint == model_fingerprint:
+                    handler(msg, sender)
+
+        await self.p2p.subscribe(announce_topic(model_fingerprint), on_message)
+
+
+class Network:
+    """The asyncio-facing network layer of a kvswap node. One instance per node; start() once, stop() once."""
+
+    def __init__(self) -> None:
+        self._bridge = TrioBridge()
+        self._node: TrioNode | None = None
+        self._on_announce: Callable[[Announce, str], Any] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        *,
+        seed: bytes,
+        listen_addrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        bootstrap: Sequence[str] = (),
+        service: Service | None = None,
+        target: FetchTarget | None = None,
+        on_transfer: Callable[[TransferEvent], Any] | None = None,
+        on_announce: Callable[[Announce, str], Any] | None = None,
+        enable_mdns: bool = False,
+        use_dataplane: bool = True,
+        reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S,
+    ) -> None:
+        """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers."""
+        if self._node is not None:
+            raise LocalProtocolError("Network.start() called twice")
+        config = P2PConfig(seed=seed, listen_addrs=list(listen_addrs), bootstrap=list(bootstrap),
+                           enable_mdns=enable_mdns, reprovide_interval_s=reprovide_interval_s)
+        bridge = self._bridge
+        hook = (lambda event: bridge.call_soon_in_asyncio(on_transfer, event)) if on_transfer else None
+        self._on_announce = on_announce
+
+        async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
+            node = TrioNode(config, service=service, target=target, on_transfer=hook,
+                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
+            await nursery.start(node.run)
+            self._node = node
+            ready()
+
+        try:
+            await self._bridge.start(main)
+        except BaseException:
+            self._node = None
+            raise
+
+    async def stop(self) -> None:
+        """Stop everything trio-side (host, DHT, pubsub, data plane) and join the thread."""
+        await self._bridge.stop()
+        self._node = None
+
+    @property
+    def running(self) -> bool:
+        return self._node is not None and self._bridge.running
+
+    def _need(self) -> TrioNode:
+        if self._node is None or not self._bridge.running:
+            raise LocalProtocolError("the network layer is not running (call start first)")
+        return self._node
+
+    # --- identity and peers -----------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self._need().peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
+        return self._need().addrs
+
+    async def connect(self, addr: str) -> str:
+        """Dial a peer multiaddr (.../p2p/<id>); returns its peer id."""
+        node = self._need()
+        return await self._bridge.call(node.p2p.connect, addr)
+
+    async def peers(self) -> list[dict]:
+        """Connected peers: [{"peer_id": str, "addrs": [str]}]."""
+        node = self._need()
+
+        async def read() -> list[dict]:
+            return node.p2p.peers()
+
+        return await self._bridge.call(read)
+
+    # --- content routing --------------------------------------------------------------------------------
+
+    async def provide_artifact(self, cid: Cid, model_fingerprint: str, document_hash: str,
+                               chunk_cids: Sequence[Cid] = ()) -> None:
+        """Advertise a local artifact (its CID, document key and chunks) in the DHT, now and on a schedule."""
+        node = self._need()
+
+        async def provide() -> None:
+            node.provide_artifact(cid, model_fingerprint, document_hash, chunk_cids)
+
+        await self._bridge.call(provide)
+
+    async def find_providers(self, key: Any) -> list[str]:
+        """Peer ids providing a CID or (model fingerprint, document hash), from the DHT."""
+        node = self._need()
+        return await self._bridge.call(node.p2p.find_providers, parse_fetch_key(key).dht_key)
+
+    # --- gossip -----------------------------------------------------------------------------------------
+
+    async def subscribe(self, model_fingerprint: str) -> None:
+        """Receive announcements for this model; each valid one calls on_announce(announce, from_peer)."""
+        node = self._need()
+        bridge = self._bridge
+
+        def handler(msg: Announce, sender: str) -> None:
+            if self._on_announce is not None:
+                bridge.call_soon_in_asyncio(self._on_announce, msg, sender)
+
+        await self._bridge.call(node.subscribe, model_fingerprint, handler)
+
+    async def announce(self, cid: Cid, model_fingerprint: str, document_hash: str, n_tokens: int) -> None:
+        """Publish "this node holds artifact `cid`" on the model's gossipsub topic."""
+        node = self._need()
+        msg = Announce(cid, model_fingerprint, document_hash, n_tokens, node.peer_id)
+        await self._bridge.call(node.announce, msg)
+
+    # --- transfer ---------------------------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        key: Any,
+        *,
+        n_tokens: int | None = None,
+        progress: Callable[[FetchProgress], Any] | None = None,
+        expect_model: str | None = None,
+        expect_dtype: str | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> FetchResult:
+        """Fetch an artifact (CID, CID string, or (model fingerprint, document hash)) into the target store.
+
+        Verifies the manifest and every chunk, resumes from chunks already present, spreads chunks over
+        providers, drops bad ones, then provides what it fetched. Raises NotFound, ModelMismatch,
+        IntegrityError (from the manifest check), RemoteProtocolError.
+        """
+        node = self._need()
+        if node.fetcher is None:
+            raise UsageError("this node was started without a store (target) to fetch into")
+        fkey = parse_fetch_key(key)
+        if n_tokens is not None and not 0 < n_tokens <= limits.MAX_TOKENS:
+            raise UsageError(f"n_tokens must be in 1..{limits.MAX_TOKENS}")
+        bridge = self._bridge
+        report = (lambda p: bridge.call_soon_in_asyncio(progress, p)) if progress else None
+        return await bridge.call(
+            _fetch, node.fetcher, fkey, n_tokens, report, expect_model, expect_dtype,
+            list(providers) if providers is not None else None,
+        )
+
+    async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
+        """Hosted generation on `peer` (a peer id, or a multiaddr ending in /p2p/<id>, dialled first)."""
+        node = self._need()
+        if "/" in peer:
+            peer = await self.connect(peer)
+        return await self._bridge.call(node.exchange.remote_generate, peer, request)
+
+
+async def _fetch(fetcher: Fetcher, key: FetchKey, n_tokens, report, expect_model, expect_dtype, providers):
+    return await fetcher.fetch(key, n_tokens=n_tokens, progress=report, expect_model=expect_model,
+                               expect_dtype=expect_dtype, providers=providers)
+
+
+__all__ = ["FetchProgress", "FetchResult", "FormatError", "Network", "TrioNode", "parse_fetch_key"]

@@ -1,0 +1,373 @@
+"""The libp2p side of a node (trio): host, Kademlia DHT, gossipsub, stream handlers, re-provide loop.
+
+Everything here runs on the trio loop of node/bridge.py (py-libp2p 0.8.1 is trio-only). The host identity is
+the node's 32-byte Ed25519 seed, the same key that signs manifests, so "who signed" and "who served" are one
+peer id. Facts this module relies on (DESIGN.md, measured here):
+- KadDHT needs `max_peers_per_subnet=0`, or peers sharing a /24 (every loopback test node) are capped.
+- KadDHT only learns peers we add: we add every connected peer to the routing table on a short loop.
+- KadDHT rate-limits ADD_PROVIDER to 10 per 10 s per sender; kvswap provides every chunk CID, so our own
+  nodes accept more (`PROVIDER_RATE_MAX`), and our re-provide loop paces itself.
+- find_providers answers from the local provider store first when it has any record; the fetcher therefore
+  also asks connected peers directly (node/fetch.py).
+
+DHT keys (`content key` strings handed to KadDHT): an artifact or chunk CID in its string form (libp2p parses
+it to its multihash), and for (model fingerprint, document hash) the hex of a sha2-256 multihash over a
+domain-separated string (`document_key`), so a document lookup never collides with a CID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+
+import multiaddr
+import trio
+
+from kvswap.errors import KvswapError, NotFound, ProtocolError, RemoteProtocolError, UsageError
+from kvswap.protocol import limits
+
+log = logging.getLogger(__name__)
+
+# KadDHT logs a WARNING each time a peer closes a DHT stream normally ("Failed to read DHT message from
+# stream: "), several per lookup; quiet it unless someone configured that logger on purpose.
+_dht_log = logging.getLogger("libp2p.kad_dht.kad_dht")
+if _dht_log.level == logging.NOTSET:
+    _dht_log.setLevel(logging.ERROR)
+
+#: ADD_PROVIDER messages per 10 s accepted from one kvswap peer (libp2p's default of 10 is for IPFS).
+PROVIDER_RATE_MAX = 100_000
+#: Seconds between passes that add connected peers to the DHT routing table.
+ROUTING_SYNC_INTERVAL_S = 1.0
+#: Pause between two provides in a re-provide pass (keeps a large store from flooding peers at once).
+PROVIDE_PACING_S = 0.01
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+GossipHandler = Callable[[bytes, str], None]
+
+
+def document_key(model_fingerprint: str, document_hash: str) -> str:
+    """DHT key for "an artifact of this document for this model": hex sha2-256 multihash."""
+    digest = hashlib.sha256(f"kvswap/document/1\0{model_fingerprint}\0{document_hash}".encode()).digest()
+    return (b"\x12\x20" + digest).hex()
+
+
+def key_pair_from_seed(seed: bytes):
+    """The libp2p Ed25519 key pair of a node's 32-byte identity seed."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    if not isinstance(seed, bytes) or len(seed) != 32:
+        raise UsageError("a node identity seed is 32 bytes")
+    return create_new_key_pair(seed)
+
+
+def peer_id_of_seed(seed: bytes) -> str:
+    """The peer id string (base58) a seed gives, without starting a host."""
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
+
+
+def split_addr(addr: str) -> tuple[str, Any]:
+    """A multiaddr ending in /p2p/<peer id> -> (peer id string, PeerInfo). UsageError otherwise."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    try:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:  # multiaddr raises assorted exception types on bad input
+        raise UsageError(f"not a peer multiaddr (expected .../p2p/<peer id>): {addr!r:.120}") from exc
+    return info.peer_id.to_base58(), info
+
+
+@dataclass
+class P2PConfig:
+    seed: bytes
+    listen_addrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    enable_mdns: bool = False
+    reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S
+
+
+class P2PHost:
+    """A running libp2p host with DHT and gossipsub. Use `async with P2PHost(cfg).running():` on trio."""
+
+    def __init__(self, config: P2PConfig) -> None:
+        self.config = config
+        self.host: Any = None
+        self.dht: Any = None
+        self.pubsub: Any = None
+        self.gossipsub: Any = None
+        self._key_pair = key_pair_from_seed(config.seed)
+        self._handlers: dict[str, StreamHandler] = {}
+        self._provided: dict[str, None] = {}  # insertion-ordered set of keys we re-provide
+        self._provide_queue_send, self._provide_queue_recv = trio.open_memory_channel[str](math.inf)
+        self._topics: dict[str, list[GossipHandler]] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Register a handler for a protocol id (before or after start)."""
+        self._handlers[protocol] = handler
+        if self.host is not None:
+            self.host.set_stream_handler(protocol, handler)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything, report started via task_status, and run until cancelled."""
+        from libp2p import new_host
+        from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+        from libp2p.pubsub.gossipsub import GossipSub, PROTOCOL_ID_V11
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        try:
+            listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
+        except Exception as exc:
+            raise UsageError(f"bad listen multiaddr in {self.config.listen_addrs}: {exc}") from exc
+        self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns)
+        for protocol, handler in self._handlers.items():
+            self.host.set_stream_handler(protocol, handler)
+        self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
+        self.dht._provider_rate_max = PROVIDER_RATE_MAX  # see module docstring
+        self.gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=1,
+            degree_high=12,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=1,
+            eclipse_protection_enabled=False,  # every test peer shares 127.0.0.1
+        )
+        self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=4 * limits.MAX_ANNOUNCE_BYTES)
+        async with self.host.run(listen_addrs=listen):
+            async with background_trio_service(self.dht):
+                async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+                    await self.pubsub.wait_until_ready()
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._routing_sync_loop)
+                        nursery.start_soon(self._provide_worker)
+                        nursery.start_soon(self._reprovide_loop)
+                        for addr in self.config.bootstrap:
+                            nursery.start_soon(self._connect_quietly, addr)
+                        task_status.started()
+                        await trio.sleep_forever()
+
+    async def _connect_quietly(self, addr: str) -> None:
+        try:
+            await self.connect(addr)
+        except KvswapError as exc:
+            log.warning("bootstrap %s: %s", addr, exc)
+
+    # --- identity and peers -------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.get_id().to_base58()
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<peer id>) other nodes can dial."""
+        pid = self.peer_id
+        out = []
+        for a in self.host.get_addrs():
+            text = str(a)
+            out.append(text if "/p2p/" in text else f"{text}/p2p/{pid}")
+        return out
+
+    @property
+    def listen_ip(self) -> str:
+        """The IPv4 address the host listens on (for the data plane)."""
+        for a in self.host.get_transport_addrs():
+            try:
+                return a.value_for_protocol("ip4")
+            except Exception:  # an address without ip4
+                continue
+        return "127.0.0.1"
+
+    async def connect(self, addr: str) -> str:
+        """Dial a peer multiaddr (.../p2p/<id>); returns its peer id. RemoteProtocolError on failure."""
+        pid, info = split_addr(addr)
+        try:
+            with trio.fail_after(limits.DIAL_TIMEOUT_S):
+                await self.host.connect(info)
+        except trio.TooSlowError:
+            raise RemoteProtocolError(f"dialing {addr} timed out after {limits.DIAL_TIMEOUT_S:g} s") from None
+        except Exception as exc:  # libp2p raises many unrelated types when a dial fails
+            raise RemoteProtocolError(f"cannot dial {addr}: {exc}") from exc
+        await self._add_to_routing(info.peer_id)
+        return pid
+
+    def peer_id_obj(self, peer_id: str):
+        from libp2p.peer.id import ID
+
+        try:
+            return ID.from_base58(peer_id)
+        except Exception as exc:
+            raise UsageError(f"not a peer id: {peer_id!r:.80}") from exc
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    def peers(self) -> list[dict]:
+        """Connected peers with their known addresses."""
+        store = self.host.get_peerstore()
+        out = []
+        for pid in self.host.get_connected_peers():
+            try:
+                addrs = [str(a) for a in store.addrs(pid)]
+            except Exception:  # peerstore raises when it knows no address
+                addrs = []
+            out.append({"peer_id": pid.to_base58(), "addrs": addrs})
+        return out
+
+    def peer_ips(self, peer_id: str) -> set[str]:
+        """IPv4 addresses at which we know `peer_id` (the data plane only dials these)."""
+        out: set[str] = set()
+        try:
+            addrs = self.host.get_peerstore().addrs(self.peer_id_obj(peer_id))
+        except Exception:  # unknown peer
+            return out
+        for a in addrs:
+            try:
+                out.add(a.value_for_protocol("ip4"))
+            except Exception:  # not an ip4 address
+                continue
+        return out
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Any:
+        """A new stream to `peer_id` speaking `protocol`; dials if needed."""
+        pid = self.peer_id_obj(peer_id)
+        try:
+            with trio.fail_after(limits.DIAL_TIMEOUT_S):
+                return await self.host.new_stream(pid, [protocol])
+        except trio.TooSlowError:
+            raise RemoteProtocolError(f"opening {protocol} to {peer_id[:16]} timed out") from None
+        except Exception as exc:  # libp2p raises assorted errors (no addrs, dial failed, negotiation failed)
+            raise RemoteProtocolError(f"cannot open {protocol} to {peer_id[:16]}: {exc}") from exc
+
+    async def _add_to_routing(self, pid: Any) -> None:
+        try:
+            await self.dht.add_peer(pid, skip_server_mode_check=True)
+        except Exception as exc:  # routing-table bookkeeping must not break a dial
+            log.debug("add_peer %s: %s", pid, exc)
+
+    async def _routing_sync_loop(self) -> None:
+        known: set = set()
+        while True:
+            for pid in self.host.get_connected_peers():
+                if pid not in known:
+                    known.add(pid)
+                    await self._add_to_routing(pid)
+            known &= set(self.host.get_connected_peers())
+            await trio.sleep(ROUTING_SYNC_INTERVAL_S)
+
+    # --- DHT ----------------------------------------------------------------------------------------------
+
+    def provide_soon(self, keys: Iterable[str]) -> None:
+        """Remember `keys` for re-providing and queue them for a provide now (non-blocking, in order)."""
+        for key in keys:
+            if key not in self._provided:
+                self._provided[key] = None
+            self._provide_queue_send.send_nowait(key)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Stop re-providing `keys` (the records expire on their own)."""
+        for key in keys:
+            self._provided.pop(key, None)
+
+    async def provide(self, key: str) -> bool:
+        """Provide one key now; False if no peer accepted the record (it stays local and is retried later)."""
+        self._provided.setdefault(key, None)
+        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
+            try:
+                return bool(await self.dht.provide(key))
+            except Exception as exc:  # a failed DHT query is logged and retried by the re-provide loop
+                log.debug("provide %s failed: %s", key[:20], exc)
+        return False
+
+    async def find_providers(self, key: str, count: int = limits.MAX_PROVIDERS_PER_FETCH) -> list[str]:
+        """Peer ids that provide `key` (never ourselves). Their addresses land in the peerstore."""
+        infos: list = []
+        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
+            try:
+                infos = await self.dht.find_providers(key, count)
+            except Exception as exc:  # a failed lookup is an empty answer; the caller falls back
+                log.debug("find_providers %s failed: %s", key[:20], exc)
+        me = self.host.get_id()
+        out: list[str] = []
+        store = self.host.get_peerstore()
+        for info in infos:
+            if info.peer_id == me:
+                continue
+            if info.addrs:
+                store.add_addrs(info.peer_id, info.addrs, 3600)
+            text = info.peer_id.to_base58()
+            if text not in out:
+                out.append(text)
+        return out
+
+    async def _provide_worker(self) -> None:
+        async for key in self._provide_queue_recv:
+            if key in self._provided:
+                await self.provide(key)
+                await trio.sleep(PROVIDE_PACING_S)
+
+    async def _reprovide_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.reprovide_interval_s)
+            for key in list(self._provided):
+                self._provide_queue_send.send_nowait(key)
+
+    # --- gossipsub ----------------------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        """Call `handler(data, from_peer_id)` (on trio) for every message on `topic` from another peer."""
+        first = topic not in self._topics
+        self._topics.setdefault(topic, []).append(handler)
+        if first:
+            sub = await self.pubsub.subscribe(topic)
+            self._nursery.start_soon(self._topic_loop, topic, sub)
+
+    async def _topic_loop(self, topic: str, sub: Any) -> None:
+        from libp2p.peer.id import ID
+
+        me = self.host.get_id()
+        while True:
+            msg = await sub.get()
+            try:
+                sender = ID(msg.from_id)
+            except Exception:  # unsigned/odd sender field: ignore the message
+                continue
+            if sender == me or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
+                continue
+            for handler in list(self._topics.get(topic, ())):
+                try:
+                    handler(bytes(msg.data), sender.to_base58())
+                except Exception:  # one bad subscriber must not stop delivery to others
+                    log.exception("gossip handler for %s raised", topic)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        if len(data) > limits.MAX_ANNOUNCE_BYTES:
+            raise ProtocolError("announcement larger than MAX_ANNOUNCE_BYTES")
+        try:
+            await self.pubsub.publish(topic, data)
+        except Exception as exc:  # pubsub raises assorted errors; the caller sees one ProtocolError
+            raise ProtocolError(f"publishing on {topic} failed: {exc}") from exc
+
+    def topic_peers(self, topic: str) -> list[str]:
+        peers = self.pubsub.peer_topics.get(topic, set()) if self.pubsub else set()
+        return [p.to_base58() for p in peers]
+
+
+__all__ = [
+    "NotFound",
+    "P2PConfig",
+    "P2PHost",
+    "document_key",
+    "key_pair_from_seed",
+    "peer_id_of_seed",
+    "split_addr",
+]

@@ -1,0 +1,424 @@
+"""The typed messages of the kvswap wire protocol: frozen dataclasses, no I/O.
+
+Each message class has a one-byte frame `TYPE`, `to_body()` (bytes) and `from_body(bytes)`. Bodies are
+msgpack maps with short keys, except `ChunkData`, whose payload is appended raw after a small msgpack header
+so a multi-megabyte chunk is never re-encoded or copied through msgpack. Everything a peer sends is checked
+here (types, sizes, CIDs) and anything else raises `RemoteProtocolError`: node/ never sees a half-valid
+message.
+
+Protocol ids are versioned: a breaking change to any message bumps the id, never silently reinterprets bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from kvswap.cid import Cid
+from kvswap.errors import KvswapError, RemoteProtocolError
+
+from . import limits
+
+#: libp2p protocol ids (multistream-select strings), one per conversation kind.
+MANIFEST_PROTOCOL = "/kvswap/manifest/1"
+CHUNKS_PROTOCOL = "/kvswap/chunks/1"
+GENERATE_PROTOCOL = "/kvswap/generate/1"
+
+#: Error codes an ErrorMessage may carry (a closed set: a peer cannot invent codes we must interpret).
+ERROR_CODES = frozenset({"not_found", "bad_request", "busy", "limit", "model_mismatch", "internal"})
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def announce_topic(model_fingerprint: str) -> str:
+    """The gossipsub topic on which artifacts for one model fingerprint are announced."""
+    return f"kvswap/announce/{model_fingerprint[:16]}"
+
+
+# --- field validation (peer-supplied values) --------------------------------------------------------------
+
+
+def _bad(text: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed message: {text}")
+
+
+def _req(body: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in body:
+        raise _bad(f"{what} lacks field {key!r}")
+    value = body[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise _bad(f"{what}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _hexstr(value: Any, what: str, max_len: int = 128) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or not set(value) <= _HEX:
+        raise _bad(f"{what} must be lowercase hex of at most {max_len} chars")
+    return value
+
+
+def _cid(value: Any, what: str) -> Cid:
+    if not isinstance(value, bytes):
+        raise _bad(f"{what} must be a binary CID")
+    try:
+        return Cid.from_bytes(value)
+    except KvswapError as exc:
+        raise _bad(f"{what}: {exc}") from exc
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _bad(f"{what} must be an int in [{lo}, {hi}]")
+    return value
+
+
+def _unpack(body: bytes | memoryview, what: str) -> dict:
+    try:
+        obj = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, use_list=True)
+    except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise _bad(f"{what} body is not msgpack ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise _bad(f"{what} body is not a map")
+    return obj
+
+
+def _pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# --- messages ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestRequest:
+    """Ask for an artifact's manifest, by its CID or by (model fingerprint, document hash)."""
+
+    TYPE: ClassVar[int] = 1
+    cid: Cid | None = None
+    model_fingerprint: str | None = None
+    document_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        by_doc = self.model_fingerprint is not None and self.document_hash is not None
+        if (self.cid is None) == (not by_doc):
+            raise _bad("ManifestRequest names either a CID or (model fingerprint, document hash)")
+
+    def to_body(self) -> bytes:
+        if self.cid is not None:
+            return _pack({"c": self.cid.to_bytes()})
+        return _pack({"m": self.model_fingerprint, "d": self.document_hash})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ManifestRequest":
+        d = _unpack(body, "ManifestRequest")
+        if "c" in d:
+            return cls(cid=_cid(d["c"], "ManifestRequest.cid"))
+        return cls(
+            model_fingerprint=_hexstr(d.get("m"), "ManifestRequest.model_fingerprint"),
+            document_hash=_hexstr(d.get("d"), "ManifestRequest.document_hash"),
+        )
+
+
+@dataclass(frozen=True)
+class ManifestResponse:
+    """A canonical manifest and its signature envelopes, exactly as stored (verified by the receiver)."""
+
+    TYPE: ClassVar[int] = 2
+    manifest: bytes
+    envelopes: tuple[bytes, ...] = ()
+
+    def to_body(self) -> bytes:
+        return _pack({"m": self.manifest, "e": list(self.envelopes)})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ManifestResponse":
+        d = _unpack(body, "ManifestResponse")
+        manifest = _req(d, "m", bytes, "ManifestResponse")
+        envelopes = _req(d, "e", list, "ManifestResponse")
+        if len(manifest) > limits.MAX_MANIFEST_BYTES:
+            raise _bad("manifest larger than MAX_MANIFEST_BYTES")
+        if not all(isinstance(e, bytes) for e in envelopes):
+            raise _bad("ManifestResponse.envelopes must be a list of bytes")
+        if sum(len(e) for e in envelopes) > limits.MAX_ENVELOPES_BYTES:
+            raise _bad("envelopes larger than MAX_ENVELOPES_BYTES")
+        return cls(manifest=manifest, envelopes=tuple(envelopes))
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """Ask for stored chunks by CID. `dataplane=True` lets the server answer with a DataGrant instead."""
+
+    TYPE: ClassVar[int] = 3
+    cids: tuple[Cid, ...]
+    dataplane: bool = False
+    artifact: Cid | None = None  # the artifact these chunks belong to, for the server's ledger only
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.cids) <= limits.MAX_CHUNKS_PER_REQUEST:
+            raise _bad(f"a ChunkRequest names 1..{limits.MAX_CHUNKS_PER_REQUEST} chunks")
+
+    def to_body(self) -> bytes:
+        body = {"c": [c.to_bytes() for c in self.cids], "p": self.dataplane}
+        if self.artifact is not None:
+            body["a"] = self.artifact.to_bytes()
+        return _pack(body)
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ChunkRequest":
+        d = _unpack(body, "ChunkRequest")
+        cids = _req(d, "c", list, "ChunkRequest")
+        dataplane = d.get("p", False)
+        if not isinstance(dataplane, bool):
+            raise _bad("ChunkRequest.dataplane must be a bool")
+        artifact = d.get("a")
+        return cls(
+            cids=tuple(_cid(c, "ChunkRequest.cids[]") for c in cids),
+            dataplane=dataplane,
+            artifact=None if artifact is None else _cid(artifact, "ChunkRequest.artifact"),
+        )
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """One stored chunk: a tiny header (its CID) and the stored bytes, verified by the receiver."""
+
+    TYPE: ClassVar[int] = 4
+    cid: Cid
+    payload: bytes = field(repr=False)
+
+    def to_body(self) -> bytes:
+        return self.cid.to_bytes() + self.payload
+
+    def body_parts(self) -> tuple[bytes, bytes]:
+        """Header and payload separately, so a sender can write them without concatenating megabytes."""
+        return self.cid.to_bytes(), self.payload
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ChunkData":
+        if len(body) < _CID_LEN:
+            raise _bad("ChunkData shorter than its CID header")
+        cid = _cid(bytes(body[:_CID_LEN]), "ChunkData.cid")
+        return cls(cid=cid, payload=bytes(body[_CID_LEN:]))
+
+
+_CID_LEN = len(Cid(bytes(32)).to_bytes())
+
+
+@dataclass(frozen=True)
+class ChunkMissing:
+    """The server does not hold this chunk (the client asks another provider)."""
+
+    TYPE: ClassVar[int] = 5
+    cid: Cid
+
+    def to_body(self) -> bytes:
+        return _pack({"c": self.cid.to_bytes()})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ChunkMissing":
+        return cls(cid=_cid(_unpack(body, "ChunkMissing").get("c"), "ChunkMissing.cid"))
+
+
+@dataclass(frozen=True)
+class DataGrant:
+    """Fetch these chunks over the node's data plane: connect to host:port, send the token, read frames.
+
+    The grant travels inside the authenticated, encrypted libp2p stream; the data plane only moves bytes that
+    the receiver verifies against the CIDs it asked for, exactly as on the libp2p path.
+    """
+
+    TYPE: ClassVar[int] = 6
+    host: str
+    port: int
+    token: bytes
+    cids: tuple[Cid, ...]
+
+    def to_body(self) -> bytes:
+        return _pack({"h": self.host, "p": self.port, "t": self.token, "c": [c.to_bytes() for c in self.cids]})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "DataGrant":
+        d = _unpack(body, "DataGrant")
+        host = _req(d, "h", str, "DataGrant")
+        if not 0 < len(host) <= 64:
+            raise _bad("DataGrant.host too long")
+        token = _req(d, "t", bytes, "DataGrant")
+        if len(token) != limits.DATAPLANE_TOKEN_BYTES:
+            raise _bad("DataGrant.token has the wrong length")
+        cids = _req(d, "c", list, "DataGrant")
+        if not 0 < len(cids) <= limits.MAX_CHUNKS_PER_REQUEST:
+            raise _bad("DataGrant names too many chunks")
+        return cls(
+            host=host,
+            port=_int(d.get("p"), "DataGrant.port", 1, 65535),
+            token=token,
+            cids=tuple(_cid(c, "DataGrant.cids[]") for c in cids),
+        )
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Hosted generation: the holder of the artifact decodes after its cached document."""
+
+    TYPE: ClassVar[int] = 7
+    artifact_cid: Cid
+    suffix_ids: tuple[int, ...]
+    max_new_tokens: int = 24
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or len(self.suffix_ids) + self.max_new_tokens > limits.MAX_GENERATE_TOKENS:
+            raise _bad(f"suffix + max_new_tokens exceeds MAX_GENERATE_TOKENS ({limits.MAX_GENERATE_TOKENS})")
+
+    def to_body(self) -> bytes:
+        return _pack(
+            {"a": self.artifact_cid.to_bytes(), "s": list(self.suffix_ids), "n": self.max_new_tokens, "r": self.seed}
+        )
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "GenerateRequest":
+        d = _unpack(body, "GenerateRequest")
+        suffix = _req(d, "s", list, "GenerateRequest")
+        seed = d.get("r")
+        return cls(
+            artifact_cid=_cid(d.get("a"), "GenerateRequest.artifact_cid"),
+            suffix_ids=tuple(_int(t, "GenerateRequest.suffix_ids[]", 0, 2**31 - 1) for t in suffix),
+            max_new_tokens=_int(d.get("n"), "GenerateRequest.max_new_tokens", 0, limits.MAX_GENERATE_TOKENS),
+            seed=None if seed is None else _int(seed, "GenerateRequest.seed", 0, 2**63 - 1),
+        )
+
+
+@dataclass(frozen=True)
+class GenerateResponse:
+    """Generated token ids, the decoded text, and the host's timings in seconds (prefill/load/decode)."""
+
+    TYPE: ClassVar[int] = 8
+    tokens: tuple[int, ...]
+    text: str = ""
+    timings: tuple[tuple[str, float], ...] = ()
+
+    def to_body(self) -> bytes:
+        return _pack({"t": list(self.tokens), "x": self.text, "s": {k: float(v) for k, v in self.timings}})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "GenerateResponse":
+        d = _unpack(body, "GenerateResponse")
+        tokens = _req(d, "t", list, "GenerateResponse")
+        if len(tokens) > limits.MAX_GENERATE_TOKENS:
+            raise _bad("GenerateResponse has more than MAX_GENERATE_TOKENS tokens")
+        timings = _req(d, "s", dict, "GenerateResponse")
+        if len(timings) > 16 or not all(
+            isinstance(k, str) and len(k) <= 32 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in timings.items()
+        ):
+            raise _bad("GenerateResponse.timings must map short names to seconds")
+        return cls(
+            tokens=tuple(_int(t, "GenerateResponse.tokens[]", 0, 2**31 - 1) for t in tokens),
+            text=_req(d, "x", str, "GenerateResponse"),
+            timings=tuple(sorted((k, float(v)) for k, v in timings.items())),
+        )
+
+    @property
+    def timings_dict(self) -> dict[str, float]:
+        return dict(self.timings)
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """A refusal with a code from ERROR_CODES and one line of text."""
+
+    TYPE: ClassVar[int] = 9
+    code: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.code not in ERROR_CODES:
+            raise _bad(f"unknown error code {self.code!r}")
+
+    def to_body(self) -> bytes:
+        return _pack({"c": self.code, "t": self.text[:1000]})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "ErrorMessage":
+        d = _unpack(body, "ErrorMessage")
+        text = _req(d, "t", str, "ErrorMessage")
+        return cls(code=_req(d, "c", str, "ErrorMessage"), text=text[:1000])
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A gossipsub announcement: `publisher` (peer id) holds this artifact."""
+
+    TYPE: ClassVar[int] = 10
+    artifact_cid: Cid
+    model_fingerprint: str
+    document_hash: str
+    n_tokens: int
+    publisher: str
+
+    def to_body(self) -> bytes:
+        return _pack(
+            {
+                "a": self.artifact_cid.to_bytes(),
+                "m": self.model_fingerprint,
+                "d": self.document_hash,
+                "n": self.n_tokens,
+                "p": self.publisher,
+            }
+        )
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "Announce":
+        d = _unpack(body, "Announce")
+        publisher = _req(d, "p", str, "Announce")
+        if not 0 < len(publisher) <= 128:
+            raise _bad("Announce.publisher must be a peer id")
+        return cls(
+            artifact_cid=_cid(d.get("a"), "Announce.artifact_cid"),
+            model_fingerprint=_hexstr(d.get("m"), "Announce.model_fingerprint"),
+            document_hash=_hexstr(d.get("d"), "Announce.document_hash"),
+            n_tokens=_int(d.get("n"), "Announce.n_tokens", 0, limits.MAX_TOKENS),
+            publisher=publisher,
+        )
+
+
+Message = (
+    ManifestRequest
+    | ManifestResponse
+    | ChunkRequest
+    | ChunkData
+    | ChunkMissing
+    | DataGrant
+    | GenerateRequest
+    | GenerateResponse
+    | ErrorMessage
+    | Announce
+)
+
+#: frame type byte -> message class
+MESSAGE_TYPES: dict[int, type] = {
+    cls.TYPE: cls
+    for cls in (
+        ManifestRequest,
+        ManifestResponse,
+        ChunkRequest,
+        ChunkData,
+        ChunkMissing,
+        DataGrant,
+        GenerateRequest,
+        GenerateResponse,
+        ErrorMessage,
+        Announce,
+    )
+}
+
+#: frame type byte -> largest body accepted (checked as soon as the length prefix is read)
+MAX_BODY_BYTES: dict[int, int] = {
+    t: limits.MAX_FRAME_BYTES for t in MESSAGE_TYPES
+} | {
+    ManifestResponse.TYPE: limits.MAX_MANIFEST_FRAME_BYTES,
+    ChunkData.TYPE: limits.MAX_DATA_FRAME_BYTES,
+    Announce.TYPE: limits.MAX_ANNOUNCE_BYTES,
+}
