@@ -91,7 +91,7 @@ class TrioBridge:
             try:
                 trio.run(trio_main)
             except BaseException as exc:  # reported to both awaiters; the thread must not die silently
-                error = exc
+                error = _unwrap(exc)
                 log.debug("trio loop ended with %r", exc)
             finally:
                 self._token = None
@@ -142,7 +142,7 @@ class TrioBridge:
                     _safe_call(loop, deliver, None, LocalProtocolError("the network layer stopped"))
                     raise
                 except BaseException as exc:  # any failure is the caller's to handle
-                    _safe_call(loop, deliver, None, exc)
+                    _safe_call(loop, deliver, None, _unwrap(exc))
                     return
                 _safe_call(loop, deliver, result, None)
 
@@ -201,6 +201,13 @@ class TrioBridge:
         thread = self._thread
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 1.0)
         self._thread = None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A nursery wraps a lone failure in an ExceptionGroup; give callers the failure itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _safe_call(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

@@ -260,6 +260,7 @@ class Exchange:
         p2p.set_stream_handler(CHUNKS_PROTOCOL, self._guard(CHUNKS_PROTOCOL, self._serve_chunks))
         p2p.set_stream_handler(GENERATE_PROTOCOL, self._guard(GENERATE_PROTOCOL, self._serve_generate))
         self.rejected_streams = 0  # streams cut off for misbehaviour (garbage, oversize, stall)
+        self.idle_timeout = limits.STREAM_IDLE_TIMEOUT_S  # for serving; tests lower it
 
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -272,10 +273,15 @@ class Exchange:
         }[protocol]
 
         async def handler(stream: Any) -> None:
-            framed = FramedStream(stream, _peer_of(stream), protocol, self.on_transfer, allowed=allowed)
+            framed = FramedStream(stream, _peer_of(stream), protocol, self.on_transfer, allowed=allowed,
+                                  idle_timeout=self.idle_timeout)
             async with self._serve_slots[protocol]:
                 try:
-                    request = await framed.recv()
+                    request = None
+                    with trio.move_on_after(self.idle_timeout) as scope:  # whole request, not per read
+                        request = await framed.recv()
+                    if scope.cancelled_caught:
+                        raise RemoteProtocolError(f"no complete request within {self.idle_timeout:g} s")
                     if request is None:
                         raise RemoteProtocolError("stream closed before a request")
                     if self.service is None:
@@ -342,8 +348,9 @@ class Exchange:
     async def request_manifest(self, peer: str, request: ManifestRequest) -> ManifestResponse:
         """Ask `peer` for a manifest. NotFound if it has none; RemoteProtocolError on any misbehaviour."""
         framed = await self._open(peer, MANIFEST_PROTOCOL, {ManifestResponse.TYPE, ErrorMessage.TYPE})
+        framed.artifact = str(request.cid) if request.cid else None
         try:
-            await framed.send(request, artifact=str(request.cid) if request.cid else None)
+            await framed.send(request)
             reply = await framed.recv()
         except BaseException:
             await framed.reset()
@@ -406,8 +413,9 @@ class Exchange:
         framed = await self._open(
             peer, GENERATE_PROTOCOL, {GenerateResponse.TYPE, ErrorMessage.TYPE}, idle=limits.GENERATE_TIMEOUT_S
         )
+        framed.artifact = str(request.artifact_cid)
         try:
-            await framed.send(request, artifact=str(request.artifact_cid))
+            await framed.send(request)
             with trio.fail_after(limits.GENERATE_TIMEOUT_S):
                 reply = await framed.recv()
         except trio.TooSlowError:

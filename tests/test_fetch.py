@@ -1,0 +1,202 @@
+"""Multi-provider fetch over real libp2p on 127.0.0.1: corruption, dying providers, resume, prefix, facade."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvswap.cid import Cid
+from kvswap.errors import ModelMismatch, NotFound
+from kvswap.node.fetch import FetchKey
+from kvswap.node.net import Network, TrioNode
+from kvswap.node.p2p import P2PConfig
+from kvswap.protocol.messages import Announce, GenerateRequest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def start(nursery, root: Path, i: int, **kw) -> TrioNode:
+    store_kw = {k: kw.pop(k) for k in ("corrupt",) if k in kw}
+    store = DirArtifacts(root, **store_kw)
+    node = TrioNode(P2PConfig(seed=bytes([i]) * 32), service=store, target=store, **kw)
+    await nursery.start(node.run)
+    node.store = store
+    return node
+
+
+@pytest.mark.parametrize("dataplane", [False, True], ids=["libp2p", "dataplane"])
+def test_corrupt_provider_rejected_chunks_taken_from_the_honest_one(tmp_path, dataplane):
+    manifest, chunks, doc = make_artifact(8, 256 * 1024)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                liar = await start(nursery, tmp_path / "liar", 1, corrupt=True, use_dataplane=dataplane)
+                honest = await start(nursery, tmp_path / "honest", 2, use_dataplane=dataplane)
+                me = await start(nursery, tmp_path / "me", 3, use_dataplane=dataplane)
+                v = liar.store.add(manifest, chunks)
+                honest.store.add(manifest, chunks)
+                for p in (liar, honest):
+                    await me.p2p.connect(p.addrs[0])
+                result = await me.fetcher.fetch(FetchKey(cid=v.cid), providers=[liar.peer_id, honest.peer_id])
+                assert result.cid == v.cid
+                assert result.providers == {honest.peer_id: 8}
+                assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
+                for c in chunks:  # every stored byte is the honest one
+                    assert (tmp_path / "me" / "chunks" / str(Cid.of(c))).read_bytes() == c
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_by_document_resume_prefix_and_model_check(tmp_path):
+    manifest, chunks, doc = make_artifact(6, 64 * 1024, block_tokens=16)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                pub = await start(nursery, tmp_path / "pub", 1)
+                me = await start(nursery, tmp_path / "me", 2)
+                v = pub.store.add(manifest, chunks)
+                pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+                await me.p2p.connect(pub.addrs[0])
+
+                with pytest.raises(ModelMismatch):
+                    await me.fetcher.fetch(FetchKey(cid=v.cid), expect_model="ff" * 32)
+
+                # a prefix: tokens 0..20 need chunks 0 and 1 only
+                first = await me.fetcher.fetch(FetchKey(cid=v.cid), n_tokens=20)
+                assert (first.chunks_fetched, first.chunks_present) == (2, 0)
+                assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks[:2]}
+
+                # the rest, by document: the two chunks already present are not fetched again (resume)
+                key = FetchKey(model_fingerprint=v.model_fingerprint, document_hash=doc)
+                rest = await me.fetcher.fetch(key, expect_model=v.model_fingerprint, expect_dtype="bf16")
+                assert (rest.cid, rest.chunks_fetched, rest.chunks_present) == (v.cid, 4, 2)
+                assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
+
+                with pytest.raises(NotFound):
+                    await me.fetcher.fetch(FetchKey(cid=Cid.of(b"no such artifact")))
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_fetched_artifact_is_provided_onwards(tmp_path):
+    """After b fetches from a, c (who only knows b) can find b as a provider and fetch from it."""
+    manifest, chunks, _ = make_artifact(3, 32 * 1024)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                a = await start(nursery, tmp_path / "a", 1)
+                b = await start(nursery, tmp_path / "b", 2)
+                c = await start(nursery, tmp_path / "c", 3)
+                v = a.store.add(manifest, chunks)
+                await b.p2p.connect(a.addrs[0])
+                await b.fetcher.fetch(FetchKey(cid=v.cid))
+                await c.p2p.connect(b.addrs[0])
+                found: list[str] = []
+                for _ in range(40):
+                    found = await c.p2p.find_providers(str(v.cid))
+                    if b.peer_id in found:
+                        break
+                    await trio.sleep(0.25)
+                assert b.peer_id in found
+                result = await c.fetcher.fetch(FetchKey(cid=v.cid))
+                # c may have learnt a's address from the DHT lookup as well: both may serve
+                assert sum(result.providers.values()) == 3 and set(result.providers) <= {a.peer_id, b.peer_id}
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("dataplane", [False, True], ids=["libp2p", "dataplane"])
+def test_provider_process_dies_mid_transfer(tmp_path, dataplane):
+    """A real provider process exits after serving two chunks; the fetch completes from another process."""
+    n_chunks, size = 10, 128 * 1024
+    dying = SubprocessNode(tmp_path / "dying", 11, n_chunks=n_chunks, chunk_bytes=size, die_after=2,
+                           dataplane=dataplane)
+    steady = SubprocessNode(tmp_path / "steady", 12, n_chunks=n_chunks, chunk_bytes=size, dataplane=dataplane)
+    try:
+        manifest, chunks, _ = make_artifact(n_chunks, size)
+        assert dying.cid == steady.cid == str(Cid.of(manifest))
+
+        async def main():
+            with trio.fail_after(90):
+                async with trio.open_nursery() as nursery:
+                    me = await start(nursery, tmp_path / "me", 13, use_dataplane=dataplane)
+                    await me.p2p.connect(dying.addrs[0])
+                    await me.p2p.connect(steady.addrs[0])
+                    result = await me.fetcher.fetch(FetchKey(cid=Cid.parse(dying.cid)),
+                                                    providers=[dying.peer_id, steady.peer_id])
+                    nursery.cancel_scope.cancel()
+                    return result
+
+        result = trio.run(main)
+        assert result.chunks_fetched == n_chunks
+        assert result.providers.get(steady.peer_id, 0) >= n_chunks - 2
+        assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
+        assert dying.proc.wait(10) == 3  # it really died
+    finally:
+        dying.stop()
+        steady.stop()
+
+
+def test_network_facade_from_asyncio(tmp_path):
+    """The daemon's view: start, connect, announce/subscribe, fetch with progress, ledger events, generate."""
+    manifest, chunks, doc = make_artifact(4, 128 * 1024)
+    pub_store, me_store = DirArtifacts(tmp_path / "pub"), DirArtifacts(tmp_path / "me")
+    v = pub_store.add(manifest, chunks)
+
+    async def main():
+        loop_thread = threading.current_thread()
+        events, progress, announces = [], [], []
+
+        def on_transfer(event):
+            assert threading.current_thread() is loop_thread
+            events.append(event)
+
+        pub, me = Network(), Network()
+        await pub.start(seed=b"\x21" * 32, service=pub_store, target=pub_store, on_transfer=on_transfer)
+        await me.start(seed=b"\x22" * 32, service=me_store, target=me_store, bootstrap=[pub.addrs[0]],
+                       on_transfer=on_transfer, on_announce=lambda a, p: announces.append((a, p)))
+        try:
+            await me.subscribe(v.model_fingerprint)
+            await pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+            for _ in range(60):
+                await pub.announce(v.cid, v.model_fingerprint, v.document_hash, v.n_tokens)
+                await asyncio.sleep(0.25)
+                if announces:
+                    break
+            ann, sender = announces[0]
+            assert ann == Announce(v.cid, v.model_fingerprint, v.document_hash, v.n_tokens, pub.peer_id)
+            assert sender == pub.peer_id
+            assert pub.peer_id in [p["peer_id"] for p in await me.peers()]
+
+            result = await me.fetch(str(v.cid), progress=progress.append)
+            assert result.cid == v.cid and result.chunks_fetched == 4
+            await asyncio.sleep(0.1)  # callbacks are delivered through the loop
+            assert progress[-1].chunks_done == 4 and progress[-1].bytes_done == 4 * 128 * 1024
+            chunk_in = [e for e in events if e.direction == "in" and e.chunk and e.raw_bytes]
+            assert sum(e.raw_bytes for e in chunk_in) >= 4 * 128 * 1024
+            assert all(e.artifact == str(v.cid) for e in chunk_in)
+            assert all(e.wire_bytes > e.raw_bytes for e in chunk_in)
+
+            reply = await me.remote_generate(pub.addrs[0], GenerateRequest(v.cid, (1, 1), max_new_tokens=3))
+            assert reply.tokens == (2, 3, 4)
+            assert pub.peer_id in await me.find_providers((v.model_fingerprint, v.document_hash))
+        finally:
+            await me.stop()
+            await pub.stop()
+        assert not me.running
+
+    asyncio.run(asyncio.wait_for(main(), 90))

@@ -1,0 +1,178 @@
+"""Real libp2p hosts on 127.0.0.1 (in-process trio): DHT across hosts, gossip, misbehaving peers."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvswap.cid import Cid
+from kvswap.errors import NotFound, RemoteProtocolError
+from kvswap.node.net import TrioNode
+from kvswap.node.p2p import P2PConfig, document_key, peer_id_of_seed
+from kvswap.protocol import limits
+from kvswap.protocol.codec import encode
+from kvswap.protocol.messages import (
+    MANIFEST_PROTOCOL,
+    Announce,
+    GenerateRequest,
+    ManifestRequest,
+    announce_topic,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netharness import DirArtifacts, make_artifact  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def seed(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+async def start_nodes(nursery, tmp_path, n, **kw):
+    nodes = []
+    for i in range(n):
+        store = DirArtifacts(tmp_path / f"n{i}")
+        node = TrioNode(P2PConfig(seed=seed(i + 1)), service=store, target=store, **kw)
+        await nursery.start(node.run)
+        node.store = store
+        nodes.append(node)
+    return nodes
+
+
+def test_peer_id_derives_from_the_seed(tmp_path):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            (node,) = await start_nodes(nursery, tmp_path, 1)
+            assert node.peer_id == peer_id_of_seed(seed(1))
+            assert all(a.startswith("/ip4/127.0.0.1/tcp/") and a.endswith("/p2p/" + node.peer_id)
+                       for a in node.addrs)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_dht_provide_and_find_across_three_hosts(tmp_path):
+    """a <- b <- c in a line: c finds a's provider records for a CID and for a document key."""
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                a, b, c = await start_nodes(nursery, tmp_path, 3)
+                await b.p2p.connect(a.addrs[0])
+                await c.p2p.connect(b.addrs[0])
+                await trio.sleep(1.5)  # routing tables pick up connected peers
+                cid = Cid.of(b"some artifact")
+                a.provide_artifact(cid, "ab" * 32, "cd" * 32, [])
+                found: list[str] = []
+                doc: list[str] = []
+                for _ in range(40):
+                    found = await c.p2p.find_providers(str(cid))
+                    doc = await c.p2p.find_providers(document_key("ab" * 32, "cd" * 32))
+                    if a.peer_id in found and a.peer_id in doc:
+                        break
+                    await trio.sleep(0.25)
+                assert a.peer_id in found
+                assert a.peer_id in doc
+                assert await c.p2p.find_providers(str(Cid.of(b"nobody has this"))) == []
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_gossip_announce_is_received_and_malformed_gossip_dropped(tmp_path):
+    model = "ab" * 32
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                a, b = await start_nodes(nursery, tmp_path, 2)
+                got: list[tuple[Announce, str]] = []
+                await b.subscribe(model, lambda msg, sender: got.append((msg, sender)))
+                await a.p2p.connect(b.addrs[0])
+                ann = Announce(Cid.of(b"x"), model, "cd" * 32, 128, a.peer_id)
+                for _ in range(60):  # until the subscription has propagated and the message arrives
+                    await a.p2p.publish(announce_topic(model), b"\x0a\x00\x00\x00\x02garbage")
+                    await a.announce(ann)
+                    await trio.sleep(0.25)
+                    if got:
+                        break
+                assert got and got[0] == (ann, a.peer_id)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _raw_stream_is_cut_off(node_from, node_to, payload: bytes, close: bool) -> bool:
+    """Send `payload` on a manifest stream; True if the server reset/closed without an answer."""
+    stream = await node_from.p2p.open_stream(node_to.peer_id, MANIFEST_PROTOCOL)
+    if payload:
+        await stream.write(payload)
+    if close:
+        await stream.close_write()
+    try:
+        with trio.fail_after(10):
+            data = await stream.read(1024)
+    except trio.TooSlowError:
+        return False
+    except Exception:  # StreamReset / StreamEOF: cut off
+        return True
+    return data == b""
+
+
+def test_garbage_oversized_and_stalling_peers_are_cut_off_others_still_served(tmp_path):
+    async def main():
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                server, bad, good = await start_nodes(nursery, tmp_path, 3)
+                server.exchange.idle_timeout = 1.0
+                manifest, chunks, doc = make_artifact(2, 4096)
+                v = server.store.add(manifest, chunks)
+                await bad.p2p.connect(server.addrs[0])
+                await good.p2p.connect(server.addrs[0])
+
+                assert await _raw_stream_is_cut_off(bad, server, b"\xee\x00\x00\x00\x01x", close=False)
+                oversized = struct.pack(">BI", ManifestRequest.TYPE, limits.MAX_FRAME_BYTES + 1)
+                assert await _raw_stream_is_cut_off(bad, server, oversized, close=False)
+                assert await _raw_stream_is_cut_off(bad, server, encode(ManifestRequest(cid=v.cid))[:4],
+                                                    close=False)  # stalls mid-frame
+                assert await _raw_stream_is_cut_off(bad, server, b"", close=True)  # no request at all
+                assert server.exchange.rejected_streams >= 4
+
+                # the server keeps serving everybody, including the peer that misbehaved
+                for client in (good, bad):
+                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                    assert reply.manifest == manifest
+                with pytest.raises(NotFound):
+                    await good.exchange.request_manifest(server.peer_id, ManifestRequest(cid=Cid.of(b"none")))
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_hosted_generation_round_trip_and_refusal(tmp_path):
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                events = []
+                host, client = await start_nodes(nursery, tmp_path, 2)
+                client.exchange.on_transfer = events.append
+                manifest, chunks, _ = make_artifact(1, 1024)
+                v = host.store.add(manifest, chunks)
+                await client.p2p.connect(host.addrs[0])
+                reply = await client.exchange.remote_generate(
+                    host.peer_id, GenerateRequest(v.cid, (1, 2, 3), max_new_tokens=5))
+                assert reply.tokens == (6, 7, 8, 9, 10)
+                assert [e.direction for e in events] == ["out", "in"]
+                assert all(e.artifact == str(v.cid) and e.wire_bytes > 0 for e in events)
+                with pytest.raises(NotFound):
+                    await client.exchange.remote_generate(host.peer_id, GenerateRequest(Cid.of(b"?"), (1,), 1))
+                with pytest.raises(RemoteProtocolError):
+                    await client.p2p.open_stream(peer_id_of_seed(seed(99)), MANIFEST_PROTOCOL)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
