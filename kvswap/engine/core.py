@@ -1,0 +1,295 @@
+"""The Engine: tokenize, prefill to KvTensors, and generate from a fresh prefill or from loaded KV.
+
+Exactness recipe (DESIGN.md "Facts measured here"): a prefill caches ALL document tokens and keeps the last
+position's logits; the first new token is the argmax of those logits (no forward pass), every later token is a
+single-token forward over the cache. With a suffix, only the suffix is prefilled over the loaded cache, with
+positions continuing after the document and an attention mask covering past + new. Every generation builds
+a FRESH DynamicCache (decoding grows a cache in place, so a reused one silently gives wrong output).
+All paths compute logits with `logits_to_keep=1`, so the reference and the reuse path run the same kernels.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from ..errors import ModelMismatch, UsageError
+from ..kvtensors import KvLayout, KvTensors
+from .rawbits import bits_to_tensor, tensor_to_bits, torch_dtype
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and what each phase cost (seconds, wall clock)."""
+
+    tokens: list[int]
+    text: str
+    first_logits: np.ndarray  # float32 [vocab]: logits that chose the first new token
+    prefill_s: float = 0.0  # forward passes over prompt tokens (document and/or suffix)
+    load_s: float = 0.0  # building the cache from KvTensors (0 for a fresh prefill)
+    decode_s: float = 0.0  # choosing tokens and the single-token forwards after the first
+    n_prompt_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("first_logits")
+        return d
+
+
+def _short(fp: str | None) -> str:
+    return (fp or "?")[:16]
+
+
+class Engine:
+    """One loaded model + tokenizer in one dtype on one device. Not thread-safe: one generation at a time."""
+
+    def __init__(self, model, tokenizer, *, model_id: str, fingerprint: str, tokenizer_fingerprint: str,
+                 dtype: str, device: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.fingerprint = fingerprint
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.dtype = dtype
+        self.device = str(device)
+        self._torch_dtype = torch_dtype(dtype)
+        cfg = model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.layout = KvLayout(int(cfg.num_hidden_layers), int(kv_heads), int(head_dim), dtype)
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
+        self.vocab_size = int(cfg.vocab_size)
+        self.eos_ids = self._eos_ids()
+
+    def __repr__(self) -> str:
+        return f"Engine({self.model_id!r}, {self.dtype}, {self.device}, fingerprint={_short(self.fingerprint)})"
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    def describe(self) -> dict:
+        return {"model_id": self.model_id, "fingerprint": self.fingerprint,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype": self.dtype, "device": self.device,
+                "layout": self.layout.to_dict(), "max_context": self.max_context, "vocab_size": self.vocab_size}
+
+    # --- text <-> ids ------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` with no special tokens added (documents and suffixes concatenate as ids)."""
+        if not text or not text.strip():
+            raise UsageError("empty document: nothing to tokenize")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # --- forward passes -----------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int], what: str, past: int = 0, extra: int = 0) -> None:
+        if any((not isinstance(i, (int, np.integer))) or i < 0 or i >= self.vocab_size for i in ids):
+            raise UsageError(f"{what} holds token ids outside this model's vocabulary (0..{self.vocab_size - 1})")
+        total = past + len(ids) + extra
+        if total > self.max_context:
+            raise UsageError(f"{what}: {past + len(ids)} tokens (+{extra} to generate) exceed the "
+                             f"{self.max_context}-token context window of {self.model_id}")
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, ids: list[int], cache: DynamicCache) -> np.ndarray:
+        """Feed `ids` after what `cache` holds; returns float32 logits of the last position. Grows `cache`."""
+        past = cache.get_seq_length()
+        n = len(ids)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([list(ids)], dtype=torch.long, device=self.device),
+                position_ids=torch.arange(past, past + n, device=self.device).unsqueeze(0),
+                attention_mask=torch.ones((1, past + n), dtype=torch.long, device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        if cache.get_seq_length() != past + n:  # guards the silent "re-fed everything" pitfall
+            raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after feeding {n} over {past}")
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def _kv_from_cache(self, cache: DynamicCache, ids: list[int], last_logits: np.ndarray | None,
+                       prefill_s: float) -> KvTensors:
+        keys = [tensor_to_bits(layer.keys[0]) for layer in cache.layers]
+        values = [tensor_to_bits(layer.values[0]) for layer in cache.layers]
+        meta = {"model_id": self.model_id, "model_fingerprint": self.fingerprint,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype": self.dtype,
+                "device": self.device, "prefill_s": prefill_s}
+        kv = KvTensors(self.layout, list(map(int, ids)), keys, values, last_logits, meta)
+        kv.check_shapes()
+        return kv
+
+    def prefill(self, ids: list[int]) -> KvTensors:
+        """KV of every token in `ids` plus the logits at the last position (what an artifact stores)."""
+        ids = list(ids)
+        if not ids:
+            raise UsageError("empty document: nothing to prefill")
+        self._check_ids(ids, "document")
+        cache = self._new_cache()
+        t0 = time.perf_counter()
+        logits = self._forward(ids, cache)
+        self._sync()
+        prefill_s = time.perf_counter() - t0
+        return self._kv_from_cache(cache, ids, logits, prefill_s)
+
+    # --- loading ------------------------------------------------------------------------------------
+    def check_compatible(self, kv: KvTensors) -> None:
+        """ModelMismatch unless `kv` was made by this model, tokenizer and dtype, with matching shapes."""
+        theirs = kv.meta.get("model_fingerprint")
+        if theirs is not None and theirs != self.fingerprint:
+            raise ModelMismatch(
+                f"KV was made by model {_short(theirs)} ({kv.meta.get('model_id', '?')}), "
+                f"this engine is {_short(self.fingerprint)} ({self.model_id})")
+        their_tok = kv.meta.get("tokenizer_fingerprint")
+        if their_tok is not None and their_tok != self.tokenizer_fingerprint:
+            raise ModelMismatch(f"KV was made with tokenizer {_short(their_tok)}, this engine uses "
+                                f"{_short(self.tokenizer_fingerprint)}")
+        if kv.layout.dtype != self.dtype:
+            raise ModelMismatch(f"KV dtype is {kv.layout.dtype}, this engine runs {self.dtype} (dtype must match)")
+        mine, other = self.layout, kv.layout
+        if (other.layers, other.kv_heads, other.head_dim) != (mine.layers, mine.kv_heads, mine.head_dim):
+            raise ModelMismatch(
+                f"KV layout is {other.layers} layers x {other.kv_heads} KV heads x {other.head_dim} dims, "
+                f"this engine ({self.model_id}) needs {mine.layers} x {mine.kv_heads} x {mine.head_dim}")
+        kv.check_shapes()
+        if kv.last_logits is not None:
+            logits = np.asarray(kv.last_logits)
+            if logits.shape != (self.vocab_size,) or logits.dtype != np.float32:
+                raise ModelMismatch(f"stored logits are {logits.shape} {logits.dtype}, this engine needs "
+                                    f"({self.vocab_size},) float32")
+
+    def cache_from_kv(self, kv: KvTensors) -> DynamicCache:
+        """A fresh DynamicCache holding a copy of `kv` (the source arrays are never written)."""
+        dt = self._torch_dtype
+
+        def dev(bits: np.ndarray) -> torch.Tensor:
+            return bits_to_tensor(bits, dt).unsqueeze(0).to(self.device)
+
+        data = [(dev(k), dev(v)) for k, v in zip(kv.keys, kv.values)]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    # --- generation ---------------------------------------------------------------------------------
+    def _pick(self, logits: np.ndarray, rng: np.random.Generator | None, temperature: float) -> int:
+        if rng is None:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / max(temperature, 1e-6)
+        probs = np.exp(scaled - scaled.max())
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+    def _decode(self, cache: DynamicCache, first_logits: np.ndarray, max_new_tokens: int, seed: int | None,
+                temperature: float, stop_at_eos: bool) -> tuple[list[int], float]:
+        rng = np.random.default_rng(seed) if seed is not None else None
+        tokens: list[int] = []
+        logits = first_logits
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            token = self._pick(logits, rng, temperature)
+            tokens.append(token)
+            if (stop_at_eos and token in self.eos_ids) or step == max_new_tokens - 1:
+                break
+            logits = self._forward([token], cache)
+        self._sync()
+        return tokens, time.perf_counter() - t0
+
+    def _result(self, tokens, first_logits, n_prompt, prefill_s=0.0, load_s=0.0, decode_s=0.0):
+        return GenerationResult(tokens, self.detokenize(tokens), np.asarray(first_logits, dtype=np.float32).copy(),
+                                prefill_s, load_s, decode_s, n_prompt)
+
+    def generate_fresh(self, ids: list[int], max_new_tokens: int = 24, seed: int | None = None, *,
+                       temperature: float = 1.0, stop_at_eos: bool = True) -> GenerationResult:
+        """The reference: one prefill of all of `ids`, then decode. Greedy unless `seed` is given."""
+        ids = list(ids)
+        if not ids:
+            raise UsageError("empty prompt: nothing to generate from")
+        self._check_ids(ids, "prompt", extra=max_new_tokens)
+        cache = self._new_cache()
+        t0 = time.perf_counter()
+        logits = self._forward(ids, cache)
+        self._sync()
+        prefill_s = time.perf_counter() - t0
+        tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
+        return self._result(tokens, logits, len(ids), prefill_s=prefill_s, decode_s=decode_s)
+
+    def generate_two_phase(self, doc_ids: list[int], suffix_ids: list[int], max_new_tokens: int = 24,
+                           seed: int | None = None, *, temperature: float = 1.0,
+                           stop_at_eos: bool = True) -> GenerationResult:
+        """The oracle for prefix reuse: prefill the document, then prefill the suffix over it, from scratch."""
+        doc_ids, suffix_ids = list(doc_ids), list(suffix_ids)
+        if not doc_ids:
+            raise UsageError("empty document: nothing to prefill")
+        self._check_ids(doc_ids + suffix_ids, "prompt", extra=max_new_tokens)
+        cache = self._new_cache()
+        t0 = time.perf_counter()
+        logits = self._forward(doc_ids, cache)
+        if suffix_ids:
+            logits = self._forward(suffix_ids, cache)
+        self._sync()
+        prefill_s = time.perf_counter() - t0
+        tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
+        return self._result(tokens, logits, len(doc_ids) + len(suffix_ids), prefill_s=prefill_s, decode_s=decode_s)
+
+    def generate_from_kv(self, kv: KvTensors, suffix_ids: list[int] | None = None, max_new_tokens: int = 24,
+                         seed: int | None = None, *, temperature: float = 1.0,
+                         stop_at_eos: bool = True) -> GenerationResult:
+        """Generate after the document whose KV is `kv`, prefilling only `suffix_ids`.
+
+        Checks fingerprint, tokenizer, dtype and shapes before touching the model. Without a suffix the first
+        token comes from the stored logits; if they are absent (e.g. a prefix of a longer artifact), the last
+        document token is dropped from the cache and fed once, which is exact too (keys/values of earlier
+        positions do not depend on later tokens).
+        """
+        suffix_ids = list(suffix_ids or [])
+        self.check_compatible(kv)
+        if kv.n_tokens == 0:
+            raise UsageError("KV holds no tokens")
+        self._check_ids(kv.token_ids + suffix_ids, "prompt", extra=max_new_tokens)
+        t0 = time.perf_counter()
+        cache = self.cache_from_kv(kv)
+        self._sync()
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if suffix_ids:
+            logits = self._forward(suffix_ids, cache)
+        elif kv.last_logits is not None:
+            logits = np.asarray(kv.last_logits, dtype=np.float32)
+        else:
+            cache.crop(kv.n_tokens - 1)
+            logits = self._forward([kv.token_ids[-1]], cache)
+        self._sync()
+        prefill_s = time.perf_counter() - t1
+        tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
+        return self._result(tokens, logits, kv.n_tokens + len(suffix_ids), prefill_s=prefill_s, load_s=load_s,
+                            decode_s=decode_s)
+
+    def step_time(self, kv: KvTensors, token: int | None = None) -> float:
+        """Seconds for ONE continuation step (a single-token forward) over `kv` resident in a cache.
+
+        The paper's "one reuse step": the cache is built before the clock starts, so load time is excluded.
+        """
+        self.check_compatible(kv)
+        cache = self.cache_from_kv(kv)
+        token = int(np.argmax(kv.last_logits)) if token is None and kv.last_logits is not None else int(token or 0)
+        self._sync()
+        t0 = time.perf_counter()
+        self._forward([token], cache)
+        self._sync()
+        return time.perf_counter() - t0
