@@ -66,6 +66,9 @@ class Service(Protocol):
     def read_chunk(self, cid: Cid) -> bytes | None:
         """A chunk's stored bytes, or None when this node does not hold it."""
 
+    # Optional: `chunk_path(cid) -> path | None`, the file holding a chunk's stored bytes. When present the
+    # data plane sends chunks with sendfile(2) instead of reading them into memory.
+
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Hosted generation over a local artifact (may take seconds). Raise NotFound / ModelMismatch / ..."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -161,8 +162,9 @@ class Fetcher:
     """Runs fetches for one node (trio side). `exchange` is node/exchange.py's Exchange."""
 
     def __init__(self, p2p: Any, exchange: Any, target: FetchTarget, limiter: trio.CapacityLimiter,
-                 use_dataplane: bool = True) -> None:
+                 use_dataplane: bool = True, parallel: int = limits.FETCH_PARALLEL_CHUNKS) -> None:
         self.p2p = p2p
+        self.parallel = parallel
         self.exchange = exchange
         self.target = target
         self.limiter = limiter
@@ -244,60 +246,76 @@ class Fetcher:
             progress(FetchProgress(state["bytes"], total_bytes, state["bytes"] / 1e6 / elapsed,
                                    [p for p, n in pool.served.items() if n], state["chunks"], len(todo)))
 
-        send, recv = trio.open_memory_channel[ChunkRef](len(todo) + 1)
-        for ref in todo:
-            send.send_nowait(ref)
+        pending: deque[ChunkRef] = deque(todo)
+        remaining: set[Cid] = {c.cid for c in todo}
+        tried: dict[Cid, set[str]] = {c.cid: set() for c in todo}
+        looked_up: set[Cid] = set()
         failed: list[BaseException] = []
+        # batches spread the work over the workers but amortise one request (and one data-plane connection)
+        # over several chunks: per-request overhead dominates small chunks
+        batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(todo) // (2 * self.parallel))))
 
-        async def get_one(ref: ChunkRef) -> None:
-            tried: set[str] = set()
-            looked_up = False
-            while True:
-                peer = pool.pick(ref.cid, tried)
-                if peer is None and not looked_up:
-                    looked_up = True
-                    for extra in await self.p2p.find_providers(str(ref.cid)):
-                        pool.add(extra)
-                    continue
-                if peer is None:
-                    raise NotFound(f"no provider could serve chunk {ref.cid.short()} of {verified.cid.short()}")
-                tried.add(peer)
-                pool.busy[peer] += 1
-                try:
-                    got = await self._get_from(peer, ref, artifact)
-                except (RemoteProtocolError, IntegrityError, trio.TooSlowError) as exc:
-                    pool.penalise(peer, str(exc))
-                    continue
-                except NotFound:
-                    pool.lacks[peer].add(ref.cid)
-                    continue
-                finally:
-                    pool.busy[peer] -= 1
-                if got is None:
-                    pool.lacks[peer].add(ref.cid)
-                    continue
-                pool.served[peer] += 1
-                state["bytes"] += ref.stored_size
-                state["chunks"] += 1
-                report()
-                return
+        def take_batch() -> tuple[str | None, list[ChunkRef]]:
+            first = pending.popleft()
+            peer = pool.pick(first.cid, tried[first.cid])
+            if peer is None:
+                return None, [first]
+            batch, size = [first], first.stored_size
+            while pending and len(batch) < batch_max and size < limits.FETCH_BATCH_BYTES:
+                if pending[0].cid in pool.lacks[peer]:
+                    break
+                nxt = pending.popleft()
+                batch.append(nxt)
+                size += nxt.stored_size
+            return peer, batch
+
+        async def on_stored(peer: str, ref: ChunkRef) -> None:
+            remaining.discard(ref.cid)
+            pool.served[peer] += 1
+            state["bytes"] += ref.stored_size
+            state["chunks"] += 1
+            report()
 
         async def worker() -> None:
-            while True:
+            while remaining:
+                if not pending:
+                    await trio.sleep(0.005)  # others are in flight and may hand chunks back
+                    continue
+                peer, batch = take_batch()
+                if peer is None:
+                    ref = batch[0]
+                    if ref.cid in looked_up:
+                        raise NotFound(f"no provider could serve chunk {ref.cid.short()} of {verified.cid.short()}")
+                    looked_up.add(ref.cid)
+                    for extra in await self.p2p.find_providers(str(ref.cid)):
+                        pool.add(extra)
+                    pending.appendleft(ref)
+                    continue
+                for ref in batch:
+                    tried[ref.cid].add(peer)
+                pool.busy[peer] += 1
                 try:
-                    ref = recv.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    return
-                try:
-                    await get_one(ref)
-                except KvswapError as exc:
-                    failed.append(exc)
-                    nursery.cancel_scope.cancel()
-                    return
+                    await self._get_batch(peer, batch, artifact, on_stored, pool)
+                except (RemoteProtocolError, IntegrityError, trio.TooSlowError) as exc:
+                    pool.penalise(peer, str(exc) or type(exc).__name__)
+                except NotFound:
+                    for ref in batch:
+                        pool.lacks[peer].add(ref.cid)
+                finally:
+                    pool.busy[peer] -= 1
+                pending.extendleft(reversed([ref for ref in batch if ref.cid in remaining
+                                             and ref not in pending]))
+
+        async def guarded_worker() -> None:
+            try:
+                await worker()
+            except KvswapError as exc:
+                failed.append(exc)
+                nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for _ in range(min(limits.FETCH_PARALLEL_CHUNKS, max(len(todo), 1))):
-                nursery.start_soon(worker)
+            for _ in range(min(self.parallel, max(len(todo), 1))):
+                nursery.start_soon(guarded_worker)
         if failed:
             raise failed[0]
         await self._thread(self.target.put_manifest, verified)
@@ -318,26 +336,28 @@ class Fetcher:
             providers={p: n for p, n in pool.served.items() if n},
         )
 
-    async def _get_from(self, peer: str, ref: ChunkRef, artifact: str) -> bool | None:
-        """Fetch one chunk from `peer`, verify, store. True when stored, None when the peer lacks it."""
-        outcome: list[bool | None] = []
+    async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: str,
+                         on_stored: Callable, pool: _Providers) -> None:
+        """Fetch `batch` from `peer` in one request; verify and store each chunk as it arrives.
+
+        A chunk the peer lacks is recorded in `pool.lacks` (and stays pending); bad bytes raise IntegrityError.
+        """
+        by_cid = {ref.cid: ref for ref in batch}
 
         async def on_chunk(cid: Cid, data: bytes | None) -> None:
+            ref = by_cid[cid]
             if data is None:
-                outcome.append(None)
+                pool.lacks[peer].add(cid)
                 return
             if len(data) != ref.stored_size:
                 raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
                                      f"the manifest says {ref.stored_size}")
             await self._thread(_verify_and_put, self.target, cid, data)
-            outcome.append(True)
+            await on_stored(peer, ref)
 
-        with trio.fail_after(limits.CHUNK_TIMEOUT_S):
-            await self.exchange.request_chunks(peer, [ref.cid], on_chunk, artifact=artifact,
+        with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
+            await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
                                                dataplane=self.use_dataplane)
-        if not outcome:
-            raise RemoteProtocolError(f"peer {peer[:16]} answered nothing for {ref.cid.short()}")
-        return outcome[0]
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes) -> None:

@@ -73,7 +73,8 @@ class TrioNode:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.p2p.run)
             if self.use_dataplane and self.service is not None:
-                self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter)
+                self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
+                                           chunk_path=getattr(self.service, "chunk_path", None))
                 await nursery.start(self.dataplane.run)
                 self.exchange.dataplane = self.dataplane
             task_status.started()

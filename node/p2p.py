@@ -297,6 +297,11 @@ class P2PHost:
             except Exception as exc:  # a failed lookup is an empty answer; the caller falls back
                 log.debug("find_providers %s failed: %s", key[:20], exc)
         me = self.host.get_id()
+        if infos and all(info.peer_id == me for info in infos):
+            # py-libp2p answers from the local record store first, and a node that provides a key holds a
+            # record of itself: ask the peers closest to the key directly instead
+            with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
+                infos = await self._network_providers(key)
         out: list[str] = []
         store = self.host.get_peerstore()
         for info in infos:
@@ -308,6 +313,34 @@ class P2PHost:
             if text not in out:
                 out.append(text)
         return out
+
+    async def _network_providers(self, key: str) -> list:
+        """Provider records held by the peers closest to `key` (one round of GET_PROVIDERS, local store skipped)."""
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        key_bytes = _encode_key(key)
+        found: list = []
+        try:
+            closest = await self.dht.peer_routing.find_closest_peers_network(key_bytes)
+        except Exception as exc:  # a failed lookup is an empty answer
+            log.debug("closest peers for %s failed: %s", key[:20], exc)
+            return found
+        me = self.host.get_id()
+
+        async def ask(peer: Any) -> None:
+            with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S / 3):
+                try:
+                    providers, _ = await self.dht.provider_store._get_providers_from_peer_with_closers(peer, key_bytes)
+                except Exception as exc:  # one unhelpful peer does not fail the lookup
+                    log.debug("GET_PROVIDERS from %s failed: %s", peer, exc)
+                    return
+                found.extend(providers)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != me:
+                    nursery.start_soon(ask, peer)
+        return found
 
     async def _provide_worker(self) -> None:
         async for key in self._provide_queue_recv:

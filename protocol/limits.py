@@ -24,6 +24,9 @@ MAX_CHUNK_STORED_BYTES = MAX_CHUNK_RAW_BYTES + 64 * KiB
 MAX_CHUNKS = 65_536
 #: Most tokens in one artifact (longer than any context window we serve).
 MAX_TOKENS = 1_048_576
+#: Largest raw "tail" blob (bytes): the float32 logits at the document's last position. Qwen3's
+#: 151,669-token vocabulary is 607 KB; 4 MiB admits vocabularies up to ~1M entries.
+MAX_TAIL_RAW_BYTES = 4 * MiB
 #: Default tokens per chunk block: a Qwen3-4B chunk (147,456 B/token) is ~9.4 MB, "a few MB".
 DEFAULT_BLOCK_TOKENS = 64
 
@@ -75,3 +78,7 @@ MAX_PROVIDERS_PER_FETCH = 20
 DHT_QUERY_TIMEOUT_S = 15.0
 #: Worker threads the trio side may use at once for store, engine and hashing work.
 WORKER_THREADS = 16
+#: Most chunks a fetch asks one provider for in one request (amortises request overhead over small chunks).
+FETCH_BATCH_CHUNKS = 16
+#: Stop adding chunks to a request beyond this many bytes (bytes): a failed request re-fetches at most this.
+FETCH_BATCH_BYTES = 64 * MiB

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print measured figures and ratios (never assertions on speed in tests)."""
