@@ -3,6 +3,7 @@
     KvswapError                      root: every failure kvswap raises on purpose
      +-- FormatError                 bytes that do not parse as what they claim (manifest, chunk, frame)
      +-- IntegrityError              bytes that parse but do not match their hash, size or signature
+     |    +-- UntrustedSigner        a valid signature by a key the trust policy does not accept
      +-- ModelMismatch               an artifact for another model fingerprint, dtype or shape
      +-- NotFound                    no such artifact / chunk / provider / peer
      +-- ProtocolError               the wire conversation went wrong
@@ -31,6 +32,10 @@ class FormatError(KvswapError):
 
 class IntegrityError(KvswapError):
     """Bytes that parse but do not match their content address, declared size or signature."""
+
+
+class UntrustedSigner(IntegrityError):
+    """A manifest whose signatures are valid but none is by a trusted key (or that is unsigned)."""
 
 
 class ModelMismatch(KvswapError):

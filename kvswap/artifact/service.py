@@ -1,0 +1,135 @@
+"""Whole operations over an engine, a store and a key: publish a document, generate from a stored
+artifact, verify one. The CLI and the daemon's control API both call these, so the logic lives once.
+
+None of this imports torch: the caller passes an engine (kvswap.engine.Engine or anything with the same
+attributes), which keeps `kvswap ls` and `kvswap verify` fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..cid import Cid, sha256_hex
+from ..errors import NotFound, UsageError
+from ..protocol.limits import DEFAULT_BLOCK_TOKENS
+from ..store import Store
+from .manifest import Manifest
+from .pipeline import assemble_kv, check_compatible, publish_kv, verified_blob
+from .signing import NodeKey, TrustPolicy, verify_envelopes
+
+
+def document_hash(text: str) -> str:
+    """sha256 hex of the document's UTF-8 bytes (how documents are found on the network)."""
+    return sha256_hex(text.encode("utf-8"))
+
+
+def publish_document(engine, store: Store, key: NodeKey, text: str, codec: str = "auto",
+                     block_tokens: int = DEFAULT_BLOCK_TOKENS) -> dict:
+    """Tokenize, prefill, chunk, compress, sign and store one document. Returns a JSON-friendly summary.
+
+    The manifest is registered before its chunks are written, so a crash mid-publish leaves an incomplete
+    artifact (and maybe a temp file), never a half-written chunk."""
+    if not text:
+        raise UsageError("the document is empty")
+    doc_hash = document_hash(text)
+    ids = engine.tokenize(text)
+    t0 = time.perf_counter()
+    kv = engine.prefill(ids)
+    prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    manifest, chunks = publish_kv(
+        kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
+        tokenizer_fingerprint=engine.tokenizer_fingerprint, document_hash=doc_hash, codec=codec,
+        block_tokens=block_tokens)
+    envelope = key.sign_manifest(manifest.cid)
+    store.put_artifact(manifest, [envelope], chunks)
+    store_s = time.perf_counter() - t1
+    codecs_used: dict[str, int] = {}
+    for c in manifest.chunks:
+        codecs_used[c.codec] = codecs_used.get(c.codec, 0) + 1
+    return {
+        "cid": str(manifest.cid),
+        "document_hash": doc_hash,
+        "model_id": manifest.model_id,
+        "model_fingerprint": manifest.model_fingerprint,
+        "dtype": manifest.dtype,
+        "n_tokens": manifest.n_tokens,
+        "chunks": len(manifest.chunks),
+        "codecs": codecs_used,
+        "raw_size": manifest.raw_size,
+        "kv_stored_size": manifest.kv_stored_size,
+        "tail_stored_size": manifest.tail.stored_size if manifest.tail is not None else 0,
+        "stored_size": manifest.stored_size,
+        "ratio": round(manifest.raw_size / max(1, manifest.kv_stored_size), 4),
+        "signer": key.public_hex,
+        "prefill_s": round(prefill_s, 4),
+        "encode_store_s": round(store_s, 4),
+    }
+
+
+def verify_artifact(store: Store, cid: Cid, policy: TrustPolicy) -> dict:
+    """Re-check everything about a stored artifact: manifest vs CID, every blob's CID and decoding, every
+    signature, and the trust policy. Raises on the first failure; returns a summary when all pass."""
+    manifest = store.get_manifest(cid)
+    missing = store.missing_chunks(cid)
+    if missing:
+        raise NotFound(f"artifact {cid.short()} is incomplete: {len(missing)} of {len(manifest.blobs())} blobs missing")
+    accepted = verify_envelopes(store.get_envelopes(cid), cid, policy)
+    for blob in manifest.chunks:
+        verified_blob(blob, store.read_chunk(blob.cid), manifest.layout.itemsize)
+    if manifest.tail is not None:
+        verified_blob(manifest.tail, store.read_chunk(manifest.tail.cid), 4)
+    return {
+        "cid": str(cid),
+        "ok": True,
+        "blobs_verified": len(manifest.blobs()),
+        "signatures": len(store.get_envelopes(cid)),
+        "trusted_signers": sorted({e.signer.hex() for e in accepted}),
+        "accept_any": policy.accept_any,
+    }
+
+
+def resolve_artifact(store: Store, engine, *, cid: Cid | None = None, document_text: str | None = None) -> Manifest:
+    """The stored manifest named by CID, or the newest complete artifact of `document_text` for this
+    engine's model."""
+    if cid is None:
+        if document_text is None:
+            raise UsageError("give an artifact CID or a document")
+        found = store.find_by_document(engine.fingerprint, document_hash(document_text), complete_only=True)
+        if not found:
+            raise NotFound("no complete artifact of this document for this model in the local store "
+                           "(publish it, or fetch it with `kvswap get --doc FILE`)")
+        cid = found[0]
+    return store.get_manifest(cid)
+
+
+def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,
+                        policy: TrustPolicy | None = None, seed: int | None = None) -> dict:
+    """Load a stored artifact into `engine` (every chunk verified) and generate after the prompt.
+
+    The prompt's token ids are appended to the document's (never re-tokenizing the joined text). With a
+    policy, the artifact's signatures are checked against it first."""
+    manifest = store.get_manifest(cid)
+    check_compatible(manifest, engine)
+    if policy is not None:
+        verify_envelopes(store.get_envelopes(cid), cid, policy)
+    missing = store.missing_chunks(cid)
+    if missing:
+        raise NotFound(f"artifact {cid.short()} is incomplete: {len(missing)} blobs missing")
+    t0 = time.perf_counter()
+    kv = assemble_kv(manifest, store.read_chunk)
+    read_s = time.perf_counter() - t0
+    store.touch(cid)
+    suffix = engine.tokenize(prompt) if prompt else []
+    result = engine.generate_from_kv(kv, suffix, max_new_tokens=max_new_tokens, seed=seed)
+    out = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    out.update({"cid": str(cid), "document_tokens": manifest.n_tokens, "suffix_tokens": len(suffix),
+                "read_verify_s": round(read_s, 4)})
+    return out
+
+
+def home_key(home: Path) -> NodeKey:
+    from ..config import HomeLayout
+
+    return NodeKey.load_or_create(HomeLayout(Path(home)).ensure().identity_key)

@@ -1,0 +1,352 @@
+"""Artifact commands over the local store: publish, ls, inspect, verify, generate, export, import, pin,
+unpin, rm, gc, fsck, trust, id. The work happens in kvswap.artifact.service / kvswap.store; this module
+parses flags and renders results. The engine (torch) is imported only by publish and generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..cid import Cid
+from ..errors import FormatError, IntegrityError, UsageError
+from ..protocol.limits import DEFAULT_BLOCK_TOKENS
+from . import add_common, emit, home_of
+
+
+def _store(args):
+    from ..store import Store
+
+    return Store.for_home(home_of(args))
+
+
+def _key(args):
+    from ..artifact.service import home_key
+
+    return home_key(home_of(args))
+
+
+def _policy(args, accept_any: bool = False):
+    from ..artifact.signing import TrustPolicy
+
+    return TrustPolicy.for_home(home_of(args), _key(args), accept_any=accept_any)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+
+
+def resolve_cid(store, text: str) -> Cid:
+    """A full CID, or an unambiguous prefix of one in the local store."""
+    try:
+        return Cid.parse(text)
+    except FormatError:
+        matches = [a["cid"] for a in store.list_artifacts() if a["cid"].startswith(text)] if len(text) >= 6 else []
+        if len(matches) == 1:
+            return Cid.parse(matches[0])
+        if len(matches) > 1:
+            raise UsageError(f"{text!r} matches {len(matches)} artifacts; give more of the CID") from None
+        raise
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# --- publish / generate (engine) ---------------------------------------------------------------------
+def cmd_publish(args) -> int:
+    from ..artifact.service import publish_document
+    from ..engine import load_engine
+
+    text = _read_text(args.file)
+    engine = load_engine(args.model, dtype=args.dtype)
+    with _store(args) as store:
+        result = publish_document(engine, store, _key(args), text, codec=args.codec, block_tokens=args.block_tokens)
+    emit(args, result, _render_publish)
+    return 0
+
+
+def _render_publish(r: dict) -> str:
+    codecs = ", ".join(f"{k} x{v}" for k, v in sorted(r["codecs"].items()))
+    return "\n".join([
+        r["cid"],
+        f"  document  {r['document_hash']}",
+        f"  model     {r['model_id']} ({r['model_fingerprint'][:16]}) {r['dtype']}",
+        f"  tokens    {r['n_tokens']} in {r['chunks']} chunks ({codecs})",
+        f"  size      KV {_size(r['raw_size'])} raw -> {_size(r['kv_stored_size'])} stored (ratio {r['ratio']:.3f}x)"
+        f" + last-position logits {_size(r['tail_stored_size'])}",
+    ])
+
+
+def cmd_generate(args) -> int:
+    from ..artifact.service import generate_from_store, resolve_artifact
+    from ..engine import load_engine
+
+    with _store(args) as store:
+        if args.doc is not None:
+            engine = load_engine(args.model, dtype=args.dtype or "bf16")
+            manifest = resolve_artifact(store, engine, document_text=_read_text(args.doc))
+        else:
+            if args.cid is None:
+                raise UsageError("give an artifact CID or --doc FILE")
+            manifest = store.get_manifest(resolve_cid(store, args.cid))
+            engine = load_engine(args.model or manifest.model_id, dtype=args.dtype or manifest.dtype)
+        policy = _policy(args, accept_any=args.accept_any)
+        result = generate_from_store(engine, store, manifest.cid, args.prompt, args.max_new_tokens, policy=policy)
+    emit(args, result, lambda r: r["text"])
+    return 0
+
+
+# --- inspection ----------------------------------------------------------------------------------------
+def cmd_ls(args) -> int:
+    with _store(args) as store:
+        rows = store.list_artifacts()
+    emit(args, {"artifacts": rows}, _render_ls)
+    return 0
+
+
+def _render_ls(r: dict) -> str:
+    rows = r["artifacts"]
+    if not rows:
+        return "no artifacts in the local store"
+    lines = [f"{'CID':<59}  {'MODEL':<16} {'DTYPE':<5} {'TOKENS':>7} {'STORED':>10}  STATE"]
+    for a in rows:
+        state = ("complete" if a["complete"] else "incomplete") + (", pinned" if a["pinned"] else "")
+        lines.append(f"{a['cid']:<59}  {a['model_id'][-16:]:<16} {a['dtype']:<5} {a['n_tokens']:>7} "
+                     f"{_size(a['stored_size']):>10}  {state}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    with _store(args) as store:
+        cid = resolve_cid(store, args.cid)
+        manifest = store.get_manifest(cid)
+        info = manifest.summary()
+        info["signatures"] = [e.summary() for e in store.get_envelopes(cid)]
+        info["missing_blobs"] = [str(c) for c in store.missing_chunks(cid)]
+        row = next(a for a in store.list_artifacts() if a["cid"] == str(cid))
+        info.update({"complete": row["complete"], "pinned": row["pinned"], "last_used": row["last_used"]})
+    emit(args, info, _render_inspect)
+    return 0
+
+
+def _render_inspect(i: dict) -> str:
+    lay = i["layout"]
+    lines = [
+        i["cid"],
+        f"  model       {i['model_id']}",
+        f"  fingerprint {i['model_fingerprint']}",
+        f"  tokenizer   {i['tokenizer_fingerprint']}",
+        f"  layout      {lay['layers']} layers x {lay['kv_heads']} kv heads x {lay['head_dim']} dims, {i['dtype']}, "
+        f"{lay['block_tokens']} tokens/block",
+        f"  tokens      {i['n_tokens']} (token hash {i['token_hash'][:16]}...)",
+        f"  document    {i['document_hash']}",
+        f"  size        {_size(i['raw_size'])} raw, {_size(i['stored_size'])} stored, {len(i['chunks'])} chunks"
+        + (", + tail" if i["tail"] else ""),
+        f"  state       {'complete' if i['complete'] else 'incomplete (%d missing)' % len(i['missing_blobs'])}"
+        + (", pinned" if i["pinned"] else ""),
+    ]
+    for s in i["signatures"]:
+        lines.append(f"  signed by   {s['signer']} at {_when(s['time'])} UTC")
+    for c in i["chunks"]:
+        lines.append(f"    [{c['t0']:>6},{c['t1']:>6})  {c['codec']:<6} {c['stored_size']:>10} / {c['raw_size']:<10} "
+                     f"{c['cid']}")
+    return "\n".join(lines)
+
+
+def cmd_verify(args) -> int:
+    from ..artifact.service import verify_artifact
+
+    with _store(args) as store:
+        result = verify_artifact(store, resolve_cid(store, args.cid), _policy(args, accept_any=args.accept_any))
+    emit(args, result, lambda r: f"ok: {r['cid']} ({r['blobs_verified']} blobs, {r['signatures']} signatures)")
+    return 0
+
+
+# --- moving artifacts ------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    with _store(args) as store:
+        result = store.export_artifact(resolve_cid(store, args.cid), args.out)
+    emit(args, result, lambda r: f"wrote {r['file']} ({_size(r['bytes'])}, {r['blobs']} blobs)")
+    return 0
+
+
+def cmd_import(args) -> int:
+    with _store(args) as store:
+        if not Path(args.file).is_file():
+            raise UsageError(f"no such file: {args.file}")
+        manifest = store.import_artifact(Path(args.file), _policy(args, accept_any=args.accept_any))
+    result = {"cid": str(manifest.cid), "n_tokens": manifest.n_tokens, "stored_size": manifest.stored_size}
+    emit(args, result, lambda r: f"imported {r['cid']} ({r['n_tokens']} tokens)")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    with _store(args) as store:
+        cid = resolve_cid(store, args.cid)
+        store.pin(cid, args.command == "pin")
+    emit(args, {"cid": str(cid), "pinned": args.command == "pin"}, lambda r: f"{args.command}ned {r['cid']}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    with _store(args) as store:
+        cid = resolve_cid(store, args.cid)
+        freed = store.remove(cid, force=args.force)
+    emit(args, {"cid": str(cid), "freed": freed}, lambda r: f"removed {r['cid']} (freed {_size(r['freed'])})")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from ..config import parse_size, store_budget
+
+    budget = parse_size(args.budget) if args.budget is not None else store_budget(home_of(args))
+    with _store(args) as store:
+        result = store.gc(budget)
+    emit(args, result, lambda r: f"evicted {len(r['evicted'])} artifacts, freed {_size(r['freed'])}; "
+                                 f"store {_size(r['after'])} of {_size(r['budget'])} budget")
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    with _store(args) as store:
+        result = store.fsck(repair=args.repair)
+    emit(args, result, _render_fsck)
+    if not result["ok"]:
+        raise IntegrityError(f"store is inconsistent: {len(result['problems'])} problems (run `kvswap fsck --repair`)")
+    return 0
+
+
+def _render_fsck(r: dict) -> str:
+    lines = [f"{'ok' if r['ok'] else 'PROBLEMS'}: {r['artifacts']} artifacts, {r['chunk_files']} chunk files checked"]
+    lines += [f"  problem: {p}" for p in r["problems"]]
+    lines += [f"  garbage: {g}" for g in r["garbage"]]
+    lines += [f"  repaired: {x}" for x in r["repaired"]]
+    return "\n".join(lines)
+
+
+# --- identity and trust ----------------------------------------------------------------------------------
+def cmd_id(args) -> int:
+    key = _key(args)
+    emit(args, {"public_key": key.public_hex, "home": str(home_of(args))}, lambda r: r["public_key"])
+    return 0
+
+
+def cmd_trust(args) -> int:
+    from ..config import read_trusted, trust_add, trust_rm
+
+    home = home_of(args)
+    if args.action == "add":
+        if not args.key:
+            raise UsageError("trust add needs a KEY (64 hex digits, as `kvswap id` prints)")
+        keys = trust_add(home, args.key)
+    elif args.action == "rm":
+        if not args.key:
+            raise UsageError("trust rm needs a KEY")
+        keys = trust_rm(home, args.key)
+    else:
+        keys = read_trusted(home)
+    own = _key(args).public_hex
+    emit(args, {"self": own, "trusted": sorted(keys)},
+         lambda r: "\n".join([f"{r['self']}  (this node, always trusted)"] + r["trusted"]))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..artifact.codecs import CODEC_CHOICES
+
+    p = sub.add_parser("publish", help="prefill a document, then chunk, compress, sign and store its KV")
+    p.add_argument("file", type=Path)
+    p.add_argument("--model", default=None, help="model name, hub id or folder (default: the engine's)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--codec", default="auto", choices=CODEC_CHOICES)
+    p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS, help="tokens per chunk")
+    add_common(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("generate", help="generate from a stored artifact without re-running prefill")
+    p.add_argument("cid", nargs="?", default=None)
+    p.add_argument("--doc", type=Path, default=None, help="find the artifact by this document's hash")
+    p.add_argument("--prompt", required=True, help="text appended (as token ids) after the document")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--model", default=None, help="engine to load (default: the manifest's model id)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
+    add_common(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ls", help="list artifacts in the local store")
+    add_common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest, chunks and signatures")
+    p.add_argument("cid")
+    add_common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="re-check every digest and signature, and the trust policy")
+    p.add_argument("cid")
+    p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
+    add_common(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="write one artifact (manifest, signatures, chunks) to a single file")
+    p.add_argument("cid")
+    p.add_argument("out", type=Path)
+    add_common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="verify and add an exported artifact file to the store")
+    p.add_argument("file", type=Path)
+    p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
+    add_common(p)
+    p.set_defaults(func=cmd_import)
+
+    for name, text in (("pin", "keep an artifact through gc"), ("unpin", "let gc evict an artifact again")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("cid")
+        add_common(p)
+        p.set_defaults(func=cmd_pin)
+
+    p = sub.add_parser("rm", help="remove an artifact and the chunks no other artifact uses")
+    p.add_argument("cid")
+    p.add_argument("--force", action="store_true", help="remove even if pinned")
+    add_common(p)
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("gc", help="evict least recently used, unpinned artifacts down to a size budget")
+    p.add_argument("--budget", default=None, help="e.g. 500M, 20GiB (default: config.json store_budget or 20GiB)")
+    add_common(p)
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("fsck", help="check the store: chunk hashes, index, refcounts, leftovers")
+    p.add_argument("--repair", action="store_true", help="remove bad entries and leftovers, fix counts")
+    add_common(p)
+    p.set_defaults(func=cmd_fsck)
+
+    p = sub.add_parser("trust", help="manage the publisher keys whose artifacts this node accepts")
+    p.add_argument("action", choices=("add", "rm", "ls"))
+    p.add_argument("key", nargs="?", default=None)
+    add_common(p)
+    p.set_defaults(func=cmd_trust)
+
+    p = sub.add_parser("id", help="print this node's public key")
+    add_common(p)
+    p.set_defaults(func=cmd_id)
+

@@ -1,0 +1,123 @@
+"""A node's home directory: where its key, trust list, config and store live.
+
+    <home>/identity.key   32-byte raw Ed25519 seed, mode 0600 (the libp2p peer id derives from it too)
+    <home>/trust.json     {"trusted": ["<hex public key>", ...]}: publishers whose artifacts we accept
+    <home>/config.json    optional settings, e.g. {"store_budget": "20GiB"}
+    <home>/store/         chunks by CID, temp files, SQLite index (kvswap/store.py)
+
+One place knows these paths so the CLI, the daemon and tests agree on them (`--home` / KVSWAP_HOME let
+several nodes share one machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FormatError, UsageError
+
+#: default store size budget for `kvswap gc` when neither --budget nor config.json says otherwise
+DEFAULT_STORE_BUDGET = 20 * 1024**3
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    root: Path
+
+    @property
+    def identity_key(self) -> Path:
+        return self.root / "identity.key"
+
+    @property
+    def trust_file(self) -> Path:
+        return self.root / "trust.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    def ensure(self) -> "HomeLayout":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def parse_size(text: str | int) -> int:
+    """'500M', '20GiB', '1.5g', '1048576' -> bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"not a size: {text!r} (examples: 500M, 20GiB, 1048576)")
+    scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def load_config(home: Path) -> dict:
+    path = HomeLayout(Path(home)).config_file
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def store_budget(home: Path) -> int:
+    return parse_size(load_config(home).get("store_budget", DEFAULT_STORE_BUDGET))
+
+
+def _check_key_hex(key: str) -> str:
+    key = key.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        raise UsageError(f"not an Ed25519 public key (64 hex digits): {key!r:.80}")
+    return key
+
+
+def read_trusted(home: Path) -> set[str]:
+    """Hex public keys listed in <home>/trust.json (the node's own key is trusted separately, always)."""
+    path = HomeLayout(Path(home)).trust_file
+    if not path.exists():
+        return set()
+    try:
+        data = json.loads(path.read_text())
+        keys = data["trusted"]
+        if not isinstance(keys, list):
+            raise TypeError("'trusted' is not a list")
+        return {_check_key_hex(k) for k in keys}
+    except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
+        raise FormatError(f"{path}: bad trust file ({exc})") from None
+
+
+def write_trusted(home: Path, keys: set[str]) -> None:
+    """Replace the trust list atomically (temp file + rename)."""
+    layout = HomeLayout(Path(home)).ensure()
+    tmp = layout.trust_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"trusted": sorted(keys)}, indent=2) + "\n")
+    os.replace(tmp, layout.trust_file)
+
+
+def trust_add(home: Path, key: str) -> set[str]:
+    keys = read_trusted(home) | {_check_key_hex(key)}
+    write_trusted(home, keys)
+    return keys
+
+
+def trust_rm(home: Path, key: str) -> set[str]:
+    key = _check_key_hex(key)
+    keys = read_trusted(home)
+    if key not in keys:
+        raise UsageError(f"key {key[:16]}... is not in the trust list")
+    keys.discard(key)
+    write_trusted(home, keys)
+    return keys

@@ -1,0 +1,607 @@
+"""The local artifact store: chunk files named by CID, and an SQLite index of what they belong to.
+
+    <home>/store/chunks/<cid>    stored chunk bytes, visible only once complete and verified
+    <home>/store/tmp/            temp files (same filesystem), renamed into chunks/ after fsync
+    <home>/store/index.sqlite    WAL: artifacts (manifest bytes, state, pins, last use), envelopes,
+                                 artifact -> blob lists, chunks with reference counts
+
+Invariants (checked by fsck):
+- A file under chunks/ is named by the CID of its bytes: put_chunk hashes before writing, and the file
+  appears by an atomic rename after fsync, so a crash leaves at most a stray temp file, never a half chunk.
+- A chunk is presence-by-file: the index records which artifacts need it (refcount = number of
+  artifacts listing it), the filesystem records whether it is here.
+- An artifact is registered (put_manifest) before its chunks arrive: a fetch or publish in progress is an
+  incomplete artifact; `complete` flips when the last blob lands. Only complete, unpinned artifacts are
+  evicted, least recently used first.
+- Reads verify: read_chunk re-hashes the file (IntegrityError on a corrupted one), get_manifest re-hashes
+  the manifest against its CID.
+
+Policy (who is trusted) is not the store's business: it keeps valid signatures, callers apply the trust
+policy (artifact/signing.py). One SQLite connection per thread plus a process lock around writes make it
+safe to call from a daemon's worker threads; several processes may share a store through SQLite's locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .artifact.manifest import Manifest, decode_manifest
+from .artifact.signing import Envelope, TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
+from .cid import Cid
+from .errors import FormatError, IntegrityError, KvswapError, LimitExceeded, NotFound, UsageError
+from .protocol.limits import MAX_CHUNK_STORED_BYTES, MAX_ENVELOPES_BYTES, MAX_MANIFEST_BYTES
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS artifacts(
+    cid TEXT PRIMARY KEY,
+    manifest BLOB NOT NULL,
+    model_id TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL,
+    document_hash TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    n_tokens INTEGER NOT NULL,
+    raw_size INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL,
+    complete INTEGER NOT NULL DEFAULT 0,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    added REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifacts_by_document ON artifacts(model_fingerprint, document_hash);
+CREATE TABLE IF NOT EXISTS envelopes(
+    artifact_cid TEXT NOT NULL,
+    signer BLOB NOT NULL,
+    time INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY(artifact_cid, signer, time)
+);
+CREATE TABLE IF NOT EXISTS artifact_blobs(
+    artifact_cid TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    chunk_cid TEXT NOT NULL,
+    PRIMARY KEY(artifact_cid, idx)
+);
+CREATE INDEX IF NOT EXISTS artifact_blobs_by_chunk ON artifact_blobs(chunk_cid);
+CREATE TABLE IF NOT EXISTS chunks(
+    cid TEXT PRIMARY KEY,
+    stored_size INTEGER NOT NULL,
+    refcount INTEGER NOT NULL
+);
+"""
+
+# --- export container (FORMAT.md "Export file") ----------------------------------------------------
+EXPORT_MAGIC = b"KVSWAPX\x01"
+_RECORD = struct.Struct(">BQ")
+REC_END, REC_MANIFEST, REC_ENVELOPES, REC_BLOB = 0, 1, 2, 3
+
+
+class Store:
+    """Files by CID + SQLite index. Create one per process (or per daemon) and share it across threads."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.chunks_dir = self.root / "chunks"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = self.root / "index.sqlite"
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._all_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        conn = self._db()
+        conn.executescript(_SCHEMA)
+        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row[0] != str(_SCHEMA_VERSION):
+            raise FormatError(f"{self.db_path}: store schema {row[0]}, this build reads {_SCHEMA_VERSION}")
+
+    @classmethod
+    def for_home(cls, home: Path) -> "Store":
+        from .config import HomeLayout
+
+        return cls(HomeLayout(Path(home)).store_dir)
+
+    # --- connections and transactions ---------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._all_conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: take the write lock up front, no upgrade deadlocks)."""
+        with self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._all_conns:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all_conns.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- paths ------------------------------------------------------------------------------------------
+    def _chunk_file(self, cid: Cid) -> Path:
+        return self.chunks_dir / str(cid)
+
+    def has_chunk(self, cid: Cid) -> bool:
+        return self._chunk_file(cid).is_file()
+
+    def chunk_path(self, cid: Cid) -> Path:
+        """The file holding a chunk, for zero-copy serving (sendfile/mmap). Serving code that does not
+        re-hash should rely on put_chunk's verification and a periodic fsck."""
+        path = self._chunk_file(cid)
+        if not path.is_file():
+            raise NotFound(f"chunk {cid.short()} is not in the store")
+        return path
+
+    def _fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- artifacts ----------------------------------------------------------------------------------------
+    def put_manifest(self, manifest: Manifest, envelopes: Iterable[Envelope] = ()) -> bool:
+        """Register an artifact (before its chunks arrive) and keep its valid envelopes.
+        Returns True if the artifact is new. Envelopes with a bad signature raise IntegrityError."""
+        envelopes = list(envelopes)
+        cid = manifest.cid
+        for env in envelopes:
+            env.verify(cid)
+        key = str(cid)
+        blobs = manifest.blobs()
+        now = time.time()
+        with self._tx() as db:
+            exists = db.execute("SELECT 1 FROM artifacts WHERE cid = ?", (key,)).fetchone() is not None
+            if not exists:
+                db.execute(
+                    "INSERT INTO artifacts(cid, manifest, model_id, model_fingerprint, document_hash, dtype, n_tokens,"
+                    " raw_size, stored_size, complete, pinned, added, last_used) VALUES (?,?,?,?,?,?,?,?,?,0,0,?,?)",
+                    (key, manifest.canonical_bytes, manifest.model_id, manifest.model_fingerprint,
+                     manifest.document_hash, manifest.dtype, manifest.n_tokens, manifest.raw_size,
+                     manifest.stored_size, now, now),
+                )
+                db.executemany(
+                    "INSERT INTO artifact_blobs(artifact_cid, idx, chunk_cid) VALUES (?,?,?)",
+                    [(key, i, str(b.cid)) for i, b in enumerate(blobs)],
+                )
+                sizes = {str(b.cid): b.stored_size for b in blobs}
+                for chunk_key, size in sizes.items():
+                    db.execute(
+                        "INSERT INTO chunks(cid, stored_size, refcount) VALUES (?,?,1)"
+                        " ON CONFLICT(cid) DO UPDATE SET refcount = refcount + 1",
+                        (chunk_key, size),
+                    )
+            db.executemany(
+                "INSERT OR IGNORE INTO envelopes(artifact_cid, signer, time, signature) VALUES (?,?,?,?)",
+                [(key, e.signer, e.time, e.signature) for e in envelopes],
+            )
+            if not exists and not any(not self.has_chunk(b.cid) for b in blobs):
+                db.execute("UPDATE artifacts SET complete = 1 WHERE cid = ?", (key,))
+        return not exists
+
+    def add_envelopes(self, cid: Cid, envelopes: Iterable[Envelope]) -> None:
+        envelopes = list(envelopes)
+        for env in envelopes:
+            env.verify(cid)
+        with self._tx() as db:
+            self._row(cid, db)
+            db.executemany(
+                "INSERT OR IGNORE INTO envelopes(artifact_cid, signer, time, signature) VALUES (?,?,?,?)",
+                [(str(cid), e.signer, e.time, e.signature) for e in envelopes],
+            )
+
+    def _row(self, cid: Cid, db: sqlite3.Connection | None = None) -> sqlite3.Row:
+        db = db or self._db()
+        cur = db.execute(
+            "SELECT cid, manifest, complete, pinned, added, last_used FROM artifacts WHERE cid = ?", (str(cid),))
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"artifact {cid.short()} is not in the store")
+        return row
+
+    def has_artifact(self, cid: Cid) -> bool:
+        return self._db().execute("SELECT 1 FROM artifacts WHERE cid = ?", (str(cid),)).fetchone() is not None
+
+    def get_manifest_bytes(self, cid: Cid) -> bytes:
+        return bytes(self._row(cid)[1])
+
+    def get_manifest(self, cid: Cid) -> Manifest:
+        """The manifest, re-hashed against its CID (IntegrityError if the index was tampered with)."""
+        return decode_manifest(self.get_manifest_bytes(cid), expected_cid=cid)
+
+    def get_envelopes(self, cid: Cid) -> list[Envelope]:
+        rows = self._db().execute(
+            "SELECT signer, time, signature FROM envelopes WHERE artifact_cid = ? ORDER BY signer, time", (str(cid),))
+        return [Envelope(cid, bytes(s), int(t), bytes(sig)) for s, t, sig in rows]
+
+    def _blob_cids(self, cid: Cid, db: sqlite3.Connection | None = None) -> list[Cid]:
+        db = db or self._db()
+        rows = db.execute(
+            "SELECT chunk_cid FROM artifact_blobs WHERE artifact_cid = ? ORDER BY idx", (str(cid),)).fetchall()
+        return [Cid.parse(r[0]) for r in rows]
+
+    def missing_chunks(self, cid: Cid) -> list[Cid]:
+        """Blobs (chunks, then the tail) of a registered artifact that are not here yet, in manifest order."""
+        self._row(cid)
+        seen, out = set(), []
+        for c in self._blob_cids(cid):
+            if c not in seen and not self.has_chunk(c):
+                out.append(c)
+            seen.add(c)
+        return out
+
+    def is_complete(self, cid: Cid) -> bool:
+        return not self.missing_chunks(cid)
+
+    def find_by_document(self, model_fingerprint: str, document_hash: str, complete_only: bool = False) -> list[Cid]:
+        """Artifacts of this document for this model, complete ones first, then most recently used."""
+        sql = "SELECT cid FROM artifacts WHERE model_fingerprint = ? AND document_hash = ?"
+        if complete_only:
+            sql += " AND complete = 1"
+        sql += " ORDER BY complete DESC, last_used DESC"
+        return [Cid.parse(r[0]) for r in self._db().execute(sql, (model_fingerprint, document_hash))]
+
+    def list_artifacts(self) -> list[dict]:
+        rows = self._db().execute(
+            "SELECT a.cid, a.model_id, a.model_fingerprint, a.document_hash, a.dtype, a.n_tokens, a.raw_size,"
+            " a.stored_size, a.complete, a.pinned, a.added, a.last_used,"
+            " (SELECT COUNT(*) FROM envelopes e WHERE e.artifact_cid = a.cid)"
+            " FROM artifacts a ORDER BY a.added")
+        keys = ("cid", "model_id", "model_fingerprint", "document_hash", "dtype", "n_tokens", "raw_size",
+                "stored_size", "complete", "pinned", "added", "last_used", "signatures")
+        out = []
+        for row in rows:
+            d = dict(zip(keys, row))
+            d["complete"], d["pinned"] = bool(d["complete"]), bool(d["pinned"])
+            out.append(d)
+        return out
+
+    def pin(self, cid: Cid, pinned: bool = True) -> None:
+        with self._tx() as db:
+            self._row(cid, db)
+            db.execute("UPDATE artifacts SET pinned = ? WHERE cid = ?", (int(pinned), str(cid)))
+
+    def unpin(self, cid: Cid) -> None:
+        self.pin(cid, False)
+
+    def touch(self, cid: Cid) -> None:
+        """Mark an artifact used now (LRU eviction order)."""
+        with self._tx() as db:
+            db.execute("UPDATE artifacts SET last_used = ? WHERE cid = ?", (time.time(), str(cid)))
+
+    # --- chunks -----------------------------------------------------------------------------------------
+    def put_chunk(self, cid: Cid, data: bytes | memoryview) -> bool:
+        """Store one blob of a registered artifact. Hashes first: bytes that do not match `cid` raise
+        IntegrityError and never touch chunks/. Returns False if it was already here."""
+        row = self._db().execute("SELECT stored_size FROM chunks WHERE cid = ?", (str(cid),)).fetchone()
+        if row is None:
+            raise NotFound(f"chunk {cid.short()} belongs to no registered artifact (put_manifest first)")
+        if len(data) != row[0]:
+            raise IntegrityError(f"chunk {cid.short()} is {len(data)} bytes, its manifest says {row[0]}")
+        cid.verify(data)
+        final = self._chunk_file(cid)
+        if final.is_file():
+            return False
+        tmp = self.tmp_dir / f"{cid}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self._fsync_dir(self.chunks_dir)
+        self._mark_complete_for(cid)
+        return True
+
+    def _mark_complete_for(self, chunk: Cid) -> None:
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT DISTINCT a.cid FROM artifacts a JOIN artifact_blobs b ON b.artifact_cid = a.cid"
+                " WHERE b.chunk_cid = ? AND a.complete = 0", (str(chunk),)).fetchall()
+            for (art,) in rows:
+                blobs = db.execute("SELECT chunk_cid FROM artifact_blobs WHERE artifact_cid = ?", (art,)).fetchall()
+                if all((self.chunks_dir / c).is_file() for (c,) in blobs):
+                    db.execute("UPDATE artifacts SET complete = 1 WHERE cid = ?", (art,))
+
+    def read_chunk(self, cid: Cid) -> bytes:
+        """A blob's bytes, re-hashed: IntegrityError if the file was corrupted on disk."""
+        try:
+            data = self._chunk_file(cid).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"chunk {cid.short()} is not in the store") from None
+        try:
+            cid.verify(data)
+        except IntegrityError:
+            raise IntegrityError(f"stored chunk {cid.short()} is corrupted (run `kvswap fsck --repair`)") from None
+        return data
+
+    def put_artifact(self, manifest: Manifest, envelopes: Iterable[Envelope],
+                     chunks: Iterable[tuple[Cid, bytes]]) -> Cid:
+        """Register, then store every chunk as it streams past (publish, import)."""
+        self.put_manifest(manifest, envelopes)
+        for cid, data in chunks:
+            self.put_chunk(cid, data)
+        return manifest.cid
+
+    # --- removal, budget, eviction --------------------------------------------------------------------
+    def remove(self, cid: Cid, force: bool = False) -> int:
+        """Drop an artifact and every chunk no other artifact uses. Returns bytes freed."""
+        with self._tx() as db:
+            row = self._row(cid, db)
+            if row[3] and not force:
+                raise UsageError(f"artifact {cid.short()} is pinned (unpin it first)")
+            key = str(cid)
+            chunk_keys = {r[0] for r in db.execute(
+                "SELECT DISTINCT chunk_cid FROM artifact_blobs WHERE artifact_cid = ?", (key,))}
+            db.execute("DELETE FROM artifact_blobs WHERE artifact_cid = ?", (key,))
+            db.execute("DELETE FROM envelopes WHERE artifact_cid = ?", (key,))
+            db.execute("DELETE FROM artifacts WHERE cid = ?", (key,))
+            dead = []
+            for ck in chunk_keys:
+                db.execute("UPDATE chunks SET refcount = refcount - 1 WHERE cid = ?", (ck,))
+                left = db.execute("SELECT refcount FROM chunks WHERE cid = ?", (ck,)).fetchone()
+                if left is not None and left[0] <= 0:
+                    db.execute("DELETE FROM chunks WHERE cid = ?", (ck,))
+                    dead.append(ck)
+        # files go after the index commit: a crash in between leaves unreferenced files (garbage), never an
+        # index entry pointing at a deleted file of a complete artifact
+        freed = 0
+        for ck in dead:
+            path = self.chunks_dir / ck
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        return freed
+
+    def usage(self) -> int:
+        """Bytes of chunk files present and indexed."""
+        total = 0
+        for ck, size in self._db().execute("SELECT cid, stored_size FROM chunks"):
+            if (self.chunks_dir / ck).is_file():
+                total += size
+        return total
+
+    def gc(self, budget: int) -> dict:
+        """Evict complete, unpinned artifacts, least recently used first, until usage <= budget."""
+        if budget < 0:
+            raise UsageError("budget must be >= 0")
+        before = self.usage()
+        used, evicted, freed = before, [], 0
+        rows = self._db().execute(
+            "SELECT cid FROM artifacts WHERE complete = 1 AND pinned = 0 ORDER BY last_used ASC").fetchall()
+        for (key,) in rows:
+            if used <= budget:
+                break
+            got = self.remove(Cid.parse(key))
+            freed += got
+            used -= got
+            evicted.append(key)
+        return {"budget": budget, "before": before, "after": self.usage(), "freed": freed, "evicted": evicted}
+
+    # --- consistency ------------------------------------------------------------------------------------
+    def fsck(self, repair: bool = False) -> dict:
+        """Check every invariant in the module docstring. `problems` are real inconsistencies (corrupt or
+        misnamed chunk files, complete artifacts missing blobs, bad refcounts, manifests that do not hash
+        to their CID); `garbage` is harmless leftovers of interrupted work (temp files, unreferenced chunk
+        files, stale 'incomplete' flags). With repair, both are fixed: bad files and entries removed,
+        counts and flags recomputed. Run --repair with no writer active (it deletes temp files)."""
+        problems: list[str] = []
+        garbage: list[str] = []
+        repaired: list[str] = []
+        db = self._db()
+        # temp files: never visible as chunks, but leftovers of a crash
+        for tmp in sorted(self.tmp_dir.iterdir()):
+            garbage.append(f"temp file {tmp.name}")
+            if repair:
+                tmp.unlink(missing_ok=True)
+                repaired.append(f"removed temp file {tmp.name}")
+        # artifacts: manifest hashes to its CID and parses; blob list matches the manifest
+        bad_artifacts = []
+        for key, blob in db.execute("SELECT cid, manifest FROM artifacts").fetchall():
+            try:
+                cid = Cid.parse(key)
+                manifest = decode_manifest(bytes(blob), expected_cid=cid)
+                if [str(b.cid) for b in manifest.blobs()] != [str(c) for c in self._blob_cids(cid)]:
+                    raise IntegrityError("blob list in the index differs from the manifest")
+            except KvswapError as exc:
+                problems.append(f"artifact {key}: {exc}")
+                bad_artifacts.append(key)
+        if repair:
+            for key in bad_artifacts:
+                self.remove(Cid.parse(key), force=True)
+                repaired.append(f"removed artifact {key}")
+        # chunk files: named by CID of their bytes, referenced by the index
+        indexed = {ck: size for ck, size in db.execute("SELECT cid, stored_size FROM chunks")}
+        checked = 0
+        for path in sorted(self.chunks_dir.iterdir()):
+            name = path.name
+            try:
+                cid = Cid.parse(name)
+            except FormatError:
+                garbage.append(f"stray file chunks/{name}")
+                if repair:
+                    path.unlink(missing_ok=True)
+                    repaired.append(f"removed stray file chunks/{name}")
+                continue
+            checked += 1
+            data = path.read_bytes()
+            if Cid.of(data) != cid:
+                problems.append(f"chunk {name}: content does not match its CID")
+                if repair:
+                    path.unlink(missing_ok=True)
+                    repaired.append(f"removed corrupted chunk {name}")
+            elif name not in indexed:
+                garbage.append(f"unreferenced chunk {name}")
+                if repair:
+                    path.unlink(missing_ok=True)
+                    repaired.append(f"removed unreferenced chunk {name}")
+            elif len(data) != indexed[name]:
+                problems.append(f"chunk {name}: {len(data)} bytes, index says {indexed[name]}")
+        # refcounts
+        counts = dict(db.execute("SELECT chunk_cid, COUNT(DISTINCT artifact_cid) FROM artifact_blobs GROUP BY chunk_cid"))
+        for ck in set(indexed) | set(counts):
+            want, have = counts.get(ck, 0), None
+            row = db.execute("SELECT refcount FROM chunks WHERE cid = ?", (ck,)).fetchone()
+            have = None if row is None else row[0]
+            if have != want:
+                if want == 0:
+                    garbage.append(f"chunk row {ck} referenced by no artifact")
+                else:
+                    problems.append(f"chunk {ck}: refcount {have}, referenced by {want} artifacts")
+                if repair:
+                    with self._tx() as wdb:
+                        if want == 0:
+                            wdb.execute("DELETE FROM chunks WHERE cid = ?", (ck,))
+                            (self.chunks_dir / ck).unlink(missing_ok=True)
+                        elif row is None:
+                            size = self._size_from_manifests(ck)
+                            wdb.execute("INSERT INTO chunks(cid, stored_size, refcount) VALUES (?,?,?)", (ck, size, want))
+                        else:
+                            wdb.execute("UPDATE chunks SET refcount = ? WHERE cid = ?", (want, ck))
+                    repaired.append(f"fixed refcount of {ck}")
+        # completeness flags
+        for key, complete in db.execute("SELECT cid, complete FROM artifacts").fetchall():
+            present = all((self.chunks_dir / str(c)).is_file() for c in self._blob_cids(Cid.parse(key)))
+            if bool(complete) != present:
+                if complete:
+                    problems.append(f"artifact {key} is marked complete but misses chunks")
+                else:
+                    garbage.append(f"artifact {key} has every chunk but is marked incomplete")
+                if repair:
+                    with self._tx() as wdb:
+                        wdb.execute("UPDATE artifacts SET complete = ? WHERE cid = ?", (int(present), key))
+                    repaired.append(f"set complete={int(present)} on {key}")
+        ok = not problems
+        if repair and problems:
+            ok = not self.fsck(repair=False)["problems"]
+        return {"ok": ok, "problems": problems,
+                "garbage": garbage, "repaired": repaired, "artifacts": len(self.list_artifacts()),
+                "chunk_files": checked}
+
+    def _size_from_manifests(self, chunk_key: str) -> int:
+        for (key,) in self._db().execute(
+                "SELECT DISTINCT artifact_cid FROM artifact_blobs WHERE chunk_cid = ?", (chunk_key,)).fetchall():
+            for b in self.get_manifest(Cid.parse(key)).blobs():
+                if str(b.cid) == chunk_key:
+                    return b.stored_size
+        return 0
+
+    # --- export / import --------------------------------------------------------------------------------
+    def export_artifact(self, cid: Cid, out: Path) -> dict:
+        """Write one complete artifact as a single file (FORMAT.md "Export file"), atomically."""
+        manifest = self.get_manifest(cid)
+        missing = self.missing_chunks(cid)
+        if missing:
+            raise UsageError(f"artifact {cid.short()} is incomplete ({len(missing)} blobs missing); fetch it first")
+        envelopes = encode_envelopes(self.get_envelopes(cid))
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
+        size = 0
+        try:
+            with open(tmp, "wb") as fh:
+                def record(kind: int, payload: bytes) -> None:
+                    nonlocal size
+                    fh.write(_RECORD.pack(kind, len(payload)))
+                    fh.write(payload)
+                    size += _RECORD.size + len(payload)
+
+                fh.write(EXPORT_MAGIC)
+                size += len(EXPORT_MAGIC)
+                record(REC_MANIFEST, manifest.canonical_bytes)
+                record(REC_ENVELOPES, envelopes)
+                for blob in manifest.blobs():
+                    record(REC_BLOB, self.read_chunk(blob.cid))
+                record(REC_END, b"")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"cid": str(cid), "file": str(out), "bytes": size, "blobs": len(manifest.blobs())}
+
+    def import_artifact(self, src: Path | BinaryIO, policy: TrustPolicy) -> Manifest:
+        """Read an export file, verifying the manifest, every signature (and the trust policy), and every
+        blob's size and CID as it streams in. On any failure an artifact this import registered is removed."""
+        if isinstance(src, (str, Path)):
+            with open(src, "rb") as fh:
+                return self.import_artifact(fh, policy)
+        fh = src
+        if _read_exact(fh, len(EXPORT_MAGIC)) != EXPORT_MAGIC:
+            raise FormatError("not a kvswap export file (bad magic)")
+        manifest = decode_manifest(_read_record(fh, REC_MANIFEST, MAX_MANIFEST_BYTES, "manifest"))
+        envelopes = decode_envelopes(_read_record(fh, REC_ENVELOPES, MAX_ENVELOPES_BYTES, "envelopes"))
+        verify_envelopes(envelopes, manifest.cid, policy)
+        new = self.put_manifest(manifest, envelopes)
+        try:
+            for blob in manifest.blobs():
+                data = _read_record(fh, REC_BLOB, MAX_CHUNK_STORED_BYTES, "blob", exact=blob.stored_size)
+                self.put_chunk(blob.cid, data)
+            _read_record(fh, REC_END, 0, "end")
+            if fh.read(1):
+                raise FormatError("export file has trailing bytes after its end record")
+        except BaseException:
+            if new:
+                self.remove(manifest.cid, force=True)
+            raise
+        return manifest
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise FormatError(f"export file is truncated (wanted {n} bytes, got {len(data)})")
+    return data
+
+
+def _read_record(fh: BinaryIO, kind: int, limit: int, what: str, exact: int | None = None) -> bytes:
+    got_kind, length = _RECORD.unpack(_read_exact(fh, _RECORD.size))
+    if got_kind != kind:
+        raise FormatError(f"export file: expected a {what} record (type {kind}), found type {got_kind}")
+    if exact is not None and length != exact:
+        raise IntegrityError(f"export file: {what} record is {length} bytes, the manifest says {exact}")
+    if length > limit:
+        raise LimitExceeded(f"export file: {what} record of {length} bytes is over its limit ({limit})")
+    return _read_exact(fh, length)
+
+
+__all__ = ["EXPORT_MAGIC", "Store"]
