@@ -60,18 +60,23 @@ class VerifiedManifest:
 
 
 class FetchTarget(Protocol):
-    """The local store + artifact layer, as the fetcher needs them. Called from worker threads."""
+    """The local store + artifact layer, as the fetcher needs them. Called from worker threads.
+
+    Order of calls in a fetch: verify_manifest, put_manifest (register the artifact, incomplete), then
+    has_chunk / put_chunk per chunk. A target whose put_chunk hashes the bytes itself sets
+    `verifies_chunks = True` so the fetcher does not hash every chunk twice.
+    """
 
     def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes]) -> VerifiedManifest:
         """Parse + validate, check signatures against the trust policy. Raise IntegrityError / FormatError."""
 
+    def put_manifest(self, verified: VerifiedManifest) -> None:
+        """Register the artifact before its chunks arrive."""
+
     def has_chunk(self, cid: Cid) -> bool: ...
 
     def put_chunk(self, cid: Cid, data: bytes) -> None:
-        """Store verified chunk bytes (atomically: temp file, then rename)."""
-
-    def put_manifest(self, verified: VerifiedManifest) -> None:
-        """Record the artifact (after its chunks are in)."""
+        """Store chunk bytes (atomically: temp file, then rename)."""
 
 
 @dataclass
@@ -169,6 +174,7 @@ class Fetcher:
         self.target = target
         self.limiter = limiter
         self.use_dataplane = use_dataplane
+        self._target_verifies = bool(getattr(target, "verifies_chunks", False))
 
     async def _thread(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -184,14 +190,19 @@ class Fetcher:
                              ) -> tuple[VerifiedManifest, list[str]]:
         """The first manifest a provider serves that verifies; returns it and the providers that had it."""
         errors: list[str] = []
+        rejections: list[KvswapError] = []  # manifests that arrived but failed verification
         for peer in providers:
             try:
                 reply = await self.exchange.request_manifest(peer, key.request())
                 verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes)
             except NotFound:
                 continue
-            except KvswapError as exc:  # a bad or unverifiable manifest: try the next provider
+            except RemoteProtocolError as exc:  # the peer misbehaved or went away: try the next one
                 errors.append(f"{peer[:16]}: {exc}")
+                continue
+            except KvswapError as exc:  # a bad, untrusted or unverifiable manifest: try the next provider
+                errors.append(f"{peer[:16]}: {exc}")
+                rejections.append(exc)
                 continue
             if verified.cid != Cid.of(reply.manifest):
                 errors.append(f"{peer[:16]}: manifest CID does not match its bytes")
@@ -214,6 +225,8 @@ class Fetcher:
             rest = providers[providers.index(peer):]
             return verified, rest
         detail = f" ({'; '.join(errors[:3])})" if errors else ""
+        if rejections:  # e.g. every provider served a manifest signed only by untrusted keys
+            raise type(rejections[0])(f"no acceptable manifest for {key}: {rejections[0]}")
         raise NotFound(f"no provider served a valid manifest for {key}{detail}")
 
     async def fetch(
@@ -231,7 +244,9 @@ class Fetcher:
         if not candidates:
             raise NotFound(f"no provider found for {key}")
         verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype)
-        wanted = [c for c in verified.chunks if n_tokens is None or c.token_start < n_tokens]
+        await self._thread(self.target.put_manifest, verified)
+        wanted = list({c.cid: c for c in verified.chunks
+                       if n_tokens is None or c.token_start < n_tokens}.values())  # a CID may repeat
         present = [c for c in wanted if await self._thread(self.target.has_chunk, c.cid)]
         todo = [c for c in wanted if c not in present]
         pool = _Providers(holders + [p for p in candidates if p not in holders])
@@ -318,7 +333,6 @@ class Fetcher:
                 nursery.start_soon(guarded_worker)
         if failed:
             raise failed[0]
-        await self._thread(self.target.put_manifest, verified)
         complete = n_tokens is None or n_tokens >= verified.n_tokens
         keys = [str(c.cid) for c in wanted]
         if complete:
@@ -352,7 +366,7 @@ class Fetcher:
             if len(data) != ref.stored_size:
                 raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
                                      f"the manifest says {ref.stored_size}")
-            await self._thread(_verify_and_put, self.target, cid, data)
+            await self._thread(_verify_and_put, self.target, cid, data, self._target_verifies)
             await on_stored(peer, ref)
 
         with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
@@ -360,6 +374,7 @@ class Fetcher:
                                                dataplane=self.use_dataplane)
 
 
-def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes) -> None:
-    cid.verify(data)
+def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes, target_verifies: bool) -> None:
+    if not target_verifies:
+        cid.verify(data)
     target.put_chunk(cid, data)

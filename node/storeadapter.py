@@ -1,0 +1,103 @@
+"""The real store and artifact layer behind the network layer's two contracts.
+
+`StoreArtifacts(store, policy, generate=None)` is both the `Service` node/exchange.py serves from and the
+`FetchTarget` node/fetch.py fetches into:
+- serving: manifests (canonical bytes + one encoded envelope per signature) of registered artifacts, chunk
+  bytes (`read_chunk` re-hashes; `chunk_path` lets the data plane use sendfile), hosted generation through
+  the daemon's `generate(GenerateRequest) -> GenerateResponse` callable;
+- fetching: decode_manifest (validation, CID of the bytes) + verify_envelopes (signatures, trust policy),
+  put_manifest before the chunks, put_chunk (which hashes: `verifies_chunks = True`).
+Methods run in worker threads; kvswap.store.Store is thread-safe (a connection per thread).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kvswap.artifact.manifest import Manifest, decode_manifest
+from kvswap.artifact.signing import TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
+from kvswap.cid import Cid
+from kvswap.errors import NotFound
+from kvswap.protocol.messages import GenerateRequest, GenerateResponse
+from kvswap.store import Store
+
+from .fetch import ChunkRef, VerifiedManifest
+
+
+def verified_from_manifest(manifest: Manifest, envelopes: Sequence[bytes] = ()) -> VerifiedManifest:
+    """The fetcher's view of a decoded manifest: every blob to fetch, the tail (last logits) last."""
+    refs = [ChunkRef(c.cid, c.t0, c.t1, c.stored_size) for c in manifest.chunks]
+    if manifest.tail is not None:  # needed by a full fetch only: its token range starts at the end
+        refs.append(ChunkRef(manifest.tail.cid, manifest.n_tokens, manifest.n_tokens, manifest.tail.stored_size))
+    return VerifiedManifest(
+        cid=manifest.cid,
+        manifest=manifest.canonical_bytes,
+        envelopes=tuple(envelopes),
+        model_fingerprint=manifest.model_fingerprint,
+        document_hash=manifest.document_hash,
+        dtype=manifest.dtype,
+        n_tokens=manifest.n_tokens,
+        chunks=tuple(refs),
+        parsed=manifest,
+    )
+
+
+class StoreArtifacts:
+    """Service + FetchTarget over a kvswap.store.Store and a TrustPolicy."""
+
+    verifies_chunks = True  # Store.put_chunk hashes every chunk before it becomes visible
+
+    def __init__(self, store: Store, policy: TrustPolicy,
+                 generate: Callable[[GenerateRequest], GenerateResponse] | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self._generate = generate
+
+    # --- Service ------------------------------------------------------------------------------------------
+    def _served(self, cid: Cid) -> tuple[bytes, list[bytes]]:
+        envelopes = self.store.get_envelopes(cid)
+        return self.store.get_manifest_bytes(cid), [encode_envelopes([e]) for e in envelopes]
+
+    def manifest_by_cid(self, cid: Cid) -> tuple[bytes, list[bytes]] | None:
+        if not self.store.has_artifact(cid):
+            return None
+        return self._served(cid)
+
+    def manifest_by_document(self, model_fingerprint: str, document_hash: str) -> tuple[bytes, list[bytes]] | None:
+        found = self.store.find_by_document(model_fingerprint, document_hash)  # complete ones first
+        return self._served(found[0]) if found else None
+
+    def read_chunk(self, cid: Cid) -> bytes | None:
+        try:
+            return self.store.read_chunk(cid)
+        except NotFound:
+            return None
+
+    def chunk_path(self, cid: Cid) -> Path | None:
+        try:
+            return self.store.chunk_path(cid)
+        except NotFound:
+            return None
+
+    def generate(self, request: GenerateRequest) -> GenerateResponse:
+        if self._generate is None:
+            raise NotFound("this node does not host generation")
+        return self._generate(request)
+
+    # --- FetchTarget --------------------------------------------------------------------------------------
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes]) -> VerifiedManifest:
+        parsed = decode_manifest(manifest)
+        decoded = [e for blob in envelopes for e in decode_envelopes(blob)]
+        verify_envelopes(decoded, parsed.cid, self.policy)
+        return verified_from_manifest(parsed, envelopes)
+
+    def put_manifest(self, verified: VerifiedManifest) -> None:
+        envelopes = [e for blob in verified.envelopes for e in decode_envelopes(blob)]
+        self.store.put_manifest(verified.parsed, envelopes)
+
+    def has_chunk(self, cid: Cid) -> bool:
+        return self.store.has_chunk(cid)
+
+    def put_chunk(self, cid: Cid, data: bytes) -> None:
+        self.store.put_chunk(cid, data)
