@@ -73,7 +73,7 @@ def plot_egress_per_request(report: dict[str, Any], path: Path) -> Path:
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 1)), ha="center",
                     va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
     ax.set_ylabel("bytes on the wire per request (mean)")
-    ax.set_title("Measured egress per request: ship vs host")
+    ax.set_title("Measured bytes on the wire per request: ship vs host")
     ax.margins(y=0.25)
     fig.tight_layout()
     fig.savefig(path)

@@ -7,6 +7,7 @@ read them.
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 _INPUT_ORDER = ("tokens", "readers", "c_prefill", "c_load", "reuse_ratio", "raw_bytes", "stored_bytes",
@@ -20,7 +21,11 @@ def money(value: float | None) -> str:
         return "-"
     if abs(value) >= 100:
         return f"${value:,.0f}"
-    return f"${value:.4g}"
+    if value == 0:
+        return "$0"
+    # four significant digits in fixed notation: $0.01887, $0.00001250 (never 1.25e-05 in a money column)
+    decimals = min(12, max(2, 3 - math.floor(math.log10(abs(value)))))
+    return f"{'-' if value < 0 else ''}${abs(value):.{decimals}f}"
 
 
 def size(value: float | None) -> str:
@@ -150,9 +155,9 @@ def render_terminal(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...] = (0,)) -> str:
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    aligns = ["---"] + ["---:"] * (len(header) - 1)
+    aligns = ["---" if i in left else "---:" for i in range(len(header))]
     return "\n".join(["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join(aligns) + "|",
                       *("| " + " | ".join(map(esc, r)) + " |" for r in rows)])
 
@@ -174,23 +179,24 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     ]
     for caption, path in (plots or {}).items():
         parts += [f"![{caption}]({path})", ""]
-    parts += ["## Inputs", "", _md_table(("input", "value", "unit", "source"), input_rows(report)), "",
-              "## Measured on this node", "", _md_table(("what", "value"), measured_rows(report)), ""]
+    parts += ["## Inputs", "", _md_table(("input", "value", "unit", "source"), input_rows(report), left=(0, 2, 3)), "",
+              "## Measured on this node", "", _md_table(("what", "value"), measured_rows(report), left=(0, 1)), ""]
     if report["notes"]:
         parts += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     parts.append(f"GB = {report['units']['GB']}; money in {report['units']['money']}.")
     return "\n".join(parts) + "\n"
 
 
-def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...] = (0,)) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    cell = lambda i, c: f"<td class='{'l' if i in left else 'r'}'>{html.escape(str(c))}</td>"  # noqa: E731
+    body = "".join("<tr>" + "".join(cell(i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "td:not(:first-child){text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+        "td.r{text-align:right}td.l{text-align:left}th{background:#f3f3f3}img{max-width:100%}")
 
 
 def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
