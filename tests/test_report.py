@@ -14,7 +14,7 @@ import pytest
 from kvswap.cid import Cid
 from kvswap.errors import UsageError
 from kvswap.ledger import PROTOCOL_CHUNKS, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, Ledger, ledger_path
-from kvswap.report import ReportOptions, make_report, resolve_prices, write_report
+from kvswap.report import ReportOptions, make_report, resolve_prices
 from kvswap.report.costmodel import BYTES_PER_GB
 from kvswap.report.measured import measure
 from kvswap.report.render import render_terminal
@@ -170,9 +170,12 @@ def test_sizes_come_from_the_store_manifest_when_it_has_the_artifact(tmp_path):
     rep = make_report(tmp_path, artifact=cid, options=ReportOptions(readers=100))
     m = rep["measured"]
     assert m["size_source"] == "store manifest"
-    assert (m["raw_bytes"], m["stored_bytes"]) == (manifest.raw_size, manifest.stored_size)
+    kv_chunks = manifest.chunks
+    assert (m["raw_bytes"], m["stored_bytes"]) == (sum(c.raw_size for c in kv_chunks),
+                                                   sum(c.stored_size for c in kv_chunks))
     assert m["stored_bytes"] < m["raw_bytes"]  # the codec paid on this low-entropy KV
-    assert rep["inputs"]["stored_bytes"]["value"] == pytest.approx(manifest.stored_size)
+    assert rep["inputs"]["stored_bytes"]["value"] == pytest.approx(m["stored_bytes"])
+    assert rep["inputs"]["tokens"]["value"] == n
 
 
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -232,3 +235,22 @@ def test_cli_report_text_on_empty_home_and_bad_flag(tmp_path):
     assert "$1,509,600" in proc.stdout and "the ledger is empty" in proc.stdout
     proc = run_cli("report", "--readers", "-5", home=tmp_path / "none")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: report: readers")
+
+
+def test_parse_since_forms():
+    from kvswap.cli.report_cmds import parse_since
+
+    assert parse_since("15m", now=10_000.0) == 10_000.0 - 900
+    assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
+    assert parse_since("1.5d", now=200_000.0) == 200_000.0 - 129_600
+    assert parse_since("1763892000") == 1763892000.0
+    assert parse_since("2026-11-23T10:00:00") == parse_since("2026-11-23T10:00:00+00:00") == 1795428000.0
+    with pytest.raises(UsageError):
+        parse_since("last tuesday")
+
+
+def test_money_never_uses_exponents():
+    from kvswap.report.render import money
+
+    assert [money(v) for v in (1_509_600, 0.01887, 1.25e-5, 0.0, None)] == [
+        "$1,509,600", "$0.01887", "$0.00001250", "$0", "-"]

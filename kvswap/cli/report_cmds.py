@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..cid import Cid
 from ..errors import UsageError
 from . import add_common, emit, home_of
 
@@ -79,6 +80,8 @@ def ledger_listing(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The rows and byte totals `kvswap ledger` shows, as a JSON-able dict."""
     from ..ledger import Ledger, ledger_path
 
+    if args.artifact:
+        Cid.parse(args.artifact)
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit must be >= 0")
     since = parse_since(args.since) if args.since else None
@@ -156,6 +159,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         "gpu_per_hour": args.gpu_per_hour, "input_per_mtok": args.input_per_mtok,
         "cache_read_tariff": args.cache_read_tariff, "horizon_months": args.horizon_months,
     }
+    if args.artifact:
+        Cid.parse(args.artifact)  # a typo is a clear FormatError, not an empty report
     report = make_report(home_of(args), artifact=args.artifact, options=options, price_overrides=overrides)
     if args.out is not None:
         report["files"] = write_report(report, args.out)

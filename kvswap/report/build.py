@@ -153,7 +153,9 @@ def build_report(prices: Prices, price_sources: dict[str, str], measured: Measur
     """The whole report as a JSON-able dict (what `kvswap report --json` prints)."""
     inp, inputs, notes = cost_inputs(prices, price_sources, measured, opts)
     empty = measured.compute_events == 0 and measured.transfer_events == 0
-    if empty:
+    if empty and measured.artifact_choice == "given":
+        notes.insert(0, f"the ledger has no events for artifact {measured.artifact}: inputs are defaults or flags")
+    elif empty:
         notes.insert(0, "the ledger is empty: every input is a default (the paper's worked example)")
     rows = cm.scenarios(inp)
     reprefill = rows[0]

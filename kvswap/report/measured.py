@@ -150,7 +150,10 @@ def sizes_from_store(home: Path | None, artifact: str | None) -> tuple[int, int,
             if not store.has_artifact(cid):
                 return None
             manifest = store.get_manifest(cid)
-        return int(manifest.raw_size), int(manifest.stored_size), int(manifest.n_tokens)
+        # KV chunks only, raw and stored alike: the tail (last-position logits) is a per-artifact constant
+        # that does not scale with tokens, and comparing chunks with chunks keeps the codec ratio honest
+        chunks = manifest.chunks
+        return sum(c.raw_size for c in chunks), sum(c.stored_size for c in chunks), int(manifest.n_tokens)
     except Exception:  # noqa: BLE001 - any store failure just means "size unknown here"; the report says so
         return None
 
