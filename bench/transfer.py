@@ -2,15 +2,16 @@
 
     python -m bench transfer [--chunks 32] [--chunk-mib 8] [--parallel 4]
 
-One provider process serves an artifact (a kvswap node with its data plane, and a plain aiohttp file server
-over the very same chunk files); this process fetches the bytes four ways, each into a fresh folder:
+One provider process serves a signed artifact of random (incompressible) bf16 KV from a real
+kvswap.store.Store, as a kvswap node with its data plane and as a plain aiohttp file server over the very
+same chunk files; this process fetches the bytes four ways, each into a fresh Store:
 
   aiohttp                 GET every chunk, bytes discarded: the reference figure
-  aiohttp+verify+store    the same, plus sha256 against the CID and an atomic write (what a fair HTTP
-                          fetcher would have to do)
+  aiohttp+verify+store    the same, plus Store.put_chunk (sha256 against the CID, temp file, fsync, rename):
+                          what any honest HTTP fetcher would have to do
   kvswap libp2p           node/fetch.py with chunks inside libp2p streams (Noise + Yamux)
   kvswap data plane       node/fetch.py with chunks over the granted TCP data plane; every chunk verified
-                          against its CID and written through the store exactly as on the libp2p path
+                          and written through Store.put_chunk exactly as on the libp2p path
 
 It prints MB/s for each and the ratio to the aiohttp figure. Timings vary run to run: compare within a run.
 """
@@ -60,7 +61,7 @@ def _serve_http(folder: str) -> None:
     asyncio.run(main())
 
 
-async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into: Path | None) -> float:
+async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into=None) -> float:
     import aiohttp
 
     from kvswap.cid import Cid
@@ -69,11 +70,10 @@ async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into:
     total = 0
 
     def verify_and_write(cid: str, data: bytes) -> None:
-        Cid.parse(cid).verify(data)
-        path = verify_into / cid
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        if isinstance(verify_into, Path):
+            _write_verified(verify_into, cid, data)
+        else:
+            verify_into.put_chunk(Cid.parse(cid), data)  # hashes, writes a temp file, fsyncs, renames
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal total
@@ -92,19 +92,59 @@ async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into:
     return total / 1e6 / (time.perf_counter() - started)
 
 
-def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, parallel: int) -> tuple[float, int]:
+def _write_verified(folder: Path, cid: str, data: bytes) -> None:
+    """sha256 against the CID, temp file, rename: Store.put_chunk minus its fsyncs and index update."""
+    from kvswap.cid import Cid
+
+    Cid.parse(cid).verify(data)
+    path = folder / cid
+    tmp = path.with_suffix(".part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _folder_target_class():
+    from kvswap.node.storeadapter import StoreArtifacts
+
+    class FolderTarget(StoreArtifacts):
+        """Verified chunks as plain files (no fsync): the transport's own ceiling, durability aside."""
+
+        verifies_chunks = False  # the fetcher hashes
+
+        def put_chunk(self, cid, data) -> None:
+            path = self.store.chunks_dir / str(cid)
+            tmp = path.with_suffix(".part")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+
+    return FolderTarget
+
+
+def _FolderTarget(store, policy):
+    return _folder_target_class()(store, policy)
+
+
+def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, parallel: int,
+                  durable: bool = True) -> tuple[float, int]:
+    """Fetch through node/fetch.py into a fresh Store (or, not durable, verified files without fsync)."""
     import trio
 
+    from kvswap.artifact.signing import TrustPolicy
     from kvswap.cid import Cid
     from kvswap.node.fetch import FetchKey
     from kvswap.node.net import TrioNode
     from kvswap.node.p2p import P2PConfig
-    from netharness import DirArtifacts
+    from kvswap.node.storeadapter import StoreArtifacts
+    from kvswap.store import Store
 
-    store = DirArtifacts(folder)
+    store = Store(folder)
+    policy = TrustPolicy(frozenset(), accept_any=True)
+    target = StoreArtifacts(store, policy) if durable else _FolderTarget(store, policy)
 
     async def main():
-        node = TrioNode(P2PConfig(seed=os.urandom(32)), service=store, target=store, use_dataplane=dataplane)
+        node = TrioNode(P2PConfig(seed=os.urandom(32)), service=target, target=target, use_dataplane=dataplane)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             node.fetcher.parallel = parallel
@@ -114,33 +154,49 @@ def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, paral
             return result
 
     result = trio.run(main)
+    if durable:
+        assert store.is_complete(Cid.parse(cid))
+    store.close()
     return result.rate_mb_s, result.bytes_fetched
 
 
-def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3) -> dict:
+def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3,
+        libp2p_every_run: bool = False) -> dict:
+    from kvswap.cid import Cid
+    from kvswap.store import Store
     from netharness import SubprocessNode
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-transfer-"))
     provider = http = None
     try:
-        provider = SubprocessNode(work / "provider", 7, n_chunks=chunks, chunk_bytes=chunk_mib << 20)
+        provider = SubprocessNode(work / "provider", 7, n_chunks=chunks, chunk_bytes=chunk_mib << 20, real_store=True)
         http = subprocess.Popen([sys.executable, "-m", "bench.transfer", "serve-http", str(work / "provider")],
                                 cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         port = json.loads(http.stdout.readline())["port"]
-        cids = sorted(p.name for p in (work / "provider" / "chunks").iterdir())
+        cids = sorted(p.name for p in (work / "provider" / "chunks").iterdir())  # chunks and the tail
         total_mb = sum((work / "provider" / "chunks" / c).stat().st_size for c in cids) / 1e6
         asyncio.run(_aiohttp_fetch(port, cids[:2], 1, None))  # warm up the page cache and the server
-        runs: dict[str, list[float]] = {k: [] for k in
-                                        ("aiohttp", "aiohttp+verify+store", "kvswap libp2p", "kvswap data plane")}
+        names = ("aiohttp", "aiohttp+verify+write", "kvswap data plane+verify+write", "aiohttp+Store",
+                 "kvswap data plane->Store", "kvswap libp2p->Store")
+        runs: dict[str, list[float]] = {k: [] for k in names}
         for i in range(repeat):  # interleaved, so a noisy neighbour hurts every method alike
             runs["aiohttp"].append(asyncio.run(_aiohttp_fetch(port, cids, parallel, None)))
-            verified = work / f"http-verified-{i}"
-            verified.mkdir()
-            runs["aiohttp+verify+store"].append(asyncio.run(_aiohttp_fetch(port, cids, parallel, verified)))
-            shutil.rmtree(verified)
-            for name, dataplane in (("kvswap libp2p", False), ("kvswap data plane", True)):
-                folder = work / f"fetch-{i}-{dataplane}"
-                rate, got = _kvswap_fetch(provider.addrs[0], provider.cid, folder, dataplane, parallel)
+            plain = work / f"http-plain-{i}"
+            plain.mkdir()
+            runs["aiohttp+verify+write"].append(asyncio.run(_aiohttp_fetch(port, cids, parallel, plain)))
+            shutil.rmtree(plain)
+            verified = Store(work / f"http-store-{i}")
+            verified.put_manifest(Store(work / "provider").get_manifest(Cid.parse(provider.cid)))
+            runs["aiohttp+Store"].append(asyncio.run(_aiohttp_fetch(port, cids, parallel, verified)))
+            verified.close()
+            shutil.rmtree(work / f"http-store-{i}")
+            for name, dataplane, durable in (("kvswap data plane+verify+write", True, False),
+                                             ("kvswap data plane->Store", True, True),
+                                             ("kvswap libp2p->Store", False, True)):
+                if name == "kvswap libp2p->Store" and i > 0 and not libp2p_every_run:
+                    continue  # ~10x slower: once is enough to place it
+                folder = work / f"fetch-{i}-{dataplane}-{durable}"
+                rate, got = _kvswap_fetch(provider.addrs[0], provider.cid, folder, dataplane, parallel, durable)
                 assert abs(got / 1e6 - total_mb) < 1e-6
                 runs[name].append(rate)
                 shutil.rmtree(folder)
@@ -149,10 +205,12 @@ def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3
         print(f"transfer: {chunks} chunks x {chunk_mib} MiB = {total_mb:.0f} MB on loopback, {parallel} in flight, "
               f"median of {repeat} interleaved runs")
         for name, rate in rows.items():
-            print(f"  {name:<22} {rate:8.0f} MB/s   {rate / base:6.2f}x of aiohttp   "
+            print(f"  {name:<31} {rate:8.0f} MB/s   {rate / base:6.2f}x of aiohttp   "
                   f"(runs: {', '.join(f'{r:.0f}' for r in runs[name])})")
-        return {"total_mb": total_mb, "rates_mb_s": rows, "runs_mb_s": runs, "ratio_dataplane": rows["kvswap data plane"] / base,
-                "ratio_libp2p": rows["kvswap libp2p"] / base}
+        return {"total_mb": total_mb, "rates_mb_s": rows, "runs_mb_s": runs, "ratio_dataplane_verified": rows["kvswap data plane+verify+write"] / base,
+                "ratio_dataplane_store": rows["kvswap data plane->Store"] / base,
+                "ratio_aiohttp_store": rows["aiohttp+Store"] / base,
+                "ratio_libp2p_store": rows["kvswap libp2p->Store"] / base}
     finally:
         if provider is not None:
             provider.stop()

@@ -15,14 +15,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
 import msgpack
 
 from kvswap.cid import Cid
-from kvswap.errors import FormatError, IntegrityError, NotFound
+from kvswap.errors import FormatError, NotFound
 from kvswap.node.fetch import ChunkRef, VerifiedManifest
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 
@@ -148,15 +147,19 @@ def chunks_of(root: Path) -> set[str]:
 
 
 class SubprocessNode:
-    """`python -m tests.netharness serve ...` in a child process; reads its addrs from stdout."""
+    """`python -m tests.netharness serve OPTIONS_JSON` in a child process; reads its addrs from stdout.
+
+    `real_store=True` publishes a signed artifact of random KV through the real artifact pipeline into a
+    kvswap.store.Store (chunk size = block_tokens x 32 KiB per token) instead of the synthetic DirArtifacts.
+    """
 
     def __init__(self, home: Path, seed: int, *, n_chunks: int = 4, chunk_bytes: int = 64 * 1024,
                  corrupt: bool = False, die_after: int | None = None, bootstrap: Sequence[str] = (),
-                 dataplane: bool = True, publish: bool = True) -> None:
-        args = [sys.executable, "-m", "tests.netharness", "serve", str(home), str(seed),
-                str(n_chunks), str(chunk_bytes), "1" if corrupt else "0",
-                str(-1 if die_after is None else die_after), "1" if dataplane else "0", "1" if publish else "0",
-                *bootstrap]
+                 dataplane: bool = True, publish: bool = True, real_store: bool = False) -> None:
+        options = dict(home=str(home), seed=seed, n_chunks=n_chunks, chunk_bytes=chunk_bytes, corrupt=corrupt,
+                       die_after=die_after, bootstrap=list(bootstrap), dataplane=dataplane, publish=publish,
+                       real_store=real_store)
+        args = [sys.executable, "-m", "tests.netharness", "serve", json.dumps(options)]
         self.proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -187,28 +190,63 @@ class SubprocessNode:
                 stream.close()
 
 
-def _serve_main(argv: list[str]) -> None:
+def real_store_artifact(store, seed: bytes, n_chunks: int, chunk_bytes: int):
+    """Publish a signed artifact of random bf16 KV (incompressible: stored raw) into a real Store."""
+    import numpy as np
+
+    from kvswap.artifact.pipeline import publish_kv
+    from kvswap.artifact.signing import NodeKey
+    from kvswap.kvtensors import KvLayout, KvTensors
+
+    layout = KvLayout(layers=8, kv_heads=8, head_dim=128, dtype="bf16")  # 32 KiB per token
+    block = max(1, chunk_bytes // layout.bytes_per_token)
+    n_tokens = block * n_chunks
+    rng = np.random.default_rng(1)
+    shape = (layout.kv_heads, n_tokens, layout.head_dim)
+    kv = KvTensors(layout, list(range(n_tokens)),
+                   [rng.integers(0, 1 << 16, shape, dtype=np.uint16) for _ in range(layout.layers)],
+                   [rng.integers(0, 1 << 16, shape, dtype=np.uint16) for _ in range(layout.layers)],
+                   rng.standard_normal(64).astype(np.float32))
+    manifest, chunks = publish_kv(kv, model_id="bench", model_fingerprint="ab" * 32, tokenizer_fingerprint="cd" * 32,
+                                  document_hash=hashlib.sha256(b"bench").hexdigest(), codec="raw",
+                                  block_tokens=block)
+    store.put_artifact(manifest, [NodeKey(seed).sign_manifest(manifest.cid)], chunks)
+    return manifest
+
+
+def _serve_main(options_json: str) -> None:
     import trio
 
     from kvswap.node.net import TrioNode
     from kvswap.node.p2p import P2PConfig
 
-    home, seed, n_chunks, chunk_bytes, corrupt, die_after, dataplane, publish, *bootstrap = argv
-    die = int(die_after)
-    store = DirArtifacts(Path(home), corrupt=corrupt == "1", die_after=None if die < 0 else die)
-    manifest, chunks, _ = make_artifact(int(n_chunks), int(chunk_bytes))
-    verified = store.add(manifest, chunks) if publish == "1" else None
+    o = json.loads(options_json)
+    seed = bytes([o["seed"]]) * 32
+    if o["real_store"]:
+        from kvswap.artifact.signing import TrustPolicy
+        from kvswap.node.storeadapter import StoreArtifacts
+        from kvswap.store import Store
+
+        store = StoreArtifacts(Store(Path(o["home"])), TrustPolicy(frozenset(), accept_any=True))
+        cid = real_store_artifact(store.store, seed, o["n_chunks"], o["chunk_bytes"]).cid if o["publish"] else None
+        provide = None
+    else:
+        store = DirArtifacts(Path(o["home"]), corrupt=o["corrupt"], die_after=o["die_after"])
+        manifest, chunks, _ = make_artifact(o["n_chunks"], o["chunk_bytes"])
+        verified = store.add(manifest, chunks) if o["publish"] else None
+        cid = verified.cid if verified else None
+        provide = verified
 
     async def main() -> None:
-        node = TrioNode(P2PConfig(seed=bytes([int(seed)]) * 32, bootstrap=bootstrap), service=store,
-                        target=store, use_dataplane=dataplane == "1")
+        node = TrioNode(P2PConfig(seed=seed, bootstrap=o["bootstrap"]), service=store, target=store,
+                        use_dataplane=o["dataplane"])
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
-            if verified is not None:
-                node.provide_artifact(verified.cid, verified.model_fingerprint, verified.document_hash,
-                                      [c.cid for c in verified.chunks])
-            print(json.dumps({"peer_id": node.peer_id, "addrs": node.addrs,
-                              "cid": str(verified.cid) if verified else None}), flush=True)
+            if provide is not None:
+                node.provide_artifact(provide.cid, provide.model_fingerprint, provide.document_hash,
+                                      [c.cid for c in provide.chunks])
+            print(json.dumps({"peer_id": node.peer_id, "addrs": node.addrs, "cid": str(cid) if cid else None}),
+                  flush=True)
             # run until the parent closes our stdin or kills us
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()
@@ -217,8 +255,8 @@ def _serve_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "serve":
-        _serve_main(sys.argv[2:])
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        _serve_main(sys.argv[2])
     else:
-        print("usage: python -m tests.netharness serve HOME SEED N_CHUNKS CHUNK_BYTES CORRUPT DIE_AFTER DATAPLANE PUBLISH [BOOTSTRAP...]")
+        print("usage: python -m tests.netharness serve OPTIONS_JSON")
         sys.exit(2)
