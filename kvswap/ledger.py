@@ -142,12 +142,18 @@ class Ledger:
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise FormatError(f"ledger {self.path} has schema {version}; this kvswap reads up to {SCHEMA_VERSION}")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version < SCHEMA_VERSION:  # only a new file is written to here: readers (the CLI) stay readers
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise FormatError(f"ledger {self.path} is not a usable SQLite database: {exc}") from exc
         except OSError as exc:
             raise KvswapError(f"cannot open ledger {self.path}: {exc}") from exc
+
+    @classmethod
+    def for_home(cls, home: str | Path) -> "Ledger":
+        """The ledger of the node whose home is `home` (<home>/ledger.sqlite)."""
+        return cls(ledger_path(home))
 
     # --- writing -----------------------------------------------------------------------------------
     def transfer(

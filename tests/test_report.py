@@ -98,6 +98,10 @@ def test_report_from_measured_ledger_priced_by_tokens(tmp_path):
     assert codec["per_reader"] == pytest.approx(c_load + egress * 120_000)
     assert codec["total"] == pytest.approx(codec["fixed"] + 1000 * codec["per_reader"])
     assert scenario(rep, "reprefill")["total"] == pytest.approx(1000 * c_prefill)
+    # hosting is charged the measured generate traffic (mean 800 bytes per request) at the egress price
+    assert ins["hosted_wire_bytes"]["value"] == 800
+    assert scenario(rep, "hosted_physical")["per_reader"] == pytest.approx(c_load + egress * 800)
+    assert scenario(rep, "hosted_tariff")["per_reader"] == pytest.approx(0.1 * c_prefill + egress * 800)
     assert rep["break_even"]["readers_paper_formula"] == pytest.approx(c_prefill / (c_prefill - c_load))
     assert rep["measured"]["ship_over_host_bytes"] == pytest.approx(122_000 / 800)
     text = render_terminal(rep)

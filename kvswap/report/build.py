@@ -140,10 +140,18 @@ def cost_inputs(prices: Prices, price_sources: dict[str, str], measured: Measure
     put("raw_bytes", raw, "bytes", raw_src)
     put("stored_bytes", stored, "bytes", stored_src)
 
+    if measured.host.requests and measured.host.mean_wire_bytes:
+        hosted_bytes = float(measured.host.mean_wire_bytes)
+        put("hosted_wire_bytes", hosted_bytes, "bytes per request",
+            f"ledger: mean generate-protocol bytes over {measured.host.requests} requests")
+    else:
+        hosted_bytes = 0.0
+        put("hosted_wire_bytes", 0.0, "bytes per request", "default: the paper counts no egress for hosting")
     inp = cm.CostInputs(
         tokens=tokens, readers=readers, c_prefill=c_prefill, c_load=c_load, raw_bytes=raw, stored_bytes=stored,
         egress_per_byte=prices.egress_per_byte, storage_per_byte_month=prices.storage_per_byte_month,
         horizon_months=prices.horizon_months, cache_read_tariff=prices.cache_read_tariff,
+        hosted_wire_bytes=hosted_bytes,
     )
     return inp, inputs, notes
 

@@ -76,6 +76,8 @@ class CostInputs:
     storage_per_byte_month: float
     horizon_months: float
     cache_read_tariff: float = 0.1
+    #: bytes on the wire per hosted request (prompt suffix in, tokens out); 0 in the paper ("no egress")
+    hosted_wire_bytes: float = 0.0
 
     @property
     def reuse_ratio(self) -> float:
@@ -122,15 +124,19 @@ def scenarios(inp: CostInputs) -> list[Scenario]:
             note=note,
         )
 
+    hosted_egress = inp.egress_per_byte * inp.hosted_wire_bytes
+    hosted_note = (f"; plus {inp.hosted_wire_bytes:,.0f} B of measured generate traffic per reader"
+                   if inp.hosted_wire_bytes else "; no egress")
     return [
         Scenario("reprefill", "re-prefill every time", 0.0, inp.c_prefill,
                  note="each reader pays a full prefill"),
         Scenario("hosted_tariff", f"provider-hosted, {tariff:g}x cache-read tariff", inp.c_prefill,
-                 tariff * inp.c_prefill, note="one prefill, then cache reads billed at the tariff; no egress"),
+                 tariff * inp.c_prefill + hosted_egress,
+                 note="one prefill, then cache reads billed at the tariff" + hosted_note),
         Scenario("hosted_physical", f"provider-hosted, physical reuse cost (1/{inp.reuse_ratio:.3g})",
                  inp.c_prefill + inp.storage_per_byte_month * inp.stored_bytes * inp.horizon_months,
-                 inp.c_load, size_bytes=inp.stored_bytes,
-                 note="one prefill, each reader pays one reuse step next to the KV; no egress"),
+                 inp.c_load + hosted_egress, size_bytes=inp.stored_bytes,
+                 note="one prefill, each reader pays one reuse step next to the KV" + hosted_note),
         ship("ship_raw", "ship raw artifact", inp.raw_bytes, True,
              "egress of the raw KV to every reader, plus its reuse step and storage"),
         ship("ship_codec", f"ship with lossless codec ({stored_ratio:.2f}x)", inp.stored_bytes, True,

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 _INPUT_ORDER = ("tokens", "readers", "c_prefill", "c_load", "reuse_ratio", "raw_bytes", "stored_bytes",
+                "hosted_wire_bytes",
                 "egress_per_gb", "storage_per_gb_month", "horizon_months", "input_per_mtok", "gpu_per_hour",
                 "cache_read_tariff")
 
