@@ -45,6 +45,7 @@ class _Grant:
     cids: tuple[Cid, ...]
     artifact: str | None
     expires: float
+    request: str | None = None
 
 
 class DataPlane:
@@ -80,7 +81,10 @@ class DataPlane:
         if len(self._grants) >= _MAX_GRANTS:
             raise RemoteProtocolError("too many outstanding data-plane grants")
         token = secrets.token_bytes(limits.DATAPLANE_TOKEN_BYTES)
-        self._grants[token] = _Grant(peer, tuple(cids), artifact, now + limits.DATAPLANE_GRANT_TTL_S)
+        from .exchange import current_request
+
+        self._grants[token] = _Grant(peer, tuple(cids), artifact, now + limits.DATAPLANE_GRANT_TTL_S,
+                                     current_request.get())
         return DataGrant(host=self.host, port=self.port, token=token, cids=tuple(cids))
 
     async def _send_file(self, sock: trio.SocketStream, cid: Cid, path: Any, grant: _Grant) -> bool:
@@ -118,7 +122,7 @@ class DataPlane:
         return True
 
     async def _serve(self, sock: trio.SocketStream) -> None:
-        from .exchange import TransferEvent
+        from .exchange import TransferEvent, current_request
 
         try:
             token = b""
@@ -132,6 +136,7 @@ class DataPlane:
             if grant is None or grant.expires < time.monotonic():
                 log.info("data plane: unknown or expired token, closing")
                 return
+            current_request.set(grant.request)  # ledger rows join the libp2p request that granted them
             self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "in", len(token), 0, grant.artifact))
             for cid in grant.cids:
                 if self._chunk_path is not None:

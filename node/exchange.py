@@ -12,8 +12,10 @@ header included); node/net.py forwards these to the daemon's ledger.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import trio
@@ -73,6 +75,18 @@ class Service(Protocol):
         """Hosted generation over a local artifact (may take seconds). Raise NotFound / ModelMismatch / ..."""
 
 
+#: The conversation the current trio task belongs to: one fetch, one hosted generation, one served stream.
+#: Child tasks inherit it, so every TransferEvent of one fetch carries the same id (the ledger's `request`).
+current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvswap_request", default=None)
+
+
+def new_request_id() -> str:
+    """Set and return a fresh request id for the current task (and the tasks it spawns)."""
+    rid = uuid.uuid4().hex[:16]
+    current_request.set(rid)
+    return rid
+
+
 @dataclass(frozen=True)
 class TransferEvent:
     """One frame (or data-plane transfer) that crossed the wire, for the ledger."""
@@ -84,6 +98,7 @@ class TransferEvent:
     raw_bytes: int  # payload bytes (a chunk's stored bytes); 0 for control messages
     artifact: str | None = None
     chunk: str | None = None
+    request: str | None = field(default_factory=current_request.get)
 
 
 TransferHook = Callable[[TransferEvent], None]
@@ -276,6 +291,7 @@ class Exchange:
         }[protocol]
 
         async def handler(stream: Any) -> None:
+            new_request_id()
             framed = FramedStream(stream, _peer_of(stream), protocol, self.on_transfer, allowed=allowed,
                                   idle_timeout=self.idle_timeout)
             async with self._serve_slots[protocol]:
@@ -413,6 +429,7 @@ class Exchange:
             await fetch_granted(grant, peer, on_chunk, self.on_transfer, artifact, self.p2p.peer_ips(peer))
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
+        new_request_id()
         framed = await self._open(
             peer, GENERATE_PROTOCOL, {GenerateResponse.TYPE, ErrorMessage.TYPE}, idle=limits.GENERATE_TIMEOUT_S
         )

@@ -29,6 +29,7 @@ from kvswap.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, 
 from kvswap.protocol import limits
 from kvswap.protocol.messages import ManifestRequest
 
+from .exchange import new_request_id
 from .p2p import document_key
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ class Fetcher:
         providers: list[str] | None = None,
     ) -> FetchResult:
         started = time.monotonic()
+        new_request_id()  # every ledger row of this fetch shares one request id
         candidates = providers if providers is not None else await self.resolve(key)
         if not candidates:
             raise NotFound(f"no provider found for {key}")

@@ -190,6 +190,9 @@ def test_network_facade_from_asyncio(tmp_path):
             assert sum(e.raw_bytes for e in chunk_in) >= 4 * 128 * 1024
             assert all(e.artifact == str(v.cid) for e in chunk_in)
             assert all(e.wire_bytes > e.raw_bytes for e in chunk_in)
+            fetch_rows = [e for e in events if e.request == chunk_in[0].request]
+            assert chunk_in[0].request and set(chunk_in) <= set(fetch_rows)  # one fetch = one request id
+            assert {"in", "out"} <= {e.direction for e in fetch_rows}
 
             reply = await me.remote_generate(pub.addrs[0], GenerateRequest(v.cid, (1, 1), max_new_tokens=3))
             assert reply.tokens == (2, 3, 4)
