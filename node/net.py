@@ -47,6 +47,17 @@ def parse_fetch_key(key: Any) -> FetchKey:
     raise UsageError(f"cannot fetch {key!r:.80}: give a CID or (model fingerprint, document hash)")
 
 
+def provide_keys(holdings) -> list[str]:
+    """DHT keys for (cid, model fingerprint, document hash, chunk CIDs, complete) tuples: complete artifacts
+    are provided under their CID and document key, every held chunk under its own CID."""
+    keys: list[str] = []
+    for cid, model_fingerprint, document_hash, chunk_cids, complete in holdings:
+        if complete:
+            keys += [str(cid), document_key(model_fingerprint, document_hash)]
+        keys += [str(c) for c in chunk_cids]
+    return list(dict.fromkeys(keys))
+
+
 class TrioNode:
     """The trio side of a node. `await nursery.start(node.run)`; then call its methods on the same trio loop."""
 
@@ -70,6 +81,9 @@ class TrioNode:
         self.fetcher = Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane) if target else None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        holdings = getattr(self.service, "holdings", None)
+        if holdings is not None:  # re-provide what the store holds, at start and on schedule
+            self.p2p.provide_source = lambda: provide_keys(holdings())
         async with trio.open_nursery() as nursery:
             await nursery.start(self.p2p.run)
             if self.use_dataplane and self.service is not None:

@@ -105,6 +105,8 @@ class P2PHost:
         self._provide_queue_send, self._provide_queue_recv = trio.open_memory_channel[str](math.inf)
         self._topics: dict[str, list[GossipHandler]] = {}
         self._nursery: trio.Nursery | None = None
+        #: optional callable (run in a worker thread) -> iterable of DHT keys this node should provide
+        self.provide_source: Callable[[], Iterable[str]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -349,8 +351,22 @@ class P2PHost:
                 await trio.sleep(PROVIDE_PACING_S)
 
     async def _reprovide_loop(self) -> None:
+        """Provide everything the node holds at start and every reprovide_interval_s.
+
+        With a `provide_source` (a thread-safe callable returning the DHT keys of what the store holds now),
+        the set is re-read each pass, so evicted artifacts stop being advertised."""
+        first = True
         while True:
-            await trio.sleep(self.config.reprovide_interval_s)
+            if not first:
+                await trio.sleep(self.config.reprovide_interval_s)
+            first = False
+            if self.provide_source is not None:
+                try:
+                    keys = await trio.to_thread.run_sync(self.provide_source)
+                except Exception:  # a failing store must not stop the node; retried next pass
+                    log.exception("listing keys to provide failed")
+                    continue
+                self._provided = dict.fromkeys(keys)
             for key in list(self._provided):
                 self._provide_queue_send.send_nowait(key)
 

@@ -80,6 +80,20 @@ class StoreArtifacts:
         except NotFound:
             return None
 
+    def holdings(self) -> list[tuple[Cid, str, str, list[Cid], bool]]:
+        """(cid, model fingerprint, document hash, chunk CIDs held, complete) per stored artifact, for the
+        node's re-provide loop."""
+        out = []
+        for row in self.store.list_artifacts():
+            cid = Cid.parse(row["cid"])
+            try:
+                manifest = self.store.get_manifest(cid)
+            except NotFound:  # removed meanwhile
+                continue
+            held = [b.cid for b in manifest.blobs() if self.store.has_chunk(b.cid)]
+            out.append((cid, row["model_fingerprint"], row["document_hash"], held, bool(row["complete"])))
+        return out
+
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         if self._generate is None:
             raise NotFound("this node does not host generation")

@@ -13,7 +13,7 @@ from kvswap.errors import UntrustedSigner
 from kvswap.kvtensors import KvLayout, KvTensors
 from kvswap.node.fetch import FetchKey
 from kvswap.node.net import TrioNode
-from kvswap.node.p2p import P2PConfig, peer_id_of_seed
+from kvswap.node.p2p import P2PConfig, document_key, peer_id_of_seed
 from kvswap.node.storeadapter import StoreArtifacts
 from kvswap.store import Store
 
@@ -101,3 +101,31 @@ def test_untrusted_signer_is_refused_before_any_chunk(tmp_path):
     trio.run(main)
     assert not my_store.has_artifact(manifest.cid)
     assert not any(my_store.chunks_dir.iterdir())
+
+
+def test_store_holdings_are_provided_at_start(tmp_path):
+    """A node started on a store advertises what it holds without being told: another node finds it."""
+    pub_store, my_store = Store(tmp_path / "pub"), Store(tmp_path / "me")
+    manifest = publish(pub_store, make_kv(40))
+    policy = TrustPolicy(frozenset(), accept_any=True)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                me = TrioNode(P2PConfig(seed=ME_SEED), target=StoreArtifacts(my_store, policy))
+                await nursery.start(me.run)
+                pub = TrioNode(P2PConfig(seed=PUB_SEED, bootstrap=[me.addrs[0]]),
+                               service=StoreArtifacts(pub_store, policy))
+                await nursery.start(pub.run)
+                found: list[str] = []
+                for _ in range(60):
+                    found = await me.p2p.find_providers(str(manifest.chunks[1].cid))
+                    if pub.peer_id in found:
+                        break
+                    await trio.sleep(0.25)
+                assert pub.peer_id in found
+                assert pub.peer_id in await me.p2p.find_providers(
+                    document_key(MODEL, manifest.document_hash))
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
