@@ -197,10 +197,10 @@ def _fail(msg: str):
     raise FormatError(f"manifest: {msg}")
 
 
-def _int(d: dict, key: str, lo: int, hi: int) -> int:
+def _int(d: dict, key: str, lo: int, hi: int, what: str = "") -> int:
     v = d.get(key)
     if type(v) is not int or not lo <= v <= hi:
-        _fail(f"{key} must be an int in {lo}..{hi}, got {v!r:.40}")
+        _fail(f"{what + ': ' if what else ''}{key} must be an int in {lo}..{hi}, got {v!r:.40}")
     return v
 
 
@@ -238,10 +238,10 @@ def _blob(d: dict, itemsize: int, max_raw: int, what: str) -> dict:
     codec = d.get("codec")
     if codec not in codecs.CODECS:
         _fail(f"{what}: unknown codec {codec!r:.40} (known: {', '.join(codecs.CODECS)})")
-    raw_size = _int(d, "raw_size", itemsize, max_raw)
+    raw_size = _int(d, "raw_size", itemsize, max_raw, what)
     if raw_size % itemsize:
         _fail(f"{what}: raw_size {raw_size} is not a whole number of {itemsize}-byte values")
-    stored_size = _int(d, "stored_size", 1, codecs.max_stored_size(codec, raw_size, itemsize))
+    stored_size = _int(d, "stored_size", 1, codecs.max_stored_size(codec, raw_size, itemsize), what)
     if codec == "raw" and stored_size != raw_size:
         _fail(f"{what}: a raw blob's stored_size must equal its raw_size")
     return {"cid": Cid.from_bytes(_bin(d, "cid")), "codec": codec, "raw_size": raw_size, "stored_size": stored_size}
