@@ -176,12 +176,13 @@ class Engine:
                 raise ModelMismatch(f"stored logits are {logits.shape} {logits.dtype}, this engine needs "
                                     f"({self.vocab_size},) float32")
 
-    def cache_from_kv(self, kv: KvTensors) -> DynamicCache:
-        """A fresh DynamicCache holding a copy of `kv` (the source arrays are never written)."""
+    def cache_from_kv(self, kv: KvTensors, n_tokens: int | None = None) -> DynamicCache:
+        """A fresh DynamicCache holding a copy of `kv` (or its first `n_tokens`); the arrays are never written."""
         dt = self._torch_dtype
+        n = kv.n_tokens if n_tokens is None else n_tokens
 
         def dev(bits: np.ndarray) -> torch.Tensor:
-            return bits_to_tensor(bits, dt).unsqueeze(0).to(self.device)
+            return bits_to_tensor(np.ascontiguousarray(bits[:, :n]), dt).unsqueeze(0).to(self.device)
 
         data = [(dev(k), dev(v)) for k, v in zip(kv.keys, kv.values)]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
@@ -254,7 +255,7 @@ class Engine:
 
         Checks fingerprint, tokenizer, dtype and shapes before touching the model. Without a suffix the first
         token comes from the stored logits; if they are absent (e.g. a prefix of a longer artifact), the last
-        document token is dropped from the cache and fed once, which is exact too (keys/values of earlier
+        document token is left out of the cache and fed once, which is exact too (keys/values of earlier
         positions do not depend on later tokens).
         """
         suffix_ids = list(suffix_ids or [])
@@ -262,18 +263,18 @@ class Engine:
         if kv.n_tokens == 0:
             raise UsageError("KV holds no tokens")
         self._check_ids(kv.token_ids + suffix_ids, "prompt", extra=max_new_tokens)
+        refeed_last = not suffix_ids and kv.last_logits is None
         t0 = time.perf_counter()
-        cache = self.cache_from_kv(kv)
+        cache = self.cache_from_kv(kv, kv.n_tokens - 1 if refeed_last else None)
         self._sync()
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if suffix_ids:
             logits = self._forward(suffix_ids, cache)
-        elif kv.last_logits is not None:
-            logits = np.asarray(kv.last_logits, dtype=np.float32)
-        else:
-            cache.crop(kv.n_tokens - 1)
+        elif refeed_last:
             logits = self._forward([kv.token_ids[-1]], cache)
+        else:
+            logits = np.asarray(kv.last_logits, dtype=np.float32)
         self._sync()
         prefill_s = time.perf_counter() - t1
         tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)

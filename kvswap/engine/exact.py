@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import FormatError
 from ..kvtensors import KvTensors
 from .core import Engine, GenerationResult
 
@@ -37,13 +38,20 @@ def read_kv_raw(path: Path, like: KvTensors) -> KvTensors:
     shape = (lay.kv_heads, like.n_tokens, lay.head_dim)
     count = int(np.prod(shape))
     keys, values = [], []
+
+    def take(f, dtype, n: int) -> np.ndarray:
+        arr = np.fromfile(f, dtype=dtype, count=n)
+        if arr.size != n:
+            raise FormatError(f"{path}: truncated KV file (wanted {n} values, got {arr.size})")
+        return arr
+
     with open(path, "rb") as f:
         for _ in range(lay.layers):
-            keys.append(np.fromfile(f, dtype=lay.raw_dtype, count=count).reshape(shape))
-            values.append(np.fromfile(f, dtype=lay.raw_dtype, count=count).reshape(shape))
+            keys.append(take(f, lay.raw_dtype, count).reshape(shape))
+            values.append(take(f, lay.raw_dtype, count).reshape(shape))
         logits = None
         if like.last_logits is not None:
-            logits = np.fromfile(f, dtype="<f4", count=like.last_logits.size).astype(np.float32)
+            logits = take(f, np.dtype("<f4"), like.last_logits.size).astype(np.float32)
     return KvTensors(lay, list(like.token_ids), keys, values, logits, dict(like.meta))
 
 

@@ -1,0 +1,180 @@
+"""Engine behaviour on the real tiny Qwen3: exact reuse, suffixes, sampling, and the errors it must raise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvswap.engine import GenerationResult
+from kvswap.engine.exact import kv_bit_identical, read_kv_raw, run_exact, write_kv_raw
+from kvswap.errors import FormatError, ModelMismatch, UsageError
+from kvswap.kvtensors import KvLayout, KvTensors
+
+
+def _copy_kv(kv: KvTensors, **changes) -> KvTensors:
+    fields = dict(layout=kv.layout, token_ids=list(kv.token_ids), keys=[k.copy() for k in kv.keys],
+                  values=[v.copy() for v in kv.values],
+                  last_logits=None if kv.last_logits is None else kv.last_logits.copy(), meta=dict(kv.meta))
+    fields.update(changes)
+    return KvTensors(**fields)
+
+
+@pytest.mark.parametrize("which", ["tiny_engine", "tiny_engine_fp32"])
+def test_reuse_equals_fresh_prefill(request, which, doc_text, question_text):
+    eng = request.getfixturevalue(which)
+    result = run_exact(eng, eng.tokenize(doc_text), n_tokens=24, question_ids=eng.tokenize(question_text))
+    assert result["bit_identical"]
+    assert result["match"] == 24 and result["fresh_tokens"] == result["reuse_tokens"]
+    assert result["first_logit_max_abs_diff"] == 0.0
+    assert result["question"]["match_two_phase"] == 24
+    assert result["exact"] is True
+    # the tiny model must not be degenerate, or token-level bugs would hide behind one repeated token
+    assert len(set(result["reuse_tokens"])) > 12
+
+
+def test_prefill_layout_and_meta(tiny_engine, tiny_doc_kv):
+    kv = tiny_doc_kv
+    assert kv.layout == tiny_engine.layout == KvLayout(3, 2, 16, "bf16")
+    assert kv.keys[0].shape == (2, kv.n_tokens, 16) and kv.keys[0].dtype == np.dtype("<u2")
+    assert kv.last_logits.shape == (tiny_engine.vocab_size,) and kv.last_logits.dtype == np.float32
+    assert kv.meta["model_fingerprint"] == tiny_engine.fingerprint
+    assert kv.meta["tokenizer_fingerprint"] == tiny_engine.tokenizer_fingerprint
+    assert kv.meta["prefill_s"] > 0
+    assert kv.nbytes() == sum(a.nbytes for a in kv.keys + kv.values)
+
+
+def test_real_qwen_vocabulary(tiny_engine):
+    assert tiny_engine.tokenize("Hello, world!") == [9707, 11, 1879, 0]
+    assert tiny_engine.detokenize([9707, 11, 1879, 0]) == "Hello, world!"
+    assert tiny_engine.vocab_size == 151669
+
+
+def test_suffix_generation_equals_two_phase_oracle(tiny_engine, tiny_doc_kv, doc_text, question_text):
+    doc_ids = tiny_engine.tokenize(doc_text)
+    q_ids = tiny_engine.tokenize(question_text)
+    reuse = tiny_engine.generate_from_kv(tiny_doc_kv, q_ids, max_new_tokens=16, stop_at_eos=False)
+    oracle = tiny_engine.generate_two_phase(doc_ids, q_ids, max_new_tokens=16, stop_at_eos=False)
+    assert isinstance(reuse, GenerationResult)
+    assert reuse.tokens == oracle.tokens and len(reuse.tokens) == 16
+    assert reuse.first_logits.tobytes() == oracle.first_logits.tobytes()
+    assert reuse.n_prompt_tokens == len(doc_ids) + len(q_ids)
+    assert reuse.load_s > 0 and reuse.text == tiny_engine.detokenize(reuse.tokens)
+
+
+def test_same_kv_twice_gives_same_output(tiny_engine, tiny_doc_kv):
+    """Each generation builds a fresh cache: the KvTensors are never grown or written in place."""
+    before = _copy_kv(tiny_doc_kv)
+    first = tiny_engine.generate_from_kv(tiny_doc_kv, [], max_new_tokens=10, stop_at_eos=False)
+    second = tiny_engine.generate_from_kv(tiny_doc_kv, [], max_new_tokens=10, stop_at_eos=False)
+    assert first.tokens == second.tokens
+    assert kv_bit_identical(before, tiny_doc_kv)
+
+
+def test_kv_without_logits_and_prefix_of_kv_are_exact(tiny_engine, tiny_doc_kv):
+    """A consumer holding only a prefix of an artifact (no stored logits for it) still reuses exactly."""
+    ids = tiny_doc_kv.token_ids
+    no_logits = _copy_kv(tiny_doc_kv, last_logits=None)
+    fresh = tiny_engine.generate_fresh(ids, max_new_tokens=12, stop_at_eos=False)
+    assert tiny_engine.generate_from_kv(no_logits, [], 12, stop_at_eos=False).tokens == fresh.tokens
+
+    n = len(ids) - 7
+    prefix = _copy_kv(tiny_doc_kv, token_ids=ids[:n], keys=[k[:, :n].copy() for k in tiny_doc_kv.keys],
+                      values=[v[:, :n].copy() for v in tiny_doc_kv.values], last_logits=None)
+    shorter = tiny_engine.prefill(ids[:n])  # earlier positions do not depend on later tokens
+    assert all(np.array_equal(a, b) for a, b in zip(prefix.keys + prefix.values, shorter.keys + shorter.values))
+    want = tiny_engine.generate_fresh(ids[:n], max_new_tokens=12, stop_at_eos=False)
+    assert tiny_engine.generate_from_kv(prefix, [], 12, stop_at_eos=False).tokens == want.tokens
+
+
+def test_seeded_sampling_is_reproducible(tiny_engine, tiny_doc_kv):
+    ids = tiny_doc_kv.token_ids
+    a = tiny_engine.generate_fresh(ids, max_new_tokens=12, seed=7, stop_at_eos=False)
+    b = tiny_engine.generate_fresh(ids, max_new_tokens=12, seed=7, stop_at_eos=False)
+    c = tiny_engine.generate_from_kv(tiny_doc_kv, [], max_new_tokens=12, seed=7, stop_at_eos=False)
+    d = tiny_engine.generate_fresh(ids, max_new_tokens=12, seed=8, stop_at_eos=False)
+    greedy = tiny_engine.generate_fresh(ids, max_new_tokens=12, stop_at_eos=False)
+    assert a.tokens == b.tokens == c.tokens
+    assert a.tokens != d.tokens
+    assert a.tokens != greedy.tokens
+
+
+def test_empty_document_is_a_usage_error(tiny_engine):
+    for text in ("", "   \n\t"):
+        with pytest.raises(UsageError, match="empty"):
+            tiny_engine.tokenize(text)
+    with pytest.raises(UsageError, match="empty"):
+        tiny_engine.prefill([])
+
+
+def test_document_longer_than_context_is_a_usage_error(tiny_engine):
+    too_long = [9707] * (tiny_engine.max_context + 1)
+    with pytest.raises(UsageError, match="context window"):
+        tiny_engine.prefill(too_long)
+    with pytest.raises(UsageError, match="context window"):
+        tiny_engine.generate_fresh(too_long[:-30], max_new_tokens=64)
+
+
+def test_out_of_vocabulary_ids_are_a_usage_error(tiny_engine):
+    with pytest.raises(UsageError, match="vocabulary"):
+        tiny_engine.prefill([1, tiny_engine.vocab_size])
+
+
+def test_fingerprint_mismatch_names_both_sides(tiny_engine, tiny_doc_kv):
+    other = _copy_kv(tiny_doc_kv)
+    other.meta.update(model_fingerprint="ab" * 32, model_id="someone-elses-model")
+    with pytest.raises(ModelMismatch) as info:
+        tiny_engine.generate_from_kv(other, [])
+    message = str(info.value)
+    assert "abababab" in message and "someone-elses-model" in message
+    assert tiny_engine.fingerprint[:16] in message and "tiny-qwen3" in message
+
+
+def test_tokenizer_mismatch(tiny_engine, tiny_doc_kv):
+    other = _copy_kv(tiny_doc_kv)
+    other.meta["tokenizer_fingerprint"] = "cd" * 32
+    with pytest.raises(ModelMismatch, match="tokenizer"):
+        tiny_engine.generate_from_kv(other, [])
+
+
+def test_dtype_mismatch(tiny_engine_fp32, tiny_doc_kv):
+    assert tiny_engine_fp32.fingerprint == tiny_doc_kv.meta["model_fingerprint"]  # same weights as stored
+    with pytest.raises(ModelMismatch, match="bf16.*fp32"):
+        tiny_engine_fp32.generate_from_kv(tiny_doc_kv, [])
+
+
+def test_layout_mismatch(tiny_engine, tiny_doc_kv):
+    fewer_layers = _copy_kv(tiny_doc_kv, layout=KvLayout(2, 2, 16, "bf16"), keys=tiny_doc_kv.keys[:2],
+                            values=tiny_doc_kv.values[:2])
+    with pytest.raises(ModelMismatch, match="2 layers"):
+        tiny_engine.generate_from_kv(fewer_layers, [])
+
+
+def test_truncated_tensor_bytes(tiny_engine, tiny_doc_kv):
+    raw = tiny_doc_kv.values[1].tobytes()[:-2]
+    truncated = np.frombuffer(raw, dtype="<u2")
+    broken = _copy_kv(tiny_doc_kv)
+    broken.values[1] = truncated
+    with pytest.raises(ModelMismatch, match="layer 1 V"):
+        tiny_engine.generate_from_kv(broken, [])
+    short_logits = _copy_kv(tiny_doc_kv, last_logits=tiny_doc_kv.last_logits[:-1].copy())
+    with pytest.raises(ModelMismatch, match="logits"):
+        tiny_engine.generate_from_kv(short_logits, [])
+
+
+def test_truncated_kv_file(tmp_path, tiny_doc_kv):
+    path = tmp_path / "kv.raw"
+    size = write_kv_raw(tiny_doc_kv, path)
+    assert kv_bit_identical(read_kv_raw(path, tiny_doc_kv), tiny_doc_kv)
+    with open(path, "r+b") as f:
+        f.truncate(size - 3)
+    with pytest.raises(FormatError, match="truncated"):
+        read_kv_raw(path, tiny_doc_kv)
+
+
+def test_loaded_read_only_arrays_work(tiny_engine, tiny_doc_kv):
+    """Arrays straight from bytes (read-only np.frombuffer, as the artifact layer makes them) load fine."""
+    ro = _copy_kv(tiny_doc_kv)
+    ro.keys = [np.frombuffer(k.tobytes(), dtype="<u2").reshape(k.shape) for k in tiny_doc_kv.keys]
+    ro.values = [np.frombuffer(v.tobytes(), dtype="<u2").reshape(v.shape) for v in tiny_doc_kv.values]
+    want = tiny_engine.generate_from_kv(tiny_doc_kv, [], 8, stop_at_eos=False).tokens
+    assert tiny_engine.generate_from_kv(ro, [], 8, stop_at_eos=False).tokens == want
