@@ -201,11 +201,10 @@ def build_qwen3_4b_arch(dtype: str, device: str | None) -> Engine:
             else:
                 cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, config.initializer_range, generator=gen)
                 param.copy_(cpu.to(param.dtype))
-        for name, buf in model.named_buffers():
-            if "inv_freq" in name:  # rotary buffers were not materialised on meta
-                base = config.rope_theta
-                dim = config.head_dim
-                buf.copy_(1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)))
+    # meta-built rotary buffers hold garbage after to_empty and .to(dtype) would cast them: rebuild the module
+    # as from_pretrained leaves it (float32 inverse frequencies from config.rope_parameters)
+    rope = model.model.rotary_emb
+    model.model.rotary_emb = type(rope)(config=config).to(device)
     model.tie_weights()
     model.eval()
     h = fingerprint_parts(config.to_dict(), tok_fp)

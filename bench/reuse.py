@@ -1,0 +1,120 @@
+"""The paper's compute table: full prefill vs ONE continuation step over resident KV, by context length.
+
+    python -m bench reuse [--model qwen3-4b-arch] [--dtype bf16] [--lengths 255,485,945,1888,3774]
+                          [--quick] [--repeats 3]
+
+Default model: the exact Qwen3-4B architecture with seeded random bf16 weights built in memory (~8 GB; needs
+~11 GB RAM and a minute to build; the full run takes tens of minutes on 2 CPU cores). Compute time does not
+depend on weight values, so the timings stand in for Qwen3-4B; the output text is meaningless.
+For each length L: a document of exactly L real-vocabulary tokens is prefilled (median of --repeats), then
+one single-token forward over its KV already resident in a cache is timed (median of --repeats; the cache is
+rebuilt from the KvTensors before each step and the rebuild is reported separately as "load from RAM"), the
+ratio is printed beside the paper's (Qwen3-4B fp16 on an M1 Pro/MPS). Wall-clock on a shared machine: compare
+rows within one run, not across runs. Writes JSON to bench/results/reuse-<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+#: the paper's table: context tokens -> (prefill s, one reuse step s, ratio)
+PAPER = {255: (0.67, 0.078, 8.6), 485: (1.29, 0.093, 13.9), 945: (2.65, 0.122, 21.7),
+         1888: (5.81, 0.179, 32.4), 3774: (14.71, 0.296, 49.7)}
+FULL_LENGTHS = (255, 485, 945, 1888, 3774)
+QUICK_LENGTHS = (255, 485)
+RESULTS = Path(__file__).parent / "results"
+
+_PROSE = (
+    "Peer-to-peer networks let many machines share data without a central server. Each node stores some "
+    "content, announces what it holds, and fetches what it lacks from whichever peers respond first. "
+    "Content addressing names every block by the hash of its bytes, so a receiver can verify what it got "
+    "without trusting the sender. Language models read long documents by running a prefill pass that "
+    "builds a key and value cache for every token; reading the same document again repeats that work. "
+)
+
+
+def document_ids(engine, n_tokens: int) -> list[int]:
+    """Exactly `n_tokens` ids of English prose (repeated as needed) in the engine's vocabulary."""
+    ids: list[int] = []
+    chunk = engine.tokenize(_PROSE)
+    while len(ids) < n_tokens:
+        ids += chunk
+    return ids[:n_tokens]
+
+
+def measure(engine, n_tokens: int, repeats: int) -> dict:
+    ids = document_ids(engine, n_tokens)
+    prefill_times, kv = [], None
+    for _ in range(repeats):
+        kv = engine.prefill(ids)
+        prefill_times.append(kv.meta["prefill_s"])
+    step_times, load_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cache = engine.cache_from_kv(kv)
+        load_times.append(time.perf_counter() - t0)
+        del cache
+        step_times.append(engine.step_time(kv))
+    prefill_s = statistics.median(prefill_times)
+    step_s = statistics.median(step_times)
+    paper = PAPER.get(n_tokens)
+    return {
+        "tokens": n_tokens, "prefill_s": prefill_s, "step_s": step_s, "ratio": prefill_s / step_s,
+        "load_from_ram_s": statistics.median(load_times), "kv_bytes": kv.nbytes(),
+        "prefill_runs_s": prefill_times, "step_runs_s": step_times,
+        "paper_prefill_s": paper[0] if paper else None, "paper_step_s": paper[1] if paper else None,
+        "paper_ratio": paper[2] if paper else None,
+    }
+
+
+def render(rows: list[dict], header: str) -> str:
+    lines = [header, f"{'tokens':>7} {'prefill s':>10} {'1 step s':>9} {'ratio':>7} {'paper ratio':>12} "
+                     f"{'KV MB':>8} {'load s':>8}"]
+    for r in rows:
+        paper = f"{r['paper_ratio']:.1f}x" if r["paper_ratio"] else "-"
+        lines.append(f"{r['tokens']:>7} {r['prefill_s']:>10.3f} {r['step_s']:>9.4f} {r['ratio']:>6.1f}x "
+                     f"{paper:>12} {r['kv_bytes'] / 1e6:>8.1f} {r['load_from_ram_s']:>8.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench reuse", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="qwen3-4b-arch")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--lengths", default=None, help="comma-separated context lengths")
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK_LENGTHS}")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.lengths:
+        lengths = tuple(int(x) for x in args.lengths.split(",") if x.strip())
+    else:
+        lengths = QUICK_LENGTHS if args.quick else FULL_LENGTHS
+
+    import torch
+
+    from kvswap.engine import load_engine
+
+    t0 = time.perf_counter()
+    engine = load_engine(args.model, dtype=args.dtype)
+    build_s = time.perf_counter() - t0
+    engine.prefill(document_ids(engine, 16))  # warm-up: first-call allocations and kernel selection
+    rows = [measure(engine, n, max(1, args.repeats)) for n in lengths]
+    header = (f"reuse: {engine.model_id} {engine.dtype} on {engine.device}, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} (model ready in {build_s:.0f} s)")
+    print(render(rows, header))
+    out = args.out or RESULTS / f"reuse-{args.model.replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "bench": "reuse", "model": engine.model_id, "fingerprint": engine.fingerprint, "dtype": engine.dtype,
+        "device": engine.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_ready_s": build_s, "rows": rows,
+    }, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
