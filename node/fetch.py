@@ -359,21 +359,53 @@ class Fetcher:
         A chunk the peer lacks is recorded in `pool.lacks` (and stays pending); bad bytes raise IntegrityError.
         """
         by_cid = {ref.cid: ref for ref in batch}
+        # hashing + writing one chunk overlaps receiving the next (at most two chunks held per request)
+        in_flight = trio.Semaphore(2)
 
-        async def on_chunk(cid: Cid, data: bytes | None) -> None:
-            ref = by_cid[cid]
-            if data is None:
-                pool.lacks[peer].add(cid)
-                return
-            if len(data) != ref.stored_size:
-                raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
-                                     f"the manifest says {ref.stored_size}")
-            await self._thread(_verify_and_put, self.target, cid, data, self._target_verifies)
-            await on_stored(peer, ref)
+        async def store_one(cid: Cid, data: bytes) -> None:
+            try:
+                await self._thread(_verify_and_put, self.target, cid, data, self._target_verifies)
+            finally:
+                in_flight.release()
+            await on_stored(peer, by_cid[cid])
 
-        with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
-            await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
-                                               dataplane=self.use_dataplane)
+        try:
+            await self._batch_with_writes(peer, batch, artifact, by_cid, in_flight, store_one, pool)
+        except BaseExceptionGroup as group:  # a failed write or request: surface the failure itself
+            leaf = _first_failure(group)
+            if leaf is None:
+                raise
+            raise leaf from None
+
+    async def _batch_with_writes(self, peer, batch, artifact, by_cid, in_flight, store_one, pool) -> None:
+        async with trio.open_nursery() as writes:
+
+            async def on_chunk(cid: Cid, data: bytes | None) -> None:
+                ref = by_cid[cid]
+                if data is None:
+                    pool.lacks[peer].add(cid)
+                    return
+                if len(data) != ref.stored_size:
+                    raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
+                                         f"the manifest says {ref.stored_size}")
+                await in_flight.acquire()
+                writes.start_soon(store_one, cid, data)
+
+            with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
+                await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
+                                                   dataplane=self.use_dataplane)
+
+
+def _first_failure(group: BaseExceptionGroup) -> BaseException | None:
+    """The first KvswapError or timeout inside a (nested) exception group, or None."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_failure(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, (KvswapError, trio.TooSlowError)):
+            return exc
+    return None
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes, target_verifies: bool) -> None:
