@@ -176,3 +176,33 @@ def test_hosted_generation_round_trip_and_refusal(tmp_path):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_network_start_failures_are_clear(tmp_path):
+    import asyncio
+
+    from kvswap.errors import KvswapError, LocalProtocolError
+    from kvswap.node.net import Network
+
+    async def main():
+        bad = Network()
+        with pytest.raises(KvswapError):
+            await bad.start(seed=seed(5), listen_addrs=["/not/a/multiaddr"])
+        assert not bad.running
+        with pytest.raises(LocalProtocolError):
+            bad.peer_id
+        await bad.stop()  # stopping a failed network is harmless
+
+        net = Network()
+        await net.start(seed=seed(6))
+        try:
+            with pytest.raises(LocalProtocolError):
+                await net.start(seed=seed(6))
+            with pytest.raises(KvswapError):
+                await net.fetch("bafkrei-not-a-cid")
+            assert await net.peers() == []
+        finally:
+            await net.stop()
+            await net.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
