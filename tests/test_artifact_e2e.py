@@ -1,0 +1,124 @@
+"""End to end with a real (tiny, seeded) Qwen3: publish a document into a store, get the same CID again,
+share leading chunks with an extended document, generate from the store exactly as a fresh prefill would,
+and refuse corrupted, untrusted or mismatched artifacts before the model sees them. Also the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvswap.artifact.pipeline import assemble_kv
+from kvswap.artifact.service import document_hash, generate_from_store, publish_document, verify_artifact
+from kvswap.artifact.signing import NodeKey, TrustPolicy
+from kvswap.cid import Cid
+from kvswap.cli import main as cli_main
+from kvswap.errors import IntegrityError, ModelMismatch, UntrustedSigner
+from kvswap.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "store") as s:
+        yield s
+
+
+def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, store, doc_text):
+    key = NodeKey.generate()
+    first = publish_document(tiny_engine, store, key, doc_text, block_tokens=16)
+    again = publish_document(tiny_engine, store, NodeKey.generate(), doc_text, block_tokens=16)
+    assert first["cid"] == again["cid"]  # nothing signer- or time-dependent in the manifest
+    assert len(store.get_envelopes(Cid.parse(first["cid"]))) == 2  # but both attestations are kept
+    longer = doc_text + " Printing also standardised spelling and made maps, music and pamphlets common."
+    ext = publish_document(tiny_engine, store, key, longer, block_tokens=16)
+    m1, m2 = store.get_manifest(Cid.parse(first["cid"])), store.get_manifest(Cid.parse(ext["cid"]))
+    full_blocks = m1.n_tokens // 16
+    assert m2.token_ids[: m1.n_tokens] == m1.token_ids  # the extension keeps the document's tokens
+    assert [c.cid for c in m2.chunks[:full_blocks]] == [c.cid for c in m1.chunks[:full_blocks]]
+    assert store.fsck()["ok"]
+
+
+def test_generate_from_store_matches_fresh_prefill(tiny_engine, store, doc_text, question_text):
+    key = NodeKey.generate()
+    res = publish_document(tiny_engine, store, key, doc_text)
+    cid = Cid.parse(res["cid"])
+    policy = TrustPolicy(frozenset({key.public_bytes}))
+    out = generate_from_store(tiny_engine, store, cid, question_text, max_new_tokens=12, policy=policy)
+    doc_ids = tiny_engine.tokenize(doc_text)
+    q_ids = tiny_engine.tokenize(question_text)
+    ref = tiny_engine.generate_two_phase(doc_ids, q_ids, max_new_tokens=12)
+    assert out["tokens"] == ref.tokens and out["document_tokens"] == len(doc_ids)
+    # whole-document continuation uses the stored last-position logits (the tail)
+    kv = assemble_kv(store.get_manifest(cid), store.read_chunk)
+    assert kv.last_logits is not None
+    assert tiny_engine.generate_from_kv(kv, [], max_new_tokens=8).tokens == \
+        tiny_engine.generate_fresh(doc_ids, max_new_tokens=8).tokens
+    assert verify_artifact(store, cid, policy)["ok"]
+    assert store.find_by_document(tiny_engine.fingerprint, document_hash(doc_text)) == [cid]
+
+
+def test_corrupted_untrusted_and_mismatched_artifacts_are_refused(tiny_engine, tiny_engine_fp32, store, doc_text):
+    key = NodeKey.generate()
+    cid = Cid.parse(publish_document(tiny_engine, store, key, doc_text)["cid"])
+    manifest = store.get_manifest(cid)
+    stranger_only = TrustPolicy(frozenset({NodeKey.generate().public_bytes}))
+    with pytest.raises(UntrustedSigner):
+        generate_from_store(tiny_engine, store, cid, "Q", policy=stranger_only)
+    with pytest.raises(UntrustedSigner):
+        verify_artifact(store, cid, stranger_only)
+    with pytest.raises(ModelMismatch):
+        generate_from_store(tiny_engine_fp32, store, cid, "Q")
+    path = store.chunk_path(manifest.chunks[1].cid)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        generate_from_store(tiny_engine, store, cid, "Q")
+    with pytest.raises(IntegrityError):
+        verify_artifact(store, cid, TrustPolicy(frozenset({key.public_bytes})))
+
+
+def _cli(capsys, *argv) -> tuple[int, dict | str, str]:
+    code = cli_main(list(argv))
+    captured = capsys.readouterr()
+    try:
+        return code, json.loads(captured.out), captured.err
+    except ValueError:
+        return code, captured.out, captured.err
+
+
+def test_cli_publish_inspect_verify_export_import_generate(tmp_path, capsys, tiny_engine, doc_text):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(doc_text)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    code, pub, _ = _cli(capsys, "publish", str(doc), "--model", "tiny-qwen3", "--home", a, "--json")
+    assert code == 0 and pub["n_tokens"] == len(tiny_engine.tokenize(doc_text))
+    cid = pub["cid"]
+    code, ls, _ = _cli(capsys, "ls", "--home", a, "--json")
+    assert [x["cid"] for x in ls["artifacts"]] == [cid]
+    code, info, _ = _cli(capsys, "inspect", cid[:20], "--home", a, "--json")
+    assert info["cid"] == cid and info["complete"] and len(info["signatures"]) == 1
+    assert _cli(capsys, "verify", cid, "--home", a, "--json")[1]["ok"]
+    export = str(tmp_path / "x.kvx")
+    assert _cli(capsys, "export", cid, export, "--home", a)[0] == 0
+    # b does not trust a: import refused with one line and a non-zero exit, until a's key is trusted
+    code, _, err = _cli(capsys, "import", export, "--home", b)
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1 and "untrusted" in err
+    a_key = _cli(capsys, "id", "--home", a, "--json")[1]["public_key"]
+    assert _cli(capsys, "trust", "add", a_key, "--home", b, "--json")[1]["trusted"] == [a_key]
+    code, imp, _ = _cli(capsys, "import", export, "--home", b, "--json")
+    assert code == 0 and imp["cid"] == cid
+    code, gen, _ = _cli(capsys, "generate", "--doc", str(doc), "--model", "tiny-qwen3", "--prompt", " Who?",
+                        "--max-new-tokens", "5", "--home", b, "--json")
+    assert code == 0 and gen["cid"] == cid and len(gen["tokens"]) <= 5
+    code, gen2, _ = _cli(capsys, "generate", cid, "--prompt", " Who?", "--max-new-tokens", "5", "--home", b, "--json")
+    assert gen2["tokens"] == gen["tokens"]
+    assert _cli(capsys, "fsck", "--home", b, "--json")[1]["ok"]
+    assert _cli(capsys, "pin", cid, "--home", b)[0] == 0
+    assert _cli(capsys, "gc", "--budget", "0", "--home", b, "--json")[1]["evicted"] == []
+    assert _cli(capsys, "unpin", cid, "--home", b)[0] == 0
+    assert _cli(capsys, "gc", "--budget", "0", "--home", b, "--json")[1]["evicted"] == [cid]
+    code, _, err = _cli(capsys, "inspect", cid, "--home", b)
+    assert code != 0 and "not in the store" in err
+    code, _, err = _cli(capsys, "verify", "not-a-cid", "--home", b)
+    assert code != 0 and err.startswith("error: ")
