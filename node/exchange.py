@@ -215,6 +215,18 @@ def _chunk_of(msg: Message) -> str | None:
     return None
 
 
+_UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
+
+
+def _remote_ip(stream: Any) -> str | None:
+    """The peer's IP as this libp2p stream reaches it (None if the transport does not say)."""
+    try:
+        addr = stream.get_remote_address()
+    except Exception:  # transports without socket addresses
+        return None
+    return addr[0] if addr else None
+
+
 def _cid_or_none(text: str | None) -> Cid | None:
     return Cid.parse(text) if text else None
 
@@ -402,6 +414,7 @@ class Exchange:
             idle=limits.CHUNK_TIMEOUT_S,
         )
         framed.artifact = artifact
+        remote_ip = _remote_ip(framed.stream)
         grant: DataGrant | None = None
         try:
             await framed.send(ChunkRequest(tuple(cids), dataplane=dataplane, artifact=_cid_or_none(artifact)))
@@ -426,7 +439,10 @@ class Exchange:
 
             if list(grant.cids) != list(cids):
                 raise RemoteProtocolError(f"peer {peer[:16]} granted other chunks than asked")
-            await fetch_granted(grant, peer, on_chunk, self.on_transfer, artifact, self.p2p.peer_ips(peer))
+            allowed = self.p2p.peer_ips(peer) | ({remote_ip} if remote_ip else set())
+            if grant.host in _UNSPECIFIED and remote_ip:  # server listens on all interfaces: use the IP we reached
+                grant = DataGrant(remote_ip, grant.port, grant.token, grant.cids)
+            await fetch_granted(grant, peer, on_chunk, self.on_transfer, artifact, allowed)
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
         new_request_id()

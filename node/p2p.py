@@ -172,12 +172,19 @@ class P2PHost:
     @property
     def addrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<peer id>) other nodes can dial."""
+        from libp2p.utils.address_validation import get_available_interfaces
+
         pid = self.peer_id
-        out = []
+        out: list[str] = []
         for a in self.host.get_addrs():
-            text = str(a)
-            out.append(text if "/p2p/" in text else f"{text}/p2p/{pid}")
-        return out
+            text = str(a).split("/p2p/")[0]
+            if text.startswith("/ip4/0.0.0.0/tcp/"):  # listening on every interface: list each IPv4 one
+                port = int(text.rsplit("/", 1)[1])
+                expanded = [str(m) for m in get_available_interfaces(port) if str(m).startswith("/ip4/")]
+                out += [f"{m}/p2p/{pid}" for m in expanded] or [f"{text}/p2p/{pid}"]
+            else:
+                out.append(f"{text}/p2p/{pid}")
+        return list(dict.fromkeys(out))
 
     @property
     def listen_ip(self) -> str:
