@@ -66,6 +66,7 @@ class DataPlane:
         self._limiter = limiter
         self._grants: dict[bytes, _Grant] = {}
         self._chunk_path = chunk_path
+        self._connections = 0  # open data-plane connections; more than MAX_CONCURRENT_SERVES are refused
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=self.host)
@@ -124,6 +125,11 @@ class DataPlane:
     async def _serve(self, sock: trio.SocketStream) -> None:
         from .exchange import TransferEvent, current_request
 
+        if self._connections >= limits.MAX_CONCURRENT_SERVES:
+            log.info("data plane: too many connections, refusing one")
+            await sock.aclose()
+            return
+        self._connections += 1
         try:
             token = b""
             with trio.move_on_after(limits.STREAM_IDLE_TIMEOUT_S):
@@ -160,6 +166,7 @@ class DataPlane:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
             log.info("data plane: peer went away: %r", exc)
         finally:
+            self._connections -= 1
             await sock.aclose()
 
 

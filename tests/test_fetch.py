@@ -203,3 +203,32 @@ def test_network_facade_from_asyncio(tmp_path):
         assert not me.running
 
     asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_data_plane_tokens_are_single_use_and_unknown_ones_refused(tmp_path):
+    manifest, chunks, _ = make_artifact(1, 4096)
+
+    async def read_all(sock) -> bytes:
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await sock.receive_some(1 << 16):
+                data += chunk
+        return data
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            node = await start(nursery, tmp_path / "n", 1)
+            node.store.add(manifest, chunks)
+            dp = node.dataplane
+            sock = await trio.open_tcp_stream(dp.host, dp.port)
+            await sock.send_all(b"\x00" * 32)  # a token nobody granted
+            assert await read_all(sock) == b""
+            grant = dp.grant("someone", [Cid.of(chunks[0])])
+            for expect_data in (True, False):  # the second use of the same token gets nothing
+                sock = await trio.open_tcp_stream(dp.host, dp.port)
+                await sock.send_all(grant.token)
+                data = await read_all(sock)
+                assert (chunks[0] in data) is expect_data
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
