@@ -121,7 +121,9 @@ class TrioNode:
                 log.info("dropped a malformed announcement from %s: %s", sender[:16], exc)
                 return
             for msg in msgs:
-                if msg.model_fingerprint == model_fingerprint:
+                # pubsub signs messages (strict signing): `sender` is the originator, so an announcement
+                # naming another publisher is a lie and is dropped
+                if msg.model_fingerprint == model_fingerprint and msg.publisher == sender:
                     handler(msg, sender)
 
         await self.p2p.subscribe(announce_topic(model_fingerprint), on_message)

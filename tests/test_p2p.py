@@ -95,13 +95,16 @@ def test_gossip_announce_is_received_and_malformed_gossip_dropped(tmp_path):
                 await b.subscribe(model, lambda msg, sender: got.append((msg, sender)))
                 await a.p2p.connect(b.addrs[0])
                 ann = Announce(Cid.of(b"x"), model, "cd" * 32, 128, a.peer_id)
+                forged = Announce(Cid.of(b"y"), model, "cd" * 32, 128, b.peer_id)  # claims someone else published
                 for _ in range(60):  # until the subscription has propagated and the message arrives
                     await a.p2p.publish(announce_topic(model), b"\x0a\x00\x00\x00\x02garbage")
+                    await a.announce(forged)
                     await a.announce(ann)
                     await trio.sleep(0.25)
                     if got:
                         break
                 assert got and got[0] == (ann, a.peer_id)
+                assert all(msg == ann for msg, _ in got)  # the garbage and the forgery were dropped
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
