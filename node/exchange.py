@@ -22,7 +22,6 @@ import trio
 
 from kvswap.cid import Cid
 from kvswap.errors import (
-    IntegrityError,
     KvswapError,
     LimitExceeded,
     ModelMismatch,
@@ -471,7 +470,6 @@ class Exchange:
 __all__ = [
     "Exchange",
     "FramedStream",
-    "IntegrityError",
     "Service",
     "TransferEvent",
     "raise_for_error",

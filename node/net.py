@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import FormatError, LocalProtocolError, UsageError
+from kvswap.errors import LocalProtocolError, UsageError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import Decoder, encode
 from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse, announce_topic
@@ -294,4 +294,4 @@ async def _fetch(fetcher: Fetcher, key: FetchKey, n_tokens, report, expect_model
                                expect_dtype=expect_dtype, providers=providers)
 
 
-__all__ = ["FetchProgress", "FetchResult", "FormatError", "Network", "TrioNode", "parse_fetch_key"]
+__all__ = ["FetchProgress", "FetchResult", "Network", "TrioNode", "parse_fetch_key", "provide_keys"]

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import multiaddr
 import trio
 
-from kvswap.errors import KvswapError, NotFound, ProtocolError, RemoteProtocolError, UsageError
+from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError
 from kvswap.protocol import limits
 
 log = logging.getLogger(__name__)
@@ -419,7 +419,6 @@ class P2PHost:
 
 
 __all__ = [
-    "NotFound",
     "P2PConfig",
     "P2PHost",
     "document_key",
