@@ -99,6 +99,12 @@ class TransferEvent:
     chunk: str | None = None
     request: str | None = field(default_factory=current_request.get)
 
+    def as_ledger_kwargs(self) -> dict:
+        """Keyword arguments for kvswap.ledger.Ledger.transfer: `ledger.transfer(**event.as_ledger_kwargs())`."""
+        return {"peer": self.peer, "protocol": self.protocol, "direction": self.direction,
+                "wire_bytes": self.wire_bytes, "raw_bytes": self.raw_bytes, "artifact": self.artifact,
+                "chunk": self.chunk, "request": self.request}
+
 
 TransferHook = Callable[[TransferEvent], None]
 

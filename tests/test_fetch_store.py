@@ -129,3 +129,43 @@ def test_store_holdings_are_provided_at_start(tmp_path):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_facade_with_real_store_and_ledger(tmp_path):
+    """The daemon's wiring end to end: Network + StoreArtifacts + Ledger, fetch and hosted generation."""
+    import asyncio
+
+    from kvswap.ledger import Ledger
+    from kvswap.node.net import Network
+    from kvswap.protocol.messages import GenerateRequest, GenerateResponse
+
+    pub_store, my_store = Store(tmp_path / "pub"), Store(tmp_path / "me")
+    manifest = publish(pub_store, make_kv(64))
+    policy = TrustPolicy(frozenset({NodeKey(PUB_SEED).public_bytes}))
+
+    def hosted(request: GenerateRequest) -> GenerateResponse:
+        return GenerateResponse(tokens=tuple(request.suffix_ids[::-1]), text="ok", timings=(("decode_s", 0.01),))
+
+    async def main():
+        pub_ledger, my_ledger = Ledger(tmp_path / "pub.sqlite"), Ledger(tmp_path / "me.sqlite")
+        pub, me = Network(), Network()
+        await pub.start(seed=PUB_SEED, service=StoreArtifacts(pub_store, policy, generate=hosted),
+                        on_transfer=lambda e: pub_ledger.transfer(**e.as_ledger_kwargs()))
+        await me.start(seed=ME_SEED, target=StoreArtifacts(my_store, policy), bootstrap=[pub.addrs[0]],
+                       on_transfer=lambda e: my_ledger.transfer(**e.as_ledger_kwargs()))
+        try:
+            result = await me.fetch((MODEL, manifest.document_hash), expect_model=MODEL)
+            assert result.cid == manifest.cid and my_store.is_complete(manifest.cid)
+            reply = await me.remote_generate(pub.peer_id, GenerateRequest(manifest.cid, (1, 2, 3), 3))
+            assert reply.tokens == (3, 2, 1)
+        finally:
+            await me.stop()
+            await pub.stop()
+        rows_in = [r for r in my_ledger.transfers(direction="in") if r.chunk]
+        assert sum(r.raw_bytes for r in rows_in) == manifest.stored_size  # every stored byte, once
+        served = [r for r in pub_ledger.transfers(direction="out") if r.chunk]
+        assert sum(r.raw_bytes for r in served) == manifest.stored_size
+        gen = my_ledger.transfers(protocol="/kvswap/generate/1")
+        assert [r.direction for r in gen] == ["out", "in"] and len({r.request for r in gen}) == 1
+
+    asyncio.run(asyncio.wait_for(main(), 90))
