@@ -198,3 +198,23 @@ def test_check_compatible_names_both_sides():
                                                                  "dtype", "layout")}, attr: value})
         with pytest.raises(ModelMismatch):
             check_compatible(m, other)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_tokens=st.integers(1, 90), block=st.integers(1, 40), codec=st.sampled_from(["auto", "raw", "zstd", "planes"]),
+       prefix=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_publish_decode_assemble_round_trip(n_tokens, block, codec, prefix, seed):
+    kv = synthetic_kv(n_tokens, seed=seed)
+    m, chunks = publish(kv, block_tokens=block, codec=codec)
+    back = decode_manifest(m.canonical_bytes, m.cid)
+    assert back == m and len(back.chunks) == -(-n_tokens // block)
+    k = max(1, int(n_tokens * prefix))
+    got = assemble_kv(back, chunks.__getitem__, n_tokens=k)
+    assert got.token_ids == kv.token_ids[:k]
+    for a, b in zip(got.keys + got.values, kv.keys + kv.values):
+        assert (a == b[:, :k, :]).all()
+    assert (got.last_logits is not None) == (k == n_tokens)
