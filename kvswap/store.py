@@ -339,7 +339,10 @@ class Store:
                 "SELECT DISTINCT a.cid FROM artifacts a JOIN artifact_blobs b ON b.artifact_cid = a.cid"
                 " WHERE b.chunk_cid = ? AND a.complete = 0", (str(chunk),)).fetchall()
             for (art,) in rows:
-                blobs = db.execute("SELECT chunk_cid FROM artifact_blobs WHERE artifact_cid = ?", (art,)).fetchall()
+                # newest blobs first: a publish or in-order fetch fills from the front, so the first missing
+                # blob is found at once instead of after stat-ing every present one (O(n) per artifact, not n^2)
+                blobs = db.execute("SELECT chunk_cid FROM artifact_blobs WHERE artifact_cid = ? ORDER BY idx DESC",
+                                   (art,)).fetchall()
                 if all((self.chunks_dir / c).is_file() for (c,) in blobs):
                     db.execute("UPDATE artifacts SET complete = 1 WHERE cid = ?", (art,))
 
