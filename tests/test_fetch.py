@@ -232,3 +232,24 @@ def test_data_plane_tokens_are_single_use_and_unknown_ones_refused(tmp_path):
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_chunks_are_spread_over_honest_providers(tmp_path):
+    manifest, chunks, _ = make_artifact(8, 64 * 1024)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                p1 = await start(nursery, tmp_path / "p1", 1)
+                p2 = await start(nursery, tmp_path / "p2", 2)
+                me = await start(nursery, tmp_path / "me", 3)
+                v = p1.store.add(manifest, chunks)
+                p2.store.add(manifest, chunks)
+                for p in (p1, p2):
+                    await me.p2p.connect(p.addrs[0])
+                result = await me.fetcher.fetch(FetchKey(cid=v.cid), providers=[p1.peer_id, p2.peer_id])
+                assert set(result.providers) == {p1.peer_id, p2.peer_id}
+                assert sum(result.providers.values()) == 8
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
