@@ -218,3 +218,53 @@ def test_publish_decode_assemble_round_trip(n_tokens, block, codec, prefix, seed
     for a, b in zip(got.keys + got.values, kv.keys + kv.values):
         assert (a == b[:, :k, :]).all()
     assert (got.last_logits is not None) == (k == n_tokens)
+
+
+from kvswap.artifact import codecs  # noqa: E402
+from kvswap.artifact.signing import decode_envelopes  # noqa: E402
+from kvswap.errors import KvswapError  # noqa: E402
+
+
+def _mutations_of(data: bytes):
+    """Random edits of a valid encoding: far more likely to reach deep validation than random bytes."""
+    return st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(0, 255)), min_size=1, max_size=4).map(
+        lambda edits: bytes(_apply(bytearray(data), edits)))
+
+
+def _apply(buf: bytearray, edits):
+    for offset, value in edits:
+        buf[offset] = value
+    return buf
+
+
+_VALID = publish(synthetic_kv(40, seed=3), block_tokens=16)[0].canonical_bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=2048), _mutations_of(_VALID)))
+def test_fuzz_manifest_decoder_raises_only_kvswap_errors(data):
+    try:
+        m = decode_manifest(data)
+    except KvswapError:
+        return
+    assert m.canonical_bytes == data  # anything accepted is canonical
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=1024))
+def test_fuzz_envelope_decoder_raises_only_kvswap_errors(data):
+    try:
+        decode_envelopes(data)
+    except KvswapError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(codec=st.sampled_from(codecs.CODECS), data=st.binary(max_size=512), raw_size=st.sampled_from([0, 2, 64, 4096]))
+def test_fuzz_codec_decoder_raises_only_integrity_errors(codec, data, raw_size):
+    try:
+        out = codecs.decode(codec, data, raw_size, 2)
+    except KvswapError as exc:
+        assert type(exc).__name__ == "IntegrityError"
+        return
+    assert len(out) == raw_size
