@@ -268,3 +268,19 @@ def test_fuzz_codec_decoder_raises_only_integrity_errors(codec, data, raw_size):
         assert type(exc).__name__ == "IntegrityError"
         return
     assert len(out) == raw_size
+
+
+def test_publish_streams_without_holding_every_chunk(monkeypatch):
+    """Past PUBLISH_BUFFER_BYTES the stream re-encodes chunks (deterministically) instead of keeping them."""
+    from kvswap.artifact import pipeline
+
+    kv = synthetic_kv(200, seed=11)
+    buffered_manifest, buffered = publish(kv, codec="auto")
+    monkeypatch.setattr(pipeline, "PUBLISH_BUFFER_BYTES", 0)
+    streamed_manifest, streamed_iter = publish_kv(
+        kv, model_id="m", model_fingerprint="ab" * 32, tokenizer_fingerprint="cd" * 32, document_hash="ef" * 32,
+        block_tokens=16)
+    first = next(streamed_iter)
+    assert first[0] == streamed_manifest.chunks[0].cid
+    streamed = dict([first, *streamed_iter])
+    assert streamed_manifest == buffered_manifest and streamed == buffered
