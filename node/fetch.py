@@ -264,15 +264,19 @@ class Fetcher:
                                    [p for p, n in pool.served.items() if n], state["chunks"], len(todo)))
 
         pending: deque[ChunkRef] = deque(todo)
-        remaining: set[Cid] = {c.cid for c in todo}
+        remaining: set[Cid] = {c.cid for c in todo}  # not yet stored
+        writing: set[Cid] = set()  # received, being verified and written
         tried: dict[Cid, set[str]] = {c.cid: set() for c in todo}
         looked_up: set[Cid] = set()
         failed: list[BaseException] = []
-        # batches spread the work over the workers but amortise one request (and one data-plane connection)
-        # over several chunks: per-request overhead dominates small chunks
-        batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(todo) // (2 * self.parallel))))
+        # received chunks are verified and written behind the workers' backs, so a worker asks for more as
+        # soon as its bytes are in; this bounds the chunks held in memory meanwhile
+        write_slots = trio.Semaphore(2 * self.parallel)
 
         def take_batch() -> tuple[str | None, list[ChunkRef]]:
+            # batches amortise a request (and a data-plane connection) over several chunks, and shrink as the
+            # queue drains so the last requests still spread over every worker
+            batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(pending) // (2 * self.parallel))))
             first = pending.popleft()
             peer = pool.pick(first.cid, tried[first.cid])
             if peer is None:
@@ -286,12 +290,29 @@ class Fetcher:
                 size += nxt.stored_size
             return peer, batch
 
-        async def on_stored(peer: str, ref: ChunkRef) -> None:
+        async def store_one(peer: str, ref: ChunkRef, data: bytes) -> None:
+            try:
+                await self._thread(_verify_and_put, self.target, ref.cid, data, self._target_verifies)
+            except IntegrityError as exc:  # the provider lied: another one will serve this chunk
+                pool.penalise(peer, str(exc))
+                pending.appendleft(ref)
+                return
+            except KvswapError as exc:  # our own store failed: the fetch cannot go on
+                failed.append(exc)
+                writers.cancel_scope.cancel()
+                return
+            finally:
+                writing.discard(ref.cid)
+                write_slots.release()
             remaining.discard(ref.cid)
             pool.served[peer] += 1
             state["bytes"] += ref.stored_size
             state["chunks"] += 1
             report()
+
+        def on_received(peer: str, ref: ChunkRef, data: bytes) -> None:
+            writing.add(ref.cid)
+            writers.start_soon(store_one, peer, ref, data)
 
         async def worker() -> None:
             while remaining:
@@ -312,7 +333,7 @@ class Fetcher:
                     tried[ref.cid].add(peer)
                 pool.busy[peer] += 1
                 try:
-                    await self._get_batch(peer, batch, artifact, on_stored, pool)
+                    await self._get_batch(peer, batch, artifact, pool, write_slots, on_received)
                 except (RemoteProtocolError, IntegrityError, trio.TooSlowError) as exc:
                     pool.penalise(peer, str(exc) or type(exc).__name__)
                 except NotFound:
@@ -321,18 +342,18 @@ class Fetcher:
                 finally:
                     pool.busy[peer] -= 1
                 pending.extendleft(reversed([ref for ref in batch if ref.cid in remaining
-                                             and ref not in pending]))
+                                             and ref.cid not in writing and ref not in pending]))
 
         async def guarded_worker() -> None:
             try:
                 await worker()
             except KvswapError as exc:
                 failed.append(exc)
-                nursery.cancel_scope.cancel()
+                writers.cancel_scope.cancel()
 
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as writers:
             for _ in range(min(self.parallel, max(len(todo), 1))):
-                nursery.start_soon(guarded_worker)
+                writers.start_soon(guarded_worker)
         if failed:
             raise failed[0]
         complete = n_tokens is None or n_tokens >= verified.n_tokens
@@ -352,60 +373,27 @@ class Fetcher:
             providers={p: n for p, n in pool.served.items() if n},
         )
 
-    async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: str,
-                         on_stored: Callable, pool: _Providers) -> None:
-        """Fetch `batch` from `peer` in one request; verify and store each chunk as it arrives.
-
-        A chunk the peer lacks is recorded in `pool.lacks` (and stays pending); bad bytes raise IntegrityError.
-        """
+    async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: str, pool: _Providers,
+                         write_slots: trio.Semaphore, on_received: Callable[[str, ChunkRef, bytes], None]) -> None:
+        """Fetch `batch` from `peer` in one request; hand each chunk of the right size to `on_received`
+        (verification and writing happen there, behind this request). A chunk the peer lacks is recorded in
+        `pool.lacks`; a chunk of the wrong size raises IntegrityError."""
         by_cid = {ref.cid: ref for ref in batch}
-        # hashing + writing one chunk overlaps receiving the next (at most two chunks held per request)
-        in_flight = trio.Semaphore(2)
 
-        async def store_one(cid: Cid, data: bytes) -> None:
-            try:
-                await self._thread(_verify_and_put, self.target, cid, data, self._target_verifies)
-            finally:
-                in_flight.release()
-            await on_stored(peer, by_cid[cid])
+        async def on_chunk(cid: Cid, data: bytes | None) -> None:
+            ref = by_cid[cid]
+            if data is None:
+                pool.lacks[peer].add(cid)
+                return
+            if len(data) != ref.stored_size:
+                raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
+                                     f"the manifest says {ref.stored_size}")
+            await write_slots.acquire()
+            on_received(peer, ref, data)
 
-        try:
-            await self._batch_with_writes(peer, batch, artifact, by_cid, in_flight, store_one, pool)
-        except BaseExceptionGroup as group:  # a failed write or request: surface the failure itself
-            leaf = _first_failure(group)
-            if leaf is None:
-                raise
-            raise leaf from None
-
-    async def _batch_with_writes(self, peer, batch, artifact, by_cid, in_flight, store_one, pool) -> None:
-        async with trio.open_nursery() as writes:
-
-            async def on_chunk(cid: Cid, data: bytes | None) -> None:
-                ref = by_cid[cid]
-                if data is None:
-                    pool.lacks[peer].add(cid)
-                    return
-                if len(data) != ref.stored_size:
-                    raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
-                                         f"the manifest says {ref.stored_size}")
-                await in_flight.acquire()
-                writes.start_soon(store_one, cid, data)
-
-            with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
-                await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
-                                                   dataplane=self.use_dataplane)
-
-
-def _first_failure(group: BaseExceptionGroup) -> BaseException | None:
-    """The first KvswapError or timeout inside a (nested) exception group, or None."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first_failure(exc)
-            if found is not None:
-                return found
-        elif isinstance(exc, (KvswapError, trio.TooSlowError)):
-            return exc
-    return None
+        with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
+            await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
+                                               dataplane=self.use_dataplane)
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes, target_verifies: bool) -> None:

@@ -80,5 +80,6 @@ DHT_QUERY_TIMEOUT_S = 15.0
 WORKER_THREADS = 16
 #: Most chunks a fetch asks one provider for in one request (amortises request overhead over small chunks).
 FETCH_BATCH_CHUNKS = 16
-#: Stop adding chunks to a request beyond this many bytes (bytes): a failed request re-fetches at most this.
+#: Stop adding chunks to a request at this many bytes: big chunks go one per request (balances load over
+#: providers and workers), small ones share a request (amortises its overhead); a failure re-fetches at most this.
 FETCH_BATCH_BYTES = 64 * MiB
