@@ -265,7 +265,10 @@ class Fetcher:
 
         pending: deque[ChunkRef] = deque(todo)
         remaining: set[Cid] = {c.cid for c in todo}  # not yet stored
-        writing: set[Cid] = set()  # received, being verified and written
+        # who is responsible for each chunk not yet stored: a batch number while requested, WRITER while its
+        # bytes are verified and written, absent while it waits in `pending` (so it is never queued twice)
+        owner: dict[Cid, int] = {}
+        batch_ids = iter(range(1, 1 << 62))
         tried: dict[Cid, set[str]] = {c.cid: set() for c in todo}
         looked_up: set[Cid] = set()
         failed: list[BaseException] = []
@@ -295,6 +298,7 @@ class Fetcher:
                 await self._thread(_verify_and_put, self.target, ref.cid, data, self._target_verifies)
             except IntegrityError as exc:  # the provider lied: another one will serve this chunk
                 pool.penalise(peer, str(exc))
+                owner.pop(ref.cid, None)
                 pending.appendleft(ref)
                 return
             except KvswapError as exc:  # our own store failed: the fetch cannot go on
@@ -302,16 +306,16 @@ class Fetcher:
                 writers.cancel_scope.cancel()
                 return
             finally:
-                writing.discard(ref.cid)
                 write_slots.release()
             remaining.discard(ref.cid)
+            owner.pop(ref.cid, None)
             pool.served[peer] += 1
             state["bytes"] += ref.stored_size
             state["chunks"] += 1
             report()
 
         def on_received(peer: str, ref: ChunkRef, data: bytes) -> None:
-            writing.add(ref.cid)
+            owner[ref.cid] = _WRITER
             writers.start_soon(store_one, peer, ref, data)
 
         async def worker() -> None:
@@ -329,8 +333,10 @@ class Fetcher:
                         pool.add(extra)
                     pending.appendleft(ref)
                     continue
+                batch_id = next(batch_ids)
                 for ref in batch:
                     tried[ref.cid].add(peer)
+                    owner[ref.cid] = batch_id
                 pool.busy[peer] += 1
                 try:
                     await self._get_batch(peer, batch, artifact, pool, write_slots, on_received)
@@ -341,8 +347,10 @@ class Fetcher:
                         pool.lacks[peer].add(ref.cid)
                 finally:
                     pool.busy[peer] -= 1
-                pending.extendleft(reversed([ref for ref in batch if ref.cid in remaining
-                                             and ref.cid not in writing and ref not in pending]))
+                back = [ref for ref in batch if owner.get(ref.cid) == batch_id]  # neither received nor stored
+                for ref in back:
+                    del owner[ref.cid]
+                pending.extendleft(reversed(back))
 
         async def guarded_worker() -> None:
             try:
@@ -394,6 +402,9 @@ class Fetcher:
         with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
             await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
                                                dataplane=self.use_dataplane)
+
+
+_WRITER = 0  # owner mark: the chunk's bytes are in, being verified and written
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes, target_verifies: bool) -> None:
