@@ -166,3 +166,19 @@ def test_setup_failure_raises_from_start():
         assert not bridge.running
 
     run(main())
+
+
+def test_stop_fails_pending_calls_cleanly():
+    async def forever():
+        await trio.sleep_forever()
+
+    async def main():
+        bridge = TrioBridge()
+        await bridge.start()
+        pending = asyncio.create_task(bridge.call(forever))
+        await asyncio.sleep(0.1)
+        await bridge.stop()
+        with pytest.raises(LocalProtocolError, match="stopped"):
+            await asyncio.wait_for(pending, 5)
+
+    run(main())
