@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 # KadDHT logs a WARNING each time a peer closes a DHT stream normally ("Failed to read DHT message from
 # stream: "), several per lookup; quiet it unless someone configured that logger on purpose.
-_dht_log = logging.getLogger("libp2p.kad_dht.kad_dht")
-if _dht_log.level == logging.NOTSET:
-    _dht_log.setLevel(logging.ERROR)
+# The auto-connector logs its state at INFO every cycle. Quiet both unless configured on purpose.
+for _name, _level in (("libp2p.kad_dht.kad_dht", logging.ERROR), ("libp2p.network.auto_connector", logging.WARNING)):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(_level)
 
 #: ADD_PROVIDER messages per 10 s accepted from one kvswap peer (libp2p's default of 10 is for IPFS).
 PROVIDER_RATE_MAX = 100_000
