@@ -214,6 +214,23 @@ class Network:
 
         return await self._bridge.call(read)
 
+    async def info(self) -> dict:
+        """A status snapshot for `kvswap node status`: identity, addresses, peers, what is advertised."""
+        node = self._need()
+
+        async def read() -> dict:
+            dp = node.dataplane
+            return {
+                "peer_id": node.peer_id,
+                "addrs": node.addrs,
+                "peers": len(node.p2p.connected_peers()),
+                "providing": len(node.p2p._provided),
+                "dataplane": f"{dp.host}:{dp.port}" if dp is not None else None,
+                "rejected_streams": node.exchange.rejected_streams,
+            }
+
+        return await self._bridge.call(read)
+
     # --- content routing --------------------------------------------------------------------------------
 
     async def provide_artifact(self, cid: Cid, model_fingerprint: str, document_hash: str,

@@ -181,6 +181,9 @@ def test_network_facade_from_asyncio(tmp_path):
             assert ann == Announce(v.cid, v.model_fingerprint, v.document_hash, v.n_tokens, pub.peer_id)
             assert sender == pub.peer_id
             assert pub.peer_id in [p["peer_id"] for p in await me.peers()]
+            info = await pub.info()
+            assert info["peer_id"] == pub.peer_id and info["peers"] >= 1 and info["dataplane"]
+            assert info["providing"] >= 2 + len(v.chunks)
 
             result = await me.fetch(str(v.cid), progress=progress.append)
             assert result.cid == v.cid and result.chunks_fetched == 4
