@@ -9,7 +9,9 @@ depend on weight values, so the timings stand in for Qwen3-4B; the output text i
 For each length L: a document of exactly L real-vocabulary tokens is prefilled (median of --repeats), then
 one single-token forward over its KV already resident in a cache is timed (median of --repeats; the cache is
 rebuilt from the KvTensors before each step and the rebuild is reported separately as "load from RAM"), the
-ratio is printed beside the paper's (Qwen3-4B fp16 on an M1 Pro/MPS). Wall-clock on a shared machine: compare
+ratio is printed beside the paper's (Qwen3-4B fp16 on an M1 Pro/MPS). Mind the CPU: bf16 matmul is fast only
+with AMX/AVX512-BF16; on an AVX2-only CPU it ran at ~20 GFLOP/s (fp32 ~81), so a 255-token bf16 prefill of the
+full model takes minutes there and the full table hours. Wall-clock on a shared machine: compare
 rows within one run, not across runs. Writes JSON to bench/results/reuse-<model>.json.
 """
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -104,7 +107,12 @@ def main(argv: list[str]) -> int:
     engine = load_engine(args.model, dtype=args.dtype)
     build_s = time.perf_counter() - t0
     engine.prefill(document_ids(engine, 16))  # warm-up: first-call allocations and kernel selection
-    rows = [measure(engine, n, max(1, args.repeats)) for n in lengths]
+    print(f"model ready in {build_s:.0f} s; measuring {lengths}", file=sys.stderr, flush=True)
+    rows = []
+    for n in lengths:
+        rows.append(measure(engine, n, max(1, args.repeats)))
+        print(f"  {n} tokens: prefill {rows[-1]['prefill_s']:.2f} s, step {rows[-1]['step_s']:.3f} s",
+              file=sys.stderr, flush=True)
     header = (f"reuse: {engine.model_id} {engine.dtype} on {engine.device}, {torch.get_num_threads()} threads, "
               f"median of {args.repeats} (model ready in {build_s:.0f} s)")
     print(render(rows, header))

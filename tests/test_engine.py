@@ -178,3 +178,16 @@ def test_loaded_read_only_arrays_work(tiny_engine, tiny_doc_kv):
     ro.values = [np.frombuffer(v.tobytes(), dtype="<u2").reshape(v.shape) for v in tiny_doc_kv.values]
     want = tiny_engine.generate_from_kv(tiny_doc_kv, [], 8, stop_at_eos=False).tokens
     assert tiny_engine.generate_from_kv(ro, [], 8, stop_at_eos=False).tokens == want
+
+
+def test_bad_model_folders_are_clean_errors(tmp_path):
+    from kvswap.engine import load_engine
+    from kvswap.errors import NotFound
+
+    with pytest.raises(NotFound, match="config.json"):
+        load_engine(str(tmp_path), dtype="bf16", device="cpu")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    with pytest.raises(FormatError, match="tokenizer|safetensors"):
+        load_engine(str(tmp_path), dtype="bf16", device="cpu")
+    with pytest.raises(UsageError, match="dtype"):
+        load_engine("tiny-qwen3", dtype="int8")

@@ -158,11 +158,18 @@ def load_folder(folder: Path, *, model_id: str, dtype: str, device: str | None) 
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise NotFound(f"{folder}: no readable config.json ({exc})") from exc
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    # the one boundary where transformers' loading errors become kvswap errors
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{folder}: cannot load its tokenizer: {exc}") from exc
     tok_fp = _tokenizer_fp(tokenizer)
     fp = folder_fingerprint(folder, config, tok_fp, catalog.model_cache_root())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), local_files_only=True)
-    model.to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype), local_files_only=True)
+        model.to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise FormatError(f"{folder}: cannot load the model: {exc}") from exc
     return Engine(model, tokenizer, model_id=model_id, fingerprint=fp, tokenizer_fingerprint=tok_fp,
                   dtype=dtype, device=device)
 
