@@ -1,0 +1,116 @@
+"""The control API: aiohttp on 127.0.0.1 only, bearer token from <home>/api.token.
+
+Routes are thin: parse JSON, call the daemon, return JSON. A KvswapError becomes
+{"error": {"type", "message"}} with a status that says whose fault it was; node/client.py turns it back
+into the same exception on the CLI side.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .. import errors
+from ..errors import KvswapError, UsageError
+from ..protocol.limits import MAX_API_BODY_BYTES
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    errors.UsageError: 400,
+    errors.FormatError: 400,
+    errors.NotFound: 404,
+    errors.ModelMismatch: 409,
+    errors.IntegrityError: 422,
+    errors.LimitExceeded: 413,
+    errors.RemoteProtocolError: 502,
+}
+
+
+def check_loopback(host: str) -> None:
+    """The control API never listens beyond this machine."""
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = host == "localhost"
+    if not ok:
+        raise UsageError(f"the control API binds loopback only, not {host!r}")
+
+
+def _status_of(exc: KvswapError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500
+
+
+def build_app(daemon: "Daemon", token: str) -> web.Application:
+    @web.middleware
+    async def auth_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return web.json_response({"error": {"type": "UsageError", "message": "bad or missing API token"}}, status=401)
+        try:
+            return await handler(request)
+        except KvswapError as exc:
+            body = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+            return web.json_response(body, status=_status_of(exc))
+
+    async def body(request: web.Request) -> dict:
+        if not request.can_read_body:
+            return {}
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            raise UsageError("request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise UsageError("request body must be a JSON object")
+        return data
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(await daemon.status())
+
+    async def peers(request: web.Request) -> web.Response:
+        return web.json_response(await daemon.peers())
+
+    async def ls(request: web.Request) -> web.Response:
+        return web.json_response(await daemon.list_artifacts())
+
+    async def publish(request: web.Request) -> web.Response:
+        return web.json_response(daemon.start_publish(await body(request)))
+
+    async def get(request: web.Request) -> web.Response:
+        return web.json_response(daemon.start_fetch(await body(request)))
+
+    async def generate(request: web.Request) -> web.Response:
+        return web.json_response(await daemon.generate(await body(request)))
+
+    async def job(request: web.Request) -> web.Response:
+        return web.json_response(daemon.jobs.get(request.match_info["job_id"]).view())
+
+    async def stop(request: web.Request) -> web.Response:
+        daemon.request_stop("control API")
+        return web.json_response({"stopping": True})
+
+    app = web.Application(middlewares=[auth_and_errors], client_max_size=MAX_API_BODY_BYTES)
+    app.add_routes(
+        [
+            web.get("/status", status),
+            web.get("/peers", peers),
+            web.get("/artifacts", ls),
+            web.post("/publish", publish),
+            web.post("/get", get),
+            web.post("/generate", generate),
+            web.get("/jobs/{job_id}", job),
+            web.post("/stop", stop),
+        ]
+    )
+    return app

@@ -1,0 +1,73 @@
+"""The CLI's side of the control API: small synchronous HTTP calls to the daemon on 127.0.0.1.
+
+Uses only the standard library (urllib) so CLI commands that talk to a daemon start fast. Errors the
+daemon reports come back as {"error": {"type": ..., "message": ...}} and are re-raised as the same
+KvswapError subclass, so `kvswap get` fails with the daemon's one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .. import errors
+from ..errors import KvswapError, NotFound
+from . import runfiles
+
+#: seconds to wait for the daemon to answer a control call (long ones poll a job instead)
+API_TIMEOUT_S = 30.0
+
+
+class NodeClient:
+    """Talks to the daemon running in `home`."""
+
+    def __init__(self, home: Path, timeout: float = API_TIMEOUT_S):
+        self.home = Path(home)
+        info = runfiles.read_node_file(self.home)
+        self.base = info["api"].rstrip("/")
+        self.token = runfiles.api_token(self.home)
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise _error_from(exc) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise NotFound(f"the node's control API at {self.base} does not answer ({exc})") from None
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.call("GET", path, **kw)
+
+    def post(self, path: str, body: dict | None = None, **kw: Any) -> Any:
+        return self.call("POST", path, body or {}, **kw)
+
+
+def _error_from(exc: urllib.error.HTTPError) -> KvswapError:
+    try:
+        payload = json.loads(exc.read())["error"]
+        cls = getattr(errors, payload.get("type", ""), None)
+        if not (isinstance(cls, type) and issubclass(cls, KvswapError)):
+            cls = KvswapError
+        return cls(payload["message"])
+    except Exception:  # noqa: BLE001 - a non-JSON error page
+        return KvswapError(f"control API answered HTTP {exc.code}")
+
+
+def maybe_client(home: Path) -> NodeClient | None:
+    """A client if a daemon runs in `home`, else None (the CLI then works on the store directly)."""
+    try:
+        return NodeClient(home)
+    except NotFound:
+        return None

@@ -1,0 +1,83 @@
+"""Long operations (fetch, publish) as jobs the CLI can poll for progress.
+
+A job wraps one asyncio task; its `progress` dict is updated by the work as it goes (bytes, rate, peers)
+and its result or error is kept for the poller. Jobs are owned by the daemon's task group, so an error
+surfaces in the job and in the log instead of vanishing with an untracked future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..errors import KvswapError, NotFound
+
+log = logging.getLogger(__name__)
+
+#: finished jobs kept for pollers
+MAX_FINISHED_JOBS = 256
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    started: float = field(default_factory=time.time)
+    state: str = "running"  # running | done | failed
+    progress: dict = field(default_factory=dict)
+    result: Any = None
+    error: dict | None = None
+
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "progress": dict(self.progress),
+            "result": self.result,
+            "error": self.error,
+            "elapsed_s": round(time.time() - self.started, 3),
+        }
+
+
+class JobTable:
+    def __init__(self, group: asyncio.TaskGroup):
+        self._group = group
+        self._jobs: dict[str, Job] = {}
+        self._ids = itertools.count(1)
+
+    def start(self, kind: str, work: Callable[[Job], Awaitable[Any]]) -> Job:
+        job = Job(id=f"{kind}-{next(self._ids)}", kind=kind)
+        self._jobs[job.id] = job
+        self._group.create_task(self._run(job, work))
+        self._trim()
+        return job
+
+    async def _run(self, job: Job, work: Callable[[Job], Awaitable[Any]]) -> None:
+        try:
+            job.result = await work(job)
+            job.state = "done"
+        except KvswapError as exc:
+            job.state, job.error = "failed", {"type": type(exc).__name__, "message": str(exc)}
+            log.warning("%s failed: %s", job.id, exc)
+        except asyncio.CancelledError:
+            job.state, job.error = "failed", {"type": "KvswapError", "message": "node shutting down"}
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: keep the daemon alive, report it to the poller
+            log.exception("%s crashed", job.id)
+            job.state, job.error = "failed", {"type": "KvswapError", "message": f"internal error: {exc!r}"}
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise NotFound(f"no job {job_id!r}") from None
+
+    def _trim(self) -> None:
+        done = [j for j in self._jobs.values() if j.state != "running"]
+        for job in done[: max(0, len(done) - MAX_FINISHED_JOBS)]:
+            del self._jobs[job.id]
