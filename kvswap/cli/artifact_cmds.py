@@ -70,11 +70,25 @@ def _when(ts: float) -> str:
 
 
 # --- publish / generate (engine) ---------------------------------------------------------------------
+def _daemon(args):
+    """A control-API client when a daemon runs in this home, else None (work on the store directly)."""
+    from ..node.client import maybe_client
+
+    return maybe_client(home_of(args))
+
+
 def cmd_publish(args) -> int:
     from ..artifact.service import publish_document
     from ..engine import load_engine
 
     text = _read_text(args.file)
+    client = _daemon(args)
+    if client is not None:  # the daemon prefills with its resident model, then provides and announces
+        from .node_cmds import wait_job
+
+        job = client.post("/publish", {"text": text, "codec": args.codec, "block_tokens": args.block_tokens})
+        emit(args, wait_job(client, job["id"], show_progress=False), _render_publish)
+        return 0
     engine = load_engine(args.model, dtype=args.dtype)
     with _store(args) as store:
         result = publish_document(engine, store, _key(args), text, codec=args.codec, block_tokens=args.block_tokens)
@@ -95,9 +109,23 @@ def _render_publish(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..artifact.service import generate_from_store, resolve_artifact
+    from ..artifact.service import document_hash, generate_from_store, resolve_artifact
     from ..engine import load_engine
 
+    client = _daemon(args)
+    if args.host and client is None:
+        raise UsageError("--host needs a running node in this home (`kvswap node start`)")
+    if client is not None:  # ship (local store) or host (--host PEER), through the daemon's model
+        body: dict = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "host": args.host}
+        if args.doc is not None:
+            body["document_hash"] = document_hash(_read_text(args.doc))
+        elif args.cid is not None:
+            with _store(args) as store:
+                body["cid"] = str(resolve_cid(store, args.cid)) if not args.host else args.cid
+        else:
+            raise UsageError("give an artifact CID or --doc FILE")
+        emit(args, client.post("/generate", body, timeout=600), lambda r: r["text"])
+        return 0
     with _store(args) as store:
         if args.doc is not None:
             engine = load_engine(args.model, dtype=args.dtype or "bf16")
@@ -288,6 +316,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="engine to load (default: the manifest's model id)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
+    p.add_argument("--host", default=None, metavar="PEER",
+                   help="ask this peer (id or multiaddr) to generate from its resident KV (hosted mode)")
     add_common(p)
     p.set_defaults(func=cmd_generate)
 
