@@ -43,6 +43,8 @@ TOTAL_KEYS = ("artifact", "direction", "peer", "protocol")
 #: protocol ids the node speaks (ARCHITECTURE.md, "Node"); other ids are accepted and recorded as given
 PROTOCOL_MANIFEST = "/kvswap/manifest/1"
 PROTOCOL_CHUNKS = "/kvswap/chunks/1"
+#: chunk bytes on the data plane negotiated over /kvswap/chunks/1 (NETWORK.md): same chunks, plain TCP
+PROTOCOL_CHUNKS_TCP = PROTOCOL_CHUNKS + "+tcp"
 PROTOCOL_GENERATE = "/kvswap/generate/1"
 
 _SCHEMA = """

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..ledger import PROTOCOL_CHUNKS, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, ComputeRow, Ledger, TransferRow
+from ..ledger import PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, ComputeRow, Ledger, TransferRow
 
-SHIP_PROTOCOLS = (PROTOCOL_MANIFEST, PROTOCOL_CHUNKS)
+SHIP_PROTOCOLS = (PROTOCOL_MANIFEST, PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP)
 HOST_PROTOCOLS = (PROTOCOL_GENERATE,)
 GENERATE_KINDS = ("generate", "hosted_generate")
 
@@ -114,7 +114,7 @@ def _sizes_from_transfers(rows: list[TransferRow]) -> tuple[int, int, int | None
     raw: dict[str, int] = {}
     wire: dict[str, int] = {}
     for row in rows:
-        if row.protocol != PROTOCOL_CHUNKS or not row.chunk or row.raw_bytes is None:
+        if row.protocol not in (PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP) or not row.chunk or row.raw_bytes is None:
             continue
         raw[row.chunk] = row.raw_bytes
         wire[row.chunk] = min(wire.get(row.chunk, row.wire_bytes), row.wire_bytes)

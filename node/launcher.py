@@ -1,0 +1,80 @@
+"""Start `kvswap node start` as a child process and drive it through the CLI: what `kvswap demo` (and a
+script that wants a throwaway testnet on 127.0.0.1) uses. Each node has its own home; nothing is shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import KvswapError
+
+#: seconds a child node may take to write node.json, and to load its model
+NODE_START_TIMEOUT_S = 300.0
+
+
+def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
+    """Run one `kvswap ... --json` command against `home`; its JSON result, or its one-line error raised."""
+    proc = subprocess.run([sys.executable, "-m", "kvswap", *args, "--home", str(home), "--json"],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
+        raise KvswapError(f"`kvswap {args[0]}` failed: {lines[-1] if lines else proc.returncode}")
+    return json.loads(proc.stdout)
+
+
+class ChildNode:
+    """A daemon child process with its own home; stop() sends SIGTERM and waits."""
+
+    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model]
+        if bootstrap:
+            argv += ["--bootstrap", *bootstrap]
+        if accept_any:
+            argv.append("--accept-any")
+        self._log = open(self.home / "stderr.log", "ab")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.info = self._wait_started()
+
+    def _wait_started(self) -> dict:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise KvswapError(f"node in {self.home} exited early; see {self.home / 'stderr.log'}")
+            try:
+                return json.loads((self.home / "node.json").read_text())
+            except (FileNotFoundError, ValueError):
+                time.sleep(0.1)
+        raise KvswapError(f"node in {self.home} did not start within {NODE_START_TIMEOUT_S:.0f} s")
+
+    def wait_model(self) -> dict:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = run_cli(self.home, "node", "status")
+            if status.get("model"):
+                return status
+            if status.get("model_error"):
+                raise KvswapError(f"node model failed to load: {status['model_error']}")
+            time.sleep(0.5)
+        raise KvswapError(f"node in {self.home} did not load its model within {NODE_START_TIMEOUT_S:.0f} s")
+
+    @property
+    def addr(self) -> str:
+        return self.info["addrs"][0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
