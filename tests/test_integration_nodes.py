@@ -80,3 +80,12 @@ def test_publish_find_by_hash_fetch_generate_and_host(nodes, tmp_path, tiny_engi
     d_rows = Ledger.for_home(d.home).transfers(protocol="/kvswap/generate/1")
     hosted_bytes = sum(r.wire_bytes for r in d_rows)
     assert 0 < hosted_bytes < pub["stored_size"] / 20
+
+    # the report on D prices what D measured: one hosted request, a few hundred bytes; on C, one shipped
+    # artifact, at least its stored size on the wire
+    rep_c = cli_json(c.home, "report", "--artifact", pub["cid"])
+    assert rep_c["measured"]["ship"]["requests"] >= 1
+    assert rep_c["measured"]["ship"]["median_wire_bytes"] >= pub["stored_size"]
+    rep_d = cli_json(d.home, "report", "--artifact", pub["cid"])
+    assert rep_d["measured"]["host"]["requests"] == 1
+    assert rep_d["measured"]["host"]["median_wire_bytes"] == hosted_bytes

@@ -61,7 +61,8 @@ def test_measure_derives_medians_ratio_sizes_and_bytes_per_request(tmp_path):
     assert m.step_s == pytest.approx(0.05)
     assert m.reuse_ratio == pytest.approx(40.0)
     assert (m.raw_bytes, m.stored_bytes, m.size_source) == (160_000, 120_000, "chunk transfers")
-    assert (m.ship.requests, m.ship.mean_wire_bytes, m.ship.total_wire_bytes) == (2, 122_000, 244_000)
+    # this node fetched the artifact once and served it once: per-request figures describe its own fetch
+    assert (m.ship.requests, m.ship.mean_wire_bytes, m.ship.total_wire_bytes) == (1, 122_000, 122_000)
     assert m.ship.egress_out_bytes == 122_000
     assert (m.host.requests, m.host.mean_wire_bytes, m.host.egress_out_bytes) == (2, 800, 1100)
     assert (m.model, m.dtype, m.device) == ("tiny-qwen3", "bf16", "cpu")

@@ -89,8 +89,12 @@ def _choose_artifact(computes: list[ComputeRow]) -> str | None:
 
 
 def request_bytes(rows: list[TransferRow], *, group_by_row: bool) -> RequestBytes:
-    """Group rows into requests and summarise their wire bytes (both directions)."""
-    groups: dict[Any, int] = defaultdict(int)
+    """Group rows into requests and summarise their wire bytes (both directions).
+
+    A node that both fetched and served an artifact has requests on both sides; the per-request figures
+    describe the requests this node made (more bytes in than out: a consumer's fetch, a requester's hosted
+    generation) and fall back to every request when it made none (a pure provider)."""
+    groups: dict[Any, list[int]] = defaultdict(lambda: [0, 0])  # key -> [in, out]
     for row in rows:
         if row.request:
             key: Any = ("request", row.request)
@@ -98,8 +102,9 @@ def request_bytes(rows: list[TransferRow], *, group_by_row: bool) -> RequestByte
             key = ("row", row.id)
         else:
             key = ("fetch", row.artifact, row.peer, row.direction)
-        groups[key] += row.wire_bytes
-    sizes = sorted(groups.values())
+        groups[key][0 if row.direction == "in" else 1] += row.wire_bytes
+    made = [g for g in groups.values() if g[0] >= g[1]]
+    sizes = sorted(sum(g) for g in (made or list(groups.values())))
     return RequestBytes(
         requests=len(sizes),
         total_wire_bytes=sum(sizes),
