@@ -51,9 +51,11 @@ class NodeProc:
                 raise AssertionError(f"node exited early: {self.tail()}")
             if path.exists():
                 try:
-                    return json.loads(path.read_text())
+                    info = json.loads(path.read_text())
                 except ValueError:
-                    pass
+                    info = {}
+                if info.get("pid") == self.proc.pid:  # not a stale file left by a killed daemon in this home
+                    return info
             time.sleep(0.1)
         raise AssertionError(f"node did not start: {self.tail()}")
 
@@ -93,3 +95,26 @@ class NodeProc:
                 self.kill()
         self.log.close()
         return self.proc.returncode
+
+
+# --- helpers for fault tests (tests/test_faults_daemon.py) ---------------------------------------------------
+def spawn_cli(home: Path, *args: str) -> subprocess.Popen:
+    """Start a CLI command without waiting (e.g. a `get` to interrupt); read it with `finish_cli`."""
+    return subprocess.Popen([sys.executable, "-m", "kvswap", *args, "--home", str(home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def chunk_files(home: Path) -> list[Path]:
+    """The chunk files in a home's store (kvswap/store.py layout: store/chunks/<cid>)."""
+    folder = Path(home) / "store" / "chunks"
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The `error: ...` lines a failed CLI command printed on stderr (log lines are left out)."""
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
