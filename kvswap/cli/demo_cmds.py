@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import emit
 
-DEMO_PROMPT = "\n\nQuestion: Why did carrying the flame along the coast fail?\nAnswer:"
+DEMO_PROMPT = "\n\nThe lesson the keepers learned from their ledger is that"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
