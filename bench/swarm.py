@@ -38,7 +38,7 @@ TARGET_COPIES = 2.5
 FETCH_TIMEOUT_S = 900
 
 
-def seed_home(home: Path, n_tokens: int, codec: str = "auto", seed: int = 0) -> dict:
+def seed_home(home: Path, n_tokens: int, codec: str = "auto", seed: int = 0, block_tokens: int = 64) -> dict:
     """Put a signed synthetic Qwen3-4B-layout artifact into `home`'s store (before its daemon starts)."""
     from bench.loadpath import publish_synthetic, qwen3_4b_layout, synthetic_kv
     from kvswap.artifact.service import home_key
@@ -47,11 +47,13 @@ def seed_home(home: Path, n_tokens: int, codec: str = "auto", seed: int = 0) -> 
     kv = synthetic_kv(qwen3_4b_layout(), n_tokens, seed=seed)
     store = Store.for_home(home)
     try:
-        manifest = publish_synthetic(store, kv, codec, key=home_key(home), doc_tag=f"seed={seed}")
+        manifest = publish_synthetic(store, kv, codec, key=home_key(home), doc_tag=f"seed={seed}",
+                                     block_tokens=block_tokens)
     finally:
         store.close()
     return {"cid": str(manifest.cid), "tokens": n_tokens, "raw_size": manifest.raw_size,
-            "stored_size": manifest.stored_size, "chunks": len(manifest.chunks), "codec": codec}
+            "stored_size": manifest.stored_size, "chunks": len(manifest.chunks), "codec": codec,
+            "block_tokens": block_tokens}
 
 
 def egress(home: Path, artifact_size: int) -> dict:
@@ -77,14 +79,15 @@ def start_get(home: Path, cid: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str = "tiny-qwen3") -> dict:
+def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str = "tiny-qwen3",
+        block_tokens: int = 64) -> dict:
     from nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-swarm-"))
     started: list[NodeProc] = []
     try:
         t0 = time.perf_counter()
-        art = seed_home(work / "publisher", n_tokens, codec)
+        art = seed_home(work / "publisher", n_tokens, codec, block_tokens=block_tokens)
         print(f"  seeded {art['chunks']} chunks, {art['stored_size'] / 1e6:.1f} MB stored "
               f"({art['raw_size'] / 1e6:.1f} MB raw) in {time.perf_counter() - t0:.1f} s", flush=True)
         pub = NodeProc(work / "publisher", model=model)
@@ -137,7 +140,7 @@ def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str
 def print_table(r: dict) -> None:
     art = r["artifact"]
     print(f"swarm: 1 publisher + {r['consumers']} consumers on 127.0.0.1, artifact {art['tokens']} tokens "
-          f"Qwen3-4B layout, {art['chunks']} chunks, {art['stored_size'] / 1e6:.1f} MB stored ({art['codec']})")
+          f"Qwen3-4B layout, {art['chunks']} chunks of {art['block_tokens']} tokens, {art['stored_size'] / 1e6:.1f} MB stored ({art['codec']})")
     print(f"  {'node':<11} {'s':>7} {'MB/s':>7} {'peers':>5}  bytes in by source")
     for row in r["per_node"]:
         src = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(row["ingress_by_peer"].items()))
@@ -155,13 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consumers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512, help="artifact length (147,456 raw B/token)")
     parser.add_argument("--codec", default="auto", choices=("raw", "auto", "planes", "zstd"))
+    parser.add_argument("--block-tokens", type=int, default=64, help="tokens per chunk (kvswap publish's default: 64)")
     parser.add_argument("--quick", action="store_true", help="128 tokens (~13 MB stored)")
     args = parser.parse_args(argv)
-    result = run(args.consumers, 128 if args.quick else args.tokens, args.codec)
+    result = run(args.consumers, 128 if args.quick else args.tokens, args.codec, block_tokens=args.block_tokens)
     print_table(result)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "swarm.json").write_text(json.dumps(result, indent=2))
-    print(f"  wrote {RESULTS / 'swarm.json'}")
+    name = "swarm.json" if args.block_tokens == 64 else f"swarm-block{args.block_tokens}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(f"  wrote {RESULTS / name}")
 
 
 if __name__ == "__main__":
