@@ -107,6 +107,7 @@ def test_consumer_sigkilled_mid_fetch_restarts_consistent_and_resumes(swarm):
     status = cli(c.home, "node", "status", check=False, timeout=60)
     assert status.returncode != 0
     assert error_lines(status) and "not running any more" in error_lines(status)[0], status.stderr
+    print(error_lines(status)[0])
     c.log.close()
     # store consistent before the daemon touches it again (a stray temp file is garbage, not a problem)
     assert_fsck_clean(c.home)
@@ -130,6 +131,8 @@ def test_provider_sigkilled_mid_transfer_fetch_completes_from_the_other(swarm):
     get = spawn_cli(d.home, "get", swarm.cid, "--no-progress", "--json")
     kill_when_partial(get, d, b, swarm.total_chunks)
     out = finish_cli(get, timeout=300)
+    log = (d.home / "node.log").read_text(errors="replace")
+    assert f"provider {b.peer_id[:16]} penalised" in log  # D was using B when B died (or tried it after)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["complete"] and got["chunks"] == swarm.total_chunks
@@ -162,6 +165,8 @@ def test_corrupted_chunks_on_a_provider_are_rejected_and_taken_elsewhere(swarm):
     assert f"provider {d.peer_id[:16]} penalised" in log
 
     # D alone: nobody serves good bytes, so the fetch fails cleanly and stores nothing bad
+    for name in ("a", "e"):  # SIGTERM both, then wait: a clean stop takes seconds
+        swarm.nodes[name].proc.terminate()
     for name in ("a", "e"):
         swarm.nodes[name].stop()
     f = swarm.start("f", bootstrap=[d.addr])
@@ -169,7 +174,8 @@ def test_corrupted_chunks_on_a_provider_are_rejected_and_taken_elsewhere(swarm):
     out = cli(f.home, "get", swarm.cid, "--no-progress", check=False, timeout=240)
     assert out.returncode != 0
     errors = error_lines(out)
-    assert len(errors) == 1 and "\n" not in errors[0], out.stderr[-2000:]
+    assert len(errors) == 1, out.stderr[-2000:]
+    print(errors[0])
     assert_fsck_clean(f.home)  # every chunk file there (if any) hashes to its name
     listed = cli_json(f.home, "ls")
     assert all(not row.get("complete") for row in (listed if isinstance(listed, list) else listed.get("artifacts", [])))
@@ -181,10 +187,12 @@ def test_cli_bad_input_gives_one_clear_error(swarm, tmp_path):
 
     bad_cid = cli(f.home, "get", "not-a-cid", "--no-progress", check=False, timeout=60)
     assert bad_cid.returncode != 0 and len(error_lines(bad_cid)) == 1, bad_cid.stderr
+    print(error_lines(bad_cid)[0])
 
     f.wait_model()  # --doc-hash keys on the node's model
     unknown = cli(f.home, "get", "--doc-hash", "ab" * 32, "--no-progress", check=False, timeout=120)
     assert unknown.returncode != 0 and len(error_lines(unknown)) == 1, unknown.stderr
+    print(error_lines(unknown)[0])
     assert "no provider" in error_lines(unknown)[0] or "not found" in error_lines(unknown)[0].lower()
 
     # C (stopped) holds the verified bf16 artifact; asking for fp32 generation from it is a ModelMismatch
@@ -192,6 +200,7 @@ def test_cli_bad_input_gives_one_clear_error(swarm, tmp_path):
     mismatch = cli(c_home, "generate", swarm.cid, "--prompt", " Why?", "--dtype", "fp32", "--max-new-tokens", "2",
                    check=False, timeout=120)
     assert mismatch.returncode != 0 and len(error_lines(mismatch)) == 1, mismatch.stderr
+    print(error_lines(mismatch)[0])
     assert "bf16" in error_lines(mismatch)[0] and "fp32" in error_lines(mismatch)[0]
 
     # no daemon in this home at all
@@ -199,4 +208,5 @@ def test_cli_bad_input_gives_one_clear_error(swarm, tmp_path):
     empty.mkdir()
     status = cli(empty, "node", "status", check=False, timeout=60)
     assert status.returncode != 0 and len(error_lines(status)) == 1
+    print(error_lines(status)[0])
     assert "no node is running" in error_lines(status)[0]
