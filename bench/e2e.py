@@ -107,10 +107,12 @@ def run(model: str = "smollm2-135m", n_tokens: int = 1024) -> dict:
             {"way": "(b) fetch + verify + load + first token", "ttft_s": round(get_s + gen_b_s, 3),
              "bytes_moved": sum(b_bytes.values()),
              "detail": {"get_wall_s": round(get_s, 3), "get_daemon_s": got.get("seconds"), "generate_wall_s": round(gen_b_s, 3),
-                        "read_verify_s": gen_b.get("read_verify_s"), "bytes_in": b_bytes.get("in", 0),
+                        "read_verify_s": gen_b.get("read_verify_s"),
+                        "daemon_timings": {k: gen_b.get(k) for k in ("prefill_s", "load_s", "decode_s")}, "bytes_in": b_bytes.get("in", 0),
                         "bytes_out": b_bytes.get("out", 0)}},
             {"way": "(c) ask the hosting peer", "ttft_s": round(c_s, 3), "bytes_moved": sum(c_bytes.values()),
-             "detail": {"bytes_in": c_bytes.get("in", 0), "bytes_out": c_bytes.get("out", 0)}},
+             "detail": {"bytes_in": c_bytes.get("in", 0), "bytes_out": c_bytes.get("out", 0),
+                        "host_timings": {k: gen_c.get(k) for k in ("prefill_s", "load_s", "decode_s")}}},
         ]
         return {
             "benchmark": "e2e", "model": model, "dtype": "bf16", "document_tokens": pub["n_tokens"],
