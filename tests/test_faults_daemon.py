@@ -96,7 +96,8 @@ def test_consumer_sigkilled_mid_fetch_restarts_consistent_and_resumes(swarm):
     get = spawn_cli(c.home, "get", swarm.cid, "--no-progress", "--json")
     at_kill = kill_when_partial(get, c, c, swarm.total_chunks)
     out = finish_cli(get, timeout=60)
-    assert out.returncode != 0  # its daemon vanished under it
+    assert out.returncode != 0 and len(error_lines(out)) == 1, out.stderr[-2000:]  # its daemon vanished
+    print(error_lines(out)[0])
     assert len(chunk_files(c.home)) < swarm.total_chunks
 
     # the killed daemon left node.json behind: the CLI says so instead of hanging, and start works again
@@ -173,8 +174,11 @@ def test_corrupted_chunks_on_a_provider_are_rejected_and_taken_elsewhere(swarm):
     assert len(errors) == 1, out.stderr[-2000:]
     print(errors[0])
     assert_fsck_clean(f.home)  # every chunk file there (if any) hashes to its name
-    listed = cli_json(f.home, "ls")
-    assert all(not row.get("complete") for row in (listed if isinstance(listed, list) else listed.get("artifacts", [])))
+    rows = cli_json(f.home, "ls")["artifacts"]  # registered before its chunks, never marked complete
+    assert [(r["cid"], r["complete"]) for r in rows] in ([], [(swarm.cid, False)])
+    refused = cli(f.home, "verify", swarm.cid, check=False, timeout=60)
+    assert refused.returncode != 0 and len(error_lines(refused)) == 1, refused.stderr
+    print(error_lines(refused)[0])
 
 
 def test_cli_bad_input_gives_one_clear_error(swarm, tmp_path):
