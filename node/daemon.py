@@ -294,7 +294,7 @@ class Daemon:
                 check_compatible(manifest, engine)
                 if self.store.missing_chunks(cid):
                     raise NotFound(f"artifact {cid.short()} is not complete here")
-                kv = assemble_kv(manifest, self.store.read_chunk)
+                kv = assemble_kv(manifest, self.store.read_chunk_for_verifier)  # hashes every chunk
                 self._resident[cid] = kv
                 while len(self._resident) > RESIDENT_KV_SLOTS:
                     self._resident.popitem(last=False)
