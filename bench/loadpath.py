@@ -9,7 +9,7 @@ real KV and the compressed rows are not flattered by random bytes. For each stor
 
   plain read       open().read() of every stored chunk file, bytes discarded: the physical limit
   read+sha256      the same plus one sha256 per chunk: the floor for any load that verifies its bytes
-  store->KvTensors assemble_kv(manifest, store.read_chunk): read, sha256 against the CID, decode, scatter
+  store->KvTensors assemble_kv(manifest, store.read_chunk_for_verifier): read, one sha256 against the CID, decode, scatter
                    into per-layer arrays (what `kvswap generate` does before the model sees anything)
   ->DynamicCache   the above + kvswap.engine's own Engine.cache_from_kv (bits_to_tensor + DynamicCache with
                    the Qwen3-4B config; no weights are needed to build a cache)
@@ -141,9 +141,9 @@ def run(n_tokens: int = 1000, repeats: int = 3, codecs_list=("raw", "auto", "pla
                 timed(f"plain read ({codec} files)", lambda: plain_read(paths[codec]))
                 timed(f"read+sha256 once ({codec} files)", lambda: read_and_hash(paths[codec]))
                 timed(f"store->KvTensors ({codec})",
-                      lambda: assemble_kv(manifests[codec], stores[codec].read_chunk, with_tail=False))
+                      lambda: assemble_kv(manifests[codec], stores[codec].read_chunk_for_verifier, with_tail=False))
                 timed(f"store->DynamicCache ({codec})",
-                      lambda: build_cache(assemble_kv(manifests[codec], stores[codec].read_chunk, with_tail=False)))
+                      lambda: build_cache(assemble_kv(manifests[codec], stores[codec].read_chunk_for_verifier, with_tail=False)))
         plain = statistics.median(times["plain read (raw files)"])
         rows = []
         for name, ts in times.items():
