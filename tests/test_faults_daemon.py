@@ -31,6 +31,8 @@ POLL_LIMIT_S = 120.0
 
 
 class Swarm:
+    """The module's daemons by name (a restarted node replaces its entry) and the published artifact."""
+
     def __init__(self, root):
         self.root = root
         self.nodes: dict[str, NodeProc] = {}
