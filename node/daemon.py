@@ -96,7 +96,7 @@ class Daemon:
         await site.start()
         sock = site._server.sockets[0]  # the real port when 0 was asked for
         self.api_url = f"http://{host}:{sock.getsockname()[1]}"
-        group.create_task(self._load_engine())
+        self._engine_task = group.create_task(self._load_engine())
         runfiles.write_node_file(self.home, {
             "pid": os.getpid(), "api": self.api_url, "peer_id": self.net.peer_id, "addrs": self.net.addrs,
             "public_key": self.key.public_hex, "started": self.started,
@@ -126,11 +126,11 @@ class Daemon:
                 await self.setup(group)
                 try:
                     await self._stop.wait()
-                finally:
-                    for task in list(asyncio.all_tasks()):
-                        if task is not asyncio.current_task() and task.get_coro().__qualname__.startswith(
-                                ("Daemon.", "JobTable.")):
-                            task.cancel()
+                finally:  # the group waits for its tasks: cancel the ones this daemon started
+                    if hasattr(self, "jobs"):
+                        self.jobs.cancel_running()
+                    if hasattr(self, "_engine_task"):
+                        self._engine_task.cancel()
             return 0
         finally:
             if hasattr(self, "_runner"):

@@ -48,12 +48,15 @@ class JobTable:
     def __init__(self, group: asyncio.TaskGroup):
         self._group = group
         self._jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
 
     def start(self, kind: str, work: Callable[[Job], Awaitable[Any]]) -> Job:
         job = Job(id=f"{kind}-{next(self._ids)}", kind=kind)
         self._jobs[job.id] = job
-        self._group.create_task(self._run(job, work))
+        task = self._group.create_task(self._run(job, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         self._trim()
         return job
 
@@ -70,6 +73,11 @@ class JobTable:
         except Exception as exc:  # noqa: BLE001 - a bug: keep the daemon alive, report it to the poller
             log.exception("%s crashed", job.id)
             job.state, job.error = "failed", {"type": "KvswapError", "message": f"internal error: {exc!r}"}
+
+    def cancel_running(self) -> None:
+        """Cancel every job still running (the daemon is stopping); pollers see them failed."""
+        for task in list(self._tasks):
+            task.cancel()
 
     def get(self, job_id: str) -> Job:
         try:
