@@ -30,6 +30,8 @@ from kvswap.protocol import limits
 from kvswap.protocol.codec import encode_parts
 from kvswap.protocol.messages import CHUNKS_PROTOCOL, MAX_BODY_BYTES, ChunkData, ChunkMissing, DataGrant
 
+from .ration import UploadRation
+
 log = logging.getLogger(__name__)
 
 #: protocol name used in ledger rows for bytes that crossed the data plane
@@ -58,8 +60,10 @@ class DataPlane:
         on_transfer: Callable[[Any], None],
         limiter: trio.CapacityLimiter,
         chunk_path: Callable[[Cid], Any] | None = None,
+        ration: UploadRation | None = None,
     ) -> None:
         self.host = host
+        self.ration = ration or UploadRation()
         self.port = 0
         self._read_chunk = read_chunk
         self._hook = on_transfer
@@ -146,29 +150,47 @@ class DataPlane:
             current_request.set(grant.request)  # ledger rows join the libp2p request that granted them
             self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "in", len(token), 0, grant.artifact))
             for cid in grant.cids:
-                if self._chunk_path is not None:
-                    path = await trio.to_thread.run_sync(self._chunk_path, cid, limiter=self._limiter)
-                    if path is not None and await self._send_file(sock, cid, path, grant):
-                        continue
-                data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
-                msg = ChunkData(cid, data) if data is not None else ChunkMissing(cid)
-                parts = encode_parts(msg)
-                with trio.fail_after(limits.CHUNK_TIMEOUT_S):
-                    if len(parts) == 3:
-                        await sock.send_all(parts[0] + parts[1])
-                        await sock.send_all(parts[2])
-                    else:
-                        await sock.send_all(b"".join(parts))
-                raw = len(data) if data is not None else 0
-                self._hook(
-                    TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", sum(map(len, parts)), raw,
-                                  grant.artifact, str(cid))
-                )
+                await self._answer(sock, cid, grant)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
             log.info("data plane: peer went away: %r", exc)
         finally:
             self._connections -= 1
             await sock.aclose()
+
+    async def _answer(self, sock: trio.SocketStream, cid: Cid, grant: _Grant) -> None:
+        """Send one granted chunk (sendfile when it is a file), or say it is missing or rationed."""
+        path = data = None
+        if self._chunk_path is not None:
+            path = await trio.to_thread.run_sync(self._chunk_path, cid, limiter=self._limiter)
+        if path is None:
+            data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
+            if data is None:
+                await self._send_msg(sock, ChunkMissing(cid), grant, 0)
+                return
+        holders = self.ration.decide(grant.artifact, cid, grant.peer)
+        if holders is not None:
+            await self._send_msg(sock, ChunkMissing(cid, rationed=True, holders=holders), grant, 0)
+            return
+        if path is not None and await self._send_file(sock, cid, path, grant):
+            return
+        if data is None:  # the file went away between the lookup and the send
+            data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
+        msg = ChunkData(cid, data) if data is not None else ChunkMissing(cid)
+        await self._send_msg(sock, msg, grant, len(data) if data is not None else 0)
+
+    async def _send_msg(self, sock: trio.SocketStream, msg: ChunkData | ChunkMissing, grant: _Grant, raw: int) -> None:
+        """One ChunkData / ChunkMissing frame, header and payload written separately (no join of megabytes)."""
+        from .exchange import TransferEvent
+
+        parts = encode_parts(msg)
+        with trio.fail_after(limits.CHUNK_TIMEOUT_S):
+            if len(parts) == 3:
+                await sock.send_all(parts[0] + parts[1])
+                await sock.send_all(parts[2])
+            else:
+                await sock.send_all(b"".join(parts))
+        self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", sum(map(len, parts)), raw,
+                                 grant.artifact, str(msg.cid)))
 
 
 #: socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk
@@ -206,7 +228,7 @@ async def _recv_exact(sock: trio.SocketStream, n: int, peer: str) -> bytearray:
 async def fetch_granted(
     grant: DataGrant,
     peer: str,
-    on_chunk: Callable[[Cid, bytes | None], Awaitable[None]],
+    on_chunk: Callable[[Cid, bytes | bytearray | ChunkMissing], Awaitable[None]],
     on_transfer: Callable[[Any], None],
     artifact: str | None,
     allowed_hosts: set[str] | None = None,
@@ -245,9 +267,8 @@ async def fetch_granted(
                 if length > MAX_BODY_BYTES[mtype] or (mtype == ChunkData.TYPE and length < cid_len):
                     raise RemoteProtocolError(f"data plane of {peer[:16]} sent a frame of {length} bytes")
                 if mtype == ChunkMissing.TYPE:
-                    msg = ChunkMissing.from_body(await _recv_exact(sock, length, peer))
-                    payload = None
-                    got_cid = msg.cid
+                    payload = ChunkMissing.from_body(await _recv_exact(sock, length, peer))
+                    got_cid = payload.cid
                 else:
                     got_cid = Cid.from_bytes(bytes(await _recv_exact(sock, cid_len, peer)))
                     if got_cid != expected:
@@ -258,7 +279,8 @@ async def fetch_granted(
             if got_cid != expected:
                 raise RemoteProtocolError(f"data plane of {peer[:16]} answered for another chunk")
             on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "in", PREFIX_BYTES + length,
-                                      len(payload) if payload is not None else 0, artifact, str(expected)))
+                                      0 if isinstance(payload, ChunkMissing) else len(payload), artifact,
+                                      str(expected)))
             await on_chunk(expected, payload)
     finally:
         await sock.aclose()

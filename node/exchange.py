@@ -46,6 +46,8 @@ from kvswap.protocol.messages import (
     Message,
 )
 
+from .ration import UploadRation
+
 log = logging.getLogger(__name__)
 
 #: Most bytes asked of the stream per read call.
@@ -280,8 +282,10 @@ class Exchange:
         on_transfer: TransferHook | None = None,
         dataplane: Any = None,
         worker_limiter: trio.CapacityLimiter | None = None,
+        ration: UploadRation | None = None,
     ) -> None:
         self.p2p = p2p
+        self.ration = ration or UploadRation()  # shared with the data plane: one count of copies sent
         self.service = service
         self.on_transfer = on_transfer or _no_hook
         self.dataplane = dataplane
@@ -356,8 +360,11 @@ class Exchange:
             return
         for cid in request.cids:
             data = await self._in_thread(self.service.read_chunk, cid)
+            holders = None if data is None else self.ration.decide(framed.artifact, cid, framed.peer)
             if data is None:
                 await framed.send(ChunkMissing(cid))
+            elif holders is not None:
+                await framed.send(ChunkMissing(cid, rationed=True, holders=holders))
             else:
                 await framed.send(ChunkData(cid, data))
 
@@ -402,12 +409,13 @@ class Exchange:
         self,
         peer: str,
         cids: Sequence[Cid],
-        on_chunk: Callable[[Cid, bytes | None], Awaitable[None]],
+        on_chunk: Callable[[Cid, bytes | ChunkMissing], Awaitable[None]],
         *,
         artifact: str | None = None,
         dataplane: bool = False,
     ) -> None:
-        """Ask `peer` for `cids`; `await on_chunk(cid, data)` for each answer in order (data None = missing).
+        """Ask `peer` for `cids`; `await on_chunk(cid, answer)` for each in order: the bytes, or the peer's
+        ChunkMissing (it lacks the chunk, or rations it and names holders to ask instead).
 
         The bytes are NOT verified here (node/fetch.py verifies). With `dataplane=True` the server may answer
         with a DataGrant; the chunks then come over its data plane (node/dataplane.py), same callback.
@@ -434,7 +442,7 @@ class Exchange:
                     raise RemoteProtocolError(f"peer {peer[:16]} closed mid-answer")
                 if msg.cid != expected:
                     raise RemoteProtocolError(f"peer {peer[:16]} answered for another chunk")
-                await on_chunk(expected, msg.payload if isinstance(msg, ChunkData) else None)
+                await on_chunk(expected, msg.payload if isinstance(msg, ChunkData) else msg)
         except BaseException:
             await framed.reset()
             raise

@@ -5,18 +5,27 @@
 2. Manifest: ask providers in turn; the target (artifact layer) verifies it: CID of the bytes, signature and
    trust policy; the caller's expected model fingerprint / dtype are checked here (ModelMismatch).
 3. Chunks: the chunks covering the first `n_tokens` tokens (all by default), minus those already in the store
-   (so an interrupted fetch resumes), are fetched FETCH_PARALLEL_CHUNKS at a time, spread over the providers.
-   Every chunk is verified against its CID on arrival (in a worker thread) and written through the target.
-   A provider that times out, resets, or serves bytes that do not match is penalised; after
-   MAX_PROVIDER_FAILURES it is dropped, and its chunk is taken from another provider. A provider lacking a
-   chunk is not penalised; if no provider has a chunk, the DHT is asked for that chunk's own providers.
-4. After completion the node provides the artifact, its document key and its chunks (a prefix-only fetch
-   provides just the chunks it holds), so popular artifacts spread.
+   (so an interrupted fetch resumes), in a random order (so fetchers that start together want different
+   chunks first), FETCH_PARALLEL_CHUNKS requests at a time, spread over the peers. Every chunk is verified
+   against its CID on arrival (in a worker thread), written through the target, and provided on the DHT at
+   once, so other fetchers can take it from us while we fetch the rest.
+   - A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times: it
+     may be fetching the same artifact.
+   - A peer that rations a chunk (node/ration.py: it has sent its share of copies) names peers it sent it to;
+     they are asked first, and the rationing peer again after RATION_RETRY_S (it serves after its patience).
+   - A peer that times out, resets, or serves bytes that do not match is penalised; after
+     MAX_PROVIDER_FAILURES it is dropped, and its chunks are taken from other peers.
+   - Connected peers are added to the fetch every FETCH_PEER_REFRESH_S. When no live peer can ever serve a
+     chunk, the DHT is asked for that chunk's own providers; if that finds nobody either, the fetch fails.
+4. After completion the node provides the artifact and its document key (a prefix-only fetch provides just
+   the chunks it holds), so popular artifacts spread.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +36,7 @@ import trio
 from kvswap.cid import Cid
 from kvswap.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
 from kvswap.protocol import limits
-from kvswap.protocol.messages import ManifestRequest
+from kvswap.protocol.messages import ChunkMissing, ManifestRequest
 
 from .exchange import new_request_id
 from .p2p import document_key
@@ -131,33 +140,63 @@ class FetchKey:
 
 
 class _Providers:
-    """Provider bookkeeping for one fetch: failures, who lacks what, load."""
+    """Peer bookkeeping for one fetch: failures, requests in flight, chunks served, and when each peer may be
+    asked for each chunk again (it lacked it, or rationed it)."""
 
-    def __init__(self, peers: list[str]) -> None:
-        self.order: list[str] = list(dict.fromkeys(peers))
-        self.failures: dict[str, int] = {p: 0 for p in self.order}
-        self.lacks: dict[str, set[Cid]] = {p: set() for p in self.order}
-        self.busy: dict[str, int] = {p: 0 for p in self.order}
-        self.served: dict[str, int] = {p: 0 for p in self.order}
+    def __init__(self, peers: list[str], me: str | None = None) -> None:
+        self.me = me
+        self.order: list[str] = []
+        self.failures: dict[str, int] = {}
+        self.busy: dict[str, int] = {}
+        self.served: dict[str, int] = {}
+        self.lack_asks: dict[tuple[str, Cid], int] = {}
+        self.not_before: dict[tuple[str, Cid], float] = {}  # (peer, chunk) -> earliest next ask
+        self.named: dict[Cid, list[str]] = {}  # chunk -> peers a rationing provider said it sent the chunk to
+        for peer in peers:
+            self.add(peer)
 
-    def add(self, peer: str) -> None:
-        if peer not in self.failures:
-            self.order.append(peer)
-            self.failures[peer] = 0
-            self.lacks[peer] = set()
-            self.busy[peer] = 0
-            self.served[peer] = 0
+    def add(self, peer: str) -> bool:
+        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added."""
+        if peer in self.failures or peer == self.me or len(self.order) >= limits.MAX_PEERS_PER_FETCH:
+            return False
+        self.order.append(peer)
+        self.failures[peer] = 0
+        self.busy[peer] = 0
+        self.served[peer] = 0
+        return True
 
     def alive(self) -> list[str]:
         return [p for p in self.order if self.failures[p] < limits.MAX_PROVIDER_FAILURES]
 
-    def pick(self, cid: Cid, tried: set[str]) -> str | None:
-        options = [p for p in self.alive() if cid not in self.lacks[p] and p not in tried]
-        if not options:
-            options = [p for p in self.alive() if cid not in self.lacks[p]]
+    def askable(self, peer: str, cid: Cid, now: float) -> bool:
+        return self.failures[peer] < limits.MAX_PROVIDER_FAILURES and self.not_before.get((peer, cid), 0.0) <= now
+
+    def pick(self, cid: Cid, tried: set[str], now: float) -> str | None:
+        """The peer to ask for `cid` now: one named as a holder first, then untried, least busy, fewest
+        failures, earliest known. None if no live peer may be asked for it right now."""
+        options = [p for p in self.alive() if self.not_before.get((p, cid), 0.0) <= now]
         if not options:
             return None
-        return min(options, key=lambda p: (self.busy[p], self.failures[p], self.order.index(p)))
+        named = self.named.get(cid, ())
+        return min(options, key=lambda p: (p not in named, p in tried, self.busy[p], self.failures[p],
+                                           self.order.index(p)))
+
+    def next_chance(self, cid: Cid) -> float:
+        """When some live peer may next be asked for `cid` (inf: every live peer lacks it for good)."""
+        return min((self.not_before.get((p, cid), 0.0) for p in self.alive()), default=math.inf)
+
+    def lacked(self, peer: str, cid: Cid, now: float) -> None:
+        asks = self.lack_asks.get((peer, cid), 0) + 1
+        self.lack_asks[(peer, cid)] = asks
+        wait = limits.LACK_RETRY_S * 2 ** (asks - 1)
+        self.not_before[(peer, cid)] = math.inf if asks >= limits.MAX_LACK_ASKS else now + wait
+
+    def rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
+        self.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        named = self.named.setdefault(cid, [])
+        for holder in holders:
+            if holder not in named and (self.add(holder) or holder in self.failures):
+                named.append(holder)
 
     def penalise(self, peer: str, why: str) -> None:
         self.failures[peer] += 1
@@ -176,6 +215,7 @@ class Fetcher:
         self.limiter = limiter
         self.use_dataplane = use_dataplane
         self._target_verifies = bool(getattr(target, "verifies_chunks", False))
+        self.rng = random.Random()  # the order chunks are fetched in
 
     async def _thread(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -251,7 +291,9 @@ class Fetcher:
                        if n_tokens is None or c.token_start < n_tokens}.values())  # a CID may repeat
         present = [c for c in wanted if await self._thread(self.target.has_chunk, c.cid)]
         todo = [c for c in wanted if c not in present]
-        pool = _Providers(holders + [p for p in candidates if p not in holders])
+        self.rng.shuffle(todo)  # fetchers that start together should not all want the same chunk first
+        me = self.p2p.peer_id
+        pool = _Providers(holders + [p for p in candidates if p not in holders], me=me)
         total_bytes = sum(c.stored_size for c in todo)
         state = {"bytes": 0, "chunks": 0}
         artifact = str(verified.cid)
@@ -270,28 +312,51 @@ class Fetcher:
         owner: dict[Cid, int] = {}
         batch_ids = iter(range(1, 1 << 62))
         tried: dict[Cid, set[str]] = {c.cid: set() for c in todo}
-        looked_up: set[Cid] = set()
+        looked_up: dict[Cid, bool] = {}  # chunk -> its DHT lookup finished (False while it runs)
         failed: list[BaseException] = []
         # received chunks are verified and written behind the workers' backs, so a worker asks for more as
         # soon as its bytes are in; this bounds the chunks held in memory meanwhile
         write_slots = trio.Semaphore(2 * self.parallel)
 
-        def take_batch() -> tuple[str | None, list[ChunkRef]]:
-            # batches amortise a request (and a data-plane connection) over several chunks, and shrink as the
-            # queue drains so the last requests still spread over every worker
-            batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(pending) // (2 * self.parallel))))
-            first = pending.popleft()
-            peer = pool.pick(first.cid, tried[first.cid])
-            if peer is None:
-                return None, [first]
-            batch, size = [first], first.stored_size
-            while pending and len(batch) < batch_max and size < limits.FETCH_BATCH_BYTES:
-                if pending[0].cid in pool.lacks[peer]:
+        def take_batch(now: float) -> tuple[str, list[ChunkRef]] | None:
+            """The first pending chunk some peer may be asked for now, plus more pending chunks for that peer.
+            Batches amortise a request (and a data-plane connection) over several chunks, and shrink as the
+            queue drains so the last requests still spread over every worker."""
+            for i, first in enumerate(pending):
+                peer = pool.pick(first.cid, tried[first.cid], now)
+                if peer is not None:
                     break
-                nxt = pending.popleft()
-                batch.append(nxt)
-                size += nxt.stored_size
+            else:
+                return None
+            del pending[i]
+            batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(pending) // (2 * self.parallel))))
+            batch, size = [first], first.stored_size
+            for ref in list(pending):
+                if len(batch) >= batch_max or size >= limits.FETCH_BATCH_BYTES:
+                    break
+                if pool.askable(peer, ref.cid, now):
+                    pending.remove(ref)
+                    batch.append(ref)
+                    size += ref.stored_size
             return peer, batch
+
+        async def wait_for_a_peer(now: float) -> None:
+            """No pending chunk can be asked of anyone now: look chunks that nobody will ever serve up in the
+            DHT (NotFound if that was done already), else sleep until the soonest peer may be asked again."""
+            chances = [(pool.next_chance(ref.cid), ref) for ref in pending]
+            for when, ref in chances:
+                if when < math.inf:
+                    continue
+                if looked_up.get(ref.cid):
+                    raise NotFound(f"no provider could serve chunk {ref.cid.short()} of {verified.cid.short()}")
+                if ref.cid not in looked_up:
+                    looked_up[ref.cid] = False
+                    for extra in await self.p2p.find_providers(str(ref.cid)):
+                        pool.add(extra)
+                    looked_up[ref.cid] = True
+                    return
+            soonest = min((when for when, _ in chances if when < math.inf), default=now + _IDLE_POLL_S)
+            await trio.sleep(min(max(soonest - now, _IDLE_POLL_S), limits.RATION_RETRY_S))
 
         async def store_one(peer: str, ref: ChunkRef, data: bytes) -> None:
             try:
@@ -312,6 +377,7 @@ class Fetcher:
             pool.served[peer] += 1
             state["bytes"] += ref.stored_size
             state["chunks"] += 1
+            self.p2p.provide_soon([str(ref.cid)])  # others fetching this artifact may take it from us now
             report()
 
         def on_received(peer: str, ref: ChunkRef, data: bytes) -> None:
@@ -321,18 +387,14 @@ class Fetcher:
         async def worker() -> None:
             while remaining:
                 if not pending:
-                    await trio.sleep(0.005)  # others are in flight and may hand chunks back
+                    await trio.sleep(_IDLE_POLL_S)  # others are in flight and may hand chunks back
                     continue
-                peer, batch = take_batch()
-                if peer is None:
-                    ref = batch[0]
-                    if ref.cid in looked_up:
-                        raise NotFound(f"no provider could serve chunk {ref.cid.short()} of {verified.cid.short()}")
-                    looked_up.add(ref.cid)
-                    for extra in await self.p2p.find_providers(str(ref.cid)):
-                        pool.add(extra)
-                    pending.appendleft(ref)
+                now = time.monotonic()
+                taken = take_batch(now)
+                if taken is None:
+                    await wait_for_a_peer(now)
                     continue
+                peer, batch = taken
                 batch_id = next(batch_ids)
                 for ref in batch:
                     tried[ref.cid].add(peer)
@@ -344,13 +406,14 @@ class Fetcher:
                     pool.penalise(peer, str(exc) or type(exc).__name__)
                 except NotFound:
                     for ref in batch:
-                        pool.lacks[peer].add(ref.cid)
+                        if owner.get(ref.cid) == batch_id:
+                            pool.lacked(peer, ref.cid, time.monotonic())
                 finally:
                     pool.busy[peer] -= 1
                 back = [ref for ref in batch if owner.get(ref.cid) == batch_id]  # neither received nor stored
                 for ref in back:
                     del owner[ref.cid]
-                pending.extendleft(reversed(back))
+                pending.extend(back)  # behind the others: this peer said no, someone else may say yes
 
         async def guarded_worker() -> None:
             try:
@@ -359,13 +422,22 @@ class Fetcher:
                 failed.append(exc)
                 writers.cancel_scope.cancel()
 
-        async with trio.open_nursery() as writers:
-            for _ in range(min(self.parallel, max(len(todo), 1))):
-                writers.start_soon(guarded_worker)
+        async def watch_peers() -> None:
+            while True:  # peers we connect to while fetching (e.g. other fetchers) may hold chunks
+                await trio.sleep(limits.FETCH_PEER_REFRESH_S)
+                for peer in self.p2p.connected_peers():
+                    pool.add(peer)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watch_peers)
+            async with trio.open_nursery() as writers:
+                for _ in range(min(self.parallel, max(len(todo), 1))):
+                    writers.start_soon(guarded_worker)
+            outer.cancel_scope.cancel()
         if failed:
             raise failed[0]
         complete = n_tokens is None or n_tokens >= verified.n_tokens
-        keys = [str(c.cid) for c in wanted]
+        keys = [str(c.cid) for c in present]  # the fetched ones were provided as they were stored
         if complete:
             keys = [artifact, document_key(verified.model_fingerprint, verified.document_hash)] + keys
         self.p2p.provide_soon(keys)
@@ -384,20 +456,23 @@ class Fetcher:
     async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: str, pool: _Providers,
                          write_slots: trio.Semaphore, on_received: Callable[[str, ChunkRef, bytes], None]) -> None:
         """Fetch `batch` from `peer` in one request; hand each chunk of the right size to `on_received`
-        (verification and writing happen there, behind this request). A chunk the peer lacks is recorded in
-        `pool.lacks`; a chunk of the wrong size raises IntegrityError."""
+        (verification and writing happen there, behind this request). A chunk the peer lacks or rations is
+        recorded in `pool`; a chunk of the wrong size raises IntegrityError."""
         by_cid = {ref.cid: ref for ref in batch}
 
-        async def on_chunk(cid: Cid, data: bytes | None) -> None:
+        async def on_chunk(cid: Cid, answer: bytes | bytearray | ChunkMissing) -> None:
             ref = by_cid[cid]
-            if data is None:
-                pool.lacks[peer].add(cid)
+            if isinstance(answer, ChunkMissing):
+                if answer.rationed:
+                    pool.rationed(peer, cid, answer.holders, time.monotonic())
+                else:
+                    pool.lacked(peer, cid, time.monotonic())
                 return
-            if len(data) != ref.stored_size:
-                raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(data)} bytes, "
+            if len(answer) != ref.stored_size:
+                raise IntegrityError(f"chunk {cid.short()} from {peer[:16]} has {len(answer)} bytes, "
                                      f"the manifest says {ref.stored_size}")
             await write_slots.acquire()
-            on_received(peer, ref, data)
+            on_received(peer, ref, answer)
 
         with trio.fail_after(limits.CHUNK_TIMEOUT_S * len(batch)):
             await self.exchange.request_chunks(peer, [ref.cid for ref in batch], on_chunk, artifact=artifact,
@@ -405,6 +480,8 @@ class Fetcher:
 
 
 _WRITER = 0  # owner mark: the chunk's bytes are in, being verified and written
+#: seconds a worker sleeps when every pending chunk is in flight or waiting for a peer
+_IDLE_POLL_S = 0.005
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes, target_verifies: bool) -> None:

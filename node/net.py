@@ -30,6 +30,7 @@ from .dataplane import DataPlane
 from .exchange import Exchange, Service, TransferEvent
 from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
 from .p2p import P2PConfig, P2PHost, document_key
+from .ration import UploadRation
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,17 @@ class TrioNode:
         on_transfer: Callable[[TransferEvent], None] | None = None,
         use_dataplane: bool = True,
         limiter: trio.CapacityLimiter | None = None,
+        ration: UploadRation | None = None,
     ) -> None:
         self.config = config
+        self.ration = ration or UploadRation()  # copies sent per chunk, shared by both senders
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
         self.on_transfer = on_transfer or (lambda event: None)
         self.service = service
         self.dataplane: DataPlane | None = None
         self.use_dataplane = use_dataplane
-        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter)
+        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration)
         self.fetcher = Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane) if target else None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -88,7 +91,7 @@ class TrioNode:
             await nursery.start(self.p2p.run)
             if self.use_dataplane and self.service is not None:
                 self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
-                                           chunk_path=getattr(self.service, "chunk_path", None))
+                                           chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration)
                 await nursery.start(self.dataplane.run)
                 self.exchange.dataplane = self.dataplane
             task_status.started()

@@ -44,6 +44,8 @@ PROVIDER_RATE_MAX = 100_000
 ROUTING_SYNC_INTERVAL_S = 1.0
 #: Pause between two provides in a re-provide pass (keeps a large store from flooding peers at once).
 PROVIDE_PACING_S = 0.01
+#: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
+PEERSTORE_ADDR_TTL_S = 3600
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]
@@ -248,15 +250,37 @@ class P2PHost:
         return out
 
     async def open_stream(self, peer_id: str, protocol: str) -> Any:
-        """A new stream to `peer_id` speaking `protocol`; dials if needed."""
-        pid = self.peer_id_obj(peer_id)
+        """A new stream to `peer_id` speaking `protocol`; dials if needed (asking the DHT for the addresses of a
+        peer known only by its id, e.g. one a rationed chunk answer named)."""
+        try:
+            pid = self.peer_id_obj(peer_id)
+        except UsageError as exc:  # ids come from peers too: a bad one is their fault, not the user's
+            raise RemoteProtocolError(str(exc)) from None
         try:
             with trio.fail_after(limits.DIAL_TIMEOUT_S):
+                if not self._known_addrs(pid):
+                    await self._find_addrs(pid)
                 return await self.host.new_stream(pid, [protocol])
         except trio.TooSlowError:
             raise RemoteProtocolError(f"opening {protocol} to {peer_id[:16]} timed out") from None
         except Exception as exc:  # libp2p raises assorted errors (no addrs, dial failed, negotiation failed)
             raise RemoteProtocolError(f"cannot open {protocol} to {peer_id[:16]}: {exc}") from exc
+
+    def _known_addrs(self, pid: Any) -> list:
+        try:
+            return list(self.host.get_peerstore().addrs(pid))
+        except Exception:  # py-libp2p raises PeerStoreError for a peer it never heard of
+            return []
+
+    async def _find_addrs(self, pid: Any) -> None:
+        """Put the addresses of `pid` in the peerstore via a DHT peer lookup (no-op if nobody knows it)."""
+        try:
+            info = await self.dht.find_peer(pid)
+        except Exception as exc:  # a failed lookup leaves the dial to fail with a clear error
+            log.debug("find_peer %s failed: %s", pid, exc)
+            return
+        if info is not None and info.addrs:
+            self.host.get_peerstore().add_addrs(pid, info.addrs, PEERSTORE_ADDR_TTL_S)
 
     async def _add_to_routing(self, pid: Any) -> None:
         try:
@@ -318,7 +342,7 @@ class P2PHost:
             if info.peer_id == me:
                 continue
             if info.addrs:
-                store.add_addrs(info.peer_id, info.addrs, 3600)
+                store.add_addrs(info.peer_id, info.addrs, PEERSTORE_ADDR_TTL_S)
             text = info.peer_id.to_base58()
             if text not in out:
                 out.append(text)

@@ -83,3 +83,31 @@ FETCH_BATCH_CHUNKS = 16
 #: Stop adding chunks to a request at this many bytes: big chunks go one per request (balances load over
 #: providers and workers), small ones share a request (amortises its overhead); a failure re-fetches at most this.
 FETCH_BATCH_BYTES = 64 * MiB
+
+# --- swarm distribution (node/ration.py, node/fetch.py) ---------------------------------------------------
+#: Copies of each chunk of an artifact a node sends before it answers further fetchers "rationed, ask these
+#: holders" instead (BitTorrent's super-seeding, by counting): when many peers fetch one artifact at once,
+#: the publisher sends each chunk about this many times and the fetchers trade the rest among themselves.
+RATION_COPIES = 2
+#: Seconds a fetcher may be refused one chunk before it is served anyway (the holders may be gone or slow):
+#: rationing delays a chunk by at most this, it never withholds it.
+RATION_PATIENCE_S = 5.0
+#: Seconds without any chunk of an artifact sent after which a node forgets who got its copies.
+RATION_IDLE_RESET_S = 60.0
+#: Most artifacts a node tracks copies for at once (the least recently served is forgotten first).
+MAX_RATIONED_ARTIFACTS = 256
+#: Most holders a rationed answer names.
+MAX_HOLDER_HINTS = 4
+#: Longest peer id accepted in a message (base58 characters; an Ed25519 id has 52).
+MAX_PEER_ID_CHARS = 64
+#: Seconds before a fetcher asks again for a chunk a provider rationed.
+RATION_RETRY_S = 0.5
+#: Seconds before a fetcher asks a peer again for a chunk it lacked (doubling after each miss: the peer
+#: may be fetching it right now).
+LACK_RETRY_S = 0.2
+#: Times a fetcher asks one peer for a chunk it lacks before it stops asking it for that chunk.
+MAX_LACK_ASKS = 5
+#: Seconds between a fetch's looks for new peers (connected peers, the DHT's providers of the artifact).
+FETCH_PEER_REFRESH_S = 1.0
+#: Most peers one fetch keeps track of (providers, holders named by rationed answers, connected peers).
+MAX_PEERS_PER_FETCH = 64

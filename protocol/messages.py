@@ -68,6 +68,16 @@ def _cid(value: Any, what: str) -> Cid:
         raise _bad(f"{what}: {exc}") from exc
 
 
+_BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+
+
+def _peer_id(value: Any, what: str) -> str:
+    """A libp2p peer id in its base58 text form (shape only; dialling it proves the key)."""
+    if not isinstance(value, str) or not 0 < len(value) <= limits.MAX_PEER_ID_CHARS or not set(value) <= _BASE58:
+        raise _bad(f"{what} must be a base58 peer id of at most {limits.MAX_PEER_ID_CHARS} chars")
+    return value
+
+
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise _bad(f"{what} must be an int in [{lo}, {hi}]")
@@ -208,17 +218,40 @@ _CID_LEN = len(Cid(bytes(32)).to_bytes())
 
 @dataclass(frozen=True)
 class ChunkMissing:
-    """The server does not hold this chunk (the client asks another provider)."""
+    """No bytes for this chunk now. Either the server does not hold it (`rationed` False: ask another
+    provider), or it holds it but has already sent its share of copies to other fetchers of the same
+    artifact (`rationed` True, node/ration.py): `holders` names peers it sent the chunk to, which the client
+    should ask first. A rationed chunk is served anyway once the client has waited RATION_PATIENCE_S."""
 
     TYPE: ClassVar[int] = 5
     cid: Cid
+    rationed: bool = False
+    holders: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.holders) > limits.MAX_HOLDER_HINTS:
+            raise _bad(f"a ChunkMissing names at most {limits.MAX_HOLDER_HINTS} holders")
+        if self.holders and not self.rationed:
+            raise _bad("only a rationed ChunkMissing names holders")
 
     def to_body(self) -> bytes:
-        return _pack({"c": self.cid.to_bytes()})
+        body: dict = {"c": self.cid.to_bytes()}
+        if self.rationed:
+            body["r"] = True
+            body["h"] = list(self.holders)
+        return _pack(body)
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ChunkMissing":
-        return cls(cid=_cid(_unpack(body, "ChunkMissing").get("c"), "ChunkMissing.cid"))
+        d = _unpack(body, "ChunkMissing")
+        rationed = d.get("r", False)
+        if not isinstance(rationed, bool):
+            raise _bad("ChunkMissing.rationed must be a bool")
+        holders = d.get("h", [])
+        if not isinstance(holders, list):
+            raise _bad("ChunkMissing.holders must be a list")
+        return cls(cid=_cid(d.get("c"), "ChunkMissing.cid"), rationed=rationed,
+                   holders=tuple(_peer_id(h, "ChunkMissing.holders[]") for h in holders))
 
 
 @dataclass(frozen=True)

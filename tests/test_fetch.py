@@ -299,3 +299,73 @@ def test_cancelled_fetch_resumes_where_it_stopped(tmp_path):
         assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_simultaneous_fetchers_trade_chunks_instead_of_all_downloading_from_the_publisher(tmp_path):
+    """A swarm: four fetchers that know only the publisher start at once. The publisher rations (node/ration.py)
+    and names holders; the fetchers take most copies from one another, and every byte is still verified."""
+    from kvswap.node.ration import UploadRation
+
+    n_chunks, n_fetchers = 8, 4
+    manifest, chunks, _ = make_artifact(n_chunks, 256 * 1024)
+
+    async def main():
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(copies=1))
+                v = pub.store.add(manifest, chunks)
+                fetchers = [await start(nursery, tmp_path / f"f{i}", 2 + i) for i in range(n_fetchers)]
+                for f in fetchers:
+                    await f.p2p.connect(pub.addrs[0])
+                results: dict[str, object] = {}
+
+                async def fetch(f):
+                    results[f.peer_id] = await f.fetcher.fetch(FetchKey(cid=v.cid))
+
+                async with trio.open_nursery() as swarm:
+                    for f in fetchers:
+                        swarm.start_soon(fetch, f)
+                from_pub = sum(r.providers.get(pub.peer_id, 0) for r in results.values())
+                from_peers = sum(n for r in results.values() for p, n in r.providers.items() if p != pub.peer_id)
+                assert from_pub + from_peers == n_chunks * n_fetchers
+                assert pub.ration.refusals > 0
+                # everyone from the publisher would be 4 copies; rationing at 1 copy leaves room for the copies
+                # served after RATION_PATIENCE_S on a slow machine, but most must come from peers
+                assert from_pub <= 2 * n_chunks, (from_pub, from_peers)
+                for i in range(n_fetchers):
+                    assert chunks_of(tmp_path / f"f{i}") == {str(Cid.of(c)) for c in chunks}
+                    for c in chunks:
+                        assert (tmp_path / f"f{i}" / "chunks" / str(Cid.of(c))).read_bytes() == c
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_rationed_fetcher_is_served_when_the_named_holder_is_gone(tmp_path):
+    """The publisher names a holder that has left; the fetcher gives up on it and, after the publisher's
+    patience, gets the chunks from the publisher: rationing delays, it never withholds."""
+    from kvswap.node.ration import UploadRation
+
+    manifest, chunks, _ = make_artifact(3, 64 * 1024)
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(copies=1, patience_s=1.0))
+                v = pub.store.add(manifest, chunks)
+                async with trio.open_nursery() as first_nursery:
+                    first = await start(first_nursery, tmp_path / "first", 2)
+                    await first.p2p.connect(pub.addrs[0])
+                    await first.fetcher.fetch(FetchKey(cid=v.cid))
+                    first_nursery.cancel_scope.cancel()  # the only other holder leaves
+                late = await start(nursery, tmp_path / "late", 3)
+                await late.p2p.connect(pub.addrs[0])
+                t0 = trio.current_time()
+                result = await late.fetcher.fetch(FetchKey(cid=v.cid))
+                assert result.providers == {pub.peer_id: 3}
+                assert pub.ration.refusals >= 3  # each chunk was rationed before the patience ran out
+                assert trio.current_time() - t0 >= 1.0
+                assert chunks_of(tmp_path / "late") == {str(Cid.of(c)) for c in chunks}
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

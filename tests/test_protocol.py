@@ -39,6 +39,7 @@ SAMPLES = [
     ChunkData(cid=C1, payload=b"\x00\xff" * 1000),
     ChunkData(cid=C2, payload=b""),
     ChunkMissing(cid=C2),
+    ChunkMissing(cid=C1, rationed=True, holders=("12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5",)),
     DataGrant(host="127.0.0.1", port=4001, token=b"t" * limits.DATAPLANE_TOKEN_BYTES, cids=(C1, C2)),
     GenerateRequest(artifact_cid=C1, suffix_ids=(1, 2, 151_668), max_new_tokens=8, seed=7),
     GenerateRequest(artifact_cid=C1, suffix_ids=(), max_new_tokens=0),
@@ -160,6 +161,21 @@ def test_request_constructors_validate():
         GenerateRequest(artifact_cid=C1, suffix_ids=(1,) * limits.MAX_GENERATE_TOKENS, max_new_tokens=1)
 
 
+def test_rationed_chunk_missing_is_checked():
+    from kvswap.protocol.messages import _pack
+
+    def body(**extra):
+        return _pack({"c": C1.to_bytes(), **extra})
+
+    assert ChunkMissing.from_body(body()) == ChunkMissing(C1)  # the pre-rationing form still decodes
+    assert ChunkMissing.from_body(body(r=True, h=["Qm1"])) == ChunkMissing(C1, True, ("Qm1",))
+    for bad in (dict(r=1), dict(r=True, h="Qm1"), dict(r=True, h=["no spaces"]), dict(r=True, h=["0OIl"]),
+                dict(r=True, h=["x" * (limits.MAX_PEER_ID_CHARS + 1)]),
+                dict(r=True, h=["Qm"] * (limits.MAX_HOLDER_HINTS + 1)), dict(h=["Qm1"])):
+        with pytest.raises(RemoteProtocolError):
+            ChunkMissing.from_body(body(**bad))
+
+
 def test_announce_topic_is_per_model():
     assert announce_topic("ab" * 32) == "kvswap/announce/" + "ab" * 8
 
@@ -174,6 +190,9 @@ messages = st.one_of(
               st.none() | cids),
     st.builds(ChunkData, cids, st.binary(max_size=5000)),
     st.builds(ChunkMissing, cids),
+    st.builds(lambda c, h: ChunkMissing(c, rationed=True, holders=tuple(h)), cids,
+              st.lists(st.text(alphabet="123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz", min_size=1,
+                               max_size=limits.MAX_PEER_ID_CHARS), max_size=limits.MAX_HOLDER_HINTS)),
     st.builds(GenerateRequest, cids, st.lists(st.integers(0, 2**31 - 1), max_size=50).map(tuple),
               st.integers(0, 100), st.none() | st.integers(0, 2**63 - 1)),
     st.builds(GenerateResponse, st.lists(st.integers(0, 2**31 - 1), max_size=50).map(tuple), st.text(max_size=200),
