@@ -134,16 +134,17 @@ def encode_best(
     return best_codec, best
 
 
-def decode(codec: str, stored: bytes | memoryview, raw_size: int, itemsize: int) -> bytes:
+def decode(codec: str, stored: bytes | memoryview, raw_size: int, itemsize: int) -> bytes | memoryview:
     """Raw bytes of a stored chunk, exactly `raw_size` of them, or IntegrityError. Never allocates more
-    than `raw_size` (plus the per-plane share of it) whatever the stored bytes claim."""
+    than `raw_size` (plus the per-plane share of it) whatever the stored bytes claim. A raw chunk in
+    read-only memory comes back as a view of it (no copy)."""
     if not 0 <= raw_size <= MAX_CHUNK_RAW_BYTES or itemsize not in (2, 4) or raw_size % itemsize:
         raise IntegrityError(f"declared raw size {raw_size} is not a valid chunk size")
     stored = memoryview(stored).cast("B")
     if codec == "raw":
         if len(stored) != raw_size:
             raise IntegrityError(f"raw chunk is {len(stored)} bytes, manifest says {raw_size}")
-        return bytes(stored)
+        return stored if stored.readonly else bytes(stored)  # no copy of immutable bytes
     if codec == "zstd":
         return _unzstd(stored, raw_size, "zstd chunk")
     if codec == "planes":

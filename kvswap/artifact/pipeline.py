@@ -10,11 +10,15 @@ CID again.
 assemble_kv reads only the chunks covering the tokens asked for, checks each one's stored size and CID,
 decodes it within its declared raw size, and only after every chunk has passed returns the KvTensors a
 model may see. Output arrays are allocated from manifest sizes that decode_manifest has already bounded.
+Chunks are loaded on LOAD_THREADS threads at once: sha256, zstd and numpy copies all release the GIL, and
+hashing every byte on one core is what bounds a verified load (BENCHMARKS.md, load path).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -27,6 +31,9 @@ from .manifest import BlobRef, ChunkRef, Manifest
 
 #: stored chunk bytes publish_kv keeps from its first pass instead of re-encoding them (bytes)
 PUBLISH_BUFFER_BYTES = 64 * 1024 * 1024
+
+#: threads that read, hash, decode and scatter chunks at once in assemble_kv (one per core, at most 8)
+LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 ReadChunk = Callable[[Cid], "bytes | memoryview"]
 
@@ -105,7 +112,7 @@ def publish_kv(
     return manifest, stream()
 
 
-def verified_blob(ref: BlobRef, stored: bytes | memoryview, itemsize: int) -> bytes:
+def verified_blob(ref: BlobRef, stored: bytes | memoryview, itemsize: int) -> bytes | memoryview:
     """Raw bytes of one blob after checking its stored size and CID and decoding within its raw size."""
     if len(stored) != ref.stored_size:
         raise IntegrityError(f"chunk {ref.cid.short()} is {len(stored)} bytes, manifest says {ref.stored_size}")
@@ -114,23 +121,35 @@ def verified_blob(ref: BlobRef, stored: bytes | memoryview, itemsize: int) -> by
 
 
 def assemble_kv(manifest: Manifest, read_chunk: ReadChunk, n_tokens: int | None = None,
-                with_tail: bool = True) -> KvTensors:
+                with_tail: bool = True, threads: int | None = None) -> KvTensors:
     """KvTensors for the first `n_tokens` tokens (all by default), every chunk verified first.
 
     A prefix reads only the blocks that cover it and slices the last one. The tail (last-position
-    logits) is read only for the whole document and only `with_tail`; a prefix has no last_logits."""
+    logits) is read only for the whole document and only `with_tail`; a prefix has no last_logits.
+    `read_chunk` is called from up to `threads` (default LOAD_THREADS) threads at once."""
     k = manifest.n_tokens if n_tokens is None else int(n_tokens)
     lay = manifest.layout
     refs = manifest.chunks_for(k)
     keys = [np.empty((lay.kv_heads, k, lay.head_dim), dtype=lay.raw_dtype) for _ in range(lay.layers)]
     values = [np.empty((lay.kv_heads, k, lay.head_dim), dtype=lay.raw_dtype) for _ in range(lay.layers)]
-    for ref in refs:
+
+    def load(ref: ChunkRef) -> None:  # each chunk fills its own token range: threads never overlap
         raw = verified_blob(ref, read_chunk(ref.cid), lay.itemsize)
         parts = chunking.split_payload(raw, lay, ref.n_tokens)
         hi = min(ref.t1, k)
         for layer in range(lay.layers):
             keys[layer][:, ref.t0:hi, :] = parts[2 * layer][:, : hi - ref.t0, :]
             values[layer][:, ref.t0:hi, :] = parts[2 * layer + 1][:, : hi - ref.t0, :]
+
+    if threads is None:
+        threads = LOAD_THREADS
+    if threads <= 1 or len(refs) <= 1:
+        for ref in refs:
+            load(ref)
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(refs)), thread_name_prefix="kvswap-load") as pool:
+            for done in [pool.submit(load, ref) for ref in refs]:
+                done.result()  # the first failure (IntegrityError, NotFound) is raised here
     last_logits = None
     if with_tail and k == manifest.n_tokens and manifest.tail is not None:
         raw = verified_blob(manifest.tail, read_chunk(manifest.tail.cid), 4)
