@@ -22,13 +22,11 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.swarm import REPO  # noqa: F401  (puts tests/ on sys.path)
+from bench.swarm import REPO, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 QUESTION = " Summarise the passage above in one sentence:"
@@ -121,12 +119,7 @@ def run(model: str = "smollm2-135m", n_tokens: int = 1024) -> dict:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_after": os.getloadavg()},
         }
     finally:
-        for node in started:
-            try:
-                node.stop()
-            except Exception as exc:
-                print(f"  stopping {node.home.name}: {exc}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_nodes(started, work)
 
 
 def print_table(r: dict) -> None:

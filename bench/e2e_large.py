@@ -23,14 +23,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.reuse import _PROSE, document_ids
-from bench.swarm import REPO, egress, start_get  # noqa: F401  (REPO puts tests/ on sys.path)
+from bench.swarm import REPO, egress, start_get, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 QUESTION = " Question: why do receivers trust content-addressed blocks? Answer:"
@@ -115,12 +113,7 @@ def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-ar
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     finally:
-        for node in nodes:
-            try:
-                node.stop()
-            except Exception as exc:
-                print(f"  stopping {node.home.name}: {exc}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_nodes(nodes, work)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.swarm import REPO, egress, seed_home, start_get  # noqa: F401  (REPO puts tests/ on sys.path)
+from bench.swarm import REPO, egress, seed_home, start_get, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_MB = 300
@@ -117,12 +115,7 @@ def run(n_tokens: int = 3774, codec: str = "auto", model: str = "tiny-qwen3") ->
     finally:
         if sampler is not None:
             sampler.halt.set()
-        for node in started:
-            try:
-                node.stop()
-            except Exception as exc:
-                print(f"  stopping {node.home.name}: {exc}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_nodes(started, work)
 
 
 def print_table(r: dict) -> None:

@@ -56,6 +56,17 @@ def seed_home(home: Path, n_tokens: int, codec: str = "auto", seed: int = 0, blo
             "block_tokens": block_tokens}
 
 
+def stop_nodes(nodes: list, work: Path) -> None:
+    """Stop every daemon a benchmark started (reporting, not raising, a failure) and remove its work dir."""
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception as exc:  # keep stopping the others
+            print(f"  stopping {node.home.name}: {exc}", file=sys.stderr)
+    nodes.clear()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def egress(home: Path, artifact_size: int) -> dict:
     """A node's outgoing bytes from its own ledger, by protocol, and in artifact copies."""
     from kvswap.ledger import Ledger
@@ -129,12 +140,7 @@ def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str
         }
         return result
     finally:
-        for node in started:
-            try:
-                node.stop()
-            except Exception as exc:  # keep stopping the others
-                print(f"  stopping {node.home.name}: {exc}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_nodes(started, work)
 
 
 def print_table(r: dict) -> None:

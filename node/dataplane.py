@@ -167,9 +167,9 @@ class DataPlane:
             if data is None:
                 await self._send_msg(sock, ChunkMissing(cid), grant, 0)
                 return
-        holders = self.ration.decide(grant.artifact, cid, grant.peer)
-        if holders is not None:
-            await self._send_msg(sock, ChunkMissing(cid, rationed=True, holders=holders), grant, 0)
+        refusal = self.ration.refusal(grant.artifact, cid, grant.peer)
+        if refusal is not None:
+            await self._send_msg(sock, refusal, grant, 0)
             return
         if path is not None and await self._send_file(sock, cid, path, grant):
             return

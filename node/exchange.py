@@ -360,13 +360,10 @@ class Exchange:
             return
         for cid in request.cids:
             data = await self._in_thread(self.service.read_chunk, cid)
-            holders = None if data is None else self.ration.decide(framed.artifact, cid, framed.peer)
             if data is None:
                 await framed.send(ChunkMissing(cid))
-            elif holders is not None:
-                await framed.send(ChunkMissing(cid, rationed=True, holders=holders))
             else:
-                await framed.send(ChunkData(cid, data))
+                await framed.send(self.ration.refusal(framed.artifact, cid, framed.peer) or ChunkData(cid, data))
 
     async def _serve_generate(self, framed: FramedStream, request: GenerateRequest) -> None:
         async with self._generate_slot:

@@ -27,6 +27,7 @@ from typing import Callable
 
 from kvswap.cid import Cid
 from kvswap.protocol import limits
+from kvswap.protocol.messages import ChunkMissing
 
 
 @dataclass
@@ -65,6 +66,12 @@ class UploadRation:
         self.refusals += 1
         named = holders if len(holders) <= limits.MAX_HOLDER_HINTS else self.rng.sample(holders, limits.MAX_HOLDER_HINTS)
         return tuple(named)
+
+    def refusal(self, artifact: str | None, cid: Cid, peer: str) -> ChunkMissing | None:
+        """What both senders (libp2p stream, data plane) ask before sending a chunk they hold: None to send
+        it, or the rationed ChunkMissing naming holders to answer instead."""
+        holders = self.decide(artifact, cid, peer)
+        return None if holders is None else ChunkMissing(cid, rationed=True, holders=holders)
 
     def copies_sent(self, artifact: str, cid: Cid) -> int:
         state = self._artifacts.get(artifact)

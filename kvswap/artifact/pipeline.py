@@ -121,12 +121,12 @@ def verified_blob(ref: BlobRef, stored: bytes | memoryview, itemsize: int) -> by
 
 
 def assemble_kv(manifest: Manifest, read_chunk: ReadChunk, n_tokens: int | None = None,
-                with_tail: bool = True, threads: int | None = None) -> KvTensors:
+                with_tail: bool = True, threads: int = LOAD_THREADS) -> KvTensors:
     """KvTensors for the first `n_tokens` tokens (all by default), every chunk verified first.
 
     A prefix reads only the blocks that cover it and slices the last one. The tail (last-position
     logits) is read only for the whole document and only `with_tail`; a prefix has no last_logits.
-    `read_chunk` is called from up to `threads` (default LOAD_THREADS) threads at once."""
+    `read_chunk` is called from up to `threads` threads at once."""
     k = manifest.n_tokens if n_tokens is None else int(n_tokens)
     lay = manifest.layout
     refs = manifest.chunks_for(k)
@@ -141,8 +141,6 @@ def assemble_kv(manifest: Manifest, read_chunk: ReadChunk, n_tokens: int | None 
             keys[layer][:, ref.t0:hi, :] = parts[2 * layer][:, : hi - ref.t0, :]
             values[layer][:, ref.t0:hi, :] = parts[2 * layer + 1][:, : hi - ref.t0, :]
 
-    if threads is None:
-        threads = LOAD_THREADS
     if threads <= 1 or len(refs) <= 1:
         for ref in refs:
             load(ref)
