@@ -51,6 +51,17 @@ class KvLayout:
         """K and V of every layer for one token (147,456 for Qwen3-4B in bf16)."""
         return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
 
+    def to_float(self, bits: np.ndarray) -> np.ndarray:
+        """The values of raw element bits as float32 (exact for every dtype: bf16 and fp16 fit in float32).
+
+        For measuring differences between two KV tensors (audits, `kvswap exact`), never for storing them."""
+        bits = np.asarray(bits, dtype=self.raw_dtype)
+        if self.dtype == "bf16":
+            return (bits.astype("<u4") << 16).view("<f4")
+        if self.dtype == "fp16":
+            return bits.view("<f2").astype(np.float32)
+        return bits.view("<f4").astype(np.float32)
+
     def to_dict(self) -> dict:
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "dtype": self.dtype}
 

@@ -16,6 +16,9 @@ from kvswap.cli import main as cli_main
 from kvswap.errors import IntegrityError, ModelMismatch, UntrustedSigner
 from kvswap.store import Store
 
+#: also run under a second torch thread count by `make test` (kernel blocking differs)
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -34,7 +37,10 @@ def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, store, 
     m1, m2 = store.get_manifest(Cid.parse(first["cid"])), store.get_manifest(Cid.parse(ext["cid"]))
     full_blocks = m1.n_tokens // 16
     assert m2.token_ids[: m1.n_tokens] == m1.token_ids  # the extension keeps the document's tokens
-    assert [c.cid for c in m2.chunks[:full_blocks]] == [c.cid for c in m1.chunks[:full_blocks]]
+    # equal prefix keys: a node can find the extension's leading blocks by the shorter document's tokens. The
+    # chunk bytes (so CIDs) of those blocks are equal only where the prefill computed them the same way, which
+    # a monolithic prefill of a longer document does not promise (GUARANTEES["prefix"])
+    assert [c.prefix_key for c in m2.chunks[:full_blocks]] == [c.prefix_key for c in m1.chunks[:full_blocks]]
     assert store.fsck()["ok"]
 
 

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from kvswap.engine import GenerationResult
-from kvswap.engine.exact import kv_bit_identical, read_kv_raw, run_exact, write_kv_raw
+from kvswap.engine.exact import check_prefix, kv_bit_identical, read_kv_raw, run_exact, write_kv_raw
 from kvswap.errors import FormatError, ModelMismatch, UsageError
 from kvswap.kvtensors import KvLayout, KvTensors
+
+#: also run under a second torch thread count by `make test` (kernel blocking differs)
+pytestmark = pytest.mark.engine
 
 
 def _copy_kv(kv: KvTensors, **changes) -> KvTensors:
@@ -70,20 +73,24 @@ def test_same_kv_twice_gives_same_output(tiny_engine, tiny_doc_kv):
     assert kv_bit_identical(before, tiny_doc_kv)
 
 
-def test_kv_without_logits_and_prefix_of_kv_are_exact(tiny_engine, tiny_doc_kv):
-    """A consumer holding only a prefix of an artifact (no stored logits for it) still reuses exactly."""
+def test_kv_without_logits_and_prefix_of_kv_reuse_token_exactly(tiny_engine, tiny_doc_kv):
+    """A consumer holding only a prefix of an artifact (no stored logits for it) reuses it token-exactly.
+
+    Bits are not promised here: the first n positions of a longer prefill come from kernels blocked for more
+    rows than a prefill of n tokens (measured on an AVX-512 CPU: arrays differ at some n, in every dtype), so
+    the claim is the one the design makes for a different computation: greedy tokens match, logit diff
+    reported (GUARANTEES["prefix"])."""
     ids = tiny_doc_kv.token_ids
     no_logits = _copy_kv(tiny_doc_kv, last_logits=None)
     fresh = tiny_engine.generate_fresh(ids, max_new_tokens=12, stop_at_eos=False)
     assert tiny_engine.generate_from_kv(no_logits, [], 12, stop_at_eos=False).tokens == fresh.tokens
 
-    n = len(ids) - 7
-    prefix = _copy_kv(tiny_doc_kv, token_ids=ids[:n], keys=[k[:, :n].copy() for k in tiny_doc_kv.keys],
-                      values=[v[:, :n].copy() for v in tiny_doc_kv.values], last_logits=None)
-    shorter = tiny_engine.prefill(ids[:n])  # earlier positions do not depend on later tokens
-    assert all(np.array_equal(a, b) for a, b in zip(prefix.keys + prefix.values, shorter.keys + shorter.values))
-    want = tiny_engine.generate_fresh(ids[:n], max_new_tokens=12, stop_at_eos=False)
-    assert tiny_engine.generate_from_kv(prefix, [], 12, stop_at_eos=False).tokens == want.tokens
+    for n in (len(ids) - 7, len(ids) // 2, 17):
+        row = check_prefix(tiny_engine, tiny_doc_kv, n, n_tokens=12)
+        assert row["match"] == 12 and row["reuse_tokens"] == row["fresh_tokens"], (n, row)
+        assert row["argmax_equal"] and row["first_logit_max_abs_diff"] >= 0.0
+        assert row["arrays"] == 6 and 0 <= row["arrays_bit_equal"] <= 6
+        assert row["bit_identical"] == (row["kv_max_abs_diff"] == 0.0)
 
 
 def test_seeded_sampling_is_reproducible(tiny_engine, tiny_doc_kv):

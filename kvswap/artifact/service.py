@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..cid import Cid, sha256_hex
+from ..cid import Cid
+from ..document import Document, document_hash
 from ..errors import NotFound, UsageError
 from ..protocol.limits import DEFAULT_BLOCK_TOKENS
 from ..store import Store
@@ -19,21 +20,15 @@ from .pipeline import assemble_kv, check_compatible, publish_kv, verified_blob
 from .signing import NodeKey, TrustPolicy, verify_envelopes
 
 
-def document_hash(text: str) -> str:
-    """sha256 hex of the document's UTF-8 bytes (how documents are found on the network)."""
-    return sha256_hex(text.encode("utf-8"))
-
-
-def publish_document(engine, store: Store, key: NodeKey, text: str, codec: str = "auto",
+def publish_document(engine, store: Store, key: NodeKey, text: str | Document, codec: str = "auto",
                      block_tokens: int = DEFAULT_BLOCK_TOKENS) -> dict:
     """Tokenize, prefill, chunk, compress, sign and store one document. Returns a JSON-friendly summary.
 
     The manifest is registered before its chunks are written, so a crash mid-publish leaves an incomplete
     artifact (and maybe a temp file), never a half-written chunk."""
-    if not text:
-        raise UsageError("the document is empty")
-    doc_hash = document_hash(text)
-    ids = engine.tokenize(text)
+    doc = text if isinstance(text, Document) else Document(text)
+    doc_hash = doc.hash
+    ids = engine.tokenize(doc.text)
     t0 = time.perf_counter()
     kv = engine.prefill(ids)
     prefill_s = time.perf_counter() - t0
@@ -90,13 +85,15 @@ def verify_artifact(store: Store, cid: Cid, policy: TrustPolicy) -> dict:
     }
 
 
-def resolve_artifact(store: Store, engine, *, cid: Cid | None = None, document_text: str | None = None) -> Manifest:
+def resolve_artifact(store: Store, engine, *, cid: Cid | None = None,
+                     document_text: str | Document | None = None) -> Manifest:
     """The stored manifest named by CID, or the newest complete artifact of `document_text` for this
     engine's model."""
     if cid is None:
         if document_text is None:
             raise UsageError("give an artifact CID or a document")
-        found = store.find_by_document(engine.fingerprint, document_hash(document_text), complete_only=True)
+        doc = document_text if isinstance(document_text, Document) else Document(document_text)
+        found = store.find_by_document(engine.fingerprint, doc.hash, complete_only=True)
         if not found:
             raise NotFound("no complete artifact of this document for this model in the local store "
                            "(publish it, or fetch it with `kvswap get --doc FILE`)")

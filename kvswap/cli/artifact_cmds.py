@@ -33,15 +33,10 @@ def _policy(args, accept_any: bool = False):
     return TrustPolicy.for_home(home_of(args), _key(args), accept_any=accept_any)
 
 
-def _read_text(path: Path) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text") from None
+def _read_doc(path: Path):
+    from ..document import Document
+
+    return Document.read(path)
 
 
 def resolve_cid(store, text: str) -> Cid:
@@ -81,17 +76,17 @@ def cmd_publish(args) -> int:
     from ..artifact.service import publish_document
     from ..engine import load_engine
 
-    text = _read_text(args.file)
+    doc = _read_doc(args.file)
     client = _daemon(args)
     if client is not None:  # the daemon prefills with its resident model, then provides and announces
         from .node_cmds import wait_job
 
-        job = client.post("/publish", {"text": text, "codec": args.codec, "block_tokens": args.block_tokens})
+        job = client.post("/publish", {"text": doc.text, "codec": args.codec, "block_tokens": args.block_tokens})
         emit(args, wait_job(client, job["id"], show_progress=False), _render_publish)
         return 0
     engine = load_engine(args.model, dtype=args.dtype)
     with _store(args) as store:
-        result = publish_document(engine, store, _key(args), text, codec=args.codec, block_tokens=args.block_tokens)
+        result = publish_document(engine, store, _key(args), doc, codec=args.codec, block_tokens=args.block_tokens)
     emit(args, result, _render_publish)
     return 0
 
@@ -109,7 +104,7 @@ def _render_publish(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..artifact.service import document_hash, generate_from_store, resolve_artifact
+    from ..artifact.service import generate_from_store, resolve_artifact
     from ..engine import load_engine
 
     client = _daemon(args)
@@ -118,7 +113,7 @@ def cmd_generate(args) -> int:
     if client is not None:  # ship (local store) or host (--host PEER), through the daemon's model
         body: dict = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "host": args.host}
         if args.doc is not None:
-            body["document_hash"] = document_hash(_read_text(args.doc))
+            body["document_hash"] = _read_doc(args.doc).hash
         elif args.cid is not None:
             with _store(args) as store:
                 body["cid"] = str(resolve_cid(store, args.cid)) if not args.host else args.cid
@@ -129,7 +124,7 @@ def cmd_generate(args) -> int:
     with _store(args) as store:
         if args.doc is not None:
             engine = load_engine(args.model, dtype=args.dtype or "bf16")
-            manifest = resolve_artifact(store, engine, document_text=_read_text(args.doc))
+            manifest = resolve_artifact(store, engine, document_text=_read_doc(args.doc))
         else:
             if args.cid is None:
                 raise UsageError("give an artifact CID or --doc FILE")

@@ -8,17 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..document import Document
+from ..engine.guarantees import GUARANTEES
 from ..errors import UsageError
 from . import add_common, emit
-
-
-def _read_doc(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"no such document: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read {path} as UTF-8 text: {exc}") from None
 
 
 def cmd_exact(args: argparse.Namespace) -> int:
@@ -26,11 +19,11 @@ def cmd_exact(args: argparse.Namespace) -> int:
 
     if args.tokens < 1:
         raise UsageError("--tokens must be at least 1")
-    text = _read_doc(args.doc)
+    text = Document.read(args.doc).text
     engine = load_engine(args.model, dtype=args.dtype)
     doc_ids = engine.tokenize(text)
     question_ids = engine.tokenize(args.question) if args.question is not None else None
-    result = run_exact(engine, doc_ids, n_tokens=args.tokens, question_ids=question_ids)
+    result = run_exact(engine, doc_ids, n_tokens=args.tokens, question_ids=question_ids, prefix=args.prefix)
     emit(args, result, _render_exact)
     return 0 if result["exact"] else 1
 
@@ -52,12 +45,23 @@ def _render_exact(r: dict) -> str:
     if q:
         rows += [
             ("question: reuse vs two-phase oracle", f"{q['match_two_phase']}/{n}"),
-            ("question: reuse vs monolithic D+Q", f"{q['match_monolithic']}/{n} (reported; may differ in bf16)"),
+            ("question: reuse vs monolithic D+Q", f"{q['match_monolithic']}/{n}, max |logit diff| "
+                                                   f"{q['monolithic_logit_max_abs_diff']:.3g} (tokens only)"),
+        ]
+    p = r.get("prefix")
+    if p:
+        rows += [
+            (f"prefix {p['prefix_tokens']}: KV bit-equal to a fresh prefill",
+             f"{p['arrays_bit_equal']}/{p['arrays']} arrays (max |diff| {p['kv_max_abs_diff']:.3g}; not promised)"),
+            (f"prefix {p['prefix_tokens']}: greedy tokens matching", f"{p['match']}/{n}, first-step max |logit diff| "
+                                                                     f"{p['first_logit_max_abs_diff']:.3g}"),
         ]
     rows.append(("verdict", "EXACT" if r["exact"] else "NOT EXACT"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"{'reuse continuation':<{width}}  {r['reuse_text']!r}")
+    lines.append("guarantees (docs/exactness.md):")
+    lines += [f"  {name:<18} {text}" for name, text in GUARANTEES.items()]
     return "\n".join(lines)
 
 
@@ -85,6 +89,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens to compare (default 24)")
     p.add_argument("--question", default=None, help="also check a suffix against the two-phase oracle")
+    p.add_argument("--prefix", type=int, default=None, metavar="P",
+                   help="also check the artifact's first P tokens against a fresh prefill of P tokens")
     add_common(p)
     p.set_defaults(func=cmd_exact)
 

@@ -116,19 +116,16 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 def fetch_request(args: argparse.Namespace) -> dict:
     """The /get request body from `get`'s CID / --doc / --doc-hash (exactly one)."""
-    from ..cid import Cid, sha256_hex
+    from ..cid import Cid
+    from ..document import Document
 
     given = [x for x in (args.cid, args.doc, args.doc_hash) if x]
     if len(given) != 1:
         raise UsageError("give exactly one of CID, --doc FILE or --doc-hash HEX")
     if args.cid:
         return {"cid": str(Cid.parse(args.cid)), "tokens": args.tokens}
-    if args.doc:
-        try:
-            text = args.doc.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.doc}: {exc.strerror}") from None
-        return {"document_hash": sha256_hex(text.encode("utf-8")), "tokens": args.tokens}
+    if args.doc:  # the same reading and hashing as `publish` (kvswap/document.py)
+        return {"document_hash": Document.read(args.doc).hash, "tokens": args.tokens}
     doc_hash = args.doc_hash.lower()
     if len(doc_hash) != 64 or any(c not in "0123456789abcdef" for c in doc_hash):
         raise UsageError("--doc-hash takes the 64-hex-digit sha256 of the document's UTF-8 text")
@@ -172,8 +169,9 @@ def _render_get(r: dict) -> str:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    request = fetch_request(args)  # bad input fails before the daemon is asked anything
     client = _client(args)
-    job = client.post("/get", fetch_request(args))
+    job = client.post("/get", request)
     result = wait_job(client, job["id"], show_progress=not (args.no_progress or args.json))
     emit(args, result, _render_get)
     return 0

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from ..document import EMPTY_DOCUMENT
 from ..errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
 from .rawbits import bits_to_tensor, tensor_to_bits, torch_dtype
@@ -38,6 +39,15 @@ class GenerationResult:
         d = asdict(self)
         d.pop("first_logits")
         return d
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `cache` since transformers 5.2x (where
+    `past_key_values` warns and is to be removed in 5.40), `past_key_values` before (5.17 on the GPU machine)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _short(fp: str | None) -> str:
@@ -64,6 +74,7 @@ class Engine:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
         self.vocab_size = int(cfg.vocab_size)
         self.eos_ids = self._eos_ids()
+        self._cache_kwarg = cache_kwarg(model)
 
     def __repr__(self) -> str:
         return f"Engine({self.model_id!r}, {self.dtype}, {self.device}, fingerprint={_short(self.fingerprint)})"
@@ -87,7 +98,7 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with no special tokens added (documents and suffixes concatenate as ids)."""
         if not text or not text.strip():
-            raise UsageError("empty document: nothing to tokenize")
+            raise UsageError(EMPTY_DOCUMENT)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def detokenize(self, ids: list[int]) -> str:
@@ -118,7 +129,7 @@ class Engine:
                 input_ids=torch.tensor([list(ids)], dtype=torch.long, device=self.device),
                 position_ids=torch.arange(past, past + n, device=self.device).unsqueeze(0),
                 attention_mask=torch.ones((1, past + n), dtype=torch.long, device=self.device),
-                past_key_values=cache,
+                **{self._cache_kwarg: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -141,7 +152,7 @@ class Engine:
         """KV of every token in `ids` plus the logits at the last position (what an artifact stores)."""
         ids = list(ids)
         if not ids:
-            raise UsageError("empty document: nothing to prefill")
+            raise UsageError(EMPTY_DOCUMENT)
         self._check_ids(ids, "document")
         cache = self._new_cache()
         t0 = time.perf_counter()
@@ -236,7 +247,7 @@ class Engine:
         """The oracle for prefix reuse: prefill the document, then prefill the suffix over it, from scratch."""
         doc_ids, suffix_ids = list(doc_ids), list(suffix_ids)
         if not doc_ids:
-            raise UsageError("empty document: nothing to prefill")
+            raise UsageError(EMPTY_DOCUMENT)
         self._check_ids(doc_ids + suffix_ids, "prompt", extra=max_new_tokens)
         cache = self._new_cache()
         t0 = time.perf_counter()

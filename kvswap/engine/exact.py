@@ -5,7 +5,13 @@ into new arrays (raw little-endian bytes, no pickle); load them into a fresh cac
 with a from-scratch prefill + decode: matching tokens, max |logit difference| at the first step, and whether
 the reloaded KV is bit-identical to an independent second prefill. With a question, reuse (document KV +
 question prefill) is compared with its oracle "prefill D, then prefill Q" (must match) and with one
-monolithic D+Q prefill (reported only: bf16 with sdpa attention may legitimately differ, DESIGN.md facts).
+monolithic D+Q prefill (reported only: bf16 with sdpa attention may legitimately differ). With a prefix P,
+the first P tokens of the artifact (no stored logits) are compared with a fresh prefill of those P tokens.
+
+What each comparison may claim (GUARANTEES; docs/exactness.md has the table with measured figures): bits only
+where both sides run the same computation on the same machine; everything else is tokens matching plus a
+reported logit difference, because matrix-multiply kernels pick their blocking by row count, thread count,
+CPU instruction set and device.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 from ..errors import FormatError
 from ..kvtensors import KvTensors
 from .core import Engine, GenerationResult
+from .guarantees import GUARANTEES
 
 
 def write_kv_raw(kv: KvTensors, path: Path) -> int:
@@ -79,9 +86,47 @@ def _max_abs_diff(a: GenerationResult, b: GenerationResult) -> float:
     return float(np.max(np.abs(a.first_logits.astype(np.float64) - b.first_logits.astype(np.float64))))
 
 
+def kv_max_abs_diff(a: KvTensors, b: KvTensors) -> float:
+    """Largest |difference| between the values (not bits) of two KV tensors of one layout and token count."""
+    lay = a.layout
+    return max(float(np.max(np.abs(lay.to_float(x) - lay.to_float(y)), initial=0.0))
+               for x, y in zip(a.keys + a.values, b.keys + b.values))
+
+
+def prefix_of(kv: KvTensors, n: int) -> KvTensors:
+    """The first `n` tokens of `kv`, without logits (what a consumer holds after fetching a prefix)."""
+    return KvTensors(kv.layout, list(kv.token_ids[:n]), [k[:, :n].copy() for k in kv.keys],
+                     [v[:, :n].copy() for v in kv.values], None, dict(kv.meta))
+
+
+def check_prefix(engine: Engine, kv: KvTensors, n_prefix: int, n_tokens: int = 24) -> dict:
+    """The prefix row: the artifact's first `n_prefix` tokens against a fresh prefill of those tokens."""
+    if not 0 < n_prefix < kv.n_tokens:
+        from ..errors import UsageError
+
+        raise UsageError(f"--prefix must be between 1 and {kv.n_tokens - 1} (the document has {kv.n_tokens} tokens)")
+    pre = prefix_of(kv, n_prefix)
+    short = engine.prefill(kv.token_ids[:n_prefix])
+    fresh = engine.generate_fresh(kv.token_ids[:n_prefix], n_tokens, stop_at_eos=False)
+    reuse = engine.generate_from_kv(pre, [], n_tokens, stop_at_eos=False)
+    equal = sum(np.array_equal(x, y) for x, y in zip(pre.keys + pre.values, short.keys + short.values))
+    return {
+        "prefix_tokens": n_prefix,
+        "arrays_bit_equal": int(equal), "arrays": 2 * kv.layout.layers,
+        "bit_identical": equal == 2 * kv.layout.layers,
+        "kv_max_abs_diff": kv_max_abs_diff(pre, short),
+        "match": matching_prefix(fresh.tokens, reuse.tokens),
+        "first_logit_max_abs_diff": _max_abs_diff(fresh, reuse),
+        "argmax_equal": int(np.argmax(fresh.first_logits)) == int(np.argmax(reuse.first_logits)),
+        "reuse_tokens": reuse.tokens, "fresh_tokens": fresh.tokens,
+        "guarantee": GUARANTEES["prefix"],
+    }
+
+
 def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_ids: list[int] | None = None,
-              workdir: Path | None = None) -> dict:
-    """Run the check and return a JSON-ready dict; `exact` is True only if reuse matched on every count."""
+              workdir: Path | None = None, prefix: int | None = None) -> dict:
+    """Run the check and return a JSON-ready dict. `exact` is True only if every claim held: the bitwise ones
+    (whole artifact, suffix against the two-phase oracle) bit for bit, the prefix one token for token."""
     kv = engine.prefill(doc_ids)
     with tempfile.TemporaryDirectory(prefix="kvswap-exact-", dir=workdir) as tmp:
         path = Path(tmp) / "kv.raw"
@@ -108,6 +153,7 @@ def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_i
         "fresh_text": fresh.text, "reuse_text": reuse.text,
         "prefill_s": kv.meta.get("prefill_s"), "load_s": reuse.load_s, "step_s": step_s,
         "decode_s_fresh": fresh.decode_s, "decode_s_reuse": reuse.decode_s,
+        "guarantee": GUARANTEES["whole"],
     }
     exact = bit_identical and match == n_tokens == len(fresh.tokens) == len(reuse.tokens)
     if question_ids:
@@ -122,8 +168,12 @@ def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_i
             "match_monolithic": matching_prefix(mono.tokens, reuse_q.tokens),
             "monolithic_logit_max_abs_diff": _max_abs_diff(mono, reuse_q),
             "reuse_tokens": reuse_q.tokens, "reuse_text": reuse_q.text, "monolithic_text": mono.text,
-            "note": "monolithic D+Q may differ in bf16/fp16 with sdpa attention; the two-phase oracle must match",
+            "guarantee": GUARANTEES["suffix_two_phase"],
+            "monolithic_guarantee": GUARANTEES["suffix_monolithic"],
         }
         exact = exact and q_match == n_tokens
+    if prefix is not None:
+        result["prefix"] = check_prefix(engine, reloaded, prefix, n_tokens)
+        exact = exact and result["prefix"]["match"] == n_tokens
     result["exact"] = bool(exact)
     return result

@@ -1,0 +1,21 @@
+"""What kvswap promises for each way of reusing KV, in one place (no torch: `kvswap exact --help` and the
+docs read it). docs/exactness.md tables these with the figures measured on each machine.
+
+Bits are promised only where both sides run the same computation on the same kind of machine (same CPU
+instruction set or GPU, same torch, same thread count). Everything else is promised as tokens matching with the
+logit difference reported: matrix-multiply kernels choose their blocking by row count, thread count, CPU
+instruction set and device, so the same mathematics rounds differently.
+"""
+
+from __future__ import annotations
+
+#: way of reuse -> what kvswap promises for it (printed by `kvswap exact`, tabled in docs/exactness.md)
+GUARANTEES = {
+    "whole": "bits: reloaded KV == stored KV, first token from the stored logits, the same decode steps",
+    "suffix_two_phase": "bits: the same computation as 'prefill D, then prefill the suffix over it'",
+    "suffix_monolithic": "tokens, logit diff reported: one D+suffix prefill is a different computation",
+    "prefix": "tokens, logit diff reported: the first P positions of a longer prefill are not bitwise a "
+              "prefill of P tokens (kernel blocking depends on the row count)",
+    "other_machine": "tokens, logit diff reported: another CPU instruction set, thread count or device runs "
+                     "other kernels",
+}
