@@ -54,9 +54,9 @@ def _render_exact(r: dict) -> str:
             (f"prefix {p['prefix_tokens']}: KV bit-equal to a fresh prefill",
              f"{p['arrays_bit_equal']}/{p['arrays']} arrays (max |diff| {p['kv_max_abs_diff']:.3g}; not promised)"),
             (f"prefix {p['prefix_tokens']}: greedy tokens matching", f"{p['match']}/{n}, first-step max |logit diff| "
-                                                                     f"{p['first_logit_max_abs_diff']:.3g}"),
+                                                                     f"{p['first_logit_max_abs_diff']:.3g} (reported)"),
         ]
-    rows.append(("verdict", "EXACT" if r["exact"] else "NOT EXACT"))
+    rows.append(("verdict (bitwise promises)", "EXACT" if r["exact"] else "NOT EXACT"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"{'reuse continuation':<{width}}  {r['reuse_text']!r}")

@@ -125,8 +125,9 @@ def check_prefix(engine: Engine, kv: KvTensors, n_prefix: int, n_tokens: int = 2
 
 def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_ids: list[int] | None = None,
               workdir: Path | None = None, prefix: int | None = None) -> dict:
-    """Run the check and return a JSON-ready dict. `exact` is True only if every claim held: the bitwise ones
-    (whole artifact, suffix against the two-phase oracle) bit for bit, the prefix one token for token."""
+    """Run the check and return a JSON-ready dict. `exact` is True only if every bitwise promise held (whole
+    artifact; suffix against the two-phase oracle). The monolithic and prefix rows are measurements of
+    computations kvswap does not promise bits for (GUARANTEES): reported, not part of the verdict."""
     kv = engine.prefill(doc_ids)
     with tempfile.TemporaryDirectory(prefix="kvswap-exact-", dir=workdir) as tmp:
         path = Path(tmp) / "kv.raw"
@@ -173,7 +174,6 @@ def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_i
         }
         exact = exact and q_match == n_tokens
     if prefix is not None:
-        result["prefix"] = check_prefix(engine, reloaded, prefix, n_tokens)
-        exact = exact and result["prefix"]["match"] == n_tokens
+        result["prefix"] = check_prefix(engine, reloaded, prefix, n_tokens)  # reported: no bits are promised
     result["exact"] = bool(exact)
     return result

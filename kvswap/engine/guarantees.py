@@ -13,9 +13,11 @@ from __future__ import annotations
 GUARANTEES = {
     "whole": "bits: reloaded KV == stored KV, first token from the stored logits, the same decode steps",
     "suffix_two_phase": "bits: the same computation as 'prefill D, then prefill the suffix over it'",
-    "suffix_monolithic": "tokens, logit diff reported: one D+suffix prefill is a different computation",
-    "prefix": "tokens, logit diff reported: the first P positions of a longer prefill are not bitwise a "
-              "prefill of P tokens (kernel blocking depends on the row count)",
-    "other_machine": "tokens, logit diff reported: another CPU instruction set, thread count or device runs "
-                     "other kernels",
+    "suffix_monolithic": "tokens usually, logit diff reported: one D+suffix prefill is a different "
+                         "computation (bf16/fp16 with sdpa can diverge where logits nearly tie)",
+    "prefix": "no bits, logit diff reported: the first P positions of a longer prefill are not bitwise a "
+              "prefill of P tokens (kernel blocking depends on the row count) and the last prefix token is "
+              "re-fed alone; fp32 tokens matched in every run measured, bf16/fp16 can diverge after a few tokens",
+    "other_machine": "no bits, tokens usually, logit diff reported: another CPU instruction set, thread count "
+                     "or device runs other kernels",
 }
