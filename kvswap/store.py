@@ -1,9 +1,10 @@
 """The local artifact store: chunk files named by CID, and an SQLite index of what they belong to.
 
     <home>/store/chunks/<cid>    stored chunk bytes, visible only once complete and verified
+    <home>/store/raw/<cid>       decoded ("raw local form") bytes of compressed chunks: a load cache
     <home>/store/tmp/            temp files (same filesystem), renamed into chunks/ after fsync
     <home>/store/index.sqlite    WAL: artifacts (manifest bytes, state, pins, last use), envelopes,
-                                 artifact -> blob lists, chunks with reference counts
+                                 artifact -> blob lists, chunks with reference counts, raw forms
 
 Invariants (checked by fsck):
 - A file under chunks/ is named by the CID of its bytes: put_chunk hashes before writing, and the file
@@ -16,6 +17,13 @@ Invariants (checked by fsck):
 - Reads verify: read_chunk re-hashes the file (IntegrityError on a corrupted one), get_manifest re-hashes
   the manifest against its CID.
 
+Raw local forms (why: a compressed chunk saves wire and disk bytes, but decompressing it on every load
+would make local loads slower than a raw chunk; kvswap/artifact/loader.py): the decoded bytes of a chunk,
+written by the loader from bytes it had just verified against the CID, with their sha256 and a MAC of
+(CID, size, sha256) under a key derived from the node's identity seed. A raw form is a cache: gc drops raw
+forms before it evicts any artifact, a raw form whose MAC or digest does not check is dropped and the chunk
+is loaded from its stored bytes, and only a store opened with a local key (Store.for_home) keeps them.
+
 Policy (who is trusted) is not the store's business: it keeps valid signatures, callers apply the trust
 policy (artifact/signing.py). One SQLite connection per thread plus a process lock around writes make it
 safe to call from a daemon's worker threads; several processes may share a store through SQLite's locks.
@@ -24,6 +32,8 @@ safe to call from a daemon's worker threads; several processes may share a store
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import sqlite3
 import struct
@@ -78,7 +88,29 @@ CREATE TABLE IF NOT EXISTS chunks(
     stored_size INTEGER NOT NULL,
     refcount INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS raw_forms(
+    chunk_cid TEXT PRIMARY KEY,
+    raw_size INTEGER NOT NULL,
+    raw_sha256 BLOB NOT NULL,
+    mac BLOB NOT NULL,
+    created REAL NOT NULL
+);
 """
+
+#: domain of the key a home derives from its identity seed for raw-form MACs (never used to sign anything)
+LOCAL_KEY_DOMAIN = b"kvswap/store-local-key/v1"
+#: domain of a raw form's MAC: HMAC-SHA256(local key, RAW_FORM_DOMAIN || chunk CID (36) || size (u64 BE) || sha256)
+RAW_FORM_DOMAIN = b"kvswap/raw-form/v1\n"
+
+
+def local_key_from_seed(seed: bytes) -> bytes:
+    """The store's MAC key for raw forms, derived from the node's 32-byte identity seed."""
+    return hmac.new(seed, LOCAL_KEY_DOMAIN, hashlib.sha256).digest()
+
+
+def _raw_form_mac(key: bytes, cid: Cid, raw_size: int, digest: bytes) -> bytes:
+    return hmac.new(key, RAW_FORM_DOMAIN + cid.to_bytes() + struct.pack(">Q", raw_size) + digest,
+                    hashlib.sha256).digest()
 
 # --- export container (FORMAT.md "Export file") ----------------------------------------------------
 EXPORT_MAGIC = b"KVSWAPX\x01"
@@ -89,12 +121,15 @@ REC_END, REC_MANIFEST, REC_ENVELOPES, REC_BLOB = 0, 1, 2, 3
 class Store:
     """Files by CID + SQLite index. Create one per process (or per daemon) and share it across threads."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, local_key: bytes | None = None):
         self.root = Path(root)
         self.chunks_dir = self.root / "chunks"
+        self.raw_dir = self.root / "raw"
         self.tmp_dir = self.root / "tmp"
         self.db_path = self.root / "index.sqlite"
+        self.local_key = local_key  # raw forms are kept (and trusted) only with a key
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.RLock()
@@ -109,9 +144,16 @@ class Store:
 
     @classmethod
     def for_home(cls, home: Path) -> "Store":
+        """The store of a node home, keyed for raw local forms by the home's identity (when it has one)."""
         from .config import HomeLayout
 
-        return cls(HomeLayout(Path(home)).store_dir)
+        layout = HomeLayout(Path(home))
+        key = None
+        if layout.identity_key.is_file():
+            from .artifact.signing import NodeKey
+
+            key = local_key_from_seed(NodeKey.load_or_create(layout.identity_key).seed)
+        return cls(layout.store_dir, local_key=key)
 
     # --- connections and transactions ---------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -363,6 +405,55 @@ class Store:
             raise IntegrityError(f"stored chunk {cid.short()} is corrupted (run `kvswap fsck --repair`)") from None
         return data
 
+    # --- raw local forms (a load cache of decoded compressed chunks) -----------------------------------
+    def put_raw_form(self, cid: Cid, raw: bytes | memoryview) -> bool:
+        """Keep the decoded bytes of chunk `cid` (which the caller has just decoded from bytes verified against
+        the CID). False, and nothing written, without a local key or when the chunk belongs to no artifact."""
+        if self.local_key is None:
+            return False
+        if self._db().execute("SELECT 1 FROM chunks WHERE cid = ?", (str(cid),)).fetchone() is None:
+            return False
+        raw = memoryview(raw).cast("B")
+        digest = hashlib.sha256(raw).digest()
+        final = self.raw_dir / str(cid)
+        tmp = self.tmp_dir / f"{cid}.raw.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
+        try:
+            with open(tmp, "wb") as fh:  # no fsync: a cache; a torn file fails its digest and is dropped
+                fh.write(raw)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO raw_forms(chunk_cid, raw_size, raw_sha256, mac, created)"
+                       " VALUES (?,?,?,?,?)",
+                       (str(cid), len(raw), digest, _raw_form_mac(self.local_key, cid, len(raw), digest), time.time()))
+        return True
+
+    def raw_form(self, cid: Cid) -> tuple[Path, bytes] | None:
+        """(file, recorded sha256) of chunk `cid`'s raw form, when there is one whose row this home's key
+        authenticates; the caller hashes the file's bytes against the digest. A row that fails its MAC (written
+        by someone without the key) is dropped."""
+        if self.local_key is None:
+            return None
+        row = self._db().execute("SELECT raw_size, raw_sha256, mac FROM raw_forms WHERE chunk_cid = ?",
+                                 (str(cid),)).fetchone()
+        if row is None:
+            return None
+        size, digest, mac = int(row[0]), bytes(row[1]), bytes(row[2])
+        path = self.raw_dir / str(cid)
+        if not hmac.compare_digest(mac, _raw_form_mac(self.local_key, cid, size, digest)) or not path.is_file():
+            self.drop_raw_form(cid)
+            return None
+        return path, digest
+
+    def drop_raw_form(self, cid: Cid) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM raw_forms WHERE chunk_cid = ?", (str(cid),))
+        (self.raw_dir / str(cid)).unlink(missing_ok=True)
+
+    def raw_forms_usage(self) -> int:
+        return int(self._db().execute("SELECT COALESCE(SUM(raw_size), 0) FROM raw_forms").fetchone()[0])
+
     def put_artifact(self, manifest: Manifest, envelopes: Iterable[Envelope],
                      chunks: Iterable[tuple[Cid, bytes]]) -> Cid:
         """Register, then store every chunk as it streams past (publish, import)."""
@@ -390,24 +481,25 @@ class Store:
                 left = db.execute("SELECT refcount FROM chunks WHERE cid = ?", (ck,)).fetchone()
                 if left is not None and left[0] <= 0:
                     db.execute("DELETE FROM chunks WHERE cid = ?", (ck,))
+                    db.execute("DELETE FROM raw_forms WHERE chunk_cid = ?", (ck,))
                     dead.append(ck)
         # files go after the index commit: a crash in between leaves unreferenced files (garbage), never an
         # index entry pointing at a deleted file of a complete artifact
         freed = 0
         for ck in dead:
-            path = self.chunks_dir / ck
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
+            for path in (self.chunks_dir / ck, self.raw_dir / ck):
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.stat().st_size
+                    path.unlink()
         return freed
 
     def usage(self) -> int:
-        """Bytes of chunk files present and indexed."""
+        """Bytes of chunk files present and indexed, plus raw forms."""
         total = 0
         for ck, size in self._db().execute("SELECT cid, stored_size FROM chunks"):
             if (self.chunks_dir / ck).is_file():
                 total += size
-        return total
+        return total + self.raw_forms_usage()
 
     def gc(self, budget: int) -> dict:
         """Evict complete, unpinned artifacts, least recently used first, until usage <= budget."""
@@ -415,6 +507,14 @@ class Store:
             raise UsageError("budget must be >= 0")
         before = self.usage()
         used, evicted, freed = before, [], 0
+        # raw forms first: they are a load cache, oldest first, before any artifact is evicted
+        for (key, size) in self._db().execute(
+                "SELECT chunk_cid, raw_size FROM raw_forms ORDER BY created ASC").fetchall():
+            if used <= budget:
+                break
+            self.drop_raw_form(Cid.parse(key))
+            used -= size
+            freed += size
         rows = self._db().execute(
             "SELECT cid FROM artifacts WHERE complete = 1 AND pinned = 0 ORDER BY last_used ASC").fetchall()
         for (key,) in rows:
@@ -507,6 +607,32 @@ class Store:
                         else:
                             wdb.execute("UPDATE chunks SET refcount = ? WHERE cid = ?", (want, ck))
                     repaired.append(f"fixed refcount of {ck}")
+        # raw forms: a row per file, digest and MAC as recorded (a cache: anything wrong is dropped)
+        raw_rows = {k: (int(n), bytes(d), bytes(m)) for k, n, d, m in
+                    db.execute("SELECT chunk_cid, raw_size, raw_sha256, mac FROM raw_forms").fetchall()}
+        for path in sorted(self.raw_dir.iterdir()):
+            if path.name not in raw_rows:
+                garbage.append(f"raw form {path.name} without an index row")
+                if repair:
+                    path.unlink(missing_ok=True)
+                    repaired.append(f"removed raw form file {path.name}")
+        for key, (size, digest, mac) in raw_rows.items():
+            path = self.raw_dir / key
+            bad = None
+            if key not in indexed:
+                bad = "belongs to no indexed chunk"
+            elif not path.is_file():
+                bad = "file is missing"
+            elif self.local_key is not None and not hmac.compare_digest(
+                    mac, _raw_form_mac(self.local_key, Cid.parse(key), size, digest)):
+                bad = "MAC does not verify with this home's key"
+            elif hashlib.sha256(path.read_bytes()).digest() != digest:
+                bad = "content does not match its recorded digest"
+            if bad:
+                garbage.append(f"raw form {key}: {bad}")
+                if repair:
+                    self.drop_raw_form(Cid.parse(key))
+                    repaired.append(f"dropped raw form {key}")
         # completeness flags
         for key, complete in db.execute("SELECT cid, complete FROM artifacts").fetchall():
             present = all((self.chunks_dir / str(c)).is_file() for c in self._blob_cids(Cid.parse(key)))

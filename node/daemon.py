@@ -23,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..artifact.pipeline import assemble_kv, check_compatible
-from ..artifact.service import generate_from_store, home_key, publish_document
+from ..artifact.pipeline import check_compatible
+from ..artifact.service import generate_from_store, home_key, load_artifact, publish_document
 from ..artifact.signing import TrustPolicy
 from ..cid import Cid
 from ..config import HomeLayout
@@ -41,7 +41,7 @@ from .storeadapter import StoreArtifacts
 
 log = logging.getLogger("kvswap.node")
 
-#: artifacts whose verified KV a hosting node keeps in memory for repeated hosted requests
+#: artifacts whose verified KV a hosting node keeps resident (on the model's device) for repeated hosted requests
 RESIDENT_KV_SLOTS = 2
 #: seconds a request waits for the model to finish loading before it is refused
 ENGINE_WAIT_S = 600.0
@@ -294,14 +294,14 @@ class Daemon:
                 check_compatible(manifest, engine)
                 if self.store.missing_chunks(cid):
                     raise NotFound(f"artifact {cid.short()} is not complete here")
-                kv = assemble_kv(manifest, self.store.read_chunk_for_verifier)  # hashes every chunk
+                kv = load_artifact(engine, self.store, manifest)  # every chunk verified, on the engine's device
                 self._resident[cid] = kv
                 while len(self._resident) > RESIDENT_KV_SLOTS:
                     self._resident.popitem(last=False)
             self._resident.move_to_end(cid)
             load_s = time.perf_counter() - t0
-            result = engine.generate_from_kv(kv, list(request.suffix_ids), max_new_tokens=request.max_new_tokens,
-                                             seed=request.seed)
+            result = engine.generate_from_loaded(kv, list(request.suffix_ids),
+                                                 max_new_tokens=request.max_new_tokens, seed=request.seed)
         out = result.to_dict()
         out.update(read_verify_s=load_s, document_tokens=kv.n_tokens, suffix_tokens=len(request.suffix_ids))
         self._log_generation(engine, cid, out, kind="hosted_generate")

@@ -134,12 +134,31 @@ def encode_best(
     return best_codec, best
 
 
+def _check_decode_args(raw_size: int, itemsize: int) -> None:
+    if not 0 <= raw_size <= MAX_CHUNK_RAW_BYTES or itemsize not in (2, 4) or raw_size % itemsize:
+        raise IntegrityError(f"declared raw size {raw_size} is not a valid chunk size")
+
+
+def _plane_frames(stored: memoryview, itemsize: int) -> list[memoryview]:
+    """The zstd frame of each plane of a `planes` blob, after checking the header adds up."""
+    head = _PLANES_HEADER.size + itemsize * _PLANE_LEN.size
+    if len(stored) < head or stored[0] != itemsize:
+        raise IntegrityError(f"planes chunk header is not {itemsize} planes")
+    lengths = [_PLANE_LEN.unpack_from(stored, _PLANES_HEADER.size + j * _PLANE_LEN.size)[0] for j in range(itemsize)]
+    if head + sum(lengths) != len(stored):
+        raise IntegrityError("planes chunk: plane lengths do not add up to the stored size")
+    frames, offset = [], head
+    for length in lengths:
+        frames.append(stored[offset : offset + length])
+        offset += length
+    return frames
+
+
 def decode(codec: str, stored: bytes | memoryview, raw_size: int, itemsize: int) -> bytes | memoryview:
     """Raw bytes of a stored chunk, exactly `raw_size` of them, or IntegrityError. Never allocates more
     than `raw_size` (plus the per-plane share of it) whatever the stored bytes claim. A raw chunk in
     read-only memory comes back as a view of it (no copy)."""
-    if not 0 <= raw_size <= MAX_CHUNK_RAW_BYTES or itemsize not in (2, 4) or raw_size % itemsize:
-        raise IntegrityError(f"declared raw size {raw_size} is not a valid chunk size")
+    _check_decode_args(raw_size, itemsize)
     stored = memoryview(stored).cast("B")
     if codec == "raw":
         if len(stored) != raw_size:
@@ -148,15 +167,30 @@ def decode(codec: str, stored: bytes | memoryview, raw_size: int, itemsize: int)
     if codec == "zstd":
         return _unzstd(stored, raw_size, "zstd chunk")
     if codec == "planes":
-        head = _PLANES_HEADER.size + itemsize * _PLANE_LEN.size
-        if len(stored) < head or stored[0] != itemsize:
-            raise IntegrityError(f"planes chunk header is not {itemsize} planes")
-        lengths = [_PLANE_LEN.unpack_from(stored, _PLANES_HEADER.size + j * _PLANE_LEN.size)[0] for j in range(itemsize)]
-        if head + sum(lengths) != len(stored):
-            raise IntegrityError("planes chunk: plane lengths do not add up to the stored size")
-        planes, offset = [], head
-        for j, length in enumerate(lengths):
-            planes.append(_unzstd(stored[offset : offset + length], raw_size // itemsize, f"plane {j}"))
-            offset += length
-        return join_planes(planes, itemsize)
+        out = bytearray(raw_size)
+        decode_into(codec, stored, memoryview(out), itemsize)
+        return bytes(out)
     raise IntegrityError(f"unknown codec {codec!r}")
+
+
+def decode_into(codec: str, stored: bytes | memoryview, out: memoryview, itemsize: int) -> None:
+    """Decode a stored chunk into `out` (writable, exactly its raw size), with the same checks as `decode`.
+
+    The load path's form: bytes land where the caller wants them (a pinned staging buffer), and a `planes`
+    chunk is interleaved straight into place instead of joined into new bytes first."""
+    out = memoryview(out).cast("B")
+    raw_size = len(out)
+    _check_decode_args(raw_size, itemsize)
+    stored = memoryview(stored).cast("B")
+    if codec == "raw":
+        if len(stored) != raw_size:
+            raise IntegrityError(f"raw chunk is {len(stored)} bytes, manifest says {raw_size}")
+        out[:] = stored
+    elif codec == "zstd":
+        out[:] = _unzstd(stored, raw_size, "zstd chunk")
+    elif codec == "planes":
+        table = np.frombuffer(out, dtype=np.uint8).reshape(-1, itemsize)
+        for j, frame in enumerate(_plane_frames(stored, itemsize)):
+            table[:, j] = np.frombuffer(_unzstd(frame, raw_size // itemsize, f"plane {j}"), dtype=np.uint8)
+    else:
+        raise IntegrityError(f"unknown codec {codec!r}")

@@ -16,7 +16,8 @@ from ..errors import NotFound, UsageError
 from ..protocol.limits import DEFAULT_BLOCK_TOKENS
 from ..store import Store
 from .manifest import Manifest
-from .pipeline import assemble_kv, check_compatible, publish_kv, verified_blob
+from . import loader
+from .pipeline import check_compatible, publish_kv, verified_blob
 from .signing import NodeKey, TrustPolicy, verify_envelopes
 
 
@@ -101,6 +102,25 @@ def resolve_artifact(store: Store, engine, *, cid: Cid | None = None,
     return store.get_manifest(cid)
 
 
+def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None = None, *,
+                  verify: str = "sha256", keep_raw: bool = True, threads: int = loader.LOAD_THREADS):
+    """A stored artifact (or its first `n_tokens`) on `engine`'s device through the load path
+    (kvswap/artifact/loader.py: every chunk verified, read straight into the engine's staging buffer, copied
+    to a GPU as it is verified). Returns the engine's LoadedKv; the model sees nothing if any chunk fails."""
+    check_compatible(manifest, engine)
+    plan = loader.LoadPlan.of(manifest, n_tokens)
+    logits = loader.read_tail(manifest, store, verify) if plan.whole else None
+
+    def fill(view: memoryview):
+        for slot in loader.fill(plan, view, store, verify=verify, keep_raw=keep_raw, threads=threads):
+            yield slot.offset, slot.end
+
+    meta = {"artifact_cid": str(manifest.cid), "model_id": manifest.model_id, "dtype": manifest.dtype,
+            "model_fingerprint": manifest.model_fingerprint, "document_hash": manifest.document_hash}
+    return engine.load_chunks(manifest.layout, list(manifest.token_ids[:plan.n_tokens]),
+                              [s.ref.n_tokens for s in plan.slots], plan.nbytes, fill, logits, meta)
+
+
 def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,
                         policy: TrustPolicy | None = None, seed: int | None = None) -> dict:
     """Load a stored artifact into `engine` (every chunk verified) and generate after the prompt.
@@ -114,15 +134,13 @@ def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tok
     missing = store.missing_chunks(cid)
     if missing:
         raise NotFound(f"artifact {cid.short()} is incomplete: {len(missing)} blobs missing")
-    t0 = time.perf_counter()
-    kv = assemble_kv(manifest, store.read_chunk_for_verifier)  # assemble_kv hashes every chunk
-    read_s = time.perf_counter() - t0
+    loaded = load_artifact(engine, store, manifest)
     store.touch(cid)
     suffix = engine.tokenize(prompt) if prompt else []
-    result = engine.generate_from_kv(kv, suffix, max_new_tokens=max_new_tokens, seed=seed)
+    result = engine.generate_from_loaded(loaded, suffix, max_new_tokens=max_new_tokens, seed=seed)
     out = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     out.update({"cid": str(cid), "document_tokens": manifest.n_tokens, "suffix_tokens": len(suffix),
-                "read_verify_s": round(read_s, 4)})
+                "read_verify_s": round(loaded.load_s, 4)})
     return out
 
 

@@ -20,7 +20,8 @@ from transformers import DynamicCache
 from ..document import EMPTY_DOCUMENT
 from ..errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
-from .rawbits import bits_to_tensor, tensor_to_bits, torch_dtype
+from .kvload import LoadedKv, cache_from_loaded, load_from_buffer, load_from_kvtensors
+from .rawbits import tensor_to_bits, torch_dtype
 
 
 @dataclass
@@ -188,15 +189,22 @@ class Engine:
                                     f"({self.vocab_size},) float32")
 
     def cache_from_kv(self, kv: KvTensors, n_tokens: int | None = None) -> DynamicCache:
-        """A fresh DynamicCache holding a copy of `kv` (or its first `n_tokens`); the arrays are never written."""
-        dt = self._torch_dtype
-        n = kv.n_tokens if n_tokens is None else n_tokens
+        """A fresh DynamicCache over `kv` (or its first `n_tokens`); the arrays are never written."""
+        return cache_from_loaded(self.model.config, load_from_kvtensors(self, kv, n_tokens))
 
-        def dev(bits: np.ndarray) -> torch.Tensor:
-            return bits_to_tensor(np.ascontiguousarray(bits[:, :n]), dt).unsqueeze(0).to(self.device)
+    def load_chunks(self, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], nbytes: int, fill,
+                    last_logits: np.ndarray | None = None, meta: dict | None = None) -> LoadedKv:
+        """KV from the store's load path: `fill(host_view)` fills this engine's staging buffer (pinned on CUDA)
+        and yields each chunk's byte range once verified (kvswap/engine/kvload.py)."""
+        if layout != self.layout:
+            raise ModelMismatch(f"KV layout is {layout.to_dict()}, this engine ({self.model_id}) needs "
+                                f"{self.layout.to_dict()}")
+        return load_from_buffer(self, layout, token_ids, chunk_tokens, nbytes, fill, last_logits, meta)
 
-        data = [(dev(k), dev(v)) for k, v in zip(kv.keys, kv.values)]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+    def load_kv(self, kv: KvTensors) -> LoadedKv:
+        """`kv` on this engine's device (checked first), ready to seed any number of generations."""
+        self.check_compatible(kv)
+        return load_from_kvtensors(self, kv)
 
     # --- generation ---------------------------------------------------------------------------------
     def _pick(self, logits: np.ndarray, rng: np.random.Generator | None, temperature: float) -> int:
@@ -264,32 +272,48 @@ class Engine:
                          stop_at_eos: bool = True) -> GenerationResult:
         """Generate after the document whose KV is `kv`, prefilling only `suffix_ids`.
 
-        Checks fingerprint, tokenizer, dtype and shapes before touching the model. Without a suffix the first
-        token comes from the stored logits; if they are absent (e.g. a prefix of a longer artifact), the last
-        document token is left out of the cache and fed once, which is exact too (keys/values of earlier
-        positions do not depend on later tokens).
-        """
-        suffix_ids = list(suffix_ids or [])
+        Checks fingerprint, tokenizer, dtype and shapes before touching the model, then runs
+        `generate_from_loaded` (whose load_s here includes moving the arrays to the device)."""
         self.check_compatible(kv)
-        if kv.n_tokens == 0:
+        loaded = load_from_kvtensors(self, kv)
+        result = self.generate_from_loaded(loaded, suffix_ids, max_new_tokens, seed, temperature=temperature,
+                                           stop_at_eos=stop_at_eos)
+        result.load_s += loaded.load_s
+        return result
+
+    def generate_from_loaded(self, loaded: LoadedKv, suffix_ids: list[int] | None = None,
+                             max_new_tokens: int = 24, seed: int | None = None, *, temperature: float = 1.0,
+                             stop_at_eos: bool = True) -> GenerationResult:
+        """Generate after a document whose KV is resident on this engine's device (`load_kv`, or the store's
+        load path), prefilling only `suffix_ids`. `loaded` is never modified: each call builds a fresh cache.
+
+        Without a suffix the first token comes from the stored logits; if they are absent (e.g. a prefix of a
+        longer artifact), the last document token is left out of the cache and fed once (docs/exactness.md:
+        tokens, not bits, are promised for that case)."""
+        suffix_ids = list(suffix_ids or [])
+        if loaded.n_tokens == 0:
             raise UsageError("KV holds no tokens")
-        self._check_ids(kv.token_ids + suffix_ids, "prompt", extra=max_new_tokens)
-        refeed_last = not suffix_ids and kv.last_logits is None
+        lay = loaded.layout
+        if (lay.layers, lay.kv_heads, lay.head_dim, lay.dtype) != (
+                self.layout.layers, self.layout.kv_heads, self.layout.head_dim, self.dtype):
+            raise ModelMismatch(f"loaded KV is {lay.to_dict()}, this engine ({self.model_id}) needs "
+                                f"{self.layout.to_dict()}")
+        self._check_ids(loaded.token_ids + suffix_ids, "prompt", extra=max_new_tokens)
+        refeed_last = not suffix_ids and loaded.last_logits is None
         t0 = time.perf_counter()
-        cache = self.cache_from_kv(kv, kv.n_tokens - 1 if refeed_last else None)
-        self._sync()
+        cache = cache_from_loaded(self.model.config, loaded, loaded.n_tokens - 1 if refeed_last else None)
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if suffix_ids:
             logits = self._forward(suffix_ids, cache)
         elif refeed_last:
-            logits = self._forward([kv.token_ids[-1]], cache)
+            logits = self._forward([loaded.token_ids[-1]], cache)
         else:
-            logits = np.asarray(kv.last_logits, dtype=np.float32)
+            logits = np.asarray(loaded.last_logits, dtype=np.float32)
         self._sync()
         prefill_s = time.perf_counter() - t1
         tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
-        return self._result(tokens, logits, kv.n_tokens + len(suffix_ids), prefill_s=prefill_s, load_s=load_s,
+        return self._result(tokens, logits, loaded.n_tokens + len(suffix_ids), prefill_s=prefill_s, load_s=load_s,
                             decode_s=decode_s)
 
     def step_time(self, kv: KvTensors, token: int | None = None) -> float:

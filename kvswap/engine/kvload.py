@@ -1,0 +1,149 @@
+"""KV into the model's memory: from a verified staging buffer (the store's load path) or from KvTensors.
+
+The store's load path (kvswap/artifact/loader.py) fills one host buffer with the artifact's chunks back to
+back, each in the chunk payload layout `[layers, K|V, kv_heads, n, head_dim]`. Here that buffer becomes the
+per-layer cache tensors `[1, kv_heads, tokens, head_dim]` the model attends over:
+
+- on CUDA the buffer is pinned, and each chunk is copied to the device asynchronously on a side stream as
+  soon as the loader has verified it, so copies overlap reading and hashing; the gather from chunk layout to
+  layer layout is then one device-memory copy (a permute into a preallocated tensor);
+- on the CPU the same gather runs on the host buffer;
+- the DynamicCache adopts those tensors without copying them (its constructor would `torch.cat` them onto an
+  empty tensor, a second full copy): transformers' DynamicLayer grows by `torch.cat` on every update, so the
+  adopted tensors are never written, and one `LoadedKv` can seed any number of generations (the hosted mode
+  keeps it resident).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..kvtensors import KvLayout, KvTensors
+from .rawbits import bits_to_tensor
+
+
+@dataclass
+class LoadedKv:
+    """A document's KV on the engine's device: per-layer [1, kv_heads, n_tokens, head_dim] tensors (views that
+    no cache ever writes), its token ids and, for a whole artifact, the last position's logits."""
+
+    layout: KvLayout
+    token_ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_logits: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+    load_s: float = 0.0  # seconds from the first byte read to tensors ready on the device
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+
+def staging_buffer(nbytes: int, device: str) -> torch.Tensor:
+    """A host byte buffer for the loader: pinned when the engine runs on CUDA (async copies at full speed)."""
+    pin = str(device).startswith("cuda") and torch.cuda.is_available()
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+
+
+def gather_layers(buf: torch.Tensor, layout: KvLayout, chunk_tokens: list[int], n_tokens: int,
+                  dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V views of the first `n_tokens` tokens from a buffer of chunks laid back to back.
+
+    `chunk_tokens` are the token counts of the chunks in the buffer: every one but the last is the artifact's
+    block size. One copy (on the buffer's device) into a [layers, 2, kv_heads, tokens, head_dim] tensor."""
+    L, H, D = layout.layers, layout.kv_heads, layout.head_dim
+    total = sum(chunk_tokens)
+    elems = buf[: total * layout.bytes_per_token].view(dtype)
+    out = torch.empty((L, 2, H, total, D), dtype=dtype, device=buf.device)
+    block = chunk_tokens[0]
+    n_full = len(chunk_tokens) if chunk_tokens[-1] == block else len(chunk_tokens) - 1
+    per_token = 2 * L * H * D
+    if n_full:
+        full = elems[: n_full * block * per_token].view(n_full, L, 2, H, block, D)
+        out[:, :, :, : n_full * block].view(L, 2, H, n_full, block, D).copy_(full.permute(1, 2, 3, 0, 4, 5))
+    if n_full < len(chunk_tokens):
+        last = chunk_tokens[-1]
+        start = n_full * block
+        out[:, :, :, start:start + last].copy_(elems[start * per_token:(start + last) * per_token].view(L, 2, H, last, D))
+    keys = [out[i, 0, :, :n_tokens].unsqueeze(0) for i in range(L)]
+    values = [out[i, 1, :, :n_tokens].unsqueeze(0) for i in range(L)]
+    return keys, values
+
+
+def load_from_buffer(engine, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], nbytes: int,
+                     fill: Callable[[memoryview], Iterator[tuple[int, int]]], last_logits: np.ndarray | None = None,
+                     meta: dict | None = None) -> LoadedKv:
+    """Run `fill(host_view)` (the loader) and build a LoadedKv from the buffer it filled.
+
+    `fill` yields the byte range (start, end) of each chunk once its bytes are in place and verified; on CUDA
+    that range is copied to the device at once, while later chunks are still being read and hashed. The gather
+    into cache tensors runs only after `fill` finished without error: if it raises, no LoadedKv exists."""
+    t0 = time.perf_counter()
+    host = staging_buffer(nbytes, engine.device)
+    view = memoryview(host.numpy())
+    on_cuda = str(engine.device).startswith("cuda")
+    if on_cuda:
+        dev = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=engine.device)
+        stream = torch.cuda.Stream(device=engine.device)
+        with torch.cuda.stream(stream):
+            for lo, hi in fill(view):
+                dev[lo:hi].copy_(host[lo:hi], non_blocking=True)
+        stream.synchronize()
+    else:
+        for _ in fill(view):
+            pass
+        dev = host
+    keys, values = gather_layers(dev, layout, chunk_tokens, len(token_ids), engine._torch_dtype)
+    engine._sync()
+    return LoadedKv(layout, list(token_ids), keys, values, last_logits, dict(meta or {}),
+                    load_s=time.perf_counter() - t0)
+
+
+def load_from_kvtensors(engine, kv: KvTensors, n_tokens: int | None = None) -> LoadedKv:
+    """KvTensors (numpy raw bits) as device tensors: zero-copy views on the CPU, one copy to a GPU."""
+    t0 = time.perf_counter()
+    n = kv.n_tokens if n_tokens is None else n_tokens
+    dt = engine._torch_dtype
+
+    def dev(bits: np.ndarray) -> torch.Tensor:
+        return bits_to_tensor(np.ascontiguousarray(bits[:, :n]), dt).unsqueeze(0).to(engine.device)
+
+    keys = [dev(k) for k in kv.keys]
+    values = [dev(v) for v in kv.values]
+    logits = kv.last_logits if n == kv.n_tokens else None
+    engine._sync()
+    return LoadedKv(kv.layout, list(kv.token_ids[:n]), keys, values, logits, dict(kv.meta),
+                    load_s=time.perf_counter() - t0)
+
+
+def cache_from_loaded(config, loaded: LoadedKv, n_tokens: int | None = None) -> DynamicCache:
+    """A fresh DynamicCache over the first `n_tokens` of `loaded`, adopting its tensors without a copy."""
+    n = loaded.n_tokens if n_tokens is None else n_tokens
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(loaded.keys):  # a config the cache did not lay out per layer: the copying way
+        return DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in zip(loaded.keys, loaded.values)],
+                            config=config)
+    for layer, k, v in zip(cache.layers, loaded.keys, loaded.values):
+        k, v = k[:, :, :n], v[:, :, :n]
+        if type(layer) is DynamicLayer:  # adopt: update() would cat onto an empty tensor (a full copy)
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        else:  # sliding-window and other layer kinds keep their own bookkeeping
+            layer.update(k, v)
+    return cache
+
+
+__all__ = ["LoadedKv", "cache_from_loaded", "gather_layers", "load_from_buffer", "load_from_kvtensors",
+           "staging_buffer"]
