@@ -1,16 +1,20 @@
 """The load path: a stored artifact's chunks into one staging buffer, every chunk verified, on many threads.
 
-Why a staging buffer: on a GPU the fastest way from disk to device memory is to read straight into pinned
-host memory, hash it there, and hand it to the copy engine in large asynchronous copies (measured on an H100:
-pageable 8.7 GB/s, pinned 54 GB/s). So the engine allocates one buffer (pinned when it runs on CUDA) and this
-module fills it; neither side copies the bytes in between. The buffer holds the chunks back to back in token
-order, each in its stored payload layout (for every layer: K then V, `[kv_heads, n, head_dim]`), and the
-engine turns that into per-layer cache tensors with one gather on the device (kvswap/engine/core.py).
+Where the bytes go is the caller's choice (`dest`): a chunk's raw payload is, for every layer, K then V, each
+`[kv_heads, n, head_dim]`, i.e. 2 * layers * kv_heads contiguous runs, and the caller names a writable view
+for each run.
+- On a GPU the engine passes one staging buffer in host memory, pinned, with the chunks back to back: the
+  fastest way from disk to device memory is to read straight into pinned memory, hash it there, and hand it
+  to the copy engine in large asynchronous copies (measured on an H100: pageable 8.7 GB/s, pinned 54 GB/s);
+  the gather into per-layer tensors is then one device-memory copy (kvswap/engine/kvload.py).
+- On the CPU the engine passes the runs of the final per-layer cache tensors themselves: a raw chunk is read
+  with one `preadv` straight into place and hashed there, so its bytes are written once and read once.
 
 Each chunk is one task on a thread pool (file reads, sha256 and zstd all release the GIL):
-- a `raw` chunk is read with readinto straight into its slot and hashed there;
-- a compressed chunk is read into a scratch buffer, hashed against its CID, then decoded into its slot
-  (`codecs.decode_into`); when the store keeps raw local forms (`Store.put_raw_form`), its decoded bytes are
+- a `raw` chunk is read straight into its destination (readinto, or preadv into several runs) and hashed
+  there;
+- a compressed chunk is read into a scratch buffer, hashed against its CID, then decoded (`codecs.decode_into`)
+  and copied into place; when the store keeps raw local forms (`Store.put_raw_form`), its decoded bytes are
   also written beside it, and later loads read that raw form like a raw chunk: compression saves bytes on
   the wire and disk without costing every local load a decompression;
 - `fill` yields each slot as soon as its bytes are verified, so the engine can start copying it to the device
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,8 @@ from .manifest import ChunkRef, Manifest
 LOCAL_VERIFY = ("sha256", "none")
 #: threads that read, hash and decode chunks at once: one per core, at most 16 (an H100 host's core count)
 LOAD_THREADS = max(1, min(16, os.cpu_count() or 1))
+#: most buffers one preadv call takes (POSIX guarantees 16, Linux takes 1024)
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
 
 
 class ChunkFiles(Protocol):
@@ -65,6 +71,7 @@ class Slot:
 
     ref: ChunkRef
     offset: int
+    index: int = 0  # position in the plan (chunk i of the artifact)
 
     @property
     def end(self) -> int:
@@ -84,8 +91,8 @@ class LoadPlan:
     def of(cls, manifest: Manifest, n_tokens: int | None = None) -> "LoadPlan":
         k = manifest.n_tokens if n_tokens is None else int(n_tokens)
         slots, offset = [], 0
-        for ref in manifest.chunks_for(k):  # UsageError outside 1..n_tokens
-            slots.append(Slot(ref, offset))
+        for i, ref in enumerate(manifest.chunks_for(k)):  # UsageError outside 1..n_tokens
+            slots.append(Slot(ref, offset, i))
             offset += ref.raw_size
         return cls(manifest, k, tuple(slots), offset)
 
@@ -94,31 +101,56 @@ class LoadPlan:
         return self.n_tokens == self.manifest.n_tokens
 
 
-def _read_into(path: Path, out: memoryview, what: str) -> None:
-    """Exactly len(out) bytes of `path` into `out` (a file of any other size is an IntegrityError)."""
+#: where a slot's raw payload goes: writable views that together hold it, in payload order
+Dest = Callable[[Slot], "list[memoryview]"]
+
+
+def _read_into(path: Path, runs: list[memoryview], what: str) -> None:
+    """Exactly the bytes of `path` into `runs` in order (a file of any other size is an IntegrityError)."""
+    want = sum(len(r) for r in runs)
     with open(path, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size != len(out):
-            raise IntegrityError(f"{what} is {size} bytes on disk, the manifest says {len(out)}")
-        got = 0
-        while got < len(out):
-            n = fh.readinto(out[got:])
-            if not n:
+        if size != want:
+            raise IntegrityError(f"{what} is {size} bytes on disk, the manifest says {want}")
+        fd, offset, i = fh.fileno(), 0, 0
+        while i < len(runs):
+            batch = runs[i:i + _IOV_MAX]
+            n = os.preadv(fd, batch, offset)
+            if n <= 0:
                 raise IntegrityError(f"{what} shrank while it was read")
-            got += n
+            offset += n
+            while i < len(runs) and n >= len(runs[i]):  # whole runs done
+                n -= len(runs[i])
+                i += 1
+            if n:  # a short read ended inside run i: finish it before the next batch
+                runs[i] = runs[i][n:]
 
 
-def _load_one(files: ChunkFiles, ref: ChunkRef, out: memoryview, itemsize: int, verify: str,
+def _digest(runs: list[memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for run in runs:
+        h.update(run)
+    return h.digest()
+
+
+def _copy_runs(src: memoryview, runs: list[memoryview]) -> None:
+    offset = 0
+    for run in runs:
+        run[:] = src[offset:offset + len(run)]
+        offset += len(run)
+
+
+def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize: int, verify: str,
               keep_raw: bool) -> None:
-    """Verified raw payload of one chunk into `out` (module docstring)."""
+    """Verified raw payload of one chunk into `runs` (writable views that together are its raw payload)."""
     what = f"chunk {ref.cid.short()}"
     if ref.codec != "raw":
         raw_form = files.raw_form(ref.cid)
         if raw_form is not None:
             path, digest = raw_form
             try:
-                _read_into(path, out, f"raw form of {what}")
-                if verify == "sha256" and hashlib.sha256(out).digest() != digest:
+                _read_into(path, list(runs), f"raw form of {what}")
+                if verify == "sha256" and _digest(runs) != digest:
                     raise IntegrityError(f"raw form of {what} does not match its recorded digest")
                 return
             except (IntegrityError, OSError):
@@ -128,34 +160,51 @@ def _load_one(files: ChunkFiles, ref: ChunkRef, out: memoryview, itemsize: int, 
     except NotFound:
         raise NotFound(f"{what} is not in the store") from None
     if ref.codec == "raw":
-        _read_into(path, out, what)
-        if verify == "sha256":
-            ref.cid.verify(out)
+        _read_into(path, list(runs), what)
+        if verify == "sha256" and _digest(runs) != ref.cid.digest:
+            raise IntegrityError(f"content does not match its CID {ref.cid.short()}")
         return
     stored = bytearray(ref.stored_size)
-    _read_into(path, memoryview(stored), what)
+    _read_into(path, [memoryview(stored)], what)
     if verify == "sha256":
         ref.cid.verify(stored)
-    decode_into(ref.codec, stored, out, itemsize)
+    if len(runs) == 1:
+        decode_into(ref.codec, stored, runs[0], itemsize)
+        raw = runs[0]
+    else:
+        raw = memoryview(bytearray(ref.raw_size))
+        decode_into(ref.codec, stored, raw, itemsize)
+        _copy_runs(raw, runs)
     if keep_raw:
-        files.put_raw_form(ref.cid, out)
+        files.put_raw_form(ref.cid, raw)
 
 
-def fill(plan: LoadPlan, buffer: memoryview, files: ChunkFiles, *, verify: str = "sha256",
-         keep_raw: bool = True, threads: int = LOAD_THREADS) -> Iterator[Slot]:
-    """Load every chunk of `plan` into `buffer` (writable, at least plan.nbytes), yielding each slot once its
-    bytes are in place and verified, in completion order. The first failure (IntegrityError, NotFound) is
-    raised from the iterator after the chunks in flight finish; the buffer then holds unverified bytes and
-    must not reach a model. Nothing is yielded for a chunk before it is verified."""
-    if verify not in LOCAL_VERIFY:
-        raise UsageError(f"unknown verify mode {verify!r} (expected one of {', '.join(LOCAL_VERIFY)})")
+def contiguous(buffer: memoryview, plan: LoadPlan) -> Dest:
+    """The `dest` of a staging buffer holding the plan's chunks back to back (at least plan.nbytes long)."""
     view = memoryview(buffer).cast("B")
     if len(view) < plan.nbytes:
         raise UsageError(f"staging buffer of {len(view)} bytes is smaller than the {plan.nbytes} to load")
+    return lambda slot: [view[slot.offset:slot.end]]
+
+
+def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: str = "sha256",
+         keep_raw: bool = True, threads: int = LOAD_THREADS) -> Iterator[Slot]:
+    """Load every chunk of `plan` into its destination, yielding each slot once its bytes are in place and
+    verified, in completion order. `dest` is a staging buffer (chunks back to back, see `contiguous`) or a
+    function giving, per slot, writable views that together hold its raw payload in order. The first failure
+    (IntegrityError, NotFound) is raised from the iterator after the chunks in flight finish; the destination
+    then holds unverified bytes and must not reach a model. Nothing is yielded for a chunk before it is
+    verified."""
+    if verify not in LOCAL_VERIFY:
+        raise UsageError(f"unknown verify mode {verify!r} (expected one of {', '.join(LOCAL_VERIFY)})")
+    runs_of = dest if callable(dest) else contiguous(dest, plan)
     itemsize = plan.manifest.layout.itemsize
 
     def task(slot: Slot) -> Slot:
-        _load_one(files, slot.ref, view[slot.offset:slot.end], itemsize, verify, keep_raw)
+        runs = runs_of(slot)
+        if sum(len(r) for r in runs) != slot.ref.raw_size:
+            raise UsageError(f"destination of chunk {slot.ref.cid.short()} does not hold its {slot.ref.raw_size} bytes")
+        _load_one(files, slot.ref, runs, itemsize, verify, keep_raw)
         return slot
 
     if threads <= 1 or len(plan.slots) <= 1:
@@ -182,7 +231,7 @@ def read_tail(manifest: Manifest, files: ChunkFiles, verify: str = "sha256") -> 
     if tail is None:
         return None
     out = bytearray(tail.raw_size)
-    _load_one(files, tail, memoryview(out), 4, verify, keep_raw=False)
+    _load_one(files, tail, [memoryview(out)], 4, verify, keep_raw=False)
     return np.frombuffer(out, dtype="<u4").view("<f4").astype(np.float32)
 
 
@@ -194,4 +243,5 @@ def load_all(plan: LoadPlan, files: ChunkFiles, **kw) -> np.ndarray:
     return buf
 
 
-__all__ = ["LOAD_THREADS", "LOCAL_VERIFY", "ChunkFiles", "LoadPlan", "Slot", "fill", "load_all", "read_tail"]
+__all__ = ["LOAD_THREADS", "LOCAL_VERIFY", "ChunkFiles", "Dest", "LoadPlan", "Slot", "contiguous", "fill", "load_all",
+           "read_tail"]

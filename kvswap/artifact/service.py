@@ -111,14 +111,15 @@ def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None
     plan = loader.LoadPlan.of(manifest, n_tokens)
     logits = loader.read_tail(manifest, store, verify) if plan.whole else None
 
-    def fill(view: memoryview):
-        for slot in loader.fill(plan, view, store, verify=verify, keep_raw=keep_raw, threads=threads):
-            yield slot.offset, slot.end
+    def fill(dest):  # the engine's destination: a staging buffer, or runs per chunk index
+        where = (lambda slot: dest(slot.index)) if callable(dest) else dest
+        for slot in loader.fill(plan, where, store, verify=verify, keep_raw=keep_raw, threads=threads):
+            yield slot.index
 
     meta = {"artifact_cid": str(manifest.cid), "model_id": manifest.model_id, "dtype": manifest.dtype,
             "model_fingerprint": manifest.model_fingerprint, "document_hash": manifest.document_hash}
     return engine.load_chunks(manifest.layout, list(manifest.token_ids[:plan.n_tokens]),
-                              [s.ref.n_tokens for s in plan.slots], plan.nbytes, fill, logits, meta)
+                              [s.ref.n_tokens for s in plan.slots], fill, logits, meta)
 
 
 def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from ..document import EMPTY_DOCUMENT
 from ..errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
-from .kvload import LoadedKv, cache_from_loaded, load_from_buffer, load_from_kvtensors
+from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors
 from .rawbits import tensor_to_bits, torch_dtype
 
 
@@ -192,14 +192,14 @@ class Engine:
         """A fresh DynamicCache over `kv` (or its first `n_tokens`); the arrays are never written."""
         return cache_from_loaded(self.model.config, load_from_kvtensors(self, kv, n_tokens))
 
-    def load_chunks(self, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], nbytes: int, fill,
+    def load_chunks(self, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], fill,
                     last_logits: np.ndarray | None = None, meta: dict | None = None) -> LoadedKv:
-        """KV from the store's load path: `fill(host_view)` fills this engine's staging buffer (pinned on CUDA)
-        and yields each chunk's byte range once verified (kvswap/engine/kvload.py)."""
+        """KV from the store's load path: `fill(dest)` loads verified chunks into this engine's destination
+        and yields each chunk's index when it is in place (kvswap/engine/kvload.py)."""
         if layout != self.layout:
             raise ModelMismatch(f"KV layout is {layout.to_dict()}, this engine ({self.model_id}) needs "
                                 f"{self.layout.to_dict()}")
-        return load_from_buffer(self, layout, token_ids, chunk_tokens, nbytes, fill, last_logits, meta)
+        return load_from_chunks(self, layout, token_ids, chunk_tokens, fill, last_logits, meta)
 
     def load_kv(self, kv: KvTensors) -> LoadedKv:
         """`kv` on this engine's device (checked first), ready to seed any number of generations."""

@@ -1,13 +1,15 @@
 """KV into the model's memory: from a verified staging buffer (the store's load path) or from KvTensors.
 
-The store's load path (kvswap/artifact/loader.py) fills one host buffer with the artifact's chunks back to
-back, each in the chunk payload layout `[layers, K|V, kv_heads, n, head_dim]`. Here that buffer becomes the
-per-layer cache tensors `[1, kv_heads, tokens, head_dim]` the model attends over:
+The store's load path (kvswap/artifact/loader.py) reads chunks, each in the chunk payload layout
+`[layers, K|V, kv_heads, n, head_dim]`, and here they become the per-layer cache tensors
+`[1, kv_heads, tokens, head_dim]` the model attends over:
 
-- on CUDA the buffer is pinned, and each chunk is copied to the device asynchronously on a side stream as
-  soon as the loader has verified it, so copies overlap reading and hashing; the gather from chunk layout to
-  layer layout is then one device-memory copy (a permute into a preallocated tensor);
-- on the CPU the same gather runs on the host buffer;
+- on CUDA the loader fills one pinned host buffer with the chunks back to back, each chunk is copied to the
+  device asynchronously on a side stream as soon as it is verified, so copies overlap reading and hashing,
+  and the gather from chunk layout to layer layout is one device-memory copy (a permute into a preallocated
+  tensor);
+- on the CPU the loader reads each chunk straight into its runs of the final cache tensor (preadv), so the
+  bytes are written once and hashed where they land: no staging buffer, no gather;
 - the DynamicCache adopts those tensors without copying them (its constructor would `torch.cat` them onto an
   empty tensor, a second full copy): transformers' DynamicLayer grows by `torch.cat` on every update, so the
   adopted tensors are never written, and one `LoadedKv` can seed any number of generations (the hosted mode
@@ -66,7 +68,7 @@ def gather_layers(buf: torch.Tensor, layout: KvLayout, chunk_tokens: list[int], 
     L, H, D = layout.layers, layout.kv_heads, layout.head_dim
     total = sum(chunk_tokens)
     elems = buf[: total * layout.bytes_per_token].view(dtype)
-    out = torch.empty((L, 2, H, total, D), dtype=dtype, device=buf.device)
+    out = _layer_tensor(layout, total, dtype, buf.device)
     block = chunk_tokens[0]
     n_full = len(chunk_tokens) if chunk_tokens[-1] == block else len(chunk_tokens) - 1
     per_token = 2 * L * H * D
@@ -77,35 +79,58 @@ def gather_layers(buf: torch.Tensor, layout: KvLayout, chunk_tokens: list[int], 
         last = chunk_tokens[-1]
         start = n_full * block
         out[:, :, :, start:start + last].copy_(elems[start * per_token:(start + last) * per_token].view(L, 2, H, last, D))
-    keys = [out[i, 0, :, :n_tokens].unsqueeze(0) for i in range(L)]
-    values = [out[i, 1, :, :n_tokens].unsqueeze(0) for i in range(L)]
+    return _split(out, n_tokens)
+
+
+def _layer_tensor(layout: KvLayout, total_tokens: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty((layout.layers, 2, layout.kv_heads, total_tokens, layout.head_dim), dtype=dtype, device=device)
+
+
+def _split(out: torch.Tensor, n_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer [1, kv_heads, n_tokens, head_dim] K and V views of a [layers, 2, kv_heads, tokens, dim] tensor."""
+    keys = [out[i, 0, :, :n_tokens].unsqueeze(0) for i in range(out.shape[0])]
+    values = [out[i, 1, :, :n_tokens].unsqueeze(0) for i in range(out.shape[0])]
     return keys, values
 
 
-def load_from_buffer(engine, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], nbytes: int,
-                     fill: Callable[[memoryview], Iterator[tuple[int, int]]], last_logits: np.ndarray | None = None,
+def load_from_chunks(engine, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int],
+                     fill: Callable[[object], Iterator[int]], last_logits: np.ndarray | None = None,
                      meta: dict | None = None) -> LoadedKv:
-    """Run `fill(host_view)` (the loader) and build a LoadedKv from the buffer it filled.
+    """Run `fill(dest)` (the store's loader) and build a LoadedKv; `fill` yields each chunk's index once its
+    bytes are in place and verified. Nothing is built from the bytes before `fill` finished without error:
+    if it raises, no LoadedKv exists.
 
-    `fill` yields the byte range (start, end) of each chunk once its bytes are in place and verified; on CUDA
-    that range is copied to the device at once, while later chunks are still being read and hashed. The gather
-    into cache tensors runs only after `fill` finished without error: if it raises, no LoadedKv exists."""
+    `dest` depends on the device. On CUDA it is a pinned staging buffer (chunks back to back), each verified
+    chunk is copied to the device at once on a side stream, and the gather into layer layout is one device
+    copy. On the CPU it is a function giving, per chunk, the 2 * layers * kv_heads runs of the final cache
+    tensor the chunk's payload fills, so the loader reads each chunk straight into place (no staging copy)."""
     t0 = time.perf_counter()
-    host = staging_buffer(nbytes, engine.device)
-    view = memoryview(host.numpy())
-    on_cuda = str(engine.device).startswith("cuda")
-    if on_cuda:
+    total = sum(chunk_tokens)
+    starts = np.cumsum([0] + list(chunk_tokens))
+    dtype = engine._torch_dtype
+    if str(engine.device).startswith("cuda"):
+        nbytes = total * layout.bytes_per_token
+        host = staging_buffer(nbytes, engine.device)
         dev = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=engine.device)
         stream = torch.cuda.Stream(device=engine.device)
         with torch.cuda.stream(stream):
-            for lo, hi in fill(view):
+            for i in fill(memoryview(host.numpy())):
+                lo, hi = int(starts[i]) * layout.bytes_per_token, int(starts[i + 1]) * layout.bytes_per_token
                 dev[lo:hi].copy_(host[lo:hi], non_blocking=True)
         stream.synchronize()
+        keys, values = gather_layers(dev, layout, chunk_tokens, len(token_ids), dtype)
     else:
-        for _ in fill(view):
+        out = _layer_tensor(layout, total, dtype, engine.device)
+        flat = out.view(torch.uint8).numpy()  # [layers, 2, kv_heads, tokens, head_dim * itemsize]
+
+        def runs(i: int) -> list[memoryview]:
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            return [memoryview(flat[layer, kv, head, lo:hi]).cast("B") for layer in range(layout.layers)
+                    for kv in (0, 1) for head in range(layout.kv_heads)]
+
+        for _ in fill(runs):
             pass
-        dev = host
-    keys, values = gather_layers(dev, layout, chunk_tokens, len(token_ids), engine._torch_dtype)
+        keys, values = _split(out, len(token_ids))
     engine._sync()
     return LoadedKv(layout, list(token_ids), keys, values, last_logits, dict(meta or {}),
                     load_s=time.perf_counter() - t0)
@@ -145,5 +170,5 @@ def cache_from_loaded(config, loaded: LoadedKv, n_tokens: int | None = None) -> 
     return cache
 
 
-__all__ = ["LoadedKv", "cache_from_loaded", "gather_layers", "load_from_buffer", "load_from_kvtensors",
+__all__ = ["LoadedKv", "cache_from_loaded", "gather_layers", "load_from_chunks", "load_from_kvtensors",
            "staging_buffer"]
