@@ -56,6 +56,7 @@ class NodeConfig:
     model: str | None = None
     dtype: str = "bf16"
     accept_any: bool = False
+    decode: str | None = None  # eager | static | compiled; None: compiled on CUDA, eager on the CPU
 
 
 class Daemon:
@@ -141,7 +142,13 @@ class Daemon:
         from ..engine import load_engine  # torch loads here, in a worker thread, not at import
 
         try:
-            self.engine = await asyncio.to_thread(load_engine, self.config.model, self.config.dtype)
+            engine = await asyncio.to_thread(load_engine, self.config.model, self.config.dtype)
+            mode = self.config.decode or ("compiled" if engine.device.startswith("cuda") else "eager")
+            engine.set_decode_mode(mode)
+            if mode != "eager":  # compile (or warm) the decode step now, not on the first request
+                warm_s = await asyncio.to_thread(self._with_engine, engine.warm_up)
+                log.info("decode step %s warmed up in %.1f s", mode, warm_s)
+            self.engine = engine
             await self.net.subscribe(self.engine.fingerprint)
             log.info("model ready: %s %s (fingerprint %s)", self.engine.model_id, self.engine.dtype,
                      self.engine.fingerprint[:16])

@@ -198,3 +198,30 @@ def test_bad_model_folders_are_clean_errors(tmp_path):
         load_engine(str(tmp_path), dtype="bf16", device="cpu")
     with pytest.raises(UsageError, match="dtype"):
         load_engine("tiny-qwen3", dtype="int8")
+
+
+def test_static_decode_keeps_reuse_bitwise_and_matches_eager_tokens(tiny_engine, tiny_doc_kv, question_text):
+    """Under one decode mode fresh and reuse paths are the same computation (bits); the static step is another
+    computation than the eager one, so across modes only tokens are claimed (kvswap/engine/decoding.py)."""
+    ids, q = tiny_doc_kv.token_ids, tiny_engine.tokenize(question_text)
+    eager = tiny_engine.generate_two_phase(ids, q, 16, stop_at_eos=False)
+    tiny_engine.set_decode_mode("static")
+    try:
+        fresh = tiny_engine.generate_fresh(ids, 16, stop_at_eos=False)
+        reuse = tiny_engine.generate_from_kv(tiny_doc_kv, [], 16, stop_at_eos=False)
+        oracle = tiny_engine.generate_two_phase(ids, q, 16, stop_at_eos=False)
+        with_q = tiny_engine.generate_from_kv(tiny_doc_kv, q, 16, stop_at_eos=False)
+    finally:
+        tiny_engine.set_decode_mode("eager")
+    assert fresh.decode_mode == reuse.decode_mode == "static"
+    assert fresh.tokens == reuse.tokens and fresh.first_logits.tobytes() == reuse.first_logits.tobytes()
+    assert oracle.tokens == with_q.tokens and oracle.first_logits.tobytes() == with_q.first_logits.tobytes()
+    assert with_q.tokens == eager.tokens  # tokens across modes (measured equal on tiny-qwen3 in every dtype)
+
+
+def test_decode_mode_errors(tiny_engine):
+    with pytest.raises(UsageError, match="CUDA"):
+        tiny_engine.set_decode_mode("compiled")
+    with pytest.raises(UsageError, match="decode mode"):
+        tiny_engine.set_decode_mode("turbo")
+    assert tiny_engine.decode_mode == "eager"

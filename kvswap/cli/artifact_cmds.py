@@ -123,13 +123,14 @@ def cmd_generate(args) -> int:
         return 0
     with _store(args) as store:
         if args.doc is not None:
-            engine = load_engine(args.model, dtype=args.dtype or "bf16")
+            engine = load_engine(args.model, dtype=args.dtype or "bf16", decode=args.decode)
             manifest = resolve_artifact(store, engine, document_text=_read_doc(args.doc))
         else:
             if args.cid is None:
                 raise UsageError("give an artifact CID or --doc FILE")
             manifest = store.get_manifest(resolve_cid(store, args.cid))
-            engine = load_engine(args.model or manifest.model_id, dtype=args.dtype or manifest.dtype)
+            engine = load_engine(args.model or manifest.model_id, dtype=args.dtype or manifest.dtype,
+                                 decode=args.decode)
         policy = _policy(args, accept_any=args.accept_any)
         result = generate_from_store(engine, store, manifest.cid, args.prompt, args.max_new_tokens, policy=policy)
     emit(args, result, lambda r: r["text"])
@@ -311,6 +312,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="engine to load (default: the manifest's model id)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
+    p.add_argument("--decode", default="eager", choices=("eager", "static", "compiled"),
+                   help="decode step when no node runs here (a node uses its own, compiled once at its start)")
     p.add_argument("--host", default=None, metavar="PEER",
                    help="ask this peer (id or multiaddr) to generate from its resident KV (hosted mode)")
     add_common(p)

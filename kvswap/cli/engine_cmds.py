@@ -20,7 +20,7 @@ def cmd_exact(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise UsageError("--tokens must be at least 1")
     text = Document.read(args.doc).text
-    engine = load_engine(args.model, dtype=args.dtype)
+    engine = load_engine(args.model, dtype=args.dtype, decode=args.decode)
     doc_ids = engine.tokenize(text)
     question_ids = engine.tokenize(args.question) if args.question is not None else None
     result = run_exact(engine, doc_ids, n_tokens=args.tokens, question_ids=question_ids, prefix=args.prefix)
@@ -31,7 +31,8 @@ def cmd_exact(args: argparse.Namespace) -> int:
 def _render_exact(r: dict) -> str:
     n = r["n_tokens"]
     rows = [
-        ("model", f"{r['model_id']} ({r['dtype']}, {r['device']}), fingerprint {r['fingerprint'][:16]}"),
+        ("model", f"{r['model_id']} ({r['dtype']}, {r['device']}, {r.get('decode_mode', 'eager')} decode), "
+                  f"fingerprint {r['fingerprint'][:16]}"),
         ("document", f"{r['doc_tokens']} tokens, KV {r['kv_bytes']:,} bytes written to disk and read back"),
         ("reloaded KV bit-identical", "yes" if r["bit_identical"] else "NO"),
         ("greedy tokens matching", f"{r['match']}/{n}"),
@@ -89,6 +90,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens to compare (default 24)")
     p.add_argument("--question", default=None, help="also check a suffix against the two-phase oracle")
+    p.add_argument("--decode", default="eager", choices=("eager", "static", "compiled"),
+                   help="decode step: eager (default), static cache, or compiled (CUDA graphs); docs/exactness.md")
     p.add_argument("--prefix", type=int, default=None, metavar="P",
                    help="also check the artifact's first P tokens against a fresh prefill of P tokens")
     add_common(p)

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--api", default="127.0.0.1:0", metavar="HOST:PORT", help="control API address (loopback only)")
     start.add_argument("--model", default=None, help="model for publish/generate/hosting (default: see `kvswap models`)")
     start.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    start.add_argument("--decode", default=None, choices=["eager", "static", "compiled"],
+                       help="decode step (default: compiled with CUDA graphs on a GPU, paid once at start; eager on "
+                            "the CPU)")
     start.add_argument("--accept-any", action="store_true",
                        help="accept manifests signed by any key (default: only trusted publishers)")
     start.set_defaults(func=cmd_start)
@@ -73,6 +76,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         accept_any=args.accept_any,
+        decode=args.decode,
     )
     return run_daemon(config)
 

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from ..document import EMPTY_DOCUMENT
 from ..errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
+from .decoding import Stepper, check_mode
 from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors
 from .rawbits import tensor_to_bits, torch_dtype
 
@@ -35,6 +36,7 @@ class GenerationResult:
     load_s: float = 0.0  # building the cache from KvTensors (0 for a fresh prefill)
     decode_s: float = 0.0  # choosing tokens and the single-token forwards after the first
     n_prompt_tokens: int = 0
+    decode_mode: str = "eager"  # kvswap/engine/decoding.py
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +78,8 @@ class Engine:
         self.vocab_size = int(cfg.vocab_size)
         self.eos_ids = self._eos_ids()
         self._cache_kwarg = cache_kwarg(model)
+        self.decode_mode = "eager"
+        self._compiled_forward = None
 
     def __repr__(self) -> str:
         return f"Engine({self.model_id!r}, {self.dtype}, {self.device}, fingerprint={_short(self.fingerprint)})"
@@ -90,8 +94,26 @@ class Engine:
                 ids.update(int(v) for v in value)
         return frozenset(ids)
 
+    def set_decode_mode(self, mode: str) -> None:
+        """eager | static | compiled (CUDA only): how decode steps run (kvswap/engine/decoding.py)."""
+        self.decode_mode = check_mode(mode, self.device)
+
+    def compiled_forward(self):
+        """model.forward compiled for CUDA-graph replay, built on first use (one compile per cache bucket)."""
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=True)
+        return self._compiled_forward
+
+    def warm_up(self, prompt_tokens: int = 16, max_new_tokens: int = 4) -> float:
+        """Run one short generation so a compiled decode step is compiled before the first request (a daemon
+        calls this at start). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        ids = [int(i) % self.vocab_size for i in range(1000, 1000 + prompt_tokens)]
+        self.generate_fresh(ids, max_new_tokens=max_new_tokens, stop_at_eos=False)
+        return time.perf_counter() - t0
+
     def describe(self) -> dict:
-        return {"model_id": self.model_id, "fingerprint": self.fingerprint,
+        return {"model_id": self.model_id, "fingerprint": self.fingerprint, "decode_mode": self.decode_mode,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype": self.dtype, "device": self.device,
                 "layout": self.layout.to_dict(), "max_context": self.max_context, "vocab_size": self.vocab_size}
 
@@ -221,18 +243,19 @@ class Engine:
         tokens: list[int] = []
         logits = first_logits
         t0 = time.perf_counter()
+        stepper = Stepper(self, cache, max_new_tokens)
         for step in range(max_new_tokens):
             token = self._pick(logits, rng, temperature)
             tokens.append(token)
             if (stop_at_eos and token in self.eos_ids) or step == max_new_tokens - 1:
                 break
-            logits = self._forward([token], cache)
+            logits = stepper.step(token)
         self._sync()
         return tokens, time.perf_counter() - t0
 
     def _result(self, tokens, first_logits, n_prompt, prefill_s=0.0, load_s=0.0, decode_s=0.0):
         return GenerationResult(tokens, self.detokenize(tokens), np.asarray(first_logits, dtype=np.float32).copy(),
-                                prefill_s, load_s, decode_s, n_prompt)
+                                prefill_s, load_s, decode_s, n_prompt, self.decode_mode)
 
     def generate_fresh(self, ids: list[int], max_new_tokens: int = 24, seed: int | None = None, *,
                        temperature: float = 1.0, stop_at_eos: bool = True) -> GenerationResult:

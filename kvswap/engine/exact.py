@@ -146,6 +146,7 @@ def run_exact(engine: Engine, doc_ids: list[int], n_tokens: int = 24, question_i
     match = matching_prefix(fresh.tokens, reuse.tokens)
     result = {
         "model_id": engine.model_id, "fingerprint": engine.fingerprint, "dtype": engine.dtype,
+        "decode_mode": engine.decode_mode,
         "device": engine.device, "doc_tokens": len(doc_ids), "n_tokens": n_tokens,
         "kv_bytes": kv.nbytes(), "file_bytes": file_bytes, "write_s": write_s, "read_s": read_s,
         "bit_identical": bit_identical, "match": match, "fresh_tokens": fresh.tokens, "reuse_tokens": reuse.tokens,

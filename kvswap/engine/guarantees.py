@@ -20,4 +20,6 @@ GUARANTEES = {
               "re-fed alone; fp32 tokens matched in every run measured, bf16/fp16 can diverge after a few tokens",
     "other_machine": "no bits, tokens usually, logit diff reported: another CPU instruction set, thread count "
                      "or device runs other kernels",
+    "decode_modes": "bits within one decode mode (eager, static, compiled: the prompt part is the same computation "
+                    "in all three); across modes tokens usually, logit diff reported",
 }

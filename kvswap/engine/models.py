@@ -220,8 +220,16 @@ def build_qwen3_4b_arch(dtype: str, device: str | None) -> Engine:
                   tokenizer_fingerprint=tok_fp, dtype=dtype, device=device)
 
 
-def load_engine(name: str | None = None, dtype: str = "bf16", device: str | None = None) -> Engine:
-    """The one way to get an Engine: a built-in name, a hub id in the local HF cache, or a folder."""
+def load_engine(name: str | None = None, dtype: str = "bf16", device: str | None = None,
+                decode: str = "eager") -> Engine:
+    """The one way to get an Engine: a built-in name, a hub id in the local HF cache, or a folder.
+    `decode`: eager | static | compiled (CUDA only), see kvswap/engine/decoding.py."""
+    engine = _load_engine(name, dtype, device)
+    engine.set_decode_mode(decode)
+    return engine
+
+
+def _load_engine(name: str | None, dtype: str, device: str | None) -> Engine:
     torch_dtype(dtype)  # UsageError early for a bad dtype
     _quiet_transformers()
     if name is None:
