@@ -37,10 +37,10 @@ def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, store, 
     m1, m2 = store.get_manifest(Cid.parse(first["cid"])), store.get_manifest(Cid.parse(ext["cid"]))
     full_blocks = m1.n_tokens // 16
     assert m2.token_ids[: m1.n_tokens] == m1.token_ids  # the extension keeps the document's tokens
-    # equal prefix keys: a node can find the extension's leading blocks by the shorter document's tokens. The
-    # chunk bytes (so CIDs) of those blocks are equal only where the prefill computed them the same way, which
-    # a monolithic prefill of a longer document does not promise (GUARANTEES["prefix"])
+    # equal prefix keys: a node finds the extension's leading blocks by the shorter document's tokens; and since
+    # publish prefills block by block, those blocks are the same computation, so the same bytes and CIDs
     assert [c.prefix_key for c in m2.chunks[:full_blocks]] == [c.prefix_key for c in m1.chunks[:full_blocks]]
+    assert [c.cid for c in m2.chunks[:full_blocks]] == [c.cid for c in m1.chunks[:full_blocks]]
     assert store.fsck()["ok"]
 
 

@@ -31,7 +31,7 @@ def publish_document(engine, store: Store, key: NodeKey, text: str | Document, c
     doc_hash = doc.hash
     ids = engine.tokenize(doc.text)
     t0 = time.perf_counter()
-    kv = engine.prefill(ids)
+    kv = engine.prefill(ids, step=block_tokens)  # block-aligned: auditable exactly, shared prefixes share chunks
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     manifest, chunks = publish_kv(
@@ -119,7 +119,8 @@ def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None
     meta = {"artifact_cid": str(manifest.cid), "model_id": manifest.model_id, "dtype": manifest.dtype,
             "model_fingerprint": manifest.model_fingerprint, "document_hash": manifest.document_hash}
     return engine.load_chunks(manifest.layout, list(manifest.token_ids[:plan.n_tokens]),
-                              [s.ref.n_tokens for s in plan.slots], fill, logits, meta)
+                              [s.ref.n_tokens for s in plan.slots], fill, logits, meta,
+                              step=manifest.block_tokens, whole=plan.whole)
 
 
 def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,

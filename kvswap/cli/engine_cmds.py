@@ -49,13 +49,19 @@ def _render_exact(r: dict) -> str:
             ("question: reuse vs monolithic D+Q", f"{q['match_monolithic']}/{n}, max |logit diff| "
                                                    f"{q['monolithic_logit_max_abs_diff']:.3g} (tokens only)"),
         ]
+    m = r.get("monolithic")
+    if m:
+        rows.append(("vs one monolithic prefill of D", f"{m['match']}/{n}, max |logit diff| "
+                                                      f"{m['first_logit_max_abs_diff']:.3g} (tokens only)"))
     p = r.get("prefix")
     if p:
         rows += [
-            (f"prefix {p['prefix_tokens']}: KV bit-equal to a fresh prefill",
-             f"{p['arrays_bit_equal']}/{p['arrays']} arrays (max |diff| {p['kv_max_abs_diff']:.3g}; not promised)"),
-            (f"prefix {p['prefix_tokens']}: greedy tokens matching", f"{p['match']}/{n}, first-step max |logit diff| "
-                                                                     f"{p['first_logit_max_abs_diff']:.3g} (reported)"),
+            (f"prefix {p['prefix_tokens']}: KV of whole steps bit-equal",
+             f"{p['arrays_bit_equal']}/{p['arrays']} arrays ({p['kept_tokens']} tokens kept, "
+             f"{p['rerun_tokens']} re-run)"),
+            (f"prefix {p['prefix_tokens']}: greedy tokens matching",
+             f"{p['match']}/{n}, first-step logits {'bit-identical' if p['first_logits_bit_identical'] else 'DIFFER'}"
+             f" (max |diff| {p['first_logit_max_abs_diff']:.3g})"),
         ]
     rows.append(("verdict (bitwise promises)", "EXACT" if r["exact"] else "NOT EXACT"))
     width = max(len(k) for k, _ in rows)

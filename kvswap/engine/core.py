@@ -1,11 +1,22 @@
 """The Engine: tokenize, prefill to KvTensors, and generate from a fresh prefill or from loaded KV.
 
-Exactness recipe (DESIGN.md "Facts measured here"): a prefill caches ALL document tokens and keeps the last
-position's logits; the first new token is the argmax of those logits (no forward pass), every later token is a
+Exactness recipe (docs/exactness.md): a prefill caches ALL document tokens and keeps the last position's
+logits; the first new token is the argmax of those logits (no forward pass), every later token is a
 single-token forward over the cache. With a suffix, only the suffix is prefilled over the loaded cache, with
 positions continuing after the document and an attention mask covering past + new. Every generation builds
-a FRESH DynamicCache (decoding grows a cache in place, so a reused one silently gives wrong output).
-All paths compute logits with `logits_to_keep=1`, so the reference and the reuse path run the same kernels.
+a FRESH cache (decoding grows a cache in place, so a reused one silently gives wrong output). All paths
+compute logits with `logits_to_keep=1`, so the reference and the reuse path run the same kernels.
+
+Block-aligned prefill: a document is prefilled in steps of `prefill_step` tokens (the artifact's block size,
+64 by default), each step one forward over the cache of the steps before it. Then the KV of a block depends
+only on the blocks before it, computed the same way, so on the same kind of machine:
+- an audit that recomputes block i over the artifact's own KV of blocks 0..i-1 gets the stored bits exactly
+  (kvswap/audit.py), and any poisoned block is caught exactly, not within a tolerance;
+- two documents that share their first blocks of tokens share those blocks' bytes, so their CIDs (stored and
+  fetched once);
+- a prefix of an artifact reuses bit-exactly: the engine keeps the prefix's whole steps and re-runs its last,
+  partial step (at most one step of tokens), which is the same computation as a fresh prefill of the prefix.
+`step=0` is one monolithic forward (what a plain transformers user runs; the benchmarks' prefill baseline).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from transformers import DynamicCache
 from ..document import EMPTY_DOCUMENT
 from ..errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
+from ..protocol.limits import DEFAULT_BLOCK_TOKENS
 from .decoding import Stepper, check_mode
 from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors
 from .rawbits import tensor_to_bits, torch_dtype
@@ -80,6 +92,7 @@ class Engine:
         self._cache_kwarg = cache_kwarg(model)
         self.decode_mode = "eager"
         self._compiled_forward = None
+        self.prefill_step = DEFAULT_BLOCK_TOKENS  # tokens per prefill forward (module docstring); 0 = monolithic
 
     def __repr__(self) -> str:
         return f"Engine({self.model_id!r}, {self.dtype}, {self.device}, fingerprint={_short(self.fingerprint)})"
@@ -160,29 +173,51 @@ class Engine:
             raise RuntimeError(f"cache holds {cache.get_seq_length()} tokens after feeding {n} over {past}")
         return out.logits[0, -1].float().cpu().numpy()
 
+    def _step_of(self, step: int | None) -> int:
+        step = self.prefill_step if step is None else int(step)
+        if step < 0:
+            raise UsageError(f"prefill step must be >= 0 tokens, got {step}")
+        return step
+
+    def _prefill(self, ids: list[int], cache: DynamicCache, step: int) -> np.ndarray:
+        """Feed `ids` over `cache` in forwards of `step` tokens (0: one forward); last position's logits.
+        Steps are aligned to absolute positions (multiples of `step`), so prefilling a document in two calls
+        at a step boundary is the same computation as in one call."""
+        past = cache.get_seq_length()
+        if step <= 0 or (len(ids) <= step and past % step == 0):
+            return self._forward(ids, cache)
+        logits, i = None, 0
+        while i < len(ids):
+            end = min(len(ids), i + step - (past + i) % step)
+            logits = self._forward(ids[i:end], cache)
+            i = end
+        return logits
+
     def _kv_from_cache(self, cache: DynamicCache, ids: list[int], last_logits: np.ndarray | None,
-                       prefill_s: float) -> KvTensors:
+                       prefill_s: float, step: int) -> KvTensors:
         keys = [tensor_to_bits(layer.keys[0]) for layer in cache.layers]
         values = [tensor_to_bits(layer.values[0]) for layer in cache.layers]
         meta = {"model_id": self.model_id, "model_fingerprint": self.fingerprint,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype": self.dtype,
-                "device": self.device, "prefill_s": prefill_s}
+                "device": self.device, "prefill_s": prefill_s, "prefill_step": step}
         kv = KvTensors(self.layout, list(map(int, ids)), keys, values, last_logits, meta)
         kv.check_shapes()
         return kv
 
-    def prefill(self, ids: list[int]) -> KvTensors:
-        """KV of every token in `ids` plus the logits at the last position (what an artifact stores)."""
+    def prefill(self, ids: list[int], step: int | None = None) -> KvTensors:
+        """KV of every token in `ids` plus the logits at the last position (what an artifact stores), prefilled
+        in steps of `step` tokens (default `prefill_step`; 0 = one forward; publish passes the block size)."""
         ids = list(ids)
         if not ids:
             raise UsageError(EMPTY_DOCUMENT)
         self._check_ids(ids, "document")
+        step = self._step_of(step)
         cache = self._new_cache()
         t0 = time.perf_counter()
-        logits = self._forward(ids, cache)
+        logits = self._prefill(ids, cache, step)
         self._sync()
         prefill_s = time.perf_counter() - t0
-        return self._kv_from_cache(cache, ids, logits, prefill_s)
+        return self._kv_from_cache(cache, ids, logits, prefill_s, step)
 
     # --- loading ------------------------------------------------------------------------------------
     def check_compatible(self, kv: KvTensors) -> None:
@@ -215,13 +250,14 @@ class Engine:
         return cache_from_loaded(self.model.config, load_from_kvtensors(self, kv, n_tokens))
 
     def load_chunks(self, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int], fill,
-                    last_logits: np.ndarray | None = None, meta: dict | None = None) -> LoadedKv:
+                    last_logits: np.ndarray | None = None, meta: dict | None = None, *, step: int = 64,
+                    whole: bool = True) -> LoadedKv:
         """KV from the store's load path: `fill(dest)` loads verified chunks into this engine's destination
         and yields each chunk's index when it is in place (kvswap/engine/kvload.py)."""
         if layout != self.layout:
             raise ModelMismatch(f"KV layout is {layout.to_dict()}, this engine ({self.model_id}) needs "
                                 f"{self.layout.to_dict()}")
-        return load_from_chunks(self, layout, token_ids, chunk_tokens, fill, last_logits, meta)
+        return load_from_chunks(self, layout, token_ids, chunk_tokens, fill, last_logits, meta, step, whole)
 
     def load_kv(self, kv: KvTensors) -> LoadedKv:
         """`kv` on this engine's device (checked first), ready to seed any number of generations."""
@@ -258,15 +294,17 @@ class Engine:
                                 prefill_s, load_s, decode_s, n_prompt, self.decode_mode)
 
     def generate_fresh(self, ids: list[int], max_new_tokens: int = 24, seed: int | None = None, *,
-                       temperature: float = 1.0, stop_at_eos: bool = True) -> GenerationResult:
-        """The reference: one prefill of all of `ids`, then decode. Greedy unless `seed` is given."""
+                       temperature: float = 1.0, stop_at_eos: bool = True, step: int | None = None
+                       ) -> GenerationResult:
+        """The reference: a prefill of all of `ids` (in steps of `step`, default `prefill_step`), then decode.
+        Greedy unless `seed` is given."""
         ids = list(ids)
         if not ids:
             raise UsageError("empty prompt: nothing to generate from")
         self._check_ids(ids, "prompt", extra=max_new_tokens)
         cache = self._new_cache()
         t0 = time.perf_counter()
-        logits = self._forward(ids, cache)
+        logits = self._prefill(ids, cache, self._step_of(step))
         self._sync()
         prefill_s = time.perf_counter() - t0
         tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
@@ -275,14 +313,15 @@ class Engine:
     def generate_two_phase(self, doc_ids: list[int], suffix_ids: list[int], max_new_tokens: int = 24,
                            seed: int | None = None, *, temperature: float = 1.0,
                            stop_at_eos: bool = True) -> GenerationResult:
-        """The oracle for prefix reuse: prefill the document, then prefill the suffix over it, from scratch."""
+        """The oracle for prefix reuse: prefill the document (in `prefill_step` steps), then prefill the suffix
+        over it in one forward, from scratch."""
         doc_ids, suffix_ids = list(doc_ids), list(suffix_ids)
         if not doc_ids:
             raise UsageError(EMPTY_DOCUMENT)
         self._check_ids(doc_ids + suffix_ids, "prompt", extra=max_new_tokens)
         cache = self._new_cache()
         t0 = time.perf_counter()
-        logits = self._forward(doc_ids, cache)
+        logits = self._prefill(doc_ids, cache, self.prefill_step)
         if suffix_ids:
             logits = self._forward(suffix_ids, cache)
         self._sync()
@@ -310,11 +349,14 @@ class Engine:
         """Generate after a document whose KV is resident on this engine's device (`load_kv`, or the store's
         load path), prefilling only `suffix_ids`. `loaded` is never modified: each call builds a fresh cache.
 
-        Without a suffix the first token comes from the stored logits; if they are absent (e.g. a prefix of a
-        longer artifact), the last document token is left out of the cache and fed once (docs/exactness.md:
-        tokens, not bits, are promised for that case)."""
+        Bitwise the same computation as `generate_two_phase(loaded.token_ids, suffix_ids)` (and, without a suffix,
+        `generate_fresh(loaded.token_ids)`) with the prefill step the KV was made with: the KV of whole steps is
+        used as is; a prefix whose last step is cut short (no stored logits) has that step re-run, and without a
+        suffix the last step is re-run for its logits (at most `loaded.step` tokens of forward; module docstring).
+        """
         suffix_ids = list(suffix_ids or [])
-        if loaded.n_tokens == 0:
+        n = loaded.n_tokens
+        if n == 0:
             raise UsageError("KV holds no tokens")
         lay = loaded.layout
         if (lay.layers, lay.kv_heads, lay.head_dim, lay.dtype) != (
@@ -322,21 +364,24 @@ class Engine:
             raise ModelMismatch(f"loaded KV is {lay.to_dict()}, this engine ({self.model_id}) needs "
                                 f"{self.layout.to_dict()}")
         self._check_ids(loaded.token_ids + suffix_ids, "prompt", extra=max_new_tokens)
-        refeed_last = not suffix_ids and loaded.last_logits is None
+        keep = loaded.exact_tokens
+        if keep == n and not suffix_ids and loaded.last_logits is None:
+            keep = ((n - 1) // loaded.step) * loaded.step if loaded.step else 0  # re-run the last step for logits
         t0 = time.perf_counter()
-        cache = cache_from_loaded(self.model.config, loaded, loaded.n_tokens - 1 if refeed_last else None)
+        cache = cache_from_loaded(self.model.config, loaded, keep) if keep else self._new_cache()
         load_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        logits = None
+        if keep < n:
+            logits = self._prefill(loaded.token_ids[keep:], cache, loaded.step)
         if suffix_ids:
             logits = self._forward(suffix_ids, cache)
-        elif refeed_last:
-            logits = self._forward([loaded.token_ids[-1]], cache)
-        else:
+        elif logits is None:
             logits = np.asarray(loaded.last_logits, dtype=np.float32)
         self._sync()
         prefill_s = time.perf_counter() - t1
         tokens, decode_s = self._decode(cache, logits, max_new_tokens, seed, temperature, stop_at_eos)
-        return self._result(tokens, logits, loaded.n_tokens + len(suffix_ids), prefill_s=prefill_s, load_s=load_s,
+        return self._result(tokens, logits, n + len(suffix_ids), prefill_s=prefill_s, load_s=load_s,
                             decode_s=decode_s)
 
     def step_time(self, kv: KvTensors, token: int | None = None) -> float:

@@ -43,10 +43,20 @@ class LoadedKv:
     last_logits: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     load_s: float = 0.0  # seconds from the first byte read to tensors ready on the device
+    step: int = 64  # the prefill step the KV was computed with (an artifact's block size); 0 = monolithic
+    whole: bool = True  # all tokens the KV was computed for; False: a prefix cut from a longer prefill
 
     @property
     def n_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def exact_tokens(self) -> int:
+        """Leading tokens whose KV is what a prefill of exactly these tokens computes: all of a whole KV; the
+        whole steps of a prefix (its cut last step came from a forward over more tokens)."""
+        if self.whole or not self.step:
+            return self.n_tokens if self.whole else 0
+        return (self.n_tokens // self.step) * self.step
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +105,7 @@ def _split(out: torch.Tensor, n_tokens: int) -> tuple[list[torch.Tensor], list[t
 
 def load_from_chunks(engine, layout: KvLayout, token_ids: list[int], chunk_tokens: list[int],
                      fill: Callable[[object], Iterator[int]], last_logits: np.ndarray | None = None,
-                     meta: dict | None = None) -> LoadedKv:
+                     meta: dict | None = None, step: int = 64, whole: bool = True) -> LoadedKv:
     """Run `fill(dest)` (the store's loader) and build a LoadedKv; `fill` yields each chunk's index once its
     bytes are in place and verified. Nothing is built from the bytes before `fill` finished without error:
     if it raises, no LoadedKv exists.
@@ -133,7 +143,7 @@ def load_from_chunks(engine, layout: KvLayout, token_ids: list[int], chunk_token
         keys, values = _split(out, len(token_ids))
     engine._sync()
     return LoadedKv(layout, list(token_ids), keys, values, last_logits, dict(meta or {}),
-                    load_s=time.perf_counter() - t0)
+                    load_s=time.perf_counter() - t0, step=step, whole=whole)
 
 
 def load_from_kvtensors(engine, kv: KvTensors, n_tokens: int | None = None) -> LoadedKv:
@@ -149,8 +159,11 @@ def load_from_kvtensors(engine, kv: KvTensors, n_tokens: int | None = None) -> L
     values = [dev(v) for v in kv.values]
     logits = kv.last_logits if n == kv.n_tokens else None
     engine._sync()
+    step = int(kv.meta.get("prefill_step", engine.prefill_step))
+    # KvTensors say nothing of where they were cut: without the last position's logits treat them as a prefix
+    # (re-running a whole KV's last step recomputes the same values, so this is safe either way)
     return LoadedKv(kv.layout, list(kv.token_ids[:n]), keys, values, logits, dict(kv.meta),
-                    load_s=time.perf_counter() - t0)
+                    load_s=time.perf_counter() - t0, step=step, whole=logits is not None)
 
 
 def cache_from_loaded(config, loaded: LoadedKv, n_tokens: int | None = None) -> DynamicCache:
