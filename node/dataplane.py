@@ -28,14 +28,13 @@ from kvswap.cid import Cid
 from kvswap.errors import RemoteProtocolError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode_parts
-from kvswap.protocol.messages import CHUNKS_PROTOCOL, MAX_BODY_BYTES, ChunkData, ChunkMissing, DataGrant
+from kvswap.protocol.messages import MAX_BODY_BYTES, ChunkData, ChunkMissing, DataGrant
+from kvswap.protocol.names import DATAPLANE_PROTOCOL
 
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
 
-#: protocol name used in ledger rows for bytes that crossed the data plane
-DATAPLANE_PROTOCOL = CHUNKS_PROTOCOL + "+tcp"
 _PREFIX = struct.Struct(">BI")
 #: most grants outstanding at once (each is a few hundred bytes; stops a peer from hoarding memory)
 _MAX_GRANTS = 4096

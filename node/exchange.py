@@ -30,10 +30,8 @@ from kvswap.errors import (
 )
 from kvswap.protocol import limits
 from kvswap.protocol.codec import Decoder, encode_parts
+from kvswap.protocol.names import CHUNKS_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
 from kvswap.protocol.messages import (
-    CHUNKS_PROTOCOL,
-    GENERATE_PROTOCOL,
-    MANIFEST_PROTOCOL,
     ChunkData,
     ChunkMissing,
     ChunkRequest,

@@ -39,7 +39,7 @@ from kvswap.protocol import limits
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
 
 from .exchange import new_request_id
-from .p2p import document_key
+from kvswap.protocol.names import artifact_keys, cid_key, document_key
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class FetchKey:
     @property
     def dht_key(self) -> str:
         if self.cid is not None:
-            return str(self.cid)
+            return cid_key(self.cid)
         return document_key(self.model_fingerprint, self.document_hash)
 
     def request(self) -> ManifestRequest:
@@ -351,7 +351,7 @@ class Fetcher:
                     raise NotFound(f"no provider could serve chunk {ref.cid.short()} of {verified.cid.short()}")
                 if ref.cid not in looked_up:
                     looked_up[ref.cid] = False
-                    for extra in await self.p2p.find_providers(str(ref.cid)):
+                    for extra in await self.p2p.find_providers(cid_key(ref.cid)):
                         pool.add(extra)
                     looked_up[ref.cid] = True
                     return
@@ -377,7 +377,7 @@ class Fetcher:
             pool.served[peer] += 1
             state["bytes"] += ref.stored_size
             state["chunks"] += 1
-            self.p2p.provide_soon([str(ref.cid)])  # others fetching this artifact may take it from us now
+            self.p2p.provide_soon([cid_key(ref.cid)])  # others fetching this artifact may take it from us now
             report()
 
         def on_received(peer: str, ref: ChunkRef, data: bytes) -> None:
@@ -437,10 +437,9 @@ class Fetcher:
         if failed:
             raise failed[0]
         complete = n_tokens is None or n_tokens >= verified.n_tokens
-        keys = [str(c.cid) for c in present]  # the fetched ones were provided as they were stored
-        if complete:
-            keys = [artifact, document_key(verified.model_fingerprint, verified.document_hash)] + keys
-        self.p2p.provide_soon(keys)
+        # the fetched chunks were provided as they were stored; now the ones we had, and the whole if complete
+        self.p2p.provide_soon(artifact_keys(verified.cid, verified.model_fingerprint, verified.document_hash,
+                                            [c.cid for c in present], complete))
         return FetchResult(
             cid=verified.cid,
             model_fingerprint=verified.model_fingerprint,

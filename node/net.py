@@ -23,13 +23,14 @@ from kvswap.cid import Cid
 from kvswap.errors import LocalProtocolError, UsageError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import Decoder, encode
-from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse, announce_topic
+from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse
+from kvswap.protocol.names import announce_topic, artifact_keys
 
 from .bridge import TrioBridge
 from .dataplane import DataPlane
 from .exchange import Exchange, Service, TransferEvent
 from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
-from .p2p import P2PConfig, P2PHost, document_key
+from .p2p import P2PConfig, P2PHost
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,9 @@ def parse_fetch_key(key: Any) -> FetchKey:
 
 
 def provide_keys(holdings) -> list[str]:
-    """DHT keys for (cid, model fingerprint, document hash, chunk CIDs, complete) tuples: complete artifacts
-    are provided under their CID and document key, every held chunk under its own CID."""
-    keys: list[str] = []
-    for cid, model_fingerprint, document_hash, chunk_cids, complete in holdings:
-        if complete:
-            keys += [str(cid), document_key(model_fingerprint, document_hash)]
-        keys += [str(c) for c in chunk_cids]
-    return list(dict.fromkeys(keys))
+    """DHT keys for (cid, model fingerprint, document hash, chunk CIDs, complete) tuples, by the rule of
+    protocol/names.py's `artifact_keys`."""
+    return list(dict.fromkeys(key for held in holdings for key in artifact_keys(*held)))
 
 
 class TrioNode:
@@ -107,9 +103,7 @@ class TrioNode:
     def provide_artifact(self, cid: Cid, model_fingerprint: str, document_hash: str,
                          chunk_cids: Sequence[Cid] = ()) -> None:
         """Queue provider records for the artifact, its document key and its chunks (and re-provide them)."""
-        self.p2p.provide_soon(
-            [str(cid), document_key(model_fingerprint, document_hash), *(str(c) for c in chunk_cids)]
-        )
+        self.p2p.provide_soon(artifact_keys(cid, model_fingerprint, document_hash, chunk_cids, complete=True))
 
     async def announce(self, announcement: Announce) -> None:
         await self.p2p.publish(announce_topic(announcement.model_fingerprint), encode(announcement))

@@ -10,14 +10,11 @@ peer id. Facts this module relies on (DESIGN.md, measured here):
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
 
-DHT keys (`content key` strings handed to KadDHT): an artifact or chunk CID in its string form (libp2p parses
-it to its multihash), and for (model fingerprint, document hash) the hex of a sha2-256 multihash over a
-domain-separated string (`document_key`), so a document lookup never collides with a CID.
+The DHT keys themselves (CID strings, document keys) are defined in protocol/names.py: peers must agree on them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -49,12 +46,6 @@ PEERSTORE_ADDR_TTL_S = 3600
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]
-
-
-def document_key(model_fingerprint: str, document_hash: str) -> str:
-    """DHT key for "an artifact of this document for this model": hex sha2-256 multihash."""
-    digest = hashlib.sha256(f"kvswap/document/1\0{model_fingerprint}\0{document_hash}".encode()).digest()
-    return (b"\x12\x20" + digest).hex()
 
 
 def key_pair_from_seed(seed: bytes):
@@ -446,7 +437,6 @@ class P2PHost:
 __all__ = [
     "P2PConfig",
     "P2PHost",
-    "document_key",
     "key_pair_from_seed",
     "peer_id_of_seed",
     "split_addr",

@@ -6,7 +6,7 @@ so a multi-megabyte chunk is never re-encoded or copied through msgpack. Everyth
 here (types, sizes, CIDs) and anything else raises `RemoteProtocolError`: node/ never sees a half-valid
 message.
 
-Protocol ids are versioned: a breaking change to any message bumps the id, never silently reinterprets bytes.
+The protocol ids these messages travel under, the gossip topic and the DHT keys are in protocol/names.py.
 """
 
 from __future__ import annotations
@@ -21,20 +21,10 @@ from kvswap.errors import KvswapError, RemoteProtocolError
 
 from . import limits
 
-#: libp2p protocol ids (multistream-select strings), one per conversation kind.
-MANIFEST_PROTOCOL = "/kvswap/manifest/1"
-CHUNKS_PROTOCOL = "/kvswap/chunks/1"
-GENERATE_PROTOCOL = "/kvswap/generate/1"
-
 #: Error codes an ErrorMessage may carry (a closed set: a peer cannot invent codes we must interpret).
 ERROR_CODES = frozenset({"not_found", "bad_request", "busy", "limit", "model_mismatch", "internal"})
 
 _HEX = frozenset("0123456789abcdef")
-
-
-def announce_topic(model_fingerprint: str) -> str:
-    """The gossipsub topic on which artifacts for one model fingerprint are announced."""
-    return f"kvswap/announce/{model_fingerprint[:16]}"
 
 
 # --- field validation (peer-supplied values) --------------------------------------------------------------

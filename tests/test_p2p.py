@@ -12,16 +12,11 @@ import trio
 from kvswap.cid import Cid
 from kvswap.errors import NotFound, RemoteProtocolError
 from kvswap.node.net import TrioNode
-from kvswap.node.p2p import P2PConfig, document_key, peer_id_of_seed
+from kvswap.node.p2p import P2PConfig, peer_id_of_seed
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
-from kvswap.protocol.messages import (
-    MANIFEST_PROTOCOL,
-    Announce,
-    GenerateRequest,
-    ManifestRequest,
-    announce_topic,
-)
+from kvswap.protocol.messages import Announce, GenerateRequest, ManifestRequest
+from kvswap.protocol.names import MANIFEST_PROTOCOL, announce_topic, document_key
 
 sys.path.insert(0, str(Path(__file__).parent))
 from netharness import DirArtifacts, make_artifact  # noqa: E402

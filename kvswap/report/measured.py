@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..ledger import PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, ComputeRow, Ledger, TransferRow
+from ..ledger import ComputeRow, Ledger, TransferRow
+from ..protocol.names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
 
-SHIP_PROTOCOLS = (PROTOCOL_MANIFEST, PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP)
-HOST_PROTOCOLS = (PROTOCOL_GENERATE,)
+SHIP_PROTOCOLS = (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL)
+HOST_PROTOCOLS = (GENERATE_PROTOCOL,)
 GENERATE_KINDS = ("generate", "hosted_generate")
 
 
@@ -119,7 +120,7 @@ def _sizes_from_transfers(rows: list[TransferRow]) -> tuple[int, int, int | None
     raw: dict[str, int] = {}
     wire: dict[str, int] = {}
     for row in rows:
-        if row.protocol not in (PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP) or not row.chunk or row.raw_bytes is None:
+        if row.protocol not in (CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL) or not row.chunk or row.raw_bytes is None:
             continue
         raw[row.chunk] = row.raw_bytes
         wire[row.chunk] = min(wire.get(row.chunk, row.wire_bytes), row.wire_bytes)
