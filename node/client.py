@@ -15,10 +15,8 @@ from typing import Any
 
 from .. import errors
 from ..errors import KvswapError, NotFound
+from ..protocol.limits import API_TIMEOUT_S
 from . import runfiles
-
-#: seconds to wait for the daemon to answer a control call (long ones poll a job instead)
-API_TIMEOUT_S = 30.0
 
 
 class NodeClient:

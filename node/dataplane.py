@@ -36,8 +36,6 @@ from .ration import UploadRation
 log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct(">BI")
-#: most grants outstanding at once (each is a few hundred bytes; stops a peer from hoarding memory)
-_MAX_GRANTS = 4096
 
 
 @dataclass
@@ -82,7 +80,7 @@ class DataPlane:
         now = time.monotonic()
         for token in [t for t, g in self._grants.items() if g.expires < now]:
             del self._grants[token]
-        if len(self._grants) >= _MAX_GRANTS:
+        if len(self._grants) >= limits.MAX_DATAPLANE_GRANTS:
             raise RemoteProtocolError("too many outstanding data-plane grants")
         token = secrets.token_bytes(limits.DATAPLANE_TOKEN_BYTES)
         from .exchange import current_request
@@ -192,16 +190,12 @@ class DataPlane:
                                  grant.artifact, str(msg.cid)))
 
 
-#: socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk
-_SOCKET_BUFFER_BYTES = 4 << 20
-
-
 def _grow_buffers(sock: trio.SocketStream) -> None:
     import socket
 
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
-            sock.socket.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
+            sock.socket.setsockopt(socket.SOL_SOCKET, opt, limits.DATAPLANE_SOCKET_BUFFER_BYTES)
         except OSError:  # capped or refused by the kernel: the default works, only slower
             pass
 

@@ -48,10 +48,6 @@ from .ration import UploadRation
 
 log = logging.getLogger(__name__)
 
-#: Most bytes asked of the stream per read call.
-READ_BYTES = 1 << 20
-
-
 # --- what the daemon supplies -----------------------------------------------------------------------------
 
 
@@ -199,7 +195,7 @@ async def _read(stream: Any) -> bytes:
     from libp2p.network.stream.exceptions import StreamEOF
 
     try:
-        return await stream.read(READ_BYTES)
+        return await stream.read(limits.STREAM_READ_BYTES)
     except StreamEOF:
         return b""
     except Exception as exc:  # StreamReset / StreamError / muxer errors: the peer went away

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..errors import KvswapError, NotFound
+from ..protocol.limits import MAX_FINISHED_JOBS
 
 log = logging.getLogger(__name__)
-
-#: finished jobs kept for pollers
-MAX_FINISHED_JOBS = 256
 
 
 @dataclass

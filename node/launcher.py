@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import KvswapError
-
-#: seconds a child node may take to write node.json, and to load its model
-NODE_START_TIMEOUT_S = 300.0
+from ..protocol.limits import NODE_START_TIMEOUT_S
 
 
 def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:

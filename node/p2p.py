@@ -6,7 +6,7 @@ peer id. Facts this module relies on (DESIGN.md, measured here):
 - KadDHT needs `max_peers_per_subnet=0`, or peers sharing a /24 (every loopback test node) are capped.
 - KadDHT only learns peers we add: we add every connected peer to the routing table on a short loop.
 - KadDHT rate-limits ADD_PROVIDER to 10 per 10 s per sender; kvswap provides every chunk CID, so our own
-  nodes accept more (`PROVIDER_RATE_MAX`), and our re-provide loop paces itself.
+  nodes accept more (limits.PROVIDER_RATE_MAX), and our re-provide loop paces itself.
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
 
@@ -34,15 +34,6 @@ log = logging.getLogger(__name__)
 for _name, _level in (("libp2p.kad_dht.kad_dht", logging.ERROR), ("libp2p.network.auto_connector", logging.WARNING)):
     if logging.getLogger(_name).level == logging.NOTSET:
         logging.getLogger(_name).setLevel(_level)
-
-#: ADD_PROVIDER messages per 10 s accepted from one kvswap peer (libp2p's default of 10 is for IPFS).
-PROVIDER_RATE_MAX = 100_000
-#: Seconds between passes that add connected peers to the DHT routing table.
-ROUTING_SYNC_INTERVAL_S = 1.0
-#: Pause between two provides in a re-provide pass (keeps a large store from flooding peers at once).
-PROVIDE_PACING_S = 0.01
-#: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
-PEERSTORE_ADDR_TTL_S = 3600
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]
@@ -126,7 +117,7 @@ class P2PHost:
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
-        self.dht._provider_rate_max = PROVIDER_RATE_MAX  # see module docstring
+        self.dht._provider_rate_max = limits.PROVIDER_RATE_MAX  # see module docstring
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=6,
@@ -271,7 +262,7 @@ class P2PHost:
             log.debug("find_peer %s failed: %s", pid, exc)
             return
         if info is not None and info.addrs:
-            self.host.get_peerstore().add_addrs(pid, info.addrs, PEERSTORE_ADDR_TTL_S)
+            self.host.get_peerstore().add_addrs(pid, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
 
     async def _add_to_routing(self, pid: Any) -> None:
         try:
@@ -287,7 +278,7 @@ class P2PHost:
                     known.add(pid)
                     await self._add_to_routing(pid)
             known &= set(self.host.get_connected_peers())
-            await trio.sleep(ROUTING_SYNC_INTERVAL_S)
+            await trio.sleep(limits.ROUTING_SYNC_INTERVAL_S)
 
     # --- DHT ----------------------------------------------------------------------------------------------
 
@@ -333,7 +324,7 @@ class P2PHost:
             if info.peer_id == me:
                 continue
             if info.addrs:
-                store.add_addrs(info.peer_id, info.addrs, PEERSTORE_ADDR_TTL_S)
+                store.add_addrs(info.peer_id, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
             text = info.peer_id.to_base58()
             if text not in out:
                 out.append(text)
@@ -371,7 +362,7 @@ class P2PHost:
         async for key in self._provide_queue_recv:
             if key in self._provided:
                 await self.provide(key)
-                await trio.sleep(PROVIDE_PACING_S)
+                await trio.sleep(limits.PROVIDE_PACING_S)
 
     async def _reprovide_loop(self) -> None:
         """Provide everything the node holds at start and every reprovide_interval_s.
