@@ -21,13 +21,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import (
-    KvswapError,
-    LimitExceeded,
-    ModelMismatch,
-    NotFound,
-    RemoteProtocolError,
-)
+from kvswap.errors import KvswapError, RemoteProtocolError, error_from_wire, wire_code_of
 from kvswap.protocol import limits
 from kvswap.protocol.codec import Decoder, encode_parts
 from kvswap.protocol.names import CHUNKS_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
@@ -240,27 +234,14 @@ def _peer_of(stream: Any) -> str:
 
 
 def _error_for(exc: BaseException) -> ErrorMessage:
-    if isinstance(exc, NotFound):
-        return ErrorMessage("not_found", str(exc))
-    if isinstance(exc, ModelMismatch):
-        return ErrorMessage("model_mismatch", str(exc))
-    if isinstance(exc, LimitExceeded):
-        return ErrorMessage("limit", str(exc))
-    if isinstance(exc, KvswapError):
-        return ErrorMessage("bad_request", str(exc))
-    return ErrorMessage("internal", "the server failed")
+    """The refusal a peer gets when serving its request failed with `exc` (its code from kvswap/errors.py;
+    what went wrong inside a bug is not the peer's business)."""
+    return ErrorMessage(wire_code_of(exc), str(exc) if isinstance(exc, KvswapError) else "the server failed")
 
 
 def raise_for_error(msg: ErrorMessage, peer: str) -> None:
-    """Turn a peer's ErrorMessage into our exception type."""
-    text = f"peer {peer[:16]}: {msg.text or msg.code}"
-    if msg.code == "not_found":
-        raise NotFound(text)
-    if msg.code == "model_mismatch":
-        raise ModelMismatch(text)
-    if msg.code == "limit":
-        raise LimitExceeded(text)
-    raise RemoteProtocolError(text)
+    """Turn a peer's ErrorMessage into our exception type (kvswap/errors.py's error_from_wire)."""
+    raise error_from_wire(msg.code, f"peer {peer[:16]}: {msg.text or msg.code}")
 
 
 # --- serving ----------------------------------------------------------------------------------------------
