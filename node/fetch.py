@@ -38,7 +38,7 @@ from kvswap.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, 
 from kvswap.protocol import limits
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
 
-from .exchange import new_request_id
+from .accounting import new_request_id
 from kvswap.protocol.names import artifact_keys, cid_key, document_key
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ class Fetcher:
         pool = _Providers(holders + [p for p in candidates if p not in holders], me=me)
         total_bytes = sum(c.stored_size for c in todo)
         state = {"bytes": 0, "chunks": 0}
-        artifact = str(verified.cid)
+        artifact = verified.cid
 
         def report() -> None:
             if progress is None:
@@ -452,7 +452,7 @@ class Fetcher:
             providers={p: n for p, n in pool.served.items() if n},
         )
 
-    async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: str, pool: _Providers,
+    async def _get_batch(self, peer: str, batch: list[ChunkRef], artifact: Cid, pool: _Providers,
                          write_slots: trio.Semaphore, on_received: Callable[[str, ChunkRef, bytes], None]) -> None:
         """Fetch `batch` from `peer` in one request; hand each chunk of the right size to `on_received`
         (verification and writing happen there, behind this request). A chunk the peer lacks or rations is

@@ -20,15 +20,17 @@ from typing import Any, Callable, Sequence
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, UsageError
+from kvswap.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from kvswap.protocol import limits
-from kvswap.protocol.codec import Decoder, encode
+from kvswap.protocol.codec import encode
+from kvswap.protocol.conversation import announce_decoder
 from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse
 from kvswap.protocol.names import announce_topic, artifact_keys
 
 from .bridge import TrioBridge
 from .dataplane import DataPlane
-from .exchange import Exchange, Service, TransferEvent
+from .accounting import TransferEvent, TransferHook, no_hook
+from .exchange import Exchange, Service
 from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
 from .p2p import P2PConfig, P2PHost
 from .ration import UploadRation
@@ -63,7 +65,7 @@ class TrioNode:
         config: P2PConfig,
         service: Service | None = None,
         target: FetchTarget | None = None,
-        on_transfer: Callable[[TransferEvent], None] | None = None,
+        on_transfer: TransferHook | None = None,
         use_dataplane: bool = True,
         limiter: trio.CapacityLimiter | None = None,
         ration: UploadRation | None = None,
@@ -72,7 +74,7 @@ class TrioNode:
         self.ration = ration or UploadRation()  # copies sent per chunk, shared by both senders
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
-        self.on_transfer = on_transfer or (lambda event: None)
+        self.on_transfer = on_transfer or no_hook
         self.service = service
         self.dataplane: DataPlane | None = None
         self.use_dataplane = use_dataplane
@@ -113,8 +115,8 @@ class TrioNode:
 
         def on_message(data: bytes, sender: str) -> None:
             try:
-                msgs = Decoder(allowed={Announce.TYPE}).feed(data)
-            except Exception as exc:  # any malformed gossip is dropped, never raised into pubsub
+                msgs = announce_decoder().feed(data)
+            except RemoteProtocolError as exc:  # the decoder's only failure: malformed gossip is dropped
                 log.info("dropped a malformed announcement from %s: %s", sender[:16], exc)
                 return
             for msg in msgs:
@@ -159,18 +161,17 @@ class Network:
         hook = (lambda event: bridge.call_soon_in_asyncio(on_transfer, event)) if on_transfer else None
         self._on_announce = on_announce
 
+        started: list[TrioNode] = []
+
         async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
             node = TrioNode(config, service=service, target=target, on_transfer=hook,
                             use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
             await nursery.start(node.run)
-            self._node = node
+            started.append(node)
             ready()
 
-        try:
-            await self._bridge.start(main)
-        except BaseException:
-            self._node = None
-            raise
+        await self._bridge.start(main)  # raises whatever stopped the node before it was ready
+        self._node = started[0]
 
     async def stop(self) -> None:
         """Stop everything trio-side (host, DHT, pubsub, data plane) and join the thread."""
@@ -240,7 +241,7 @@ class Network:
 
         await self._bridge.call(provide)
 
-    async def find_providers(self, key: Any) -> list[str]:
+    async def find_providers(self, key: Cid | FetchKey | tuple[str, str]) -> list[str]:
         """Peer ids providing a CID or (model fingerprint, document hash), from the DHT."""
         node = self._need()
         return await self._bridge.call(node.p2p.find_providers, parse_fetch_key(key).dht_key)
@@ -268,7 +269,7 @@ class Network:
 
     async def fetch(
         self,
-        key: Any,
+        key: Cid | FetchKey | tuple[str, str],
         *,
         n_tokens: int | None = None,
         progress: Callable[[FetchProgress], Any] | None = None,
@@ -276,7 +277,7 @@ class Network:
         expect_dtype: str | None = None,
         providers: Sequence[str] | None = None,
     ) -> FetchResult:
-        """Fetch an artifact (CID, CID string, or (model fingerprint, document hash)) into the target store.
+        """Fetch an artifact (a Cid, or (model fingerprint, document hash)) into the target store.
 
         Verifies the manifest and every chunk, resumes from chunks already present, spreads chunks over
         providers, drops bad ones, then provides what it fetched. Raises NotFound, ModelMismatch,

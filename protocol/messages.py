@@ -180,13 +180,18 @@ class ChunkRequest:
         )
 
 
+#: Bytes of a ChunkData frame's header: the chunk's binary CID.
+CHUNK_HEADER_BYTES = len(Cid(bytes(32)).to_bytes())
+
+
 @dataclass(frozen=True)
 class ChunkData:
-    """One stored chunk: a tiny header (its CID) and the stored bytes, verified by the receiver."""
+    """One stored chunk: a tiny header (its CID) and the stored bytes, verified by the receiver. The data
+    plane hands its receive buffer (a bytearray of the exact size) through as the payload, uncopied."""
 
     TYPE: ClassVar[int] = 4
     cid: Cid
-    payload: bytes = field(repr=False)
+    payload: bytes | bytearray = field(repr=False)
 
     def to_body(self) -> bytes:
         return self.cid.to_bytes() + self.payload
@@ -197,13 +202,10 @@ class ChunkData:
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ChunkData":
-        if len(body) < _CID_LEN:
+        if len(body) < CHUNK_HEADER_BYTES:
             raise _bad("ChunkData shorter than its CID header")
-        cid = _cid(bytes(body[:_CID_LEN]), "ChunkData.cid")
-        return cls(cid=cid, payload=bytes(body[_CID_LEN:]))
-
-
-_CID_LEN = len(Cid(bytes(32)).to_bytes())
+        cid = _cid(bytes(body[:CHUNK_HEADER_BYTES]), "ChunkData.cid")
+        return cls(cid=cid, payload=bytes(body[CHUNK_HEADER_BYTES:]))
 
 
 @dataclass(frozen=True)

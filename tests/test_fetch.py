@@ -191,7 +191,7 @@ def test_network_facade_from_asyncio(tmp_path):
             assert progress[-1].chunks_done == 4 and progress[-1].bytes_done == 4 * 128 * 1024
             chunk_in = [e for e in events if e.direction == "in" and e.chunk and e.raw_bytes]
             assert sum(e.raw_bytes for e in chunk_in) >= 4 * 128 * 1024
-            assert all(e.artifact == str(v.cid) for e in chunk_in)
+            assert all(e.artifact == v.cid for e in chunk_in)
             assert all(e.wire_bytes > e.raw_bytes for e in chunk_in)
             fetch_rows = [e for e in events if e.request == chunk_in[0].request]
             assert chunk_in[0].request and set(chunk_in) <= set(fetch_rows)  # one fetch = one request id
