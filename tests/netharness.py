@@ -22,7 +22,8 @@ import msgpack
 
 from kvswap.cid import Cid
 from kvswap.errors import FormatError, NotFound
-from kvswap.node.fetch import ChunkRef, VerifiedManifest
+from kvswap.node.fetch import VerifiedManifest
+from kvswap.node.fetchplan import FetchBlob
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,11 @@ def make_artifact(n_chunks: int = 4, chunk_bytes: int = 64 * 1024, block_tokens:
 def parse_manifest(manifest: bytes, envelopes: Sequence[bytes] = ()) -> VerifiedManifest:
     try:
         d = msgpack.unpackb(manifest, raw=False)
-        chunks = tuple(ChunkRef(Cid.from_bytes(c), s, e, n) for c, s, e, n in d["chunks"])
+        blobs = tuple(FetchBlob(Cid.from_bytes(c), s, e, n) for c, s, e, n in d["chunks"])
         return VerifiedManifest(
             cid=Cid.of(manifest), manifest=manifest, envelopes=tuple(envelopes),
             model_fingerprint=d["model_fingerprint"], document_hash=d["document_hash"], dtype=d["dtype"],
-            n_tokens=d["n_tokens"], chunks=chunks,
+            n_tokens=d["n_tokens"], blobs=blobs,
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise FormatError(f"bad test manifest: {exc}") from exc
@@ -248,7 +249,7 @@ def _serve_main(options_json: str) -> None:
             await nursery.start(node.run)
             if provide is not None:
                 node.provide_artifact(provide.cid, provide.model_fingerprint, provide.document_hash,
-                                      [c.cid for c in provide.chunks])
+                                      [b.cid for b in provide.blobs])
             print(json.dumps({"peer_id": node.peer_id, "addrs": node.addrs, "cid": str(cid) if cid else None}),
                   flush=True)
             # run until the parent closes our stdin or kills us

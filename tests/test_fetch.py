@@ -66,7 +66,7 @@ def test_by_document_resume_prefix_and_model_check(tmp_path):
                 pub = await start(nursery, tmp_path / "pub", 1)
                 me = await start(nursery, tmp_path / "me", 2)
                 v = pub.store.add(manifest, chunks)
-                pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+                pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [b.cid for b in v.blobs])
                 await me.p2p.connect(pub.addrs[0])
 
                 with pytest.raises(ModelMismatch):
@@ -171,7 +171,7 @@ def test_network_facade_from_asyncio(tmp_path):
                        on_transfer=on_transfer, on_announce=lambda a, p: announces.append((a, p)))
         try:
             await me.subscribe(v.model_fingerprint)
-            await pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+            await pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [b.cid for b in v.blobs])
             for _ in range(60):
                 await pub.announce(v.cid, v.model_fingerprint, v.document_hash, v.n_tokens)
                 await asyncio.sleep(0.25)
@@ -183,9 +183,9 @@ def test_network_facade_from_asyncio(tmp_path):
             assert pub.peer_id in [p["peer_id"] for p in await me.peers()]
             info = await pub.info()
             assert info["peer_id"] == pub.peer_id and info["peers"] >= 1 and info["dataplane"]
-            assert info["providing"] >= 2 + len(v.chunks)
+            assert info["providing"] >= 2 + len(v.blobs)
 
-            result = await me.fetch(str(v.cid), progress=progress.append)
+            result = await me.fetch(v.cid, progress=progress.append)
             assert result.cid == v.cid and result.chunks_fetched == 4
             await asyncio.sleep(0.1)  # callbacks are delivered through the loop
             assert progress[-1].chunks_done == 4 and progress[-1].bytes_done == 4 * 128 * 1024
