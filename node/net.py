@@ -39,13 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def parse_fetch_key(key: Any) -> FetchKey:
-    """A Cid, a CID string, a FetchKey, or (model fingerprint, document hash) -> FetchKey."""
+    """A Cid, a FetchKey, or (model fingerprint, document hash) -> FetchKey. A CID string is parsed where it
+    enters the process (CLI, JSON, wire), never here: inside, a CID is a Cid."""
     if isinstance(key, FetchKey):
         return key
     if isinstance(key, Cid):
         return FetchKey(cid=key)
-    if isinstance(key, str):
-        return FetchKey(cid=Cid.parse(key))
     if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
         return FetchKey(model_fingerprint=key[0], document_hash=key[1])
     raise UsageError(f"cannot fetch {key!r:.80}: give a CID or (model fingerprint, document hash)")
