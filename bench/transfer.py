@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def _serve_http(folder: str) -> None:
@@ -164,7 +163,7 @@ def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3
         libp2p_every_run: bool = False) -> dict:
     from kvswap.cid import Cid
     from kvswap.store import Store
-    from netharness import SubprocessNode
+    from tests.netharness import SubprocessNode
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-transfer-"))
     provider = http = None

@@ -16,6 +16,7 @@ import contextlib
 from typing import Any
 
 import trio
+from libp2p.network.stream.exceptions import StreamEOF
 
 from kvswap.cid import Cid
 from kvswap.errors import RemoteProtocolError, map_exceptions
@@ -24,7 +25,7 @@ from kvswap.protocol.codec import Decoder, encode_parts, payload_size
 from kvswap.protocol.messages import ChunkData, ChunkMissing, Message
 
 from .accounting import TransferEvent, TransferHook
-from .p2p import PEER_FAILURES, StreamEOF
+from .p2p import PEER_FAILURES
 
 #: frames up to this size are written in one call; larger ones part by part (no join of megabytes)
 _JOIN_BELOW_BYTES = 64 * 1024

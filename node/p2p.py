@@ -37,7 +37,6 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
 from libp2p.network.exceptions import RateLimitError
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStoreError
@@ -217,11 +216,8 @@ class P2PHost:
 
     def peers(self) -> list[dict]:
         """Connected peers with their known addresses."""
-        store = self.host.get_peerstore()
-        out = []
-        for pid in self.host.get_connected_peers():
-            out.append({"peer_id": pid.to_base58(), "addrs": [str(a) for a in self._known_addrs(pid)]})
-        return out
+        return [{"peer_id": pid.to_base58(), "addrs": [str(a) for a in self._known_addrs(pid)]}
+                for pid in self.host.get_connected_peers()]
 
     def peer_ips(self, peer_id: str) -> set[str]:
         """IPv4 addresses at which we know `peer_id` (the data plane only dials these)."""

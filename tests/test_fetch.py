@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from kvswap.node.fetch import FetchKey
 from kvswap.node.net import Network, TrioNode
 from kvswap.node.p2p import P2PConfig
 from kvswap.protocol.messages import Announce, GenerateRequest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact  # noqa: E402
+from tests.netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 

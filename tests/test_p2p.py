@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 import trio
@@ -17,9 +15,7 @@ from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
 from kvswap.protocol.messages import Announce, GenerateRequest, ManifestRequest
 from kvswap.protocol.names import MANIFEST_PROTOCOL, announce_topic, document_key
-
-sys.path.insert(0, str(Path(__file__).parent))
-from netharness import DirArtifacts, make_artifact  # noqa: E402
+from tests.netharness import DirArtifacts, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
