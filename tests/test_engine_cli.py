@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import DOC_TEXT, QUESTION_TEXT
+from tests.conftest import DOC_TEXT, QUESTION_TEXT
 
 
 def _kvswap(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
