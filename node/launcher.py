@@ -13,10 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import KvswapError
-from ..protocol.limits import NODE_START_TIMEOUT_S
-
-#: seconds a child daemon gets to exit after SIGTERM before it is killed (it cleans up within SHUTDOWN_TIMEOUT_S)
-STOP_GRACE_S = 30.0
+from ..protocol.limits import NODE_START_TIMEOUT_S, NODE_STOP_TIMEOUT_S
 
 
 def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
@@ -97,11 +94,11 @@ class ChildNode:
             self.proc.wait(10)
 
     def stop(self) -> int | None:
-        """SIGTERM and wait (SIGKILL after STOP_GRACE_S); the exit code."""
+        """SIGTERM and wait (SIGKILL after NODE_STOP_TIMEOUT_S); the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(STOP_GRACE_S)
+                self.proc.wait(NODE_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self.kill()
         if not self.log.closed:

@@ -146,7 +146,7 @@ class P2PHost:
             heartbeat_interval=1,
             eclipse_protection_enabled=False,  # every test peer shares 127.0.0.1
         )
-        self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=4 * limits.MAX_ANNOUNCE_BYTES)
+        self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=limits.MAX_GOSSIP_RPC_BYTES)
         async with self.host.run(listen_addrs=listen):
             async with background_trio_service(self.dht):
                 async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):

@@ -38,6 +38,8 @@ MAX_FRAME_BYTES = 1 * MiB
 MAX_DATA_FRAME_BYTES = MAX_CHUNK_STORED_BYTES + 4 * KiB
 #: Largest gossipsub announcement (bytes).
 MAX_ANNOUNCE_BYTES = 16 * KiB
+#: Largest inbound gossipsub RPC (bytes): a few announcements plus pubsub's own control data.
+MAX_GOSSIP_RPC_BYTES = 4 * MAX_ANNOUNCE_BYTES
 #: Seconds a peer may stay silent mid-frame before we cut it off.
 STREAM_IDLE_TIMEOUT_S = 15.0
 #: Seconds to open a stream / dial a peer.
@@ -83,6 +85,8 @@ RESIDENT_KV_SLOTS = 2
 MAX_FINISHED_JOBS = 256
 #: Seconds a child daemon (node/launcher.py) may take to write its node.json, and again to load its model.
 NODE_START_TIMEOUT_S = 300.0
+#: Seconds a child daemon gets to exit after SIGTERM before it is killed (it cleans up within SHUTDOWN_TIMEOUT_S).
+NODE_STOP_TIMEOUT_S = 30.0
 
 # --- network layer (node/p2p.py, node/exchange.py, node/fetch.py) ---------------------------------------
 #: Largest ManifestResponse frame body (bytes): a maximal manifest plus maximal envelopes plus msgpack overhead.
