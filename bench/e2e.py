@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.swarm import REPO, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
+from bench.swarm import stop_nodes
 
 RESULTS = Path(__file__).parent / "results"
 QUESTION = " Summarise the passage above in one sentence:"
@@ -51,7 +51,7 @@ def document_text(engine, n_tokens: int) -> tuple[str, list[int]]:
 
 
 def timed_cli(home: Path, *args: str) -> tuple[dict, float]:
-    from nodes import cli_json
+    from tests.nodes import cli_json
 
     t0 = time.perf_counter()
     out = cli_json(home, *args, timeout=900)
@@ -60,7 +60,7 @@ def timed_cli(home: Path, *args: str) -> tuple[dict, float]:
 
 def run(model: str = "smollm2-135m", n_tokens: int = 1024) -> dict:
     from kvswap.engine import load_engine
-    from nodes import NodeProc
+    from tests.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-e2e-"))
     started: list[NodeProc] = []

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench.reuse import _PROSE, document_ids
-from bench.swarm import REPO, egress, start_get, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
+from bench.swarm import egress, start_get, stop_nodes
 
 RESULTS = Path(__file__).parent / "results"
 QUESTION = " Question: why do receivers trust content-addressed blocks? Answer:"
@@ -36,7 +36,7 @@ TARGET_RATIO = 20.0
 
 
 def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-arch") -> dict:
-    from nodes import NodeProc
+    from tests.nodes import NodeProc
 
     from kvswap.artifact.pipeline import publish_kv
     from kvswap.artifact.service import document_hash, generate_from_store, home_key

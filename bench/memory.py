@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.swarm import REPO, egress, seed_home, start_get, stop_nodes  # noqa: F401  (REPO puts tests/ on sys.path)
+from bench.swarm import egress, seed_home, start_get, stop_nodes
 
 RESULTS = Path(__file__).parent / "results"
 TARGET_MB = 300
@@ -68,7 +68,7 @@ class Sampler(threading.Thread):
 
 
 def run(n_tokens: int = 3774, codec: str = "auto", model: str = "tiny-qwen3") -> dict:
-    from nodes import NodeProc
+    from tests.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-memory-"))
     started: list[NodeProc] = []

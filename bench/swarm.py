@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 RESULTS = Path(__file__).parent / "results"
 TARGET_COPIES = 2.5
 #: seconds a whole swarm fetch may take before the benchmark gives up
@@ -92,7 +90,7 @@ def start_get(home: Path, cid: str) -> subprocess.Popen:
 
 def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str = "tiny-qwen3",
         block_tokens: int = 64) -> dict:
-    from nodes import NodeProc
+    from tests.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-swarm-"))
     started: list[NodeProc] = []

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def _serve_http(folder: str) -> None:
@@ -164,12 +163,15 @@ def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3
         libp2p_every_run: bool = False) -> dict:
     from kvswap.cid import Cid
     from kvswap.store import Store
-    from netharness import SubprocessNode
+    from tests.netharness import SubprocessNode
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-transfer-"))
     provider = http = None
     try:
-        provider = SubprocessNode(work / "provider", 7, n_chunks=chunks, chunk_bytes=chunk_mib << 20, real_store=True)
+        # no rationing: every run fetches the same artifact from this one provider, and from the third run on a
+        # rationing provider would name the earlier (gone) fetchers and serve only after RATION_PATIENCE_S
+        provider = SubprocessNode(work / "provider", 7, n_chunks=chunks, chunk_bytes=chunk_mib << 20, real_store=True,
+                                  ration=False)
         http = subprocess.Popen([sys.executable, "-m", "bench.transfer", "serve-http", str(work / "provider")],
                                 cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         port = json.loads(http.stdout.readline())["port"]

@@ -40,12 +40,7 @@ COMPUTE_KINDS = ("generate", "hosted_generate", "load", "prefill")
 DIRECTIONS = ("in", "out")
 #: columns `totals()` may group transfers by
 TOTAL_KEYS = ("artifact", "direction", "peer", "protocol")
-#: protocol ids the node speaks (ARCHITECTURE.md, "Node"); other ids are accepted and recorded as given
-PROTOCOL_MANIFEST = "/kvswap/manifest/1"
-PROTOCOL_CHUNKS = "/kvswap/chunks/1"
-#: chunk bytes on the data plane negotiated over /kvswap/chunks/1 (NETWORK.md): same chunks, plain TCP
-PROTOCOL_CHUNKS_TCP = PROTOCOL_CHUNKS + "+tcp"
-PROTOCOL_GENERATE = "/kvswap/generate/1"
+# Rows carry the protocol id they travelled under (kvswap.protocol.names; any other id is recorded as given).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (

@@ -1,8 +1,8 @@
 """The control API: aiohttp on 127.0.0.1 only, bearer token from <home>/api.token.
 
 Routes are thin: parse JSON, call the daemon, return JSON. A KvswapError becomes
-{"error": {"type", "message"}} with a status that says whose fault it was; node/client.py turns it back
-into the same exception on the CLI side.
+{"error": {"type", "message"}} with the error class's own `http_status` (kvswap/errors.py); node/client.py
+turns it back into the same exception on the CLI side.
 """
 
 from __future__ import annotations
@@ -15,25 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .. import errors
-from ..errors import KvswapError, UsageError
+from ..errors import KvswapError, UsageError, error_payload
 from ..protocol.limits import MAX_API_BODY_BYTES
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger(__name__)
-
-_STATUS = {
-    errors.UsageError: 400,
-    errors.FormatError: 400,
-    errors.NotFound: 404,
-    errors.ModelMismatch: 409,
-    errors.IntegrityError: 422,
-    errors.LimitExceeded: 413,
-    errors.RemoteProtocolError: 502,
-}
-
 
 def check_loopback(host: str) -> None:
     """The control API never listens beyond this machine."""
@@ -45,24 +33,16 @@ def check_loopback(host: str) -> None:
         raise UsageError(f"the control API binds loopback only, not {host!r}")
 
 
-def _status_of(exc: KvswapError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return 500
-
-
 def build_app(daemon: "Daemon", token: str) -> web.Application:
     @web.middleware
     async def auth_and_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return web.json_response({"error": {"type": "UsageError", "message": "bad or missing API token"}}, status=401)
+            return web.json_response({"error": error_payload(UsageError("bad or missing API token"))}, status=401)
         try:
             return await handler(request)
         except KvswapError as exc:
-            body = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-            return web.json_response(body, status=_status_of(exc))
+            return web.json_response({"error": error_payload(exc)}, status=exc.http_status)
 
     async def body(request: web.Request) -> dict:
         if not request.can_read_body:

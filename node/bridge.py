@@ -90,7 +90,8 @@ class TrioBridge:
             error: BaseException | None = None
             try:
                 trio.run(trio_main)
-            except BaseException as exc:  # reported to both awaiters; the thread must not die silently
+            except BaseException as exc:  # boundary: the thread's whole life. Whatever ended the trio loop is
+                # handed to the asyncio side (start() raises it, stop() logs it); a thread must not die silently
                 error = _unwrap(exc)
                 log.debug("trio loop ended with %r", exc)
             finally:
@@ -100,17 +101,19 @@ class TrioBridge:
                 if loop is not None and not loop.is_closed():
                     try:
                         loop.call_soon_threadsafe(resolve, started, error or LocalProtocolError("trio loop exited"))
-                        loop.call_soon_threadsafe(resolve, self._done, error)
+                        loop.call_soon_threadsafe(_set_result, self._done, error)
                     except RuntimeError:
                         pass
 
         self._thread = threading.Thread(target=thread_body, name=self._name, daemon=True)
         self._thread.start()
+        ready = False
         try:
             await started
-        except BaseException:
-            await self.stop()
-            raise
+            ready = True
+        finally:
+            if not ready:  # setup failed or the caller gave up: take the half-started thread down
+                await self.stop()
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `await fn(*args)` on the trio loop and return its result (or raise its exception).
@@ -141,7 +144,8 @@ class TrioBridge:
                     # otherwise the whole trio side is shutting down
                     _safe_call(loop, deliver, None, LocalProtocolError("the network layer stopped"))
                     raise
-                except BaseException as exc:  # any failure is the caller's to handle
+                except BaseException as exc:  # boundary: the call crosses threads. Its failure, whatever it is,
+                    # belongs to the awaiting asyncio task, and must not take the trio loop's nursery down
                     _safe_call(loop, deliver, None, _unwrap(exc))
                     return
                 _safe_call(loop, deliver, result, None)
@@ -170,7 +174,8 @@ class TrioBridge:
         """From the trio thread: run `fn(*args)` on the asyncio loop soon (fire and forget)."""
         if self._loop is not None and not self._loop.is_closed():
             try:
-                self._loop.call_soon_threadsafe(_guarded, fn, *args)
+                # a callback that raises is logged by asyncio's exception handler; the loop goes on
+                self._loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # loop closed between the check and the call
                 pass
 
@@ -193,11 +198,12 @@ class TrioBridge:
                 pass
         if self._done is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._done), timeout)
+                error = await asyncio.wait_for(asyncio.shield(self._done), timeout)  # what ended the loop, or None
             except asyncio.TimeoutError:
                 log.warning("trio loop did not stop within %.1f s", timeout)
-            except BaseException as exc:  # the loop's own failure was already logged
-                log.debug("trio loop failed: %r", exc)
+            else:
+                if error is not None:
+                    log.debug("trio loop failed: %r", error)
         thread = self._thread
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 1.0)
         self._thread = None
@@ -217,8 +223,6 @@ def _safe_call(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
         pass
 
 
-def _guarded(fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:  # a daemon callback must not kill the loop's callback machinery
-        log.exception("callback %r raised", fn)
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -13,12 +13,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .. import errors
-from ..errors import KvswapError, NotFound
+from ..errors import KvswapError, NotFound, error_from_payload
+from ..protocol.limits import API_TIMEOUT_S
 from . import runfiles
-
-#: seconds to wait for the daemon to answer a control call (long ones poll a job instead)
-API_TIMEOUT_S = 30.0
 
 
 class NodeClient:
@@ -55,14 +52,14 @@ class NodeClient:
 
 
 def _error_from(exc: urllib.error.HTTPError) -> KvswapError:
+    """The daemon's error, rebuilt from its {"error": {"type", "message"}} body (kvswap/errors.py)."""
     try:
         payload = json.loads(exc.read())["error"]
-        cls = getattr(errors, payload.get("type", ""), None)
-        if not (isinstance(cls, type) and issubclass(cls, KvswapError)):
-            cls = KvswapError
-        return cls(payload["message"])
-    except Exception:  # noqa: BLE001 - a non-JSON error page
+    except (ValueError, KeyError, TypeError, OSError):  # not the daemon's JSON (a proxy's page, a cut body)
         return KvswapError(f"control API answered HTTP {exc.code}")
+    if not isinstance(payload, dict):
+        return KvswapError(f"control API answered HTTP {exc.code}")
+    return error_from_payload(payload)
 
 
 def maybe_client(home: Path) -> NodeClient | None:

@@ -30,7 +30,7 @@ from ..cid import Cid
 from ..config import HomeLayout
 from ..errors import KvswapError, NotFound, UsageError
 from ..ledger import Ledger
-from ..protocol.limits import SHUTDOWN_TIMEOUT_S
+from ..protocol.limits import ENGINE_WAIT_S, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from ..store import Store
 from . import runfiles
@@ -41,10 +41,6 @@ from .storeadapter import StoreArtifacts
 
 log = logging.getLogger("kvswap.node")
 
-#: artifacts whose verified KV a hosting node keeps resident (on the model's device) for repeated hosted requests
-RESIDENT_KV_SLOTS = 2
-#: seconds a request waits for the model to finish loading before it is refused
-ENGINE_WAIT_S = 600.0
 
 
 @dataclass

@@ -1,15 +1,21 @@
 """A second transport for chunk bytes: plain TCP on the node's listen IP, granted over libp2p.
 
 Why: py-libp2p 0.8.1 moves ~130 MB/s over one stream on loopback (Noise + Yamux in Python, 64 KiB frames),
-about a tenth of a plain socket (DESIGN.md facts). Chunks are content-addressed, so the transport does not
-need to be trusted for integrity: the fetcher verifies every chunk's CID exactly as on the libp2p path.
+about a tenth of a plain socket (NETWORK.md, "Data plane"). Chunks are content-addressed, so the transport
+does not need to be trusted for integrity: the fetcher verifies every chunk's CID exactly as on the libp2p
+path.
 
 How: a ChunkRequest with `dataplane=True` may be answered with a DataGrant (host, port, one-time 256-bit
 token, the granted CIDs) inside the authenticated, encrypted libp2p stream. The fetcher connects to
-host:port, sends the token, and reads ChunkData / ChunkMissing frames (the same codec and limits) for the
-granted CIDs in order. A token is single-use, bound to the requesting peer's grant, and expires after
-DATAPLANE_GRANT_TTL_S. The fetcher only connects to an IP at which it already knows the granting peer, so a
-peer cannot aim it at another host. Bytes are not encrypted on this path (artifacts are public content).
+host:port, sends the token, and reads ChunkData / ChunkMissing frames for the granted CIDs in order. A token
+is single-use, bound to the requesting peer's grant, and expires after DATAPLANE_GRANT_TTL_S. The fetcher only
+connects to an IP at which it already knows the granting peer, so a peer cannot aim it at another host. Bytes
+are not encrypted on this path (artifacts are public content).
+
+Framing is protocol/'s: the server writes frames with the codec (`encode_parts`, or `chunk_data_header` and
+then the chunk file with sendfile(2)); the fetcher parses them with protocol/dataplane.py's reader, receiving
+each piece with recv_into into a buffer of exactly the size the header declared. This module only moves
+bytes, keeps grants and accounts for every frame (node/accounting.py).
 """
 
 from __future__ import annotations
@@ -17,37 +23,37 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import struct
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import RemoteProtocolError
+from kvswap.errors import LocalProtocolError, RemoteProtocolError, map_exceptions
 from kvswap.protocol import limits
-from kvswap.protocol.codec import encode_parts
-from kvswap.protocol.messages import CHUNKS_PROTOCOL, MAX_BODY_BYTES, ChunkData, ChunkMissing, DataGrant
+from kvswap.protocol.codec import chunk_data_header, encode_parts, payload_size
+from kvswap.protocol.dataplane import DataPlaneReader
+from kvswap.protocol.messages import ChunkData, ChunkMissing, DataGrant
+from kvswap.protocol.names import DATAPLANE_PROTOCOL
 
+from .accounting import TransferEvent, TransferHook, current_request
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
 
-#: protocol name used in ledger rows for bytes that crossed the data plane
-DATAPLANE_PROTOCOL = CHUNKS_PROTOCOL + "+tcp"
-_PREFIX = struct.Struct(">BI")
-#: most grants outstanding at once (each is a few hundred bytes; stops a peer from hoarding memory)
-_MAX_GRANTS = 4096
+#: hosts a server may grant that mean "every interface": the fetcher uses the IP it reached the peer at
+_UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
 
 
 @dataclass
 class _Grant:
     peer: str
     cids: tuple[Cid, ...]
-    artifact: str | None
+    artifact: Cid | None
     expires: float
-    request: str | None = None
+    request: str | None = field(default_factory=current_request.get)  # the libp2p request that granted it
 
 
 class DataPlane:
@@ -57,7 +63,7 @@ class DataPlane:
         self,
         host: str,
         read_chunk: Callable[[Cid], bytes | None],
-        on_transfer: Callable[[Any], None],
+        on_transfer: TransferHook,
         limiter: trio.CapacityLimiter,
         chunk_path: Callable[[Cid], Any] | None = None,
         ration: UploadRation | None = None,
@@ -79,56 +85,17 @@ class DataPlane:
             task_status.started()
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
 
-    def grant(self, peer: str, cids: Sequence[Cid], artifact: str | None = None) -> DataGrant:
+    def grant(self, peer: str, cids: Sequence[Cid], artifact: Cid | None = None) -> DataGrant:
         now = time.monotonic()
         for token in [t for t, g in self._grants.items() if g.expires < now]:
             del self._grants[token]
-        if len(self._grants) >= _MAX_GRANTS:
+        if len(self._grants) >= limits.MAX_DATAPLANE_GRANTS:
             raise RemoteProtocolError("too many outstanding data-plane grants")
         token = secrets.token_bytes(limits.DATAPLANE_TOKEN_BYTES)
-        from .exchange import current_request
-
-        self._grants[token] = _Grant(peer, tuple(cids), artifact, now + limits.DATAPLANE_GRANT_TTL_S,
-                                     current_request.get())
+        self._grants[token] = _Grant(peer, tuple(cids), artifact, now + limits.DATAPLANE_GRANT_TTL_S)
         return DataGrant(host=self.host, port=self.port, token=token, cids=tuple(cids))
 
-    async def _send_file(self, sock: trio.SocketStream, cid: Cid, path: Any, grant: _Grant) -> bool:
-        """Send a stored chunk with sendfile(2) (no copy through Python); False if the file is gone."""
-        from .exchange import TransferEvent
-
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            size = os.fstat(fd).st_size
-            header = cid.to_bytes()
-            length = len(header) + size
-            if length > MAX_BODY_BYTES[ChunkData.TYPE]:
-                return False
-            with trio.fail_after(limits.CHUNK_TIMEOUT_S):
-                await sock.send_all(_PREFIX.pack(ChunkData.TYPE, length) + header)
-                raw = sock.socket
-                offset = 0
-                while offset < size:
-                    try:
-                        sent = os.sendfile(raw.fileno(), fd, offset, size - offset)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(raw)
-                        continue
-                    if sent == 0:
-                        raise trio.BrokenResourceError("peer closed during sendfile")
-                    offset += sent
-                await trio.lowlevel.checkpoint()
-        finally:
-            os.close(fd)
-        self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", _PREFIX.size + length, size,
-                                 grant.artifact, str(cid)))
-        return True
-
     async def _serve(self, sock: trio.SocketStream) -> None:
-        from .exchange import TransferEvent, current_request
-
         _grow_buffers(sock)
         if self._connections >= limits.MAX_CONCURRENT_SERVES:
             log.info("data plane: too many connections, refusing one")
@@ -136,13 +103,7 @@ class DataPlane:
             return
         self._connections += 1
         try:
-            token = b""
-            with trio.move_on_after(limits.STREAM_IDLE_TIMEOUT_S):
-                while len(token) < limits.DATAPLANE_TOKEN_BYTES:
-                    data = await sock.receive_some(limits.DATAPLANE_TOKEN_BYTES - len(token))
-                    if not data:
-                        break
-                    token += data
+            token = await _receive_token(sock)
             grant = self._grants.pop(token, None)
             if grant is None or grant.expires < time.monotonic():
                 log.info("data plane: unknown or expired token, closing")
@@ -165,23 +126,52 @@ class DataPlane:
         if path is None:
             data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
             if data is None:
-                await self._send_msg(sock, ChunkMissing(cid), grant, 0)
+                await self._send_msg(sock, ChunkMissing(cid), grant)
                 return
         refusal = self.ration.refusal(grant.artifact, cid, grant.peer)
         if refusal is not None:
-            await self._send_msg(sock, refusal, grant, 0)
+            await self._send_msg(sock, refusal, grant)
             return
         if path is not None and await self._send_file(sock, cid, path, grant):
             return
         if data is None:  # the file went away between the lookup and the send
             data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
-        msg = ChunkData(cid, data) if data is not None else ChunkMissing(cid)
-        await self._send_msg(sock, msg, grant, len(data) if data is not None else 0)
+        await self._send_msg(sock, ChunkData(cid, data) if data is not None else ChunkMissing(cid), grant)
 
-    async def _send_msg(self, sock: trio.SocketStream, msg: ChunkData | ChunkMissing, grant: _Grant, raw: int) -> None:
+    async def _send_file(self, sock: trio.SocketStream, cid: Cid, path: Any, grant: _Grant) -> bool:
+        """Send a stored chunk with sendfile(2) (no copy through Python); False if the file is gone or too big
+        for a frame."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                header = chunk_data_header(cid, size)
+            except LocalProtocolError:  # larger than any frame may be: let read_chunk's path refuse it
+                return False
+            with trio.fail_after(limits.CHUNK_TIMEOUT_S):
+                await sock.send_all(header)
+                raw = sock.socket
+                offset = 0
+                while offset < size:
+                    try:
+                        sent = os.sendfile(raw.fileno(), fd, offset, size - offset)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(raw)
+                        continue
+                    if sent == 0:
+                        raise trio.BrokenResourceError("peer closed during sendfile")
+                    offset += sent
+                await trio.lowlevel.checkpoint()
+        finally:
+            os.close(fd)
+        self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", len(header) + size, size, grant.artifact, cid))
+        return True
+
+    async def _send_msg(self, sock: trio.SocketStream, msg: ChunkData | ChunkMissing, grant: _Grant) -> None:
         """One ChunkData / ChunkMissing frame, header and payload written separately (no join of megabytes)."""
-        from .exchange import TransferEvent
-
         parts = encode_parts(msg)
         with trio.fail_after(limits.CHUNK_TIMEOUT_S):
             if len(parts) == 3:
@@ -189,20 +179,26 @@ class DataPlane:
                 await sock.send_all(parts[2])
             else:
                 await sock.send_all(b"".join(parts))
-        self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", sum(map(len, parts)), raw,
-                                 grant.artifact, str(msg.cid)))
+        self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", sum(map(len, parts)), payload_size(msg),
+                                 grant.artifact, msg.cid))
 
 
-#: socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk
-_SOCKET_BUFFER_BYTES = 4 << 20
+async def _receive_token(sock: trio.SocketStream) -> bytes:
+    """The grant token a fetcher opens with (DATAPLANE_TOKEN_BYTES raw bytes), or fewer if it stalls or quits."""
+    token = b""
+    with trio.move_on_after(limits.STREAM_IDLE_TIMEOUT_S):
+        while len(token) < limits.DATAPLANE_TOKEN_BYTES:
+            data = await sock.receive_some(limits.DATAPLANE_TOKEN_BYTES - len(token))
+            if not data:
+                break
+            token += data
+    return token
 
 
 def _grow_buffers(sock: trio.SocketStream) -> None:
-    import socket
-
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
-            sock.socket.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
+            sock.socket.setsockopt(socket.SOL_SOCKET, opt, limits.DATAPLANE_SOCKET_BUFFER_BYTES)
         except OSError:  # capped or refused by the kernel: the default works, only slower
             pass
 
@@ -213,13 +209,12 @@ async def _recv_exact(sock: trio.SocketStream, n: int, peer: str) -> bytearray:
     view = memoryview(buf)
     got = 0
     try:
-        while got < n:
-            k = await sock.socket.recv_into(view[got:])
-            if k == 0:
-                raise RemoteProtocolError(f"data plane of {peer[:16]} closed mid-frame")
-            got += k
-    except OSError as exc:
-        raise RemoteProtocolError(f"data plane of {peer[:16]} failed: {exc!r}") from exc
+        with map_exceptions({OSError: RemoteProtocolError}, f"data plane of {peer[:16]} failed"):
+            while got < n:
+                k = await sock.socket.recv_into(view[got:])
+                if k == 0:
+                    raise RemoteProtocolError(f"data plane of {peer[:16]} closed mid-frame")
+                got += k
     finally:
         view.release()
     return buf
@@ -229,58 +224,47 @@ async def fetch_granted(
     grant: DataGrant,
     peer: str,
     on_chunk: Callable[[Cid, bytes | bytearray | ChunkMissing], Awaitable[None]],
-    on_transfer: Callable[[Any], None],
-    artifact: str | None,
-    allowed_hosts: set[str] | None = None,
+    on_transfer: TransferHook,
+    artifact: Cid | None,
+    known_ips: set[str],
+    reached_ip: str | None = None,
 ) -> None:
     """The fetching side: connect, present the token, hand each granted chunk (unverified) to on_chunk.
 
-    Frames are parsed with the same layout and limits as protocol/codec.py, but read with recv_into into
-    one exact-size buffer per chunk: at hundreds of MB/s every extra copy shows.
+    The grant's host must be one at which we know `peer` (`known_ips`, or `reached_ip`, the IP its libp2p
+    stream came from); a server listening on every interface grants an unspecified host, and then the IP we
+    reached it at is dialled. Each frame is parsed by protocol/dataplane.py's reader and received with
+    recv_into into one exact-size buffer per piece: at hundreds of MB/s every extra copy shows.
     """
-    from kvswap.protocol.codec import PREFIX_BYTES
-    from kvswap.protocol.messages import MAX_BODY_BYTES
-
-    from .exchange import TransferEvent
-
-    if allowed_hosts is not None and grant.host not in allowed_hosts:
+    allowed = known_ips | ({reached_ip} if reached_ip else set())
+    host = reached_ip if grant.host in _UNSPECIFIED and reached_ip else grant.host
+    if host not in allowed:
         raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on a foreign host {grant.host}")
     try:
         with trio.fail_after(limits.DIAL_TIMEOUT_S):
-            sock = await trio.open_tcp_stream(grant.host, grant.port)
+            sock = await trio.open_tcp_stream(host, grant.port)
     except (OSError, trio.TooSlowError) as exc:
         raise RemoteProtocolError(f"cannot reach the data plane of {peer[:16]}: {exc!r}") from exc
     _grow_buffers(sock)
-    cid_len = len(grant.cids[0].to_bytes())
+    reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}")
     try:
-        try:
+        with map_exceptions({(trio.BrokenResourceError, OSError): RemoteProtocolError},
+                            f"data plane of {peer[:16]} closed"):
             await sock.send_all(grant.token)
-        except (trio.BrokenResourceError, OSError) as exc:
-            raise RemoteProtocolError(f"data plane of {peer[:16]} closed: {exc!r}") from exc
         on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "out", len(grant.token), 0, artifact))
-        for expected in grant.cids:
+        while reader.need() is not None:
+            frame = None
             with trio.move_on_after(limits.CHUNK_TIMEOUT_S) as scope:
-                prefix = await _recv_exact(sock, PREFIX_BYTES, peer)
-                mtype, length = _PREFIX.unpack(prefix)
-                if mtype not in (ChunkData.TYPE, ChunkMissing.TYPE):
-                    raise RemoteProtocolError(f"data plane of {peer[:16]} sent frame type {mtype}")
-                if length > MAX_BODY_BYTES[mtype] or (mtype == ChunkData.TYPE and length < cid_len):
-                    raise RemoteProtocolError(f"data plane of {peer[:16]} sent a frame of {length} bytes")
-                if mtype == ChunkMissing.TYPE:
-                    payload = ChunkMissing.from_body(await _recv_exact(sock, length, peer))
-                    got_cid = payload.cid
-                else:
-                    got_cid = Cid.from_bytes(bytes(await _recv_exact(sock, cid_len, peer)))
-                    if got_cid != expected:
-                        raise RemoteProtocolError(f"data plane of {peer[:16]} sent another chunk")
-                    payload = await _recv_exact(sock, length - cid_len, peer)
+                while frame is None:
+                    frame = reader.feed(await _recv_exact(sock, reader.need(), peer))
             if scope.cancelled_caught:
                 raise RemoteProtocolError(f"data plane of {peer[:16]} stalled")
-            if got_cid != expected:
-                raise RemoteProtocolError(f"data plane of {peer[:16]} answered for another chunk")
-            on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "in", PREFIX_BYTES + length,
-                                      0 if isinstance(payload, ChunkMissing) else len(payload), artifact,
-                                      str(expected)))
-            await on_chunk(expected, payload)
+            msg = frame.message
+            on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "in", frame.wire_bytes, payload_size(msg), artifact,
+                                      msg.cid))
+            await on_chunk(msg.cid, msg.payload if isinstance(msg, ChunkData) else msg)
     finally:
         await sock.aclose()
+
+
+__all__ = ["DataPlane", "fetch_granted"]

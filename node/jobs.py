@@ -14,12 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..errors import KvswapError, NotFound
+from ..errors import KvswapError, NotFound, error_payload
+from ..protocol.limits import MAX_FINISHED_JOBS
 
 log = logging.getLogger(__name__)
-
-#: finished jobs kept for pollers
-MAX_FINISHED_JOBS = 256
 
 
 @dataclass
@@ -65,14 +63,14 @@ class JobTable:
             job.result = await work(job)
             job.state = "done"
         except KvswapError as exc:
-            job.state, job.error = "failed", {"type": type(exc).__name__, "message": str(exc)}
+            job.state, job.error = "failed", error_payload(exc)
             log.warning("%s failed: %s", job.id, exc)
         except asyncio.CancelledError:
-            job.state, job.error = "failed", {"type": "KvswapError", "message": "node shutting down"}
+            job.state, job.error = "failed", error_payload(KvswapError("node shutting down"))
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: keep the daemon alive, report it to the poller
             log.exception("%s crashed", job.id)
-            job.state, job.error = "failed", {"type": "KvswapError", "message": f"internal error: {exc!r}"}
+            job.state, job.error = "failed", error_payload(KvswapError(f"internal error: {exc!r}"))
 
     def cancel_running(self) -> None:
         """Cancel every job still running (the daemon is stopping); pollers see them failed."""

@@ -1,5 +1,6 @@
-"""Start `kvswap node start` as a child process and drive it through the CLI: what `kvswap demo` (and a
-script that wants a throwaway testnet on 127.0.0.1) uses. Each node has its own home; nothing is shared."""
+"""Start `kvswap node start` as a child process and drive it through the CLI: the one daemon starter, used by
+`kvswap demo`, the tests (tests/nodes.py), the benchmarks and any script that wants a throwaway testnet on
+127.0.0.1. Each node has its own home; nothing is shared."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import KvswapError
-
-#: seconds a child node may take to write node.json, and to load its model
-NODE_START_TIMEOUT_S = 300.0
+from ..protocol.limits import NODE_START_TIMEOUT_S, NODE_STOP_TIMEOUT_S
 
 
 def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
@@ -28,53 +27,80 @@ def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
 
 
 class ChildNode:
-    """A daemon child process with its own home; stop() sends SIGTERM and waits."""
+    """A daemon child process with its own home. It is up once its node.json (written by this very process,
+    not a stale one a killed daemon left) is there; `wait_model()` waits for its model too. stop() sends
+    SIGTERM and waits; kill() is SIGKILL (a crash, for fault tests). stdout and stderr go to
+    <home>/stderr.log (`tail()`)."""
 
-    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False):
+    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False,
+                 start_timeout: float = NODE_START_TIMEOUT_S):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
+        self.start_timeout = start_timeout
         argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model]
         if bootstrap:
             argv += ["--bootstrap", *bootstrap]
         if accept_any:
             argv.append("--accept-any")
-        self._log = open(self.home / "stderr.log", "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+        self.log = open(self.home / "stderr.log", "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.info = self._wait_started()
 
     def _wait_started(self) -> dict:
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout
+        path = self.home / "node.json"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise KvswapError(f"node in {self.home} exited early; see {self.home / 'stderr.log'}")
+                raise KvswapError(f"node in {self.home} exited early ({self.proc.returncode}): {self.tail(1000)}")
             try:
-                return json.loads((self.home / "node.json").read_text())
-            except (FileNotFoundError, ValueError):
-                time.sleep(0.1)
-        raise KvswapError(f"node in {self.home} did not start within {NODE_START_TIMEOUT_S:.0f} s")
+                info = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):  # not written yet, or being written
+                info = {}
+            if info.get("pid") == self.proc.pid:  # not a stale file left by a killed daemon in this home
+                return info
+            time.sleep(0.1)
+        raise KvswapError(f"node in {self.home} did not start within {self.start_timeout:.0f} s: {self.tail(1000)}")
 
     def wait_model(self) -> dict:
-        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             status = run_cli(self.home, "node", "status")
             if status.get("model"):
                 return status
             if status.get("model_error"):
                 raise KvswapError(f"node model failed to load: {status['model_error']}")
-            time.sleep(0.5)
-        raise KvswapError(f"node in {self.home} did not load its model within {NODE_START_TIMEOUT_S:.0f} s")
+            time.sleep(0.3)
+        raise KvswapError(f"node in {self.home} did not load its model within {self.start_timeout:.0f} s")
 
     @property
     def addr(self) -> str:
         return self.info["addrs"][0]
 
-    def stop(self) -> None:
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    def tail(self, nbytes: int = 3000) -> str:
+        """The end of the node's stdout/stderr log."""
+        if not self.log.closed:
+            self.log.flush()
+        return (self.home / "stderr.log").read_text(errors="replace")[-nbytes:]
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies without cleaning up (node.json stays, as after a crash)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (SIGKILL after NODE_STOP_TIMEOUT_S); the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(NODE_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+                self.kill()
+        if not self.log.closed:
+            self.log.close()
+        return self.proc.returncode

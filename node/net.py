@@ -20,43 +20,40 @@ from typing import Any, Callable, Sequence
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, UsageError
+from kvswap.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from kvswap.protocol import limits
-from kvswap.protocol.codec import Decoder, encode
-from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse, announce_topic
+from kvswap.protocol.codec import encode
+from kvswap.protocol.conversation import announce_decoder
+from kvswap.protocol.messages import Announce, GenerateRequest, GenerateResponse
+from kvswap.protocol.names import announce_topic, artifact_keys
 
 from .bridge import TrioBridge
 from .dataplane import DataPlane
-from .exchange import Exchange, Service, TransferEvent
+from .accounting import TransferEvent, TransferHook, no_hook
+from .exchange import Exchange, Service
 from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
-from .p2p import P2PConfig, P2PHost, document_key
+from .p2p import P2PConfig, P2PHost
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
 
 
 def parse_fetch_key(key: Any) -> FetchKey:
-    """A Cid, a CID string, a FetchKey, or (model fingerprint, document hash) -> FetchKey."""
+    """A Cid, a FetchKey, or (model fingerprint, document hash) -> FetchKey. A CID string is parsed where it
+    enters the process (CLI, JSON, wire), never here: inside, a CID is a Cid."""
     if isinstance(key, FetchKey):
         return key
     if isinstance(key, Cid):
         return FetchKey(cid=key)
-    if isinstance(key, str):
-        return FetchKey(cid=Cid.parse(key))
     if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
         return FetchKey(model_fingerprint=key[0], document_hash=key[1])
     raise UsageError(f"cannot fetch {key!r:.80}: give a CID or (model fingerprint, document hash)")
 
 
 def provide_keys(holdings) -> list[str]:
-    """DHT keys for (cid, model fingerprint, document hash, chunk CIDs, complete) tuples: complete artifacts
-    are provided under their CID and document key, every held chunk under its own CID."""
-    keys: list[str] = []
-    for cid, model_fingerprint, document_hash, chunk_cids, complete in holdings:
-        if complete:
-            keys += [str(cid), document_key(model_fingerprint, document_hash)]
-        keys += [str(c) for c in chunk_cids]
-    return list(dict.fromkeys(keys))
+    """DHT keys for (cid, model fingerprint, document hash, chunk CIDs, complete) tuples, by the rule of
+    protocol/names.py's `artifact_keys`."""
+    return list(dict.fromkeys(key for held in holdings for key in artifact_keys(*held)))
 
 
 class TrioNode:
@@ -67,7 +64,7 @@ class TrioNode:
         config: P2PConfig,
         service: Service | None = None,
         target: FetchTarget | None = None,
-        on_transfer: Callable[[TransferEvent], None] | None = None,
+        on_transfer: TransferHook | None = None,
         use_dataplane: bool = True,
         limiter: trio.CapacityLimiter | None = None,
         ration: UploadRation | None = None,
@@ -76,7 +73,7 @@ class TrioNode:
         self.ration = ration or UploadRation()  # copies sent per chunk, shared by both senders
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
-        self.on_transfer = on_transfer or (lambda event: None)
+        self.on_transfer = on_transfer or no_hook
         self.service = service
         self.dataplane: DataPlane | None = None
         self.use_dataplane = use_dataplane
@@ -107,9 +104,7 @@ class TrioNode:
     def provide_artifact(self, cid: Cid, model_fingerprint: str, document_hash: str,
                          chunk_cids: Sequence[Cid] = ()) -> None:
         """Queue provider records for the artifact, its document key and its chunks (and re-provide them)."""
-        self.p2p.provide_soon(
-            [str(cid), document_key(model_fingerprint, document_hash), *(str(c) for c in chunk_cids)]
-        )
+        self.p2p.provide_soon(artifact_keys(cid, model_fingerprint, document_hash, chunk_cids, complete=True))
 
     async def announce(self, announcement: Announce) -> None:
         await self.p2p.publish(announce_topic(announcement.model_fingerprint), encode(announcement))
@@ -119,8 +114,8 @@ class TrioNode:
 
         def on_message(data: bytes, sender: str) -> None:
             try:
-                msgs = Decoder(allowed={Announce.TYPE}).feed(data)
-            except Exception as exc:  # any malformed gossip is dropped, never raised into pubsub
+                msgs = announce_decoder().feed(data)
+            except RemoteProtocolError as exc:  # the decoder's only failure: malformed gossip is dropped
                 log.info("dropped a malformed announcement from %s: %s", sender[:16], exc)
                 return
             for msg in msgs:
@@ -165,18 +160,17 @@ class Network:
         hook = (lambda event: bridge.call_soon_in_asyncio(on_transfer, event)) if on_transfer else None
         self._on_announce = on_announce
 
+        started: list[TrioNode] = []
+
         async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
             node = TrioNode(config, service=service, target=target, on_transfer=hook,
                             use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
             await nursery.start(node.run)
-            self._node = node
+            started.append(node)
             ready()
 
-        try:
-            await self._bridge.start(main)
-        except BaseException:
-            self._node = None
-            raise
+        await self._bridge.start(main)  # raises whatever stopped the node before it was ready
+        self._node = started[0]
 
     async def stop(self) -> None:
         """Stop everything trio-side (host, DHT, pubsub, data plane) and join the thread."""
@@ -246,7 +240,7 @@ class Network:
 
         await self._bridge.call(provide)
 
-    async def find_providers(self, key: Any) -> list[str]:
+    async def find_providers(self, key: Cid | FetchKey | tuple[str, str]) -> list[str]:
         """Peer ids providing a CID or (model fingerprint, document hash), from the DHT."""
         node = self._need()
         return await self._bridge.call(node.p2p.find_providers, parse_fetch_key(key).dht_key)
@@ -274,7 +268,7 @@ class Network:
 
     async def fetch(
         self,
-        key: Any,
+        key: Cid | FetchKey | tuple[str, str],
         *,
         n_tokens: int | None = None,
         progress: Callable[[FetchProgress], Any] | None = None,
@@ -282,7 +276,7 @@ class Network:
         expect_dtype: str | None = None,
         providers: Sequence[str] | None = None,
     ) -> FetchResult:
-        """Fetch an artifact (CID, CID string, or (model fingerprint, document hash)) into the target store.
+        """Fetch an artifact (a Cid, or (model fingerprint, document hash)) into the target store.
 
         Verifies the manifest and every chunk, resumes from chunks already present, spreads chunks over
         providers, drops bad ones, then provides what it fetched. Raises NotFound, ModelMismatch,

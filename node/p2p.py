@@ -2,65 +2,80 @@
 
 Everything here runs on the trio loop of node/bridge.py (py-libp2p 0.8.1 is trio-only). The host identity is
 the node's 32-byte Ed25519 seed, the same key that signs manifests, so "who signed" and "who served" are one
-peer id. Facts this module relies on (DESIGN.md, measured here):
+peer id. Facts about py-libp2p 0.8.1 this module relies on (measured here):
 - KadDHT needs `max_peers_per_subnet=0`, or peers sharing a /24 (every loopback test node) are capped.
 - KadDHT only learns peers we add: we add every connected peer to the routing table on a short loop.
 - KadDHT rate-limits ADD_PROVIDER to 10 per 10 s per sender; kvswap provides every chunk CID, so our own
-  nodes accept more (`PROVIDER_RATE_MAX`), and our re-provide loop paces itself.
+  nodes accept more (limits.PROVIDER_RATE_MAX), and our re-provide loop paces itself.
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
 
-DHT keys (`content key` strings handed to KadDHT): an artifact or chunk CID in its string form (libp2p parses
-it to its multihash), and for (model fingerprint, document hash) the hex of a sha2-256 multihash over a
-domain-separated string (`document_key`), so a document lookup never collides with a CID.
+The DHT keys themselves (CID strings, document keys) are defined in protocol/names.py: peers must agree on them.
+
+Errors: py-libp2p and the sockets under it fail in many exception types. Dials, streams and publishes map
+the ones a failing peer or network raises (`PEER_FAILURES`) to RemoteProtocolError / ProtocolError with
+kvswap.errors.map_exceptions; malformed addresses and peer ids given by a user are UsageError. DHT queries
+go through `_dht_query`, the one place that catches everything: they run py-libp2p's Kademlia code against
+arbitrary peers' bytes, and a failed lookup or provide must be an empty answer, never a dead node.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 import logging
 import math
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
 import multiaddr
+import multiaddr.exceptions
 import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
+from libp2p.network.exceptions import RateLimitError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.rcmgr.exceptions import ResourceManagerException
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.anyio_service.exceptions import ServiceException
+from libp2p.utils.address_validation import get_available_interfaces
 
-from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError
+from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
 
 log = logging.getLogger(__name__)
 
 # KadDHT logs a WARNING each time a peer closes a DHT stream normally ("Failed to read DHT message from
-# stream: "), several per lookup; quiet it unless someone configured that logger on purpose.
-# The auto-connector logs its state at INFO every cycle. Quiet both unless configured on purpose.
+# stream: "), several per lookup, and the auto-connector logs its state at INFO every cycle (it sets that
+# level itself when imported, above). Raise both to these levels; set them lower after import to debug.
 for _name, _level in (("libp2p.kad_dht.kad_dht", logging.ERROR), ("libp2p.network.auto_connector", logging.WARNING)):
-    if logging.getLogger(_name).level == logging.NOTSET:
+    if logging.getLogger(_name).level < _level:
         logging.getLogger(_name).setLevel(_level)
-
-#: ADD_PROVIDER messages per 10 s accepted from one kvswap peer (libp2p's default of 10 is for IPFS).
-PROVIDER_RATE_MAX = 100_000
-#: Seconds between passes that add connected peers to the DHT routing table.
-ROUTING_SYNC_INTERVAL_S = 1.0
-#: Pause between two provides in a re-provide pass (keeps a large store from flooding peers at once).
-PROVIDE_PACING_S = 0.01
-#: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
-PEERSTORE_ADDR_TTL_S = 3600
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]
 
-
-def document_key(model_fingerprint: str, document_hash: str) -> str:
-    """DHT key for "an artifact of this document for this model": hex sha2-256 multihash."""
-    digest = hashlib.sha256(f"kvswap/document/1\0{model_fingerprint}\0{document_hash}".encode()).digest()
-    return (b"\x12\x20" + digest).hex()
+#: What py-libp2p (and the sockets and trio streams under it) raise when a peer or the network fails: a
+#: dial refused or timed out, a handshake or negotiation failed, a stream reset or closed, a resource or
+#: rate limit hit, no known address. Translated to RemoteProtocolError where kvswap calls into libp2p;
+#: anything else is a bug.
+PEER_FAILURES: tuple[type[BaseException], ...] = (
+    BaseLibp2pError, PeerStoreError, RateLimitError, ResourceManagerException, ServiceException, OSError,
+    EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+)
+#: What parsing a malformed multiaddr or peer id raises.
+ADDRESS_ERRORS: tuple[type[BaseException], ...] = (ValueError, multiaddr.exceptions.Error)
 
 
 def key_pair_from_seed(seed: bytes):
     """The libp2p Ed25519 key pair of a node's 32-byte identity seed."""
-    from libp2p.crypto.ed25519 import create_new_key_pair
-
     if not isinstance(seed, bytes) or len(seed) != 32:
         raise UsageError("a node identity seed is 32 bytes")
     return create_new_key_pair(seed)
@@ -68,19 +83,13 @@ def key_pair_from_seed(seed: bytes):
 
 def peer_id_of_seed(seed: bytes) -> str:
     """The peer id string (base58) a seed gives, without starting a host."""
-    from libp2p.peer.id import ID
-
     return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
 
 
 def split_addr(addr: str) -> tuple[str, Any]:
     """A multiaddr ending in /p2p/<peer id> -> (peer id string, PeerInfo). UsageError otherwise."""
-    from libp2p.peer.peerinfo import info_from_p2p_addr
-
-    try:
+    with map_exceptions({ADDRESS_ERRORS: UsageError}, f"not a peer multiaddr (expected .../p2p/<peer id>): {addr!r:.120}"):
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-    except Exception as exc:  # multiaddr raises assorted exception types on bad input
-        raise UsageError(f"not a peer multiaddr (expected .../p2p/<peer id>): {addr!r:.120}") from exc
     return info.peer_id.to_base58(), info
 
 
@@ -121,21 +130,13 @@ class P2PHost:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start everything, report started via task_status, and run until cancelled."""
-        from libp2p import new_host
-        from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-        from libp2p.pubsub.gossipsub import GossipSub, PROTOCOL_ID_V11
-        from libp2p.pubsub.pubsub import Pubsub
-        from libp2p.tools.anyio_service import background_trio_service
-
-        try:
+        with map_exceptions({ADDRESS_ERRORS: UsageError}, f"bad listen multiaddr in {self.config.listen_addrs}"):
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
-        except Exception as exc:
-            raise UsageError(f"bad listen multiaddr in {self.config.listen_addrs}: {exc}") from exc
         self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns)
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
-        self.dht._provider_rate_max = PROVIDER_RATE_MAX  # see module docstring
+        self.dht._provider_rate_max = limits.PROVIDER_RATE_MAX  # see module docstring
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=6,
@@ -145,7 +146,7 @@ class P2PHost:
             heartbeat_interval=1,
             eclipse_protection_enabled=False,  # every test peer shares 127.0.0.1
         )
-        self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=4 * limits.MAX_ANNOUNCE_BYTES)
+        self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=limits.MAX_GOSSIP_RPC_BYTES)
         async with self.host.run(listen_addrs=listen):
             async with background_trio_service(self.dht):
                 async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
@@ -175,8 +176,6 @@ class P2PHost:
     @property
     def addrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<peer id>) other nodes can dial."""
-        from libp2p.utils.address_validation import get_available_interfaces
-
         pid = self.peer_id
         out: list[str] = []
         for a in self.host.get_addrs():
@@ -193,60 +192,43 @@ class P2PHost:
     def listen_ip(self) -> str:
         """The IPv4 address the host listens on (for the data plane)."""
         for a in self.host.get_transport_addrs():
-            try:
+            with contextlib.suppress(multiaddr.exceptions.Error):  # an address without ip4
                 return a.value_for_protocol("ip4")
-            except Exception:  # an address without ip4
-                continue
         return "127.0.0.1"
 
     async def connect(self, addr: str) -> str:
         """Dial a peer multiaddr (.../p2p/<id>); returns its peer id. RemoteProtocolError on failure."""
         pid, info = split_addr(addr)
-        try:
-            with trio.fail_after(limits.DIAL_TIMEOUT_S):
+        with trio.move_on_after(limits.DIAL_TIMEOUT_S) as scope:
+            with map_exceptions({PEER_FAILURES: RemoteProtocolError}, f"cannot dial {addr}"):
                 await self.host.connect(info)
-        except trio.TooSlowError:
-            raise RemoteProtocolError(f"dialing {addr} timed out after {limits.DIAL_TIMEOUT_S:g} s") from None
-        except Exception as exc:  # libp2p raises many unrelated types when a dial fails
-            raise RemoteProtocolError(f"cannot dial {addr}: {exc}") from exc
+        if scope.cancelled_caught:
+            raise RemoteProtocolError(f"dialing {addr} timed out after {limits.DIAL_TIMEOUT_S:g} s")
         await self._add_to_routing(info.peer_id)
         return pid
 
     def peer_id_obj(self, peer_id: str):
-        from libp2p.peer.id import ID
-
-        try:
+        with map_exceptions({ADDRESS_ERRORS: UsageError}, f"not a peer id: {peer_id!r:.80}"):
             return ID.from_base58(peer_id)
-        except Exception as exc:
-            raise UsageError(f"not a peer id: {peer_id!r:.80}") from exc
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]
 
     def peers(self) -> list[dict]:
         """Connected peers with their known addresses."""
-        store = self.host.get_peerstore()
-        out = []
-        for pid in self.host.get_connected_peers():
-            try:
-                addrs = [str(a) for a in store.addrs(pid)]
-            except Exception:  # peerstore raises when it knows no address
-                addrs = []
-            out.append({"peer_id": pid.to_base58(), "addrs": addrs})
-        return out
+        return [{"peer_id": pid.to_base58(), "addrs": [str(a) for a in self._known_addrs(pid)]}
+                for pid in self.host.get_connected_peers()]
 
     def peer_ips(self, peer_id: str) -> set[str]:
         """IPv4 addresses at which we know `peer_id` (the data plane only dials these)."""
         out: set[str] = set()
         try:
-            addrs = self.host.get_peerstore().addrs(self.peer_id_obj(peer_id))
-        except Exception:  # unknown peer
+            pid = self.peer_id_obj(peer_id)
+        except UsageError:  # not a peer id: known at no address
             return out
-        for a in addrs:
-            try:
+        for a in self._known_addrs(pid):
+            with contextlib.suppress(multiaddr.exceptions.Error):  # not an ip4 address
                 out.add(a.value_for_protocol("ip4"))
-            except Exception:  # not an ip4 address
-                continue
         return out
 
     async def open_stream(self, peer_id: str, protocol: str) -> Any:
@@ -256,37 +238,42 @@ class P2PHost:
             pid = self.peer_id_obj(peer_id)
         except UsageError as exc:  # ids come from peers too: a bad one is their fault, not the user's
             raise RemoteProtocolError(str(exc)) from None
-        try:
-            with trio.fail_after(limits.DIAL_TIMEOUT_S):
-                if not self._known_addrs(pid):
-                    await self._find_addrs(pid)
-                return await self.host.new_stream(pid, [protocol])
-        except trio.TooSlowError:
-            raise RemoteProtocolError(f"opening {protocol} to {peer_id[:16]} timed out") from None
-        except Exception as exc:  # libp2p raises assorted errors (no addrs, dial failed, negotiation failed)
-            raise RemoteProtocolError(f"cannot open {protocol} to {peer_id[:16]}: {exc}") from exc
+        stream = None
+        with trio.move_on_after(limits.DIAL_TIMEOUT_S) as scope:
+            if not self._known_addrs(pid):
+                await self._find_addrs(pid)
+            with map_exceptions({PEER_FAILURES: RemoteProtocolError}, f"cannot open {protocol} to {peer_id[:16]}"):
+                stream = await self.host.new_stream(pid, [protocol])
+        if scope.cancelled_caught:
+            raise RemoteProtocolError(f"opening {protocol} to {peer_id[:16]} timed out")
+        return stream
 
     def _known_addrs(self, pid: Any) -> list:
         try:
             return list(self.host.get_peerstore().addrs(pid))
-        except Exception:  # py-libp2p raises PeerStoreError for a peer it never heard of
+        except PeerStoreError:  # a peer it never heard of
             return []
+
+    async def _dht_query(self, what: str, query: Callable[..., Awaitable[Any]], *args: Any, default: Any = None) -> Any:
+        """`await query(*args)`, or `default` if it fails (logged). The one blanket catch of this module, on
+        purpose: a DHT query runs py-libp2p's Kademlia code against arbitrary peers' bytes, which lets assorted
+        exception types escape (protobuf, libp2p, socket errors, plain ValueError/KeyError); a failed lookup or
+        provide is an empty answer, and the provide and routing loops calling this must never die."""
+        try:
+            return await query(*args)
+        except Exception as exc:  # boundary: peers' DHT answers; see the docstring
+            log.debug("%s failed: %r", what, exc)
+            return default
 
     async def _find_addrs(self, pid: Any) -> None:
         """Put the addresses of `pid` in the peerstore via a DHT peer lookup (no-op if nobody knows it)."""
-        try:
-            info = await self.dht.find_peer(pid)
-        except Exception as exc:  # a failed lookup leaves the dial to fail with a clear error
-            log.debug("find_peer %s failed: %s", pid, exc)
-            return
+        info = await self._dht_query(f"find_peer {pid}", self.dht.find_peer, pid)
         if info is not None and info.addrs:
-            self.host.get_peerstore().add_addrs(pid, info.addrs, PEERSTORE_ADDR_TTL_S)
+            self.host.get_peerstore().add_addrs(pid, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
 
     async def _add_to_routing(self, pid: Any) -> None:
-        try:
-            await self.dht.add_peer(pid, skip_server_mode_check=True)
-        except Exception as exc:  # routing-table bookkeeping must not break a dial
-            log.debug("add_peer %s: %s", pid, exc)
+        """Routing-table bookkeeping: a failure is logged, it must not break a dial."""
+        await self._dht_query(f"add_peer {pid}", functools.partial(self.dht.add_peer, skip_server_mode_check=True), pid)
 
     async def _routing_sync_loop(self) -> None:
         known: set = set()
@@ -296,7 +283,7 @@ class P2PHost:
                     known.add(pid)
                     await self._add_to_routing(pid)
             known &= set(self.host.get_connected_peers())
-            await trio.sleep(ROUTING_SYNC_INTERVAL_S)
+            await trio.sleep(limits.ROUTING_SYNC_INTERVAL_S)
 
     # --- DHT ----------------------------------------------------------------------------------------------
 
@@ -315,21 +302,16 @@ class P2PHost:
     async def provide(self, key: str) -> bool:
         """Provide one key now; False if no peer accepted the record (it stays local and is retried later)."""
         self._provided.setdefault(key, None)
-        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
-            try:
-                return bool(await self.dht.provide(key))
-            except Exception as exc:  # a failed DHT query is logged and retried by the re-provide loop
-                log.debug("provide %s failed: %s", key[:20], exc)
+        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):  # a failed provide is retried by the re-provide loop
+            return bool(await self._dht_query(f"provide {key[:20]}", self.dht.provide, key, default=False))
         return False
 
     async def find_providers(self, key: str, count: int = limits.MAX_PROVIDERS_PER_FETCH) -> list[str]:
         """Peer ids that provide `key` (never ourselves). Their addresses land in the peerstore."""
         infos: list = []
-        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
-            try:
-                infos = await self.dht.find_providers(key, count)
-            except Exception as exc:  # a failed lookup is an empty answer; the caller falls back
-                log.debug("find_providers %s failed: %s", key[:20], exc)
+        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):  # a failed lookup is an empty answer; callers fall back
+            infos = await self._dht_query(f"find_providers {key[:20]}", self.dht.find_providers, key, count,
+                                          default=[]) or []
         me = self.host.get_id()
         if infos and all(info.peer_id == me for info in infos):
             # py-libp2p answers from the local record store first, and a node that provides a key holds a
@@ -342,7 +324,7 @@ class P2PHost:
             if info.peer_id == me:
                 continue
             if info.addrs:
-                store.add_addrs(info.peer_id, info.addrs, PEERSTORE_ADDR_TTL_S)
+                store.add_addrs(info.peer_id, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
             text = info.peer_id.to_base58()
             if text not in out:
                 out.append(text)
@@ -350,25 +332,18 @@ class P2PHost:
 
     async def _network_providers(self, key: str) -> list:
         """Provider records held by the peers closest to `key` (one round of GET_PROVIDERS, local store skipped)."""
-        from libp2p.kad_dht.kad_dht import _encode_key
-
         key_bytes = _encode_key(key)
         found: list = []
-        try:
-            closest = await self.dht.peer_routing.find_closest_peers_network(key_bytes)
-        except Exception as exc:  # a failed lookup is an empty answer
-            log.debug("closest peers for %s failed: %s", key[:20], exc)
-            return found
+        closest = await self._dht_query(f"closest peers for {key[:20]}",
+                                        self.dht.peer_routing.find_closest_peers_network, key_bytes, default=[])
         me = self.host.get_id()
 
-        async def ask(peer: Any) -> None:
+        async def ask(peer: Any) -> None:  # one unhelpful peer does not fail the lookup
             with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S / 3):
-                try:
-                    providers, _ = await self.dht.provider_store._get_providers_from_peer_with_closers(peer, key_bytes)
-                except Exception as exc:  # one unhelpful peer does not fail the lookup
-                    log.debug("GET_PROVIDERS from %s failed: %s", peer, exc)
-                    return
-                found.extend(providers)
+                answer = await self._dht_query(f"GET_PROVIDERS from {peer}",
+                                               self.dht.provider_store._get_providers_from_peer_with_closers,
+                                               peer, key_bytes, default=([], []))
+                found.extend(answer[0])
 
         async with trio.open_nursery() as nursery:
             for peer in closest:
@@ -380,7 +355,7 @@ class P2PHost:
         async for key in self._provide_queue_recv:
             if key in self._provided:
                 await self.provide(key)
-                await trio.sleep(PROVIDE_PACING_S)
+                await trio.sleep(limits.PROVIDE_PACING_S)
 
     async def _reprovide_loop(self) -> None:
         """Provide everything the node holds at start and every reprovide_interval_s.
@@ -395,7 +370,7 @@ class P2PHost:
             if self.provide_source is not None:
                 try:
                     keys = await trio.to_thread.run_sync(self.provide_source)
-                except Exception:  # a failing store must not stop the node; retried next pass
+                except (KvswapError, OSError, sqlite3.Error):  # a failing store must not stop the node; next pass
                     log.exception("listing keys to provide failed")
                     continue
                 self._provided = dict.fromkeys(keys)
@@ -413,30 +388,24 @@ class P2PHost:
             self._nursery.start_soon(self._topic_loop, topic, sub)
 
     async def _topic_loop(self, topic: str, sub: Any) -> None:
-        from libp2p.peer.id import ID
-
+        """Hand every message on `topic` from another peer to the topic's handlers (node/net.py's, which
+        drop what does not decode: a handler raising is a bug and stops the node, loudly)."""
         me = self.host.get_id()
         while True:
             msg = await sub.get()
-            try:
-                sender = ID(msg.from_id)
-            except Exception:  # unsigned/odd sender field: ignore the message
-                continue
-            if sender == me or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
+            if not msg.from_id or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
+                continue  # unsigned or oversized: ignore the message
+            sender = ID(msg.from_id)
+            if sender == me:
                 continue
             for handler in list(self._topics.get(topic, ())):
-                try:
-                    handler(bytes(msg.data), sender.to_base58())
-                except Exception:  # one bad subscriber must not stop delivery to others
-                    log.exception("gossip handler for %s raised", topic)
+                handler(bytes(msg.data), sender.to_base58())
 
     async def publish(self, topic: str, data: bytes) -> None:
         if len(data) > limits.MAX_ANNOUNCE_BYTES:
             raise ProtocolError("announcement larger than MAX_ANNOUNCE_BYTES")
-        try:
+        with map_exceptions({PEER_FAILURES: ProtocolError}, f"publishing on {topic} failed"):
             await self.pubsub.publish(topic, data)
-        except Exception as exc:  # pubsub raises assorted errors; the caller sees one ProtocolError
-            raise ProtocolError(f"publishing on {topic} failed: {exc}") from exc
 
     def topic_peers(self, topic: str) -> list[str]:
         peers = self.pubsub.peer_topics.get(topic, set()) if self.pubsub else set()
@@ -444,9 +413,10 @@ class P2PHost:
 
 
 __all__ = [
+    "ADDRESS_ERRORS",
+    "PEER_FAILURES",
     "P2PConfig",
     "P2PHost",
-    "document_key",
     "key_pair_from_seed",
     "peer_id_of_seed",
     "split_addr",

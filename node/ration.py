@@ -48,10 +48,10 @@ class UploadRation:
         self.idle_reset_s = idle_reset_s
         self.clock = clock
         self.rng = rng or random.Random()
-        self._artifacts: OrderedDict[str, _ArtifactCopies] = OrderedDict()
+        self._artifacts: OrderedDict[Cid, _ArtifactCopies] = OrderedDict()
         self.refusals = 0  # answers "rationed" given so far (for logs and tests)
 
-    def decide(self, artifact: str | None, cid: Cid, peer: str) -> tuple[str, ...] | None:
+    def decide(self, artifact: Cid | None, cid: Cid, peer: str) -> tuple[str, ...] | None:
         """None: send the chunk to `peer` now (and count the copy). Otherwise the holders to name instead."""
         if artifact is None or self.copies <= 0:
             return None
@@ -67,13 +67,13 @@ class UploadRation:
         named = holders if len(holders) <= limits.MAX_HOLDER_HINTS else self.rng.sample(holders, limits.MAX_HOLDER_HINTS)
         return tuple(named)
 
-    def refusal(self, artifact: str | None, cid: Cid, peer: str) -> ChunkMissing | None:
+    def refusal(self, artifact: Cid | None, cid: Cid, peer: str) -> ChunkMissing | None:
         """What both senders (libp2p stream, data plane) ask before sending a chunk they hold: None to send
         it, or the rationed ChunkMissing naming holders to answer instead."""
         holders = self.decide(artifact, cid, peer)
         return None if holders is None else ChunkMissing(cid, rationed=True, holders=holders)
 
-    def copies_sent(self, artifact: str, cid: Cid) -> int:
+    def copies_sent(self, artifact: Cid, cid: Cid) -> int:
         state = self._artifacts.get(artifact)
         return len(state.sent_to.get(cid, ())) if state else 0
 
@@ -85,7 +85,7 @@ class UploadRation:
         state.last_sent = now
         return None
 
-    def _state(self, artifact: str, now: float) -> _ArtifactCopies:
+    def _state(self, artifact: Cid, now: float) -> _ArtifactCopies:
         for name in [a for a, s in self._artifacts.items() if now - s.last_sent > self.idle_reset_s]:
             del self._artifacts[name]
         state = self._artifacts.get(artifact)

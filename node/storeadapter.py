@@ -22,14 +22,15 @@ from kvswap.errors import NotFound
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 from kvswap.store import Store
 
-from .fetch import ChunkRef, VerifiedManifest
+from .fetch import VerifiedManifest
+from .fetchplan import FetchBlob
 
 
 def verified_from_manifest(manifest: Manifest, envelopes: Sequence[bytes] = ()) -> VerifiedManifest:
     """The fetcher's view of a decoded manifest: every blob to fetch, the tail (last logits) last."""
-    refs = [ChunkRef(c.cid, c.t0, c.t1, c.stored_size) for c in manifest.chunks]
+    refs = [FetchBlob(c.cid, c.t0, c.t1, c.stored_size) for c in manifest.chunks]
     if manifest.tail is not None:  # needed by a full fetch only: its token range starts at the end
-        refs.append(ChunkRef(manifest.tail.cid, manifest.n_tokens, manifest.n_tokens, manifest.tail.stored_size))
+        refs.append(FetchBlob(manifest.tail.cid, manifest.n_tokens, manifest.n_tokens, manifest.tail.stored_size))
     return VerifiedManifest(
         cid=manifest.cid,
         manifest=manifest.canonical_bytes,
@@ -38,7 +39,7 @@ def verified_from_manifest(manifest: Manifest, envelopes: Sequence[bytes] = ()) 
         document_hash=manifest.document_hash,
         dtype=manifest.dtype,
         n_tokens=manifest.n_tokens,
-        chunks=tuple(refs),
+        blobs=tuple(refs),
         parsed=manifest,
     )
 

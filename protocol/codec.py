@@ -1,4 +1,4 @@
-"""Length-prefixed frames, sans-I/O: `encode(msg) -> bytes` and a `Decoder` you feed bytes.
+"""Length-prefixed frames, sans-I/O: every frame kvswap sends or receives is built and parsed here.
 
 Frame layout (all integers big-endian):
 
@@ -6,19 +6,28 @@ Frame layout (all integers big-endian):
     | type:1 | body length:4  | body (length bytes)    |
     +--------+----------------+------------------------+
 
-The type byte selects the message class (protocol/messages.py). The decoder rejects an unknown type or a
-length above that type's limit as soon as the 5-byte prefix is in, before buffering any of the body, so an
-oversized frame costs the receiver nothing. A malformed body raises RemoteProtocolError; after any error the
-decoder is poisoned (a stream that sent garbage is never trusted again).
+The type byte selects the message class (protocol/messages.py). A prefix is rejected (`parse_prefix`) for an
+unknown type, a type the conversation does not allow (protocol/conversation.py), or a length above that
+type's limit, as soon as its 5 bytes are in and before any of the body is buffered, so an oversized frame
+costs the receiver nothing. A malformed body raises RemoteProtocolError.
+
+Two ways in, one parser: `Decoder` buffers whatever a libp2p stream delivers and yields whole messages (after
+any error it stays poisoned: a stream that sent garbage is never trusted again); the data plane's reader
+(protocol/dataplane.py) reads exact sizes into its own buffers and uses the same `parse_prefix`. Two ways
+out: `encode_parts` (prefix, header and payload apart, so megabytes are never joined) and
+`chunk_data_header` (prefix + CID header of a chunk whose payload the sender writes itself, by sendfile).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Collection
 
+from kvswap.cid import Cid
 from kvswap.errors import LocalProtocolError, RemoteProtocolError
 
-from .messages import MAX_BODY_BYTES, MESSAGE_TYPES, ChunkData, Message
+from .messages import CHUNK_HEADER_BYTES, MAX_BODY_BYTES, MESSAGE_TYPES, ChunkData, Message
 
 _PREFIX = struct.Struct(">BI")
 PREFIX_BYTES = _PREFIX.size
@@ -41,6 +50,52 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: its message and the bytes it took on the wire (prefix included), for the ledger."""
+
+    message: Message
+    wire_bytes: int
+
+
+# --- prefixes ----------------------------------------------------------------------------------------------
+
+
+def parse_prefix(prefix: bytes | bytearray | memoryview, allowed: Collection[int] | None = None,
+                 max_body: int | None = None) -> tuple[int, int]:
+    """(type, body length) of the frame whose 5-byte prefix `prefix` starts with, after checking the type is
+    known and `allowed` and the length within the type's limit (and `max_body`). RemoteProtocolError if not."""
+    if len(prefix) < PREFIX_BYTES:
+        raise LocalProtocolError(f"a frame prefix is {PREFIX_BYTES} bytes, got {len(prefix)}")
+    mtype, length = _PREFIX.unpack_from(prefix)
+    cls = MESSAGE_TYPES.get(mtype)
+    if cls is None or (allowed is not None and mtype not in allowed):
+        raise RemoteProtocolError(f"unexpected frame type {mtype}")
+    limit = MAX_BODY_BYTES[mtype] if max_body is None else min(MAX_BODY_BYTES[mtype], max_body)
+    if length > limit:
+        raise RemoteProtocolError(f"{cls.__name__} frame of {length} bytes exceeds the limit of {limit}")
+    return mtype, length
+
+
+def encode_prefix(mtype: int, length: int) -> bytes:
+    """The 5-byte prefix of a frame of type `mtype` with a body of `length` bytes (within its limit)."""
+    cls = MESSAGE_TYPES.get(mtype)
+    if cls is None:
+        raise LocalProtocolError(f"not a kvswap frame type: {mtype}")
+    if not 0 <= length <= MAX_BODY_BYTES[mtype]:
+        raise LocalProtocolError(f"{cls.__name__} of {length} bytes exceeds its frame limit")
+    return _PREFIX.pack(mtype, length)
+
+
+def chunk_data_header(cid: Cid, payload_size: int) -> bytes:
+    """Prefix and CID header of a ChunkData frame whose `payload_size` payload bytes the sender writes itself
+    (the data plane sends stored chunk files with sendfile). LocalProtocolError if the frame would be too big."""
+    return encode_prefix(ChunkData.TYPE, CHUNK_HEADER_BYTES + payload_size) + cid.to_bytes()
+
+
+# --- whole messages ----------------------------------------------------------------------------------------
+
+
 def encode(msg: Message) -> bytes:
     """One frame holding `msg`."""
     return b"".join(encode_parts(msg))
@@ -52,28 +107,31 @@ def encode_parts(msg: Message) -> list[bytes]:
     if MESSAGE_TYPES.get(getattr(cls, "TYPE", -1)) is not cls:
         raise LocalProtocolError(f"not a kvswap message: {cls.__name__}")
     parts = list(msg.body_parts()) if isinstance(msg, ChunkData) else [msg.to_body()]
-    length = sum(len(p) for p in parts)
-    if length > MAX_BODY_BYTES[cls.TYPE]:
-        raise LocalProtocolError(f"{cls.__name__} of {length} bytes exceeds its frame limit")
-    return [_PREFIX.pack(cls.TYPE, length), *parts]
+    return [encode_prefix(cls.TYPE, sum(len(p) for p in parts)), *parts]
 
 
 def frame_size(msg: Message) -> int:
-    """Bytes `encode(msg)` produces, without building it."""
+    """Bytes `encode(msg)` produces."""
     return sum(len(p) for p in encode_parts(msg))
+
+
+def payload_size(msg: Message) -> int:
+    """Chunk payload bytes a message carries (the ledger's raw bytes): a ChunkData's stored bytes, else 0."""
+    return len(msg.payload) if isinstance(msg, ChunkData) else 0
 
 
 class Decoder:
     """Turns a byte stream into messages. Feed it what the transport delivers; it never reads by itself.
 
     `feed(data)` buffers and returns every complete message now available (an empty list means NEED_DATA);
-    `next_message()` returns one message or NEED_DATA. `max_body` optionally lowers the per-type limits
-    (a server that only expects requests gives a small bound). `bytes_in` counts all bytes fed (wire bytes).
+    `feed_frames(data)` the same as Frames (message + wire size); `next_frame()` / `next_message()` one, or
+    NEED_DATA. `allowed` is the set of frame types the conversation allows (protocol/conversation.py);
+    `max_body` optionally lowers the per-type limits. `bytes_in` counts all bytes fed (wire bytes).
     """
 
-    def __init__(self, allowed: set[int] | None = None, max_body: int | None = None) -> None:
+    def __init__(self, allowed: Collection[int] | None = None, max_body: int | None = None) -> None:
         self._buf = bytearray()
-        self._allowed = allowed
+        self._allowed = None if allowed is None else frozenset(allowed)
         self._max_body = max_body
         self._poisoned: RemoteProtocolError | None = None
         self._want: tuple[int, int] | None = None  # (type, length) of the frame being buffered
@@ -85,17 +143,24 @@ class Decoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        return [frame.message for frame in self.feed_frames(data)]
+
+    def feed_frames(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         self._check_poisoned()
         self._buf += data
         self.bytes_in += len(data)
-        out: list[Message] = []
+        out: list[Frame] = []
         while True:
-            msg = self.next_message()
-            if msg is NEED_DATA:
+            frame = self.next_frame()
+            if frame is NEED_DATA:
                 return out
-            out.append(msg)
+            out.append(frame)
 
     def next_message(self) -> Message | _NeedData:
+        frame = self.next_frame()
+        return frame if frame is NEED_DATA else frame.message
+
+    def next_frame(self) -> Frame | _NeedData:
         self._check_poisoned()
         try:
             return self._next()
@@ -114,20 +179,11 @@ class Decoder:
         if self._poisoned is not None:
             raise RemoteProtocolError(f"decoder already failed: {self._poisoned}")
 
-    def _next(self) -> Message | _NeedData:
+    def _next(self) -> Frame | _NeedData:
         if self._want is None:
             if len(self._buf) < PREFIX_BYTES:
                 return NEED_DATA
-            mtype, length = _PREFIX.unpack_from(self._buf)
-            cls = MESSAGE_TYPES.get(mtype)
-            if cls is None or (self._allowed is not None and mtype not in self._allowed):
-                raise RemoteProtocolError(f"unexpected frame type {mtype}")
-            limit = MAX_BODY_BYTES[mtype]
-            if self._max_body is not None:
-                limit = min(limit, self._max_body)
-            if length > limit:
-                raise RemoteProtocolError(f"{cls.__name__} frame of {length} bytes exceeds the limit of {limit}")
-            self._want = (mtype, length)
+            self._want = parse_prefix(self._buf, self._allowed, self._max_body)
         mtype, length = self._want
         end = PREFIX_BYTES + length
         if len(self._buf) < end:
@@ -139,4 +195,4 @@ class Decoder:
             body.release()
         del self._buf[:end]
         self._want = None
-        return msg
+        return Frame(msg, end)

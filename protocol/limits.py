@@ -38,6 +38,8 @@ MAX_FRAME_BYTES = 1 * MiB
 MAX_DATA_FRAME_BYTES = MAX_CHUNK_STORED_BYTES + 4 * KiB
 #: Largest gossipsub announcement (bytes).
 MAX_ANNOUNCE_BYTES = 16 * KiB
+#: Largest inbound gossipsub RPC (bytes): a few announcements plus pubsub's own control data.
+MAX_GOSSIP_RPC_BYTES = 4 * MAX_ANNOUNCE_BYTES
 #: Seconds a peer may stay silent mid-frame before we cut it off.
 STREAM_IDLE_TIMEOUT_S = 15.0
 #: Seconds to open a stream / dial a peer.
@@ -48,6 +50,22 @@ CHUNK_TIMEOUT_S = 60.0
 GENERATE_TIMEOUT_S = 600.0
 #: Most suffix + output tokens in one hosted generation request.
 MAX_GENERATE_TOKENS = 4096
+#: Largest token id accepted in a message (int32: larger than any vocabulary, small enough for every tokenizer).
+MAX_TOKEN_ID = 2**31 - 1
+#: Largest sampling seed accepted in a GenerateRequest (an int64, what numpy's generator takes).
+MAX_GENERATE_SEED = 2**63 - 1
+#: Most timing entries in a GenerateResponse (the host reports load/prefill/decode: a few, not a database).
+MAX_TIMINGS = 16
+#: Longest timing name in a GenerateResponse (chars).
+MAX_TIMING_NAME_CHARS = 32
+#: Longest ErrorMessage text (chars): one line for a log or a CLI error, never a dump.
+MAX_ERROR_TEXT_CHARS = 1000
+#: Longest hex field in a message (chars): a sha-256 hex digest is 64; room for a longer hash, not for junk.
+MAX_HEX_CHARS = 128
+#: Longest data-plane host in a DataGrant (chars): an IPv4 or IPv6 literal.
+MAX_HOST_CHARS = 64
+#: Bytes asked of a libp2p stream per read call: several Yamux frames at once, and no more held per read.
+STREAM_READ_BYTES = 1 * MiB
 
 # --- daemon ----------------------------------------------------------------------------------------
 #: Seconds between re-provides of everything the node holds.
@@ -56,6 +74,19 @@ REPROVIDE_INTERVAL_S = 300.0
 SHUTDOWN_TIMEOUT_S = 10.0
 #: Largest control-API request body (bytes): a document to publish.
 MAX_API_BODY_BYTES = 64 * MiB
+#: Seconds the CLI waits for one control-API answer (long operations are jobs it polls instead).
+API_TIMEOUT_S = 30.0
+#: Seconds a control-API request waits for the node's model to finish loading before it is refused.
+ENGINE_WAIT_S = 600.0
+#: Artifacts whose verified KV a hosting node keeps in memory for repeated hosted requests (each is the
+#: whole document's KV: 556 MB for 3774 tokens of Qwen3-4B).
+RESIDENT_KV_SLOTS = 2
+#: Finished publish/fetch jobs the daemon keeps for pollers (the oldest are forgotten first).
+MAX_FINISHED_JOBS = 256
+#: Seconds a child daemon (node/launcher.py) may take to write its node.json, and again to load its model.
+NODE_START_TIMEOUT_S = 300.0
+#: Seconds a child daemon gets to exit after SIGTERM before it is killed (it cleans up within SHUTDOWN_TIMEOUT_S).
+NODE_STOP_TIMEOUT_S = 30.0
 
 # --- network layer (node/p2p.py, node/exchange.py, node/fetch.py) ---------------------------------------
 #: Largest ManifestResponse frame body (bytes): a maximal manifest plus maximal envelopes plus msgpack overhead.
@@ -76,6 +107,20 @@ MAX_PROVIDER_FAILURES = 2
 MAX_PROVIDERS_PER_FETCH = 20
 #: Seconds for one DHT lookup or provide before it is abandoned (the fetch falls back to connected peers).
 DHT_QUERY_TIMEOUT_S = 15.0
+#: ADD_PROVIDER messages per 10 s a node accepts from one peer. libp2p's default of 10 is tuned for IPFS;
+#: kvswap provides every chunk CID, so a fetcher providing a large artifact sends far more.
+PROVIDER_RATE_MAX = 100_000
+#: Seconds between passes that add connected peers to the DHT routing table (KadDHT learns none by itself).
+ROUTING_SYNC_INTERVAL_S = 1.0
+#: Seconds between two provides of one re-provide pass (a large store does not flood its peers at once).
+PROVIDE_PACING_S = 0.01
+#: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
+PEERSTORE_ADDR_TTL_S = 3600
+#: Most data-plane grants outstanding at once (each is a few hundred bytes; stops a peer hoarding memory).
+MAX_DATAPLANE_GRANTS = 4096
+#: Socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk
+#: (+40% throughput under load, NETWORK.md); the kernel may cap it.
+DATAPLANE_SOCKET_BUFFER_BYTES = 4 * MiB
 #: Worker threads the trio side may use at once for store, engine and hashing work.
 WORKER_THREADS = 16
 #: Most chunks a fetch asks one provider for in one request (amortises request overhead over small chunks).

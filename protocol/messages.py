@@ -6,7 +6,7 @@ so a multi-megabyte chunk is never re-encoded or copied through msgpack. Everyth
 here (types, sizes, CIDs) and anything else raises `RemoteProtocolError`: node/ never sees a half-valid
 message.
 
-Protocol ids are versioned: a breaking change to any message bumps the id, never silently reinterprets bytes.
+The protocol ids these messages travel under, the gossip topic and the DHT keys are in protocol/names.py.
 """
 
 from __future__ import annotations
@@ -21,20 +21,10 @@ from kvswap.errors import KvswapError, RemoteProtocolError
 
 from . import limits
 
-#: libp2p protocol ids (multistream-select strings), one per conversation kind.
-MANIFEST_PROTOCOL = "/kvswap/manifest/1"
-CHUNKS_PROTOCOL = "/kvswap/chunks/1"
-GENERATE_PROTOCOL = "/kvswap/generate/1"
-
 #: Error codes an ErrorMessage may carry (a closed set: a peer cannot invent codes we must interpret).
 ERROR_CODES = frozenset({"not_found", "bad_request", "busy", "limit", "model_mismatch", "internal"})
 
 _HEX = frozenset("0123456789abcdef")
-
-
-def announce_topic(model_fingerprint: str) -> str:
-    """The gossipsub topic on which artifacts for one model fingerprint are announced."""
-    return f"kvswap/announce/{model_fingerprint[:16]}"
 
 
 # --- field validation (peer-supplied values) --------------------------------------------------------------
@@ -53,7 +43,7 @@ def _req(body: dict, key: str, kind: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
-def _hexstr(value: Any, what: str, max_len: int = 128) -> str:
+def _hexstr(value: Any, what: str, max_len: int = limits.MAX_HEX_CHARS) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= max_len or not set(value) <= _HEX:
         raise _bad(f"{what} must be lowercase hex of at most {max_len} chars")
     return value
@@ -190,13 +180,18 @@ class ChunkRequest:
         )
 
 
+#: Bytes of a ChunkData frame's header: the chunk's binary CID.
+CHUNK_HEADER_BYTES = len(Cid(bytes(32)).to_bytes())
+
+
 @dataclass(frozen=True)
 class ChunkData:
-    """One stored chunk: a tiny header (its CID) and the stored bytes, verified by the receiver."""
+    """One stored chunk: a tiny header (its CID) and the stored bytes, verified by the receiver. The data
+    plane hands its receive buffer (a bytearray of the exact size) through as the payload, uncopied."""
 
     TYPE: ClassVar[int] = 4
     cid: Cid
-    payload: bytes = field(repr=False)
+    payload: bytes | bytearray = field(repr=False)
 
     def to_body(self) -> bytes:
         return self.cid.to_bytes() + self.payload
@@ -207,13 +202,10 @@ class ChunkData:
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ChunkData":
-        if len(body) < _CID_LEN:
+        if len(body) < CHUNK_HEADER_BYTES:
             raise _bad("ChunkData shorter than its CID header")
-        cid = _cid(bytes(body[:_CID_LEN]), "ChunkData.cid")
-        return cls(cid=cid, payload=bytes(body[_CID_LEN:]))
-
-
-_CID_LEN = len(Cid(bytes(32)).to_bytes())
+        cid = _cid(bytes(body[:CHUNK_HEADER_BYTES]), "ChunkData.cid")
+        return cls(cid=cid, payload=bytes(body[CHUNK_HEADER_BYTES:]))
 
 
 @dataclass(frozen=True)
@@ -275,7 +267,7 @@ class DataGrant:
     def from_body(cls, body: bytes | memoryview) -> "DataGrant":
         d = _unpack(body, "DataGrant")
         host = _req(d, "h", str, "DataGrant")
-        if not 0 < len(host) <= 64:
+        if not 0 < len(host) <= limits.MAX_HOST_CHARS:
             raise _bad("DataGrant.host too long")
         token = _req(d, "t", bytes, "DataGrant")
         if len(token) != limits.DATAPLANE_TOKEN_BYTES:
@@ -317,9 +309,9 @@ class GenerateRequest:
         seed = d.get("r")
         return cls(
             artifact_cid=_cid(d.get("a"), "GenerateRequest.artifact_cid"),
-            suffix_ids=tuple(_int(t, "GenerateRequest.suffix_ids[]", 0, 2**31 - 1) for t in suffix),
+            suffix_ids=tuple(_int(t, "GenerateRequest.suffix_ids[]", 0, limits.MAX_TOKEN_ID) for t in suffix),
             max_new_tokens=_int(d.get("n"), "GenerateRequest.max_new_tokens", 0, limits.MAX_GENERATE_TOKENS),
-            seed=None if seed is None else _int(seed, "GenerateRequest.seed", 0, 2**63 - 1),
+            seed=None if seed is None else _int(seed, "GenerateRequest.seed", 0, limits.MAX_GENERATE_SEED),
         )
 
 
@@ -342,13 +334,13 @@ class GenerateResponse:
         if len(tokens) > limits.MAX_GENERATE_TOKENS:
             raise _bad("GenerateResponse has more than MAX_GENERATE_TOKENS tokens")
         timings = _req(d, "s", dict, "GenerateResponse")
-        if len(timings) > 16 or not all(
-            isinstance(k, str) and len(k) <= 32 and isinstance(v, (int, float)) and not isinstance(v, bool)
+        if len(timings) > limits.MAX_TIMINGS or not all(
+            isinstance(k, str) and len(k) <= limits.MAX_TIMING_NAME_CHARS and isinstance(v, (int, float)) and not isinstance(v, bool)
             for k, v in timings.items()
         ):
             raise _bad("GenerateResponse.timings must map short names to seconds")
         return cls(
-            tokens=tuple(_int(t, "GenerateResponse.tokens[]", 0, 2**31 - 1) for t in tokens),
+            tokens=tuple(_int(t, "GenerateResponse.tokens[]", 0, limits.MAX_TOKEN_ID) for t in tokens),
             text=_req(d, "x", str, "GenerateResponse"),
             timings=tuple(sorted((k, float(v)) for k, v in timings.items())),
         )
@@ -371,13 +363,13 @@ class ErrorMessage:
             raise _bad(f"unknown error code {self.code!r}")
 
     def to_body(self) -> bytes:
-        return _pack({"c": self.code, "t": self.text[:1000]})
+        return _pack({"c": self.code, "t": self.text[:limits.MAX_ERROR_TEXT_CHARS]})
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ErrorMessage":
         d = _unpack(body, "ErrorMessage")
         text = _req(d, "t", str, "ErrorMessage")
-        return cls(code=_req(d, "c", str, "ErrorMessage"), text=text[:1000])
+        return cls(code=_req(d, "c", str, "ErrorMessage"), text=text[:limits.MAX_ERROR_TEXT_CHARS])
 
 
 @dataclass(frozen=True)
@@ -406,7 +398,7 @@ class Announce:
     def from_body(cls, body: bytes | memoryview) -> "Announce":
         d = _unpack(body, "Announce")
         publisher = _req(d, "p", str, "Announce")
-        if not 0 < len(publisher) <= 128:
+        if not 0 < len(publisher) <= limits.MAX_PEER_ID_CHARS:
             raise _bad("Announce.publisher must be a peer id")
         return cls(
             artifact_cid=_cid(d.get("a"), "Announce.artifact_cid"),

@@ -22,7 +22,8 @@ import msgpack
 
 from kvswap.cid import Cid
 from kvswap.errors import FormatError, NotFound
-from kvswap.node.fetch import ChunkRef, VerifiedManifest
+from kvswap.node.fetch import VerifiedManifest
+from kvswap.node.fetchplan import FetchBlob
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,11 +54,11 @@ def make_artifact(n_chunks: int = 4, chunk_bytes: int = 64 * 1024, block_tokens:
 def parse_manifest(manifest: bytes, envelopes: Sequence[bytes] = ()) -> VerifiedManifest:
     try:
         d = msgpack.unpackb(manifest, raw=False)
-        chunks = tuple(ChunkRef(Cid.from_bytes(c), s, e, n) for c, s, e, n in d["chunks"])
+        blobs = tuple(FetchBlob(Cid.from_bytes(c), s, e, n) for c, s, e, n in d["chunks"])
         return VerifiedManifest(
             cid=Cid.of(manifest), manifest=manifest, envelopes=tuple(envelopes),
             model_fingerprint=d["model_fingerprint"], document_hash=d["document_hash"], dtype=d["dtype"],
-            n_tokens=d["n_tokens"], chunks=chunks,
+            n_tokens=d["n_tokens"], blobs=blobs,
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise FormatError(f"bad test manifest: {exc}") from exc
@@ -151,14 +152,17 @@ class SubprocessNode:
 
     `real_store=True` publishes a signed artifact of random KV through the real artifact pipeline into a
     kvswap.store.Store (chunk size = block_tokens x 32 KiB per token) instead of the synthetic DirArtifacts.
+    `ration=False` serves every fetcher at once (node/ration.py off): a benchmark that fetches the same
+    artifact again and again from one provider measures the transport, not the rationing patience.
     """
 
     def __init__(self, home: Path, seed: int, *, n_chunks: int = 4, chunk_bytes: int = 64 * 1024,
                  corrupt: bool = False, die_after: int | None = None, bootstrap: Sequence[str] = (),
-                 dataplane: bool = True, publish: bool = True, real_store: bool = False) -> None:
+                 dataplane: bool = True, publish: bool = True, real_store: bool = False,
+                 ration: bool = True) -> None:
         options = dict(home=str(home), seed=seed, n_chunks=n_chunks, chunk_bytes=chunk_bytes, corrupt=corrupt,
                        die_after=die_after, bootstrap=list(bootstrap), dataplane=dataplane, publish=publish,
-                       real_store=real_store)
+                       real_store=real_store, ration=ration)
         args = [sys.executable, "-m", "tests.netharness", "serve", json.dumps(options)]
         self.proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
@@ -219,6 +223,7 @@ def _serve_main(options_json: str) -> None:
 
     from kvswap.node.net import TrioNode
     from kvswap.node.p2p import P2PConfig
+    from kvswap.node.ration import UploadRation
 
     o = json.loads(options_json)
     seed = bytes([o["seed"]]) * 32
@@ -239,12 +244,12 @@ def _serve_main(options_json: str) -> None:
 
     async def main() -> None:
         node = TrioNode(P2PConfig(seed=seed, bootstrap=o["bootstrap"]), service=store, target=store,
-                        use_dataplane=o["dataplane"])
+                        use_dataplane=o["dataplane"], ration=UploadRation(copies=0) if not o["ration"] else None)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             if provide is not None:
                 node.provide_artifact(provide.cid, provide.model_fingerprint, provide.document_hash,
-                                      [c.cid for c in provide.chunks])
+                                      [b.cid for b in provide.blobs])
             print(json.dumps({"peer_id": node.peer_id, "addrs": node.addrs, "cid": str(cid) if cid else None}),
                   flush=True)
             # run until the parent closes our stdin or kills us

@@ -1,17 +1,16 @@
-"""Real kvswap daemons as subprocesses on 127.0.0.1 for integration tests, driven through the real CLI."""
+"""Real kvswap daemons as subprocesses on 127.0.0.1 for integration tests, driven through the real CLI.
+
+Daemons start through node/launcher.py's ChildNode (the one daemon starter); this module adds the CLI
+helpers the tests assert with."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-#: seconds a daemon may take to write its node.json / load its model
-START_TIMEOUT_S = 120.0
+from kvswap.node.launcher import ChildNode
 
 
 def cli(home: Path, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -26,75 +25,11 @@ def cli_json(home: Path, *args: str, **kw) -> dict:
     return json.loads(cli(home, *args, "--json", **kw).stdout)
 
 
-class NodeProc:
-    """One `kvswap node start` process with its own home."""
+class NodeProc(ChildNode):
+    """A test daemon, started by node/launcher.py like every other: tiny-qwen3 unless told otherwise."""
 
-    def __init__(self, home: Path, model: str = "tiny-qwen3", bootstrap: list[str] | None = None,
-                 accept_any: bool = False):
-        self.home = Path(home)
-        self.home.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model]
-        if bootstrap:
-            args += ["--bootstrap", *bootstrap]
-        if accept_any:
-            args.append("--accept-any")
-        self.log = open(self.home / "stderr.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.info = self._wait_node_file()
-
-    def _wait_node_file(self) -> dict:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        path = self.home / "node.json"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node exited early: {self.tail()}")
-            if path.exists():
-                try:
-                    info = json.loads(path.read_text())
-                except ValueError:
-                    info = {}
-                if info.get("pid") == self.proc.pid:  # not a stale file left by a killed daemon in this home
-                    return info
-            time.sleep(0.1)
-        raise AssertionError(f"node did not start: {self.tail()}")
-
-    def wait_model(self) -> dict:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            status = cli_json(self.home, "node", "status")
-            if status.get("model"):
-                return status
-            assert not status.get("model_error"), status["model_error"]
-            time.sleep(0.3)
-        raise AssertionError("model did not load")
-
-    @property
-    def addr(self) -> str:
-        return self.info["addrs"][0]
-
-    @property
-    def peer_id(self) -> str:
-        return self.info["peer_id"]
-
-    def tail(self) -> str:
-        self.log.flush()
-        return (self.home / "stderr.log").read_text(errors="replace")[-3000:]
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
-        return self.proc.returncode
+    def __init__(self, home: Path, model: str = "tiny-qwen3", **kw) -> None:
+        super().__init__(home, model, **kw)
 
 
 # --- helpers for fault tests (tests/test_faults_daemon.py) ---------------------------------------------------

@@ -3,7 +3,6 @@ clean and bounded shutdown on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 import urllib.error
@@ -13,7 +12,7 @@ import pytest
 
 from kvswap.protocol.limits import SHUTDOWN_TIMEOUT_S
 
-from nodes import NodeProc, cli, cli_json
+from tests.nodes import NodeProc, cli, cli_json
 
 
 def _wait_for(predicate, timeout: float = 60.0, every: float = 0.3):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import DOC_TEXT, QUESTION_TEXT
+from tests.conftest import DOC_TEXT, QUESTION_TEXT
 
 #: also run under a second torch thread count by `make test` (kernel blocking differs)
 pytestmark = pytest.mark.engine

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from kvswap.node.fetch import FetchKey
 from kvswap.node.net import Network, TrioNode
 from kvswap.node.p2p import P2PConfig
 from kvswap.protocol.messages import Announce, GenerateRequest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact  # noqa: E402
+from tests.netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,7 +63,7 @@ def test_by_document_resume_prefix_and_model_check(tmp_path):
                 pub = await start(nursery, tmp_path / "pub", 1)
                 me = await start(nursery, tmp_path / "me", 2)
                 v = pub.store.add(manifest, chunks)
-                pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+                pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [b.cid for b in v.blobs])
                 await me.p2p.connect(pub.addrs[0])
 
                 with pytest.raises(ModelMismatch):
@@ -171,7 +168,7 @@ def test_network_facade_from_asyncio(tmp_path):
                        on_transfer=on_transfer, on_announce=lambda a, p: announces.append((a, p)))
         try:
             await me.subscribe(v.model_fingerprint)
-            await pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [c.cid for c in v.chunks])
+            await pub.provide_artifact(v.cid, v.model_fingerprint, v.document_hash, [b.cid for b in v.blobs])
             for _ in range(60):
                 await pub.announce(v.cid, v.model_fingerprint, v.document_hash, v.n_tokens)
                 await asyncio.sleep(0.25)
@@ -183,15 +180,15 @@ def test_network_facade_from_asyncio(tmp_path):
             assert pub.peer_id in [p["peer_id"] for p in await me.peers()]
             info = await pub.info()
             assert info["peer_id"] == pub.peer_id and info["peers"] >= 1 and info["dataplane"]
-            assert info["providing"] >= 2 + len(v.chunks)
+            assert info["providing"] >= 2 + len(v.blobs)
 
-            result = await me.fetch(str(v.cid), progress=progress.append)
+            result = await me.fetch(v.cid, progress=progress.append)
             assert result.cid == v.cid and result.chunks_fetched == 4
             await asyncio.sleep(0.1)  # callbacks are delivered through the loop
             assert progress[-1].chunks_done == 4 and progress[-1].bytes_done == 4 * 128 * 1024
             chunk_in = [e for e in events if e.direction == "in" and e.chunk and e.raw_bytes]
             assert sum(e.raw_bytes for e in chunk_in) >= 4 * 128 * 1024
-            assert all(e.artifact == str(v.cid) for e in chunk_in)
+            assert all(e.artifact == v.cid for e in chunk_in)
             assert all(e.wire_bytes > e.raw_bytes for e in chunk_in)
             fetch_rows = [e for e in events if e.request == chunk_in[0].request]
             assert chunk_in[0].request and set(chunk_in) <= set(fetch_rows)  # one fetch = one request id

@@ -13,8 +13,9 @@ from kvswap.errors import UntrustedSigner
 from kvswap.kvtensors import KvLayout, KvTensors
 from kvswap.node.fetch import FetchKey
 from kvswap.node.net import TrioNode
-from kvswap.node.p2p import P2PConfig, document_key, peer_id_of_seed
+from kvswap.node.p2p import P2PConfig, peer_id_of_seed
 from kvswap.node.storeadapter import StoreArtifacts
+from kvswap.protocol.names import document_key
 from kvswap.store import Store
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,10 @@ import pytest
 
 from kvswap.cid import Cid
 from kvswap.errors import FormatError, UsageError
-from kvswap.ledger import PROTOCOL_CHUNKS, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, Ledger, ledger_path
+from kvswap.ledger import Ledger, ledger_path
+from kvswap.protocol.names import CHUNKS_PROTOCOL as PROTOCOL_CHUNKS
+from kvswap.protocol.names import GENERATE_PROTOCOL as PROTOCOL_GENERATE
+from kvswap.protocol.names import MANIFEST_PROTOCOL as PROTOCOL_MANIFEST
 
 ART = str(Cid.of(b"artifact"))
 CHUNK = str(Cid.of(b"chunk-0"))

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import NotFound, RemoteProtocolError
+from kvswap.errors import FormatError, NotFound, RemoteProtocolError
 from kvswap.node.net import TrioNode
-from kvswap.node.p2p import P2PConfig, document_key, peer_id_of_seed
+from kvswap.node.p2p import P2PConfig, peer_id_of_seed
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
-from kvswap.protocol.messages import (
-    MANIFEST_PROTOCOL,
-    Announce,
-    GenerateRequest,
-    ManifestRequest,
-    announce_topic,
-)
-
-sys.path.insert(0, str(Path(__file__).parent))
-from netharness import DirArtifacts, make_artifact  # noqa: E402
+from kvswap.protocol.messages import Announce, GenerateRequest, ManifestRequest
+from kvswap.protocol.names import MANIFEST_PROTOCOL, announce_topic, document_key
+from tests.netharness import DirArtifacts, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -171,11 +162,52 @@ def test_hosted_generation_round_trip_and_refusal(tmp_path):
                     host.peer_id, GenerateRequest(v.cid, (1, 2, 3), max_new_tokens=5))
                 assert reply.tokens == (6, 7, 8, 9, 10)
                 assert [e.direction for e in events] == ["out", "in"]
-                assert all(e.artifact == str(v.cid) and e.wire_bytes > 0 for e in events)
+                assert all(e.artifact == v.cid and e.wire_bytes > 0 for e in events)
                 with pytest.raises(NotFound):
                     await client.exchange.remote_generate(host.peer_id, GenerateRequest(Cid.of(b"?"), (1,), 1))
                 with pytest.raises(RemoteProtocolError):
                     await client.p2p.open_stream(peer_id_of_seed(seed(99)), MANIFEST_PROTOCOL)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class _FailingArtifacts(DirArtifacts):
+    """Serves manifests, but reading any chunk fails: with a kvswap error, or with a bug."""
+
+    def __init__(self, root, bug: bool) -> None:
+        super().__init__(root)
+        self.bug = bug
+
+    def read_chunk(self, cid):
+        if self.bug:
+            raise ValueError("an unexpected failure inside the server")
+        raise FormatError("the stored chunk does not parse")
+
+
+def test_serving_failures_are_answered_with_their_wire_code_and_the_node_serves_on(tmp_path):
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                server, client = await start_nodes(nursery, tmp_path, 2, use_dataplane=False)
+                manifest, chunks, _ = make_artifact(1, 1024)
+                v = server.store.add(manifest, chunks)
+                await client.p2p.connect(server.addrs[0])
+                cid = Cid.of(chunks[0])
+
+                async def on_chunk(cid, answer):
+                    raise AssertionError("no chunk may arrive")
+
+                server.exchange.service = _FailingArtifacts(tmp_path / "n0", bug=False)
+                with pytest.raises(RemoteProtocolError, match="the stored chunk does not parse"):  # bad_request
+                    await client.exchange.request_chunks(server.peer_id, [cid], on_chunk)
+                server.exchange.service = _FailingArtifacts(tmp_path / "n0", bug=True)
+                with pytest.raises(RemoteProtocolError, match="the server failed") as info:  # internal: no details
+                    await client.exchange.request_chunks(server.peer_id, [cid], on_chunk)
+                assert "unexpected" not in str(info.value)
+                assert server.exchange.rejected_streams == 0  # refusals, not misbehaving peers
+                reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                assert reply.manifest == manifest  # the node serves on
                 nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -25,8 +25,8 @@ from kvswap.protocol.messages import (
     GenerateResponse,
     ManifestRequest,
     ManifestResponse,
-    announce_topic,
 )
+from kvswap.protocol.names import announce_topic, artifact_keys, cid_key, document_key
 
 C1, C2 = Cid.of(b"one"), Cid.of(b"two")
 
@@ -178,6 +178,19 @@ def test_rationed_chunk_missing_is_checked():
 
 def test_announce_topic_is_per_model():
     assert announce_topic("ab" * 32) == "kvswap/announce/" + "ab" * 8
+
+
+def test_dht_keys_are_pinned():
+    """Peers must compute the same keys: a change here is a protocol change (bump the document key domain)."""
+    assert cid_key(C1) == str(C1)
+    assert document_key("ab" * 32, "cd" * 32) == "1220e43356fc0302854d82c0dfea64723d79adb05fc8bad42eabfff2015cb5d0a22d"
+    assert document_key("ab" * 32, "cd" * 32) != document_key("cd" * 32, "ab" * 32)
+
+
+def test_a_complete_artifact_is_provided_whole_a_prefix_only_by_its_chunks():
+    doc = document_key("ab" * 32, "cd" * 32)
+    assert artifact_keys(C1, "ab" * 32, "cd" * 32, [C2, C2], complete=True) == [str(C1), doc, str(C2)]
+    assert artifact_keys(C1, "ab" * 32, "cd" * 32, [C2], complete=False) == [str(C2)]
 
 
 cids = st.binary(min_size=32, max_size=32).map(Cid)

@@ -6,7 +6,7 @@ from kvswap.cid import Cid
 from kvswap.node.ration import UploadRation
 from kvswap.protocol import limits
 
-ART = str(Cid.of(b"artifact"))
+ART = Cid.of(b"artifact")
 C1, C2 = Cid.of(b"chunk 1"), Cid.of(b"chunk 2")
 
 
@@ -84,7 +84,7 @@ def test_holders_named_are_bounded():
 def test_tracked_artifacts_are_bounded():
     ration, _ = make(copies=1)
     for i in range(limits.MAX_RATIONED_ARTIFACTS + 10):
-        ration.decide(f"artifact-{i}", C1, "A")
+        ration.decide(Cid.of(f"artifact-{i}".encode()), C1, "A")
     assert len(ration._artifacts) == limits.MAX_RATIONED_ARTIFACTS
     # the oldest were forgotten: a new fetcher of artifact-0 is served as if it were the first
-    assert ration.decide("artifact-0", C1, "B") is None
+    assert ration.decide(Cid.of(b"artifact-0"), C1, "B") is None

@@ -13,7 +13,10 @@ import pytest
 
 from kvswap.cid import Cid
 from kvswap.errors import UsageError
-from kvswap.ledger import PROTOCOL_CHUNKS, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, Ledger, ledger_path
+from kvswap.ledger import Ledger, ledger_path
+from kvswap.protocol.names import CHUNKS_PROTOCOL as PROTOCOL_CHUNKS
+from kvswap.protocol.names import GENERATE_PROTOCOL as PROTOCOL_GENERATE
+from kvswap.protocol.names import MANIFEST_PROTOCOL as PROTOCOL_MANIFEST
 from kvswap.report import ReportOptions, make_report, resolve_prices
 from kvswap.report.costmodel import BYTES_PER_GB
 from kvswap.report.measured import measure

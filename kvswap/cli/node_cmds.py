@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import KvswapError, NotFound, UsageError
+from ..errors import KvswapError, UsageError, error_from_payload
 from . import add_common, emit, home_of
 
 #: seconds `kvswap node stop` waits for the daemon's process to exit
@@ -156,11 +156,7 @@ def wait_job(client, job_id: str, show_progress: bool) -> dict:
             if job["state"] == "done":
                 return job["result"]
             if job["state"] == "failed":
-                err = job.get("error") or {}
-                from .. import errors
-
-                cls = getattr(errors, err.get("type", ""), KvswapError)
-                raise cls(err.get("message", "job failed"))
+                raise error_from_payload(job.get("error") or {"message": "job failed"})
             time.sleep(POLL_INTERVAL_S)
     finally:
         if bar is not None:

@@ -1,6 +1,6 @@
 """Measured inputs for the cost model, derived from this node's ledger (and store, when it has the manifest).
 
-Why medians: timings on a shared machine are noisy (DESIGN.md saw 5.8 s and 19.2 s for the same prefill);
+Why medians: timings on a shared machine are noisy (the same 255-token prefill once took 5.8 s and 19.2 s);
 the median of several events is what the paper reports too.
 
 What is measured, and from which rows:
@@ -19,16 +19,19 @@ What is measured, and from which rows:
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..ledger import PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP, PROTOCOL_GENERATE, PROTOCOL_MANIFEST, ComputeRow, Ledger, TransferRow
+from ..errors import KvswapError
+from ..ledger import ComputeRow, Ledger, TransferRow
+from ..protocol.names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
 
-SHIP_PROTOCOLS = (PROTOCOL_MANIFEST, PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP)
-HOST_PROTOCOLS = (PROTOCOL_GENERATE,)
+SHIP_PROTOCOLS = (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL)
+HOST_PROTOCOLS = (GENERATE_PROTOCOL,)
 GENERATE_KINDS = ("generate", "hosted_generate")
 
 
@@ -119,7 +122,7 @@ def _sizes_from_transfers(rows: list[TransferRow]) -> tuple[int, int, int | None
     raw: dict[str, int] = {}
     wire: dict[str, int] = {}
     for row in rows:
-        if row.protocol not in (PROTOCOL_CHUNKS, PROTOCOL_CHUNKS_TCP) or not row.chunk or row.raw_bytes is None:
+        if row.protocol not in (CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL) or not row.chunk or row.raw_bytes is None:
             continue
         raw[row.chunk] = row.raw_bytes
         wire[row.chunk] = min(wire.get(row.chunk, row.wire_bytes), row.wire_bytes)
@@ -159,7 +162,7 @@ def sizes_from_store(home: Path | None, artifact: str | None) -> tuple[int, int,
         # that does not scale with tokens, and comparing chunks with chunks keeps the codec ratio honest
         chunks = manifest.chunks
         return sum(c.raw_size for c in chunks), sum(c.stored_size for c in chunks), int(manifest.n_tokens)
-    except Exception:  # noqa: BLE001 - any store failure just means "size unknown here"; the report says so
+    except (KvswapError, OSError, sqlite3.Error):  # a store failure just means "size unknown here"; the report says so
         return None
 
 

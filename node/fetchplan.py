@@ -1,0 +1,471 @@
+"""The chunk scheduler of one fetch, as a pure state machine: told what happened, it answers what to do next.
+
+node/fetch.py's trio loop owns every socket, thread and timer and does only what this plan answers; every
+fetch-policy rule lives here, so each is tested with a fake clock and no network (tests/test_fetchplan.py),
+like node/ration.py on the serving side (the shape of iroh-blobs' downloader: `apply(event) -> actions`).
+
+    plan = FetchPlan(blobs, peers, artifact=cid, me=my_peer_id)
+    actions = plan.apply(Tick(), now)             # -> [RequestChunks(...), ..., WaitUntil(t)]
+    actions = plan.apply(ChunkReceived(rid, cid, n), now)
+    ...                                           # until [Done()] or [Failed(error)]
+
+Events (what happened): `Tick` (time passed), `PeersSeen` (connected peers, or providers a lookup found),
+`ChunkReceived` / `ChunkLacked` / `ChunkRationed` (one answer within a request), `RequestEnded` (the request
+finished: cleanly, failed, or refused as a whole), `ChunkStored` / `ChunkCorrupt` (the bytes verified and
+written, or not), `LookupDone` (a DHT lookup for one chunk's providers finished), `Aborted` (a local failure
+the fetch cannot survive). Actions (what to do): `RequestChunks` (ask this peer for these blobs before this
+deadline), `FindProviders` (ask the DHT who holds this chunk), `ListPeers` (report the connected peers),
+`ProvideChunk` (tell the DHT we hold it now), `WaitUntil` (nothing more until then, or until an event),
+`Done`, `Failed`.
+
+The rules (the numbers are protocol/limits.py's):
+- Chunks are asked for in a random order (fetchers that start together want different chunks first), at most
+  FETCH_PARALLEL_CHUNKS requests in flight, each a batch of up to FETCH_BATCH_CHUNKS chunks, closed once it
+  reaches FETCH_BATCH_BYTES, and smaller as the queue drains so the last requests still spread over peers.
+- The peer asked for a chunk: one a rationing peer named as holder of it first, then one not yet tried for
+  it, the least busy, the one with fewest failures, the one known longest.
+- A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
+  be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
+- A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch.
+- A request that fails (stall, reset, garbage, a chunk of the wrong size) or a chunk whose bytes do not match
+  its CID costs the peer one failure; at MAX_PROVIDER_FAILURES it is dropped. Its chunks go back to the queue
+  (a corrupt chunk to the front).
+- Peers join from the start list, connected peers (every FETCH_PEER_REFRESH_S), rationed answers and DHT
+  lookups, up to MAX_PEERS_PER_FETCH, never this node itself.
+- When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
+  (at most FETCH_PARALLEL_CHUNKS lookups at once); if that finds nobody new, the fetch fails with NotFound.
+- A request's deadline is CHUNK_TIMEOUT_S per chunk in it. Per-peer bytes and request time are measured
+  (`PeerState.throughput`) so deadlines can later follow each peer's measured rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from kvswap.cid import Cid
+from kvswap.errors import NotFound
+from kvswap.protocol import limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchBlob:
+    """One content-addressed blob a fetch needs: its CID, the tokens [token_start, token_end) it covers and its
+    stored size. Deliberately not kvswap.artifact.manifest.ChunkRef: the network layer fetches whatever blobs a
+    manifest lists (token blocks and the logits tail alike, which has an empty token range) and stays
+    independent of the artifact format (tests/netharness.py fetches a synthetic manifest format)."""
+
+    cid: Cid
+    token_start: int
+    token_end: int
+    stored_size: int
+
+
+# --- events: what happened ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (a WaitUntil ran out); nothing else happened."""
+
+
+@dataclass(frozen=True)
+class PeersSeen:
+    """Peers that may hold chunks: the connected peers (after ListPeers)."""
+
+    peers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkReceived:
+    """Request `request` delivered `cid`'s bytes, of the size the manifest says; they are being verified."""
+
+    request: int
+    cid: Cid
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ChunkLacked:
+    """The peer of `request` does not hold `cid`."""
+
+    request: int
+    cid: Cid
+
+
+@dataclass(frozen=True)
+class ChunkRationed:
+    """The peer of `request` holds `cid` but has sent its copies; `holders` got it from it."""
+
+    request: int
+    cid: Cid
+    holders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestEnded:
+    """Request `request` is over. `failure`: why it failed (the peer is penalised); `refused`: the peer refused
+    it as a whole (NotFound: it lacks every chunk it did not answer)."""
+
+    request: int
+    failure: str | None = None
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkStored:
+    """`cid`'s bytes matched their CID and are in the store."""
+
+    cid: Cid
+
+
+@dataclass(frozen=True)
+class ChunkCorrupt:
+    """`cid`'s bytes did not match their CID: the peer that sent them lied."""
+
+    cid: Cid
+    why: str
+
+
+@dataclass(frozen=True)
+class LookupDone:
+    """The DHT lookup for `cid`'s providers finished, finding `peers`."""
+
+    cid: Cid
+    peers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """A failure the fetch cannot survive (the local store failed, a peer's refusal we cannot retry around)."""
+
+    error: Exception
+
+
+Event = Tick | PeersSeen | ChunkReceived | ChunkLacked | ChunkRationed | RequestEnded | ChunkStored \
+    | ChunkCorrupt | LookupDone | Aborted
+
+
+# --- actions: what to do next ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestChunks:
+    """Ask `peer` for `blobs` in one request; give up on it at `deadline` (RequestEnded with a failure)."""
+
+    request: int
+    peer: str
+    blobs: tuple[FetchBlob, ...]
+    deadline: float
+
+
+@dataclass(frozen=True)
+class FindProviders:
+    """Ask the DHT for the providers of `cid` (answer with LookupDone)."""
+
+    cid: Cid
+
+
+@dataclass(frozen=True)
+class ListPeers:
+    """Answer with PeersSeen(the peers connected now)."""
+
+
+@dataclass(frozen=True)
+class ProvideChunk:
+    """Tell the DHT this node holds `cid` now: other fetchers of the artifact may take it from us."""
+
+    cid: Cid
+
+
+@dataclass(frozen=True)
+class WaitUntil:
+    """Nothing more to do before `when` (math.inf: before the next event)."""
+
+    when: float
+
+
+@dataclass(frozen=True)
+class Done:
+    """Every chunk is stored and no request is in flight."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The fetch cannot complete: raise `error`."""
+
+    error: Exception
+
+
+Action = RequestChunks | FindProviders | ListPeers | ProvideChunk | WaitUntil | Done | Failed
+
+
+# --- state -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PeerState:
+    """What one fetch knows about one peer."""
+
+    rank: int  # order in which the peer became known (earlier is preferred on ties)
+    failures: int = 0
+    busy: int = 0  # requests in flight
+    served: int = 0  # chunks stored from it
+    bytes_received: int = 0
+    request_seconds: float = 0.0  # summed duration of its finished requests
+
+    @property
+    def throughput(self) -> float | None:
+        """Bytes per second over its finished requests (None before any): for deadlines by measured rate."""
+        return self.bytes_received / self.request_seconds if self.request_seconds > 0 else None
+
+
+@dataclass
+class _Request:
+    peer: str
+    cids: tuple[Cid, ...]
+    started: float
+
+
+@dataclass
+class _Pacing:
+    """Per (peer, chunk): when it may be asked next, and how often it said it lacks the chunk."""
+
+    not_before: dict[tuple[str, Cid], float] = field(default_factory=dict)
+    lack_asks: dict[tuple[str, Cid], int] = field(default_factory=dict)
+
+
+class FetchPlan:
+    """The scheduler of one fetch's chunks. Pure: no I/O, no clock of its own (every call is told `now`)."""
+
+    def __init__(self, blobs: Sequence[FetchBlob], peers: Iterable[str], *, artifact: Cid, me: str | None = None,
+                 parallel: int = limits.FETCH_PARALLEL_CHUNKS, rng: random.Random | None = None,
+                 start: float = 0.0) -> None:
+        self.artifact = artifact
+        self.me = me
+        self.parallel = max(1, parallel)
+        self.blobs: dict[Cid, FetchBlob] = {b.cid: b for b in blobs}  # a CID listed twice is fetched once
+        order = list(self.blobs)
+        (rng or random.Random()).shuffle(order)
+        self.peers: dict[str, PeerState] = {}
+        self._pending: deque[Cid] = deque(order)  # waiting to be asked for, in this order
+        self._owner: dict[Cid, int] = {}  # chunk -> the request it is asked in
+        self._writing: dict[Cid, str] = {}  # chunk -> the peer whose bytes are being verified and written
+        self._stored: set[Cid] = set()
+        self._tried: dict[Cid, set[str]] = {cid: set() for cid in order}
+        self._named: dict[Cid, list[str]] = {}  # chunk -> holders a rationing peer named
+        self._pacing = _Pacing()
+        self._requests: dict[int, _Request] = {}
+        self._request_ids = iter(range(1, 1 << 62))
+        self._lookups: dict[Cid, bool] = {}  # chunk -> its DHT lookup finished (False while it runs)
+        self._next_refresh = start + limits.FETCH_PEER_REFRESH_S
+        self._error: Exception | None = None
+        self.bytes_done = 0
+        for peer in peers:
+            self._add_peer(peer)
+
+    # --- what the driver reads ------------------------------------------------------------------------
+
+    @property
+    def chunks_total(self) -> int:
+        return len(self.blobs)
+
+    @property
+    def chunks_done(self) -> int:
+        return len(self._stored)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(b.stored_size for b in self.blobs.values())
+
+    def providers(self) -> dict[str, int]:
+        """Peer -> chunks stored from it, for the peers that served any."""
+        return {p: s.served for p, s in self.peers.items() if s.served}
+
+    # --- the state machine ----------------------------------------------------------------------------
+
+    def apply(self, event: Event, now: float) -> list[Action]:
+        """Record what happened at time `now`; return what to do next (ending in WaitUntil, Done or Failed)."""
+        actions: list[Action] = []
+        if isinstance(event, ChunkReceived):
+            self._received(event)
+        elif isinstance(event, ChunkLacked):
+            if self._owner.get(event.cid) == event.request:
+                self._lacked(self._requests[event.request].peer, event.cid, now)
+        elif isinstance(event, ChunkRationed):
+            if self._owner.get(event.cid) == event.request:
+                self._rationed(self._requests[event.request].peer, event.cid, event.holders, now)
+        elif isinstance(event, RequestEnded):
+            self._request_ended(event, now)
+        elif isinstance(event, ChunkStored):
+            if self._stored_chunk(event.cid):
+                actions.append(ProvideChunk(event.cid))
+        elif isinstance(event, ChunkCorrupt):
+            peer = self._writing.pop(event.cid, None)
+            if peer is not None:
+                self._penalise(peer, event.why)
+                self._pending.appendleft(event.cid)  # first in line: someone honest should send it soon
+        elif isinstance(event, (PeersSeen, LookupDone)):
+            if isinstance(event, LookupDone):
+                self._lookups[event.cid] = True
+            for peer in event.peers:
+                self._add_peer(peer)
+        elif isinstance(event, Aborted):
+            self._error = self._error or event.error
+        return actions + self._decide(now)
+
+    def _decide(self, now: float) -> list[Action]:
+        if self._error is not None:
+            return [Failed(self._error)]
+        if len(self._stored) == len(self.blobs) and not self._requests:
+            return [Done()]
+        actions: list[Action] = []
+        if now >= self._next_refresh:
+            actions.append(ListPeers())
+            self._next_refresh = now + limits.FETCH_PEER_REFRESH_S
+        stuck = False
+        while len(self._requests) < self.parallel:
+            request = self._take_batch(now)
+            if request is None:
+                stuck = bool(self._pending)
+                break
+            actions.append(request)
+        if stuck:  # a request slot is free, chunks wait, and no peer may be asked for any of them now
+            running = sum(1 for finished in self._lookups.values() if not finished)
+            for cid in self._pending:
+                if self._next_chance(cid) < math.inf:
+                    continue
+                if self._lookups.get(cid):
+                    return [Failed(NotFound(f"no provider could serve chunk {cid.short()} of "
+                                            f"{self.artifact.short()}"))]
+                if cid not in self._lookups and running < self.parallel:
+                    self._lookups[cid] = False
+                    running += 1
+                    actions.append(FindProviders(cid))
+        soonest = min((t for t in map(self._next_chance, self._pending) if now < t < math.inf), default=math.inf)
+        actions.append(WaitUntil(min(soonest, self._next_refresh)))
+        return actions
+
+    # --- peers ----------------------------------------------------------------------------------------
+
+    def _add_peer(self, peer: str) -> bool:
+        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added."""
+        if peer in self.peers or peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+            return False
+        self.peers[peer] = PeerState(rank=len(self.peers))
+        return True
+
+    def _alive(self, peer: str) -> bool:
+        return self.peers[peer].failures < limits.MAX_PROVIDER_FAILURES
+
+    def _askable(self, peer: str, cid: Cid, now: float) -> bool:
+        return self._alive(peer) and self._pacing.not_before.get((peer, cid), 0.0) <= now
+
+    def _pick(self, cid: Cid, now: float) -> str | None:
+        """The peer to ask for `cid` now, or None if no live peer may be asked for it right now."""
+        options = [p for p in self.peers if self._askable(p, cid, now)]
+        if not options:
+            return None
+        named, tried = self._named.get(cid, ()), self._tried[cid]
+        return min(options, key=lambda p: (p not in named, p in tried, self.peers[p].busy, self.peers[p].failures,
+                                           self.peers[p].rank))
+
+    def _next_chance(self, cid: Cid) -> float:
+        """When some live peer may next be asked for `cid` (inf: every live peer lacks it for good)."""
+        return min((self._pacing.not_before.get((p, cid), 0.0) for p in self.peers if self._alive(p)),
+                   default=math.inf)
+
+    def _penalise(self, peer: str, why: str) -> None:
+        self.peers[peer].failures += 1
+        log.info("provider %s penalised (%d): %s", peer[:16], self.peers[peer].failures, why)
+
+    def _lacked(self, peer: str, cid: Cid, now: float) -> None:
+        key = (peer, cid)
+        asks = self._pacing.lack_asks.get(key, 0) + 1
+        self._pacing.lack_asks[key] = asks
+        wait = limits.LACK_RETRY_S * 2 ** (asks - 1)
+        self._pacing.not_before[key] = math.inf if asks >= limits.MAX_LACK_ASKS else now + wait
+
+    def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
+        self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        named = self._named.setdefault(cid, [])
+        for holder in holders:
+            if holder not in named and (self._add_peer(holder) or holder in self.peers):
+                named.append(holder)
+
+    # --- chunks and requests --------------------------------------------------------------------------
+
+    def _take_batch(self, now: float) -> RequestChunks | None:
+        """The first waiting chunk some peer may be asked for now, plus more waiting chunks for that peer.
+        Batches amortise a request (and a data-plane connection) over several chunks, and shrink as the queue
+        drains so the last requests still spread over every request slot."""
+        for i, first in enumerate(self._pending):
+            peer = self._pick(first, now)
+            if peer is not None:
+                break
+        else:
+            return None
+        del self._pending[i]
+        batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(self._pending) // (2 * self.parallel))))
+        batch, size = [first], self.blobs[first].stored_size
+        for cid in list(self._pending):
+            if len(batch) >= batch_max or size >= limits.FETCH_BATCH_BYTES:
+                break
+            if self._askable(peer, cid, now):
+                self._pending.remove(cid)
+                batch.append(cid)
+                size += self.blobs[cid].stored_size
+        rid = next(self._request_ids)
+        for cid in batch:
+            self._tried[cid].add(peer)
+            self._owner[cid] = rid
+        self.peers[peer].busy += 1
+        self._requests[rid] = _Request(peer, tuple(batch), now)
+        return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch),
+                             deadline=now + limits.CHUNK_TIMEOUT_S * len(batch))
+
+    def _received(self, event: ChunkReceived) -> None:
+        if self._owner.get(event.cid) != event.request:
+            return  # not asked in this request (the driver checks answers against the request)
+        peer = self._requests[event.request].peer
+        del self._owner[event.cid]
+        self._writing[event.cid] = peer
+        self.peers[peer].bytes_received += event.nbytes
+
+    def _request_ended(self, event: RequestEnded, now: float) -> None:
+        request = self._requests.pop(event.request, None)
+        if request is None:
+            return
+        state = self.peers[request.peer]
+        state.busy -= 1
+        state.request_seconds += max(0.0, now - request.started)
+        if event.failure is not None:
+            self._penalise(request.peer, event.failure)
+        back = [cid for cid in request.cids if self._owner.get(cid) == event.request]  # neither received nor stored
+        for cid in back:
+            del self._owner[cid]
+            if event.refused:
+                self._lacked(request.peer, cid, now)
+        self._pending.extend(back)  # behind the others: this peer said no, someone else may say yes
+
+    def _stored_chunk(self, cid: Cid) -> bool:
+        peer = self._writing.pop(cid, None)
+        if peer is None:
+            return False
+        self._stored.add(cid)
+        self.peers[peer].served += 1
+        self.bytes_done += self.blobs[cid].stored_size
+        return True
+
+
+__all__ = [
+    "Aborted", "Action", "ChunkCorrupt", "ChunkLacked", "ChunkRationed", "ChunkReceived", "ChunkStored", "Done",
+    "Event", "Failed", "FetchBlob", "FetchPlan", "FindProviders", "ListPeers", "LookupDone", "PeerState",
+    "PeersSeen", "ProvideChunk", "RequestChunks", "RequestEnded", "Tick", "WaitUntil",
+]

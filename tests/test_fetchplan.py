@@ -1,0 +1,380 @@
+"""node/fetchplan.py: every retry, ration and provider rule of a fetch, alone (fake clock, no network)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from kvswap.cid import Cid
+from kvswap.errors import NotFound
+from kvswap.node.fetchplan import (
+    Aborted,
+    ChunkCorrupt,
+    ChunkLacked,
+    ChunkRationed,
+    ChunkReceived,
+    ChunkStored,
+    Done,
+    Failed,
+    FetchBlob,
+    FetchPlan,
+    FindProviders,
+    ListPeers,
+    LookupDone,
+    PeersSeen,
+    ProvideChunk,
+    RequestChunks,
+    RequestEnded,
+    Tick,
+    WaitUntil,
+)
+from kvswap.protocol import limits
+
+ART = Cid.of(b"artifact")
+MiB = 1 << 20
+
+
+def blobs(n: int, size: int = 100) -> list[FetchBlob]:
+    return [FetchBlob(Cid.of(f"chunk {i}".encode()), 16 * i, 16 * (i + 1), size) for i in range(n)]
+
+
+def plan(n: int = 1, peers=("A",), size: int = 100, parallel: int = 1, **kw) -> FetchPlan:
+    return FetchPlan(blobs(n, size), peers, artifact=ART, parallel=parallel, rng=random.Random(0), **kw)
+
+
+def requests(actions) -> list[RequestChunks]:
+    return [a for a in actions if isinstance(a, RequestChunks)]
+
+
+def only_request(actions) -> RequestChunks:
+    (req,) = requests(actions)
+    return req
+
+
+def wait_of(actions) -> float:
+    (wait,) = [a for a in actions if isinstance(a, WaitUntil)]
+    return wait.when
+
+
+class Sim:
+    """Feeds a plan events and keeps what a driver would: the requests in flight, the last answer."""
+
+    def __init__(self, p: FetchPlan) -> None:
+        self.plan = p
+        self.inflight: dict[int, RequestChunks] = {}
+        self.out: list = []
+
+    def apply(self, event, now: float) -> list:
+        if isinstance(event, RequestEnded):
+            self.inflight.pop(event.request, None)
+        self.out = self.plan.apply(event, now)
+        self.inflight.update((r.request, r) for r in requests(self.out))
+        return self.out
+
+    def only(self) -> RequestChunks:
+        """The one request in flight."""
+        (req,) = self.inflight.values()
+        return req
+
+    def miss(self, now: float, rationed: tuple[str, ...] | None = None) -> list:
+        """The request in flight answers ChunkMissing (rationed when `rationed` is given) for every chunk."""
+        req = self.only()
+        for blob in req.blobs:
+            ev = ChunkLacked(req.request, blob.cid) if rationed is None else \
+                ChunkRationed(req.request, blob.cid, rationed)
+            self.apply(ev, now)
+        return self.apply(RequestEnded(req.request), now)
+
+    def fail(self, now: float, why: str = "stalled") -> list:
+        return self.apply(RequestEnded(self.only().request, failure=why), now)
+
+
+def test_a_plan_with_nothing_to_fetch_is_done_at_once():
+    assert plan(0).apply(Tick(), 0.0) == [Done()]
+
+
+def test_every_chunk_fetched_once_then_done_and_each_stored_chunk_provided():
+    p = plan(3, peers=("A",), parallel=4)
+    reqs = requests(p.apply(Tick(), 0.0))
+    assert {r.peer for r in reqs} == {"A"}
+    assert sorted(b.cid for r in reqs for b in r.blobs) == sorted(b.cid for b in blobs(3))  # each asked once
+    provided, out = [], []
+    for req in reqs:
+        for blob in req.blobs:
+            p.apply(ChunkReceived(req.request, blob.cid, blob.stored_size), 0.1)
+        assert Done() not in p.apply(RequestEnded(req.request), 0.1)
+        for blob in req.blobs:
+            out = p.apply(ChunkStored(blob.cid), 0.2)
+            provided += [a.cid for a in out if isinstance(a, ProvideChunk)]
+    assert out[-1] == Done()
+    assert sorted(provided) == sorted(b.cid for b in blobs(3))
+    assert (p.chunks_done, p.bytes_done, p.providers()) == (3, 300, {"A": 3})
+
+
+def test_done_waits_for_requests_still_in_flight():
+    p = plan(1, peers=("A",))
+    req = only_request(p.apply(Tick(), 0.0))
+    p.apply(ChunkReceived(req.request, req.blobs[0].cid, 100), 0.0)
+    assert Done() not in p.apply(ChunkStored(req.blobs[0].cid), 0.0)  # the request has not ended yet
+    assert p.apply(RequestEnded(req.request), 0.0) == [Done()]
+
+
+def test_chunks_are_asked_in_a_random_order():
+    def first_order(seed: int) -> tuple:
+        p = FetchPlan(blobs(8), ["A"], artifact=ART, rng=random.Random(seed))
+        return tuple(b.cid for r in requests(p.apply(Tick(), 0.0)) for b in r.blobs)
+
+    orders = {first_order(seed) for seed in range(5)}
+    assert len(orders) > 1
+
+
+def test_requests_in_flight_are_capped_and_spread_over_the_least_busy_peers():
+    sim = Sim(plan(40, peers=("A", "B", "C"), parallel=4))
+    sim.apply(Tick(), 0.0)
+    assert [r.peer for r in sim.inflight.values()] == ["A", "B", "C", "A"]
+    assert not requests(sim.apply(Tick(), 0.5))  # every slot is taken
+    b_request = next(r for r in sim.inflight.values() if r.peer == "B")
+    for blob in b_request.blobs:
+        sim.apply(ChunkReceived(b_request.request, blob.cid, blob.stored_size), 0.6)
+    # B's slot frees: B (nothing in flight) is the least busy peer now, before C (one) and A (two)
+    assert only_request(sim.apply(RequestEnded(b_request.request), 0.6)).peer == "B"
+    assert len(sim.inflight) == 4
+
+
+def test_batches_hold_at_most_fetch_batch_chunks_and_shrink_as_the_queue_drains():
+    p = plan(200, peers=("A",), parallel=1)
+    assert len(only_request(p.apply(Tick(), 0.0)).blobs) == limits.FETCH_BATCH_CHUNKS
+    small = plan(6, peers=("A",), parallel=4)
+    # after the first chunk 5 wait: ceil(5 / (2 x 4)) = 1 chunk per request, so the four slots share them
+    assert [len(r.blobs) for r in requests(small.apply(Tick(), 0.0))] == [1, 1, 1, 1]
+    mid = plan(9, peers=("A",), parallel=2)
+    # 8 waiting after the first: ceil(8 / 4) = 2 per request
+    assert [len(r.blobs) for r in requests(mid.apply(Tick(), 0.0))] == [2, 2]
+
+
+def test_a_batch_closes_once_it_reaches_fetch_batch_bytes():
+    p = plan(40, peers=("A",), size=limits.FETCH_BATCH_BYTES // 2, parallel=1)
+    assert len(only_request(p.apply(Tick(), 0.0)).blobs) == 2  # 2 x half the cap reaches it: no third
+    huge = plan(10, peers=("A",), size=limits.FETCH_BATCH_BYTES + 1, parallel=1)
+    assert len(only_request(huge.apply(Tick(), 0.0)).blobs) == 1  # a chunk over the cap goes alone
+
+
+def test_deadline_is_chunk_timeout_per_chunk():
+    req = only_request(plan(40, peers=("A",), parallel=1).apply(Tick(), 10.0))
+    assert req.deadline == 10.0 + limits.CHUNK_TIMEOUT_S * len(req.blobs)
+
+
+def test_lacking_peer_is_asked_again_after_lack_retry_doubling_then_given_up_for_that_chunk():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    cid = sim.only().blobs[0].cid
+    now = 0.0
+    for ask in range(1, limits.MAX_LACK_ASKS):
+        assert not requests(sim.miss(now))
+        retry = limits.LACK_RETRY_S * 2 ** (ask - 1)
+        assert not requests(sim.apply(Tick(), now + retry - 1e-6))  # not before its time
+        now += retry
+        assert only_request(sim.apply(Tick(), now)).peer == "A"
+    # the MAX_LACK_ASKS-th miss: A is never asked for it again; nobody else can serve it -> DHT lookup
+    out = sim.miss(now)
+    assert FindProviders(cid) in out and not requests(out)
+    assert not requests(sim.apply(Tick(), now + 1000.0))
+
+
+def test_a_peer_that_lacks_one_chunk_is_still_asked_for_others():
+    sim = Sim(plan(2, peers=("A",), parallel=2))
+    sim.apply(Tick(), 0.0)
+    assert len(sim.inflight) == 2  # one chunk per request
+    first, second = sim.inflight.values()
+    sim.apply(ChunkLacked(first.request, first.blobs[0].cid), 0.0)
+    sim.apply(RequestEnded(first.request), 0.0)
+    sim.apply(ChunkReceived(second.request, second.blobs[0].cid, 100), 0.0)
+    sim.apply(RequestEnded(second.request), 0.0)
+    assert sim.apply(ChunkStored(second.blobs[0].cid), 0.0)[0] == ProvideChunk(second.blobs[0].cid)
+    assert sim.plan.peers["A"].failures == 0
+
+
+def test_refused_request_counts_as_lacking_every_unanswered_chunk():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    out = sim.apply(RequestEnded(sim.only().request, refused=True), 0.0)
+    assert sim.plan.peers["A"].failures == 0  # lacking is no offence
+    assert not requests(out)
+    assert wait_of(out) == pytest.approx(limits.LACK_RETRY_S)
+
+
+def test_lacked_chunk_goes_to_another_peer_first():
+    sim = Sim(plan(1, peers=("A", "B")))
+    sim.apply(Tick(), 0.0)
+    assert sim.only().peer == "A"
+    assert only_request(sim.miss(0.0)).peer == "B"
+
+
+def test_named_holders_first_and_a_rationing_peer_again_after_ration_retry():
+    sim = Sim(plan(1, peers=("A", "B")))
+    sim.apply(Tick(), 0.0)
+    assert sim.only().peer == "A"
+    out = sim.miss(0.0, rationed=("H",))
+    assert "H" in sim.plan.peers  # the named holder joined the fetch
+    assert only_request(out).peer == "H"  # named holders first, before the untried B
+    assert only_request(sim.miss(0.1)).peer == "B"  # H lacks it (until 0.3), A rations it (until 0.5)
+    out = sim.miss(0.2)  # B lacks it until 0.4
+    assert not requests(out)
+    assert wait_of(out) == pytest.approx(0.1 + limits.LACK_RETRY_S)  # the soonest: H
+    assert only_request(sim.apply(Tick(), 0.31)).peer == "H"
+    sim.miss(0.31)  # H lacks it again: until 0.31 + 2 x LACK_RETRY_S
+    assert not requests(sim.apply(Tick(), 0.39))
+    assert only_request(sim.apply(Tick(), 0.41)).peer == "B"
+    sim.miss(0.41)  # B lacks it again: until 0.81
+    assert not requests(sim.apply(Tick(), limits.RATION_RETRY_S - 0.01))
+    assert only_request(sim.apply(Tick(), limits.RATION_RETRY_S)).peer == "A"  # A's ration retry is due
+    assert sim.plan.peers["A"].failures == 0
+
+
+def test_rationing_peer_without_holders_is_retried_after_ration_retry():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    out = sim.miss(0.0, rationed=())
+    assert wait_of(out) == pytest.approx(limits.RATION_RETRY_S)
+    assert not requests(sim.apply(Tick(), limits.RATION_RETRY_S - 0.01))
+    assert only_request(sim.apply(Tick(), limits.RATION_RETRY_S)).peer == "A"
+    assert sim.plan.peers["A"].failures == 0
+
+
+def test_failed_requests_penalise_and_drop_a_peer_after_max_provider_failures():
+    sim = Sim(plan(1, peers=("A", "B")))
+    sim.apply(Tick(), 0.0)
+    assert sim.only().peer == "A"
+    assert only_request(sim.fail(0.0)).peer == "B"  # the untried one before a retry of the failed one
+    assert only_request(sim.fail(1.0)).peer == "A"  # both tried and failed once: the earlier known
+    assert (sim.plan.peers["A"].failures, sim.plan.peers["B"].failures) == (1, 1)
+    assert only_request(sim.fail(2.0)).peer == "B"
+    assert sim.plan.peers["A"].failures == limits.MAX_PROVIDER_FAILURES  # A is dropped
+    out = sim.fail(3.0)  # B is dropped too: nobody can serve the chunk -> look it up in the DHT
+    assert FindProviders(sim.plan.blobs and next(iter(sim.plan.blobs))) in out and not requests(out)
+    assert not requests(sim.apply(Tick(), 100.0))  # dropped peers are not asked again, however long
+
+
+def test_corrupt_chunk_penalises_its_sender_and_goes_to_another_peer():
+    sim = Sim(plan(1, peers=("A", "B")))
+    sim.apply(Tick(), 0.0)
+    req = sim.only()
+    bad = req.blobs[0]
+    sim.apply(ChunkReceived(req.request, bad.cid, bad.stored_size), 0.0)
+    assert not requests(sim.apply(RequestEnded(req.request), 0.0))
+    out = sim.apply(ChunkCorrupt(bad.cid, "hash mismatch"), 0.0)
+    assert sim.plan.peers["A"].failures == 1
+    nxt = only_request(out)
+    assert nxt.blobs[0].cid == bad.cid and nxt.peer == "B"
+
+
+def test_corrupt_chunk_goes_to_the_front_of_the_queue():
+    sim = Sim(plan(5, peers=("A", "B"), parallel=1))
+    sim.apply(Tick(), 0.0)
+    req = sim.only()
+    bad = req.blobs[0]
+    sim.apply(ChunkReceived(req.request, bad.cid, bad.stored_size), 0.0)
+    for blob in req.blobs[1:]:
+        sim.apply(ChunkReceived(req.request, blob.cid, blob.stored_size), 0.0)
+    nxt = only_request(sim.apply(RequestEnded(req.request), 0.0))
+    assert bad.cid not in [b.cid for b in nxt.blobs]
+    sim.apply(ChunkCorrupt(bad.cid, "hash mismatch"), 0.0)
+    after = only_request(sim.apply(RequestEnded(nxt.request), 0.0))
+    assert after.blobs[0].cid == bad.cid
+
+
+def test_nobody_can_serve_a_chunk_then_dht_lookup_then_not_found():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    cid = sim.only().blobs[0].cid
+    sim.fail(0.0, "x")
+    out = sim.fail(0.0, "y")  # A dropped
+    assert FindProviders(cid) in out
+    assert FindProviders(cid) not in sim.apply(Tick(), 0.5)  # one lookup per chunk
+    (failed,) = sim.apply(LookupDone(cid, ()), 1.0)
+    assert isinstance(failed, Failed) and isinstance(failed.error, NotFound)
+    assert cid.short() in str(failed.error) and ART.short() in str(failed.error)
+
+
+def test_a_dht_lookup_that_finds_a_provider_continues_the_fetch():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    cid = sim.only().blobs[0].cid
+    sim.fail(0.0)
+    assert FindProviders(cid) in sim.fail(0.0)
+    assert only_request(sim.apply(LookupDone(cid, ("Z",)), 1.0)).peer == "Z"
+
+
+def test_lookups_in_flight_are_capped():
+    sim = Sim(plan(10, peers=("A",), parallel=2))
+    sim.apply(Tick(), 0.0)
+    finds = []
+    while sim.inflight:  # A fails every request: dropped after MAX_PROVIDER_FAILURES
+        request = next(iter(sim.inflight))
+        finds += [a for a in sim.apply(RequestEnded(request, failure="x"), 0.0) if isinstance(a, FindProviders)]
+    finds += [a for a in sim.apply(Tick(), 0.0) if isinstance(a, FindProviders)]
+    assert len(finds) == 2  # FETCH_PARALLEL_CHUNKS of this plan, not one per chunk
+
+
+def test_connected_peers_join_every_refresh_interval():
+    sim = Sim(plan(1, peers=("A",)))
+    out = sim.apply(Tick(), 0.0)
+    assert ListPeers() not in out
+    assert wait_of(out) == limits.FETCH_PEER_REFRESH_S
+    assert ListPeers() in sim.apply(Tick(), limits.FETCH_PEER_REFRESH_S)
+    assert ListPeers() not in sim.apply(Tick(), limits.FETCH_PEER_REFRESH_S + 0.5)
+    sim.apply(PeersSeen(("B", "C", "A")), 1.5)
+    assert list(sim.plan.peers) == ["A", "B", "C"]
+
+
+def test_peers_tracked_are_bounded_and_never_include_this_node():
+    sim = Sim(plan(1, peers=["me", *(f"P{i}" for i in range(limits.MAX_PEERS_PER_FETCH + 10))], me="me"))
+    assert "me" not in sim.plan.peers and len(sim.plan.peers) == limits.MAX_PEERS_PER_FETCH
+    sim.apply(Tick(), 0.0)
+    sim.miss(0.0, rationed=("me", "new"))
+    assert "me" not in sim.plan.peers and "new" not in sim.plan.peers  # full
+
+
+def test_abort_fails_the_fetch_with_its_error():
+    p = plan(2, peers=("A",))
+    p.apply(Tick(), 0.0)
+    err = OSError("disk full")
+    assert p.apply(Aborted(err), 0.0) == [Failed(err)]
+    assert p.apply(Tick(), 1.0) == [Failed(err)]  # it stays failed
+
+
+def test_answers_for_chunks_not_in_the_request_change_nothing():
+    sim = Sim(plan(2, peers=("A",), parallel=1))
+    sim.apply(Tick(), 0.0)
+    req = sim.only()
+    asked = {b.cid for b in req.blobs}
+    other = next((b for b in blobs(2) if b.cid not in asked), None)
+    if other is not None:
+        sim.apply(ChunkReceived(req.request, other.cid, 100), 0.0)
+        assert ProvideChunk(other.cid) not in sim.apply(ChunkStored(other.cid), 0.0)
+    sim.apply(ChunkLacked(req.request + 99, req.blobs[0].cid), 0.0)  # an unknown request
+    assert ProvideChunk(req.blobs[0].cid) not in sim.apply(ChunkStored(req.blobs[0].cid), 0.0)  # not received
+    assert sim.plan.chunks_done == 0
+
+
+def test_throughput_is_measured_per_peer():
+    sim = Sim(plan(1, peers=("A",)))
+    assert sim.plan.peers["A"].throughput is None
+    sim.apply(Tick(), 0.0)
+    req = sim.only()
+    sim.apply(ChunkReceived(req.request, req.blobs[0].cid, 4 * MiB), 1.0)
+    sim.apply(RequestEnded(req.request), 2.0)
+    assert sim.plan.peers["A"].throughput == pytest.approx(2 * MiB)
+
+
+def test_wait_until_is_the_soonest_retry_or_refresh():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    assert wait_of(sim.miss(0.0)) == pytest.approx(limits.LACK_RETRY_S)
+    busy = Sim(plan(1, peers=("A",)))
+    busy.apply(Tick(), 0.0)
+    r = busy.only()
+    out = busy.apply(ChunkReceived(r.request, r.blobs[0].cid, 100), 0.0)
+    assert wait_of(out) == limits.FETCH_PEER_REFRESH_S < math.inf  # only the peer refresh is due
