@@ -4,6 +4,7 @@
      +-- FormatError                 bytes that do not parse as what they claim (manifest, chunk, frame)
      +-- IntegrityError              bytes that parse but do not match their hash, size or signature
      |    +-- UntrustedSigner        a valid signature by a key the trust policy does not accept
+     |    +-- AuditFailed            KV that does not follow from its tokens (kvswap/audit.py)
      +-- ModelMismatch               an artifact for another model fingerprint, dtype or shape
      +-- NotFound                    no such artifact / chunk / provider / peer
      +-- ProtocolError               the wire conversation went wrong
@@ -56,6 +57,15 @@ class IntegrityError(KvswapError):
 
 class UntrustedSigner(IntegrityError):
     """A manifest whose signatures are valid but none is by a trusted key (or that is unsigned)."""
+
+
+class AuditFailed(IntegrityError):
+    """A recomputed block of an artifact differs from the stored one beyond what the audit allows: the KV does
+    not follow from its tokens. `result` holds the audit's measurements (kvswap.audit.AuditResult)."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 class ModelMismatch(KvswapError):
