@@ -63,7 +63,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvswap.integrations.vllm")
+#: a child of vLLM's "vllm" logger, so kvswap's lines appear in vLLM's log with its format and level
+log = logging.getLogger("vllm.kvswap")
 
 #: key under the request's kv_transfer_params that holds kvswap's per-request options
 PARAMS_KEY = "kvswap"
@@ -132,6 +133,8 @@ class _Plan:
     publish: tuple[list[int], str] | None = None  # (document token ids, document hash)
     published: bool = False
     loaded_tokens: int = 0
+    load_blocks: frozenset[int] = frozenset()
+    load_failed: bool = False
 
 
 def request_options(request: "Request") -> dict:
@@ -274,6 +277,7 @@ class KvswapConnector(KVConnectorBase_V1):
                 cid, start, n = plan.load
                 meta.loads.append(LoadSpec(rid, cid, start, n, block_ids))
                 plan.loaded_tokens, plan.load = n, None
+                plan.load_blocks = frozenset(paged.block_ids_covering(block_ids, start, n, self.block_size))
             if plan.publish is not None:
                 ids, doc = plan.publish
                 if computed + scheduler_output.num_scheduled_tokens.get(rid, 0) >= len(ids):
@@ -281,6 +285,15 @@ class KvswapConnector(KVConnectorBase_V1):
                     meta.saves.append(SaveSpec(rid, ids, doc, list(all_ids)))
                     plan.publish, plan.published = None, True
         return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        """A load the worker could not verify: vLLM recomputes its blocks; the request's report says so."""
+        bad = getattr(connector_output, "invalid_block_ids", None)
+        if not bad:
+            return
+        for plan in self._plans.values():
+            if plan.load_blocks & bad:
+                plan.loaded_tokens, plan.load_failed = 0, True
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Reports what kvswap did for the request in RequestOutput.kv_transfer_params["kvswap"]."""
@@ -290,7 +303,7 @@ class KvswapConnector(KVConnectorBase_V1):
             return False, None
         report = {"loaded_tokens": plan.loaded_tokens,
                   "cid": plan.match.cid if plan.match is not None and plan.loaded_tokens else None,
-                  "published": plan.published}
+                  "published": plan.published, "load_failed": plan.load_failed}
         return False, {PARAMS_KEY: report}
 
     # ============================== worker side ======================================================
