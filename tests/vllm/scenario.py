@@ -152,6 +152,12 @@ def main(out_path: Path) -> None:
         del llm
         gc.collect()
 
+        from kvswap.ledger import Ledger
+
+        with Ledger.for_home(b.home) as ledger:
+            res["ledger_loads"] = [{"artifact": r.artifact, "tokens": r.tokens, "extra": r.extra}
+                                   for r in ledger.computes(kind="load") if r.extra.get("engine") == "vllm"]
+
         # kvswap's transformers engine loads what vLLM made
         from kvswap.artifact.pipeline import assemble_kv, check_compatible
         from kvswap.artifact.service import generate_from_store

@@ -46,6 +46,8 @@ def test_fetch_on_miss_loads_the_publishers_artifact_through_the_node(run):
     assert got["kvswap"]["loaded_tokens"] == usable(run) > 0
     assert got["cached"] == usable(run)  # vLLM counted them as externally computed, prefilled only the rest
     assert len(got["tokens"]) == 16
+    loads = [r for r in run["ledger_loads"] if r["artifact"] == run["a_cid"]]
+    assert loads and loads[0]["tokens"] == usable(run)  # in B's ledger, for `kvswap report`
 
 
 def test_vllm_made_artifact_reproduces_vllms_prefix_cache_bit_for_bit(run):

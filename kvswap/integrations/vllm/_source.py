@@ -23,6 +23,7 @@ from ...cid import Cid
 from ...config import HomeLayout
 from ...errors import KvswapError, NotFound, UsageError
 from ...kvtensors import KvLayout, KvTensors
+from ...ledger import Ledger
 from ...store import Store
 from .matching import Candidate
 
@@ -73,9 +74,19 @@ class KvswapSource:
         self._lock = threading.Lock()
         self._seen: dict[str, Candidate | None] = {}  # cid -> candidate, or None when it does not qualify
         self._key: NodeKey | None = None
+        self._ledger: Ledger | None = None
 
     def close(self) -> None:
         self.store.close()
+        if self._ledger is not None:
+            self._ledger.close()
+
+    def record_load(self, cid: str, n_tokens: int, seconds: float, model: ModelIdentity) -> None:
+        """A verified load into vLLM, in the home's ledger beside the node's own events (`kvswap report`)."""
+        if self._ledger is None:
+            self._ledger = Ledger.for_home(self.home)
+        self._ledger.compute(kind="load", seconds=seconds, tokens=n_tokens, model=model.model_id, dtype=model.dtype,
+                             device="cpu", artifact=cid, extra={"engine": "vllm"})
 
     # --- trust ----------------------------------------------------------------------------------------
     def policy(self) -> TrustPolicy:

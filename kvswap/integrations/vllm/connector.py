@@ -342,8 +342,13 @@ class KvswapConnector(KVConnectorBase_V1):
                 with self._lock:
                     self._load_errors |= bad
                 continue
+            seconds = time.perf_counter() - t0
             log.info("kvswap loaded %d tokens of %s for request %s in %.3f s", spec.n_tokens, spec.cid,
-                     spec.req_id, time.perf_counter() - t0)
+                     spec.req_id, seconds)
+            try:
+                self.source.record_load(spec.cid, spec.n_tokens, seconds, self.identity)
+            except KvswapError as exc:  # the ledger is bookkeeping: never fail a served request over it
+                log.warning("kvswap ledger: %s", exc)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
