@@ -14,6 +14,8 @@ record. Engines (all tiny-qwen3-hd32 in bf16, real prose from kvswap/data plus a
           4. the same with load=False (the connector is off for this request)
           5. an artifact signed by a key B does not trust
           6. the vLLM-made artifact with a chunk corrupted on disk: vLLM must recompute
+  rule    the connector on a fresh home C with publish_min_tokens=600 and no request options: the whole
+          prompt is published; a longer prompt starting with it then loads it
 Then kvswap's transformers engine loads the vLLM-made artifact and its KV is compared with its own prefill.
 The daemons are real `kvswap node start` processes on 127.0.0.1; both are stopped at the end.
 """
@@ -55,7 +57,7 @@ def main(out_path: Path) -> None:
 
     from kvswap.artifact.service import home_key, publish_document
     from kvswap.engine import load_engine
-    from kvswap.integrations.vllm import document_request, kv_transfer_config
+    from kvswap.integrations.vllm import document_hash, document_request, kv_transfer_config
     from kvswap.store import Store
     from nodes import NodeProc, cli
     from tinymodel import tiny_vllm_folder
@@ -157,6 +159,29 @@ def main(out_path: Path) -> None:
         with Ledger.for_home(b.home) as ledger:
             res["ledger_loads"] = [{"artifact": r.artifact, "tokens": r.tokens, "extra": r.extra}
                                    for r in ledger.computes(kind="load") if r.extra.get("engine") == "vllm"]
+
+        # the prefix rule: a home whose connector publishes every prompt of >= 600 tokens, no request options
+        home_c = work / "c"
+        llm = LLM(enable_prefix_caching=False, kv_transfer_config=kv_transfer_config(home=str(home_c),
+                  publish_min_tokens=600), **common)
+        res["rule_publish"] = record(llm.generate(prompt, sp())[0])
+        store_c = Store.for_home(home_c)
+        rows = []
+        deadline = time.monotonic() + 60
+        while not rows and time.monotonic() < deadline:
+            rows = [r for r in store_c.list_artifacts() if r["complete"]]
+            time.sleep(0.2)
+        res["rule_artifacts"] = rows
+        res["rule_document_hash"] = document_hash(tok.decode(doc_ids + q_ids))
+        longer = {"prompt_token_ids": doc_ids + q_ids + q_ids}  # starts with the whole published prompt
+        res["rule_reuse"] = record(llm.generate(longer, sp())[0])
+        store_c.close()
+        del llm
+        gc.collect()
+        llm = LLM(enable_prefix_caching=False, **common)
+        res["rule_reuse_ref"] = record(llm.generate(longer, sp())[0])
+        del llm
+        gc.collect()
 
         # kvswap's transformers engine loads what vLLM made
         from kvswap.artifact.pipeline import assemble_kv, check_compatible

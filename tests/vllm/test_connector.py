@@ -90,3 +90,13 @@ def test_corrupted_chunk_is_recomputed_not_loaded(run):
     got = run["corrupted"]
     assert got["kvswap"]["load_failed"] is True and got["kvswap"]["loaded_tokens"] == 0
     assert got["tokens"] == run["ref"]["tokens"]
+
+
+def test_prefix_rule_publishes_whole_prompts_that_later_prompts_reuse(run):
+    assert run["rule_publish"]["kvswap"]["published"] is True
+    [art] = run["rule_artifacts"]
+    assert art["n_tokens"] == run["prompt_tokens"] and art["document_hash"] == run["rule_document_hash"]
+    reuse = run["rule_reuse"]
+    assert reuse["kvswap"]["cid"] == art["cid"]
+    assert reuse["kvswap"]["loaded_tokens"] == run["prompt_tokens"] // run["block_size"] * run["block_size"]
+    assert reuse["tokens"] == run["rule_reuse_ref"]["tokens"]

@@ -73,6 +73,7 @@ class KvswapSource:
         self.store = Store.for_home(self.home)
         self._lock = threading.Lock()
         self._seen: dict[str, Candidate | None] = {}  # cid -> candidate, or None when it does not qualify
+        self._verdicts: dict[tuple[str, int, TrustPolicy], bool] = {}  # -> signatures accepted
         self._key: NodeKey | None = None
         self._ledger: Ledger | None = None
 
@@ -115,14 +116,27 @@ class KvswapSource:
                 cand = self._candidate(Cid.parse(cid), model)
                 with self._lock:
                     self._seen[cid] = cand
-            if cand is None:
-                continue
-            try:
-                verify_envelopes(self.store.get_envelopes(Cid.parse(cid)), Cid.parse(cid), policy)
-            except KvswapError:
-                continue  # untrusted (or tampered) artifacts are never matched
-            out.append(cand)
+            if cand is not None and self._trusted(cid, row["signatures"], policy):
+                out.append(cand)
         return out
+
+    def _trusted(self, cid: str, n_envelopes: int, policy: TrustPolicy) -> bool:
+        """Signatures checked once per (artifact, its envelope count, policy): the scheduler asks on every
+        waiting request, and a new attestation or trust-list change is a new key."""
+        key = (cid, n_envelopes, policy)
+        with self._lock:
+            if key in self._verdicts:
+                return self._verdicts[key]
+        try:
+            verify_envelopes(self.store.get_envelopes(Cid.parse(cid)), Cid.parse(cid), policy)
+            ok = True
+        except KvswapError:
+            ok = False  # untrusted (or tampered) artifacts are never matched
+        with self._lock:
+            if len(self._verdicts) > 4096:
+                self._verdicts.clear()
+            self._verdicts[key] = ok
+        return ok
 
     def _candidate(self, cid: Cid, model: ModelIdentity) -> Candidate | None:
         try:
