@@ -179,14 +179,11 @@ class KvswapConnector(KVConnectorBase_V1):
         prompt = list(request.prompt_token_ids or [])
         match = best_match(self._candidates(), prompt, self.block_size, only_cid=opts.get("cid"))
         if match is None or match.n_tokens <= num_computed_tokens:
-            waiting = self._fetch_on_miss(request, opts)
-            if waiting:
+            # candidates are re-read on every call, so once a fetch has landed the match above finds it
+            if self._fetch_on_miss(request, opts):
                 return None, False
-            if request.request_id in self._fetches:  # the fetch ended: match again against the new artifact
-                match = best_match(self._candidates(), prompt, self.block_size, only_cid=opts.get("cid"))
-            if match is None or match.n_tokens <= num_computed_tokens:
-                self._plans[request.request_id] = _Plan(computed=num_computed_tokens)
-                return 0, False
+            self._plans[request.request_id] = _Plan(computed=num_computed_tokens)
+            return 0, False
         self._plans[request.request_id] = _Plan(match=match, computed=num_computed_tokens)
         return match.n_tokens - num_computed_tokens, False
 
