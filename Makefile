@@ -41,10 +41,10 @@ demo: setup
 
 test: setup vllm-setup
 	$(BIN)/python -m pytest -q
-	$(VBIN)/python -m pytest -q -m vllm tests/vllm
+	$(VBIN)/python -m pytest -q -m vllm tests/vllm_connector
 
 test-vllm: vllm-setup
-	$(VBIN)/python -m pytest -q -m vllm tests/vllm
+	$(VBIN)/python -m pytest -q -m vllm tests/vllm_connector
 
 bench: setup
 	$(BIN)/python -m bench all

@@ -91,7 +91,8 @@ class ConnectorOptions:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(extra) - known)
         if unknown:
-            raise UsageError(f"unknown kvswap connector option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise UsageError(f"unknown kvswap connector option(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
         opts = cls(**extra)
         if opts.fetch_timeout_s < 0 or opts.block_tokens <= 0:
             raise UsageError("fetch_timeout_s must be >= 0 and block_tokens > 0")

@@ -11,7 +11,7 @@ one ISA's order, `BlockLayout.learn` writes known numbers through vLLM's own cac
 gather and scatter raw bits (no float conversion, so loads and publishes are bit-exact).
 
 Keys are stored after the rotary embedding (and after Qwen3's k_norm), as transformers' DynamicCache
-holds them, so a position means the same quantities in both engines (tests/vllm compare vLLM's KV of a
+holds them, so a position means the same quantities in both engines (tests/vllm_connector compare vLLM's KV of a
 document with the transformers engine's).
 """
 

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def vllm_missing_reason() -> str | None:
-    if importlib.util.find_spec("vllm") is not None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:  # a real package, not a stray namespace folder
         return None
     marker = Path(sys.prefix) / "UNAVAILABLE"
     if marker.exists():

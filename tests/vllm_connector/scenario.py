@@ -1,6 +1,6 @@
 """Every vLLM run the connector tests need, in one process, written as JSON for test_connector.py.
 
-    python tests/vllm/scenario.py OUT.json
+    python tests/vllm_connector/scenario.py OUT.json
 
 vLLM takes ~20 s to start an engine here, so the tests run this once (a module fixture) and assert on its
 record. Engines (all tiny-qwen3-hd32 in bf16, real prose from kvswap/data plus a question, greedy):
