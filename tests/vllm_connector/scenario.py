@@ -89,8 +89,10 @@ def main(out_path: Path) -> None:
                       kv_cache_memory_bytes=KV_CACHE_BYTES)
         prompt = {"prompt_token_ids": doc_ids + q_ids}
 
+        longer = {"prompt_token_ids": doc_ids + q_ids + q_ids}  # starts with the whole of `prompt`
         llm = LLM(enable_prefix_caching=False, **common)
         res["ref"] = record(llm.generate(prompt, sp())[0])
+        res["rule_reuse_ref"] = record(llm.generate(longer, sp())[0])
         res["block_size"] = llm.llm_engine.vllm_config.cache_config.block_size
         del llm
         gc.collect()
@@ -173,13 +175,8 @@ def main(out_path: Path) -> None:
             time.sleep(0.2)
         res["rule_artifacts"] = rows
         res["rule_document_hash"] = document_hash(tok.decode(doc_ids + q_ids))
-        longer = {"prompt_token_ids": doc_ids + q_ids + q_ids}  # starts with the whole published prompt
         res["rule_reuse"] = record(llm.generate(longer, sp())[0])
         store_c.close()
-        del llm
-        gc.collect()
-        llm = LLM(enable_prefix_caching=False, **common)
-        res["rule_reuse_ref"] = record(llm.generate(longer, sp())[0])
         del llm
         gc.collect()
 
