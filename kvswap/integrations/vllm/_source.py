@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...artifact import chunking
 from ...artifact.manifest import Manifest
 from ...artifact.pipeline import assemble_kv, check_compatible, publish_kv
 from ...artifact.service import document_hash as _document_hash
 from ...artifact.signing import NodeKey, TrustPolicy, verify_envelopes
 from ...cid import Cid
 from ...config import HomeLayout
-from ...errors import KvswapError, NotFound, UsageError
+from ...errors import KvswapError, UsageError
 from ...kvtensors import KvLayout, KvTensors
 from ...ledger import Ledger
 from ...store import Store
@@ -217,20 +215,3 @@ class KvswapSource:
         if job["state"] == "failed":
             return FetchState("failed", error=(job.get("error") or {}).get("message", "fetch failed"))
         return FetchState("running")
-
-
-def chained_keys(token_ids, block_tokens: int) -> list[bytes]:
-    """The prefix keys of a token sequence (FORMAT.md "Prefix keys"), as every artifact carries them."""
-    return chunking.prefix_keys(list(token_ids), block_tokens) if token_ids else []
-
-
-def wait_fetch(source: KvswapSource, job_id: str, timeout_s: float, poll_s: float = 0.1) -> FetchState:
-    """Poll a node fetch until it ends or `timeout_s` passes (for scripts; the connector never waits)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = source.fetch_state(job_id)
-        if state.state != "running":
-            return state
-        if time.monotonic() >= deadline:
-            raise NotFound(f"fetch {job_id} did not finish within {timeout_s:.0f} s")
-        time.sleep(poll_s)

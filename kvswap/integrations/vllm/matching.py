@@ -17,14 +17,10 @@ count is the shared prefix, capped at len(prompt) - 1, rounded down to a multipl
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
-
-_ROOT = bytes(32)
+from ...artifact.chunking import prefix_keys
 
 
 @dataclass(frozen=True)
@@ -47,25 +43,16 @@ class Match:
     shared_tokens: int  # the whole shared prefix, before vLLM's rounding
 
 
-def _packed(token_ids: Sequence[int]) -> bytes:
-    return np.asarray(token_ids, dtype=np.int64).astype("<u4").tobytes()
+def full_block_keys(prompt: Sequence[int], block_tokens: int) -> list[bytes]:
+    """The prompt's prefix keys (the artifact format's chain) for its full blocks only."""
+    whole = len(prompt) - len(prompt) % block_tokens
+    return prefix_keys(list(prompt[:whole]), block_tokens) if whole else []
 
 
-def _chain(packed: bytes, block_tokens: int, n_tokens: int) -> list[bytes]:
-    """Keys of the full blocks of the first n_tokens tokens."""
-    keys, prev = [], _ROOT
-    for t0 in range(0, n_tokens - block_tokens + 1, block_tokens):
-        prev = hashlib.sha256(prev + packed[4 * t0: 4 * (t0 + block_tokens)]).digest()
-        keys.append(prev)
-    return keys
-
-
-def shared_prefix(candidate: Candidate, prompt: Sequence[int], packed: bytes | None = None,
-                  prompt_keys: list[bytes] | None = None) -> int:
+def shared_prefix(candidate: Candidate, prompt: Sequence[int], prompt_keys: list[bytes] | None = None) -> int:
     """How many leading tokens of `prompt` the artifact holds, by its prefix keys, confirmed on the ids."""
     bt = candidate.block_tokens
-    packed = _packed(prompt) if packed is None else packed
-    keys = _chain(packed, bt, len(prompt)) if prompt_keys is None else prompt_keys
+    keys = full_block_keys(prompt, bt) if prompt_keys is None else prompt_keys
     depth = 0  # full blocks with equal keys
     for mine, theirs in zip(keys, candidate.prefix_keys):
         if mine != theirs:
@@ -75,8 +62,7 @@ def shared_prefix(candidate: Candidate, prompt: Sequence[int], packed: bytes | N
     n_art = len(candidate.token_ids)
     # the artifact's short last block: covered when the prompt holds all of it
     if depth < len(candidate.prefix_keys) and shared + bt > n_art and len(prompt) >= n_art:
-        parent = keys[depth - 1] if depth else _ROOT
-        if hashlib.sha256(parent + packed[4 * shared: 4 * n_art]).digest() == candidate.prefix_keys[depth]:
+        if prefix_keys(list(prompt[:n_art]), bt)[depth] == candidate.prefix_keys[depth]:
             shared = n_art
     shared = min(shared, n_art)
     # the keys found the candidate; the ids decide (a hash collision cannot load a wrong prefix)
@@ -96,7 +82,6 @@ def best_match(candidates: Iterable[Candidate], prompt: Sequence[int], vllm_bloc
     prompt = list(prompt)
     if len(prompt) < 2:
         return None
-    packed = _packed(prompt)
     chains: dict[int, list[bytes]] = {}
     best: Match | None = None
     for cand in candidates:
@@ -104,8 +89,8 @@ def best_match(candidates: Iterable[Candidate], prompt: Sequence[int], vllm_bloc
             continue
         keys = chains.get(cand.block_tokens)
         if keys is None:
-            keys = chains[cand.block_tokens] = _chain(packed, cand.block_tokens, len(prompt))
-        shared = shared_prefix(cand, prompt, packed, keys)
+            keys = chains[cand.block_tokens] = full_block_keys(prompt, cand.block_tokens)
+        shared = shared_prefix(cand, prompt, keys)
         usable = usable_tokens(shared, len(prompt), vllm_block_size)
         if usable > 0 and (best is None or usable > best.n_tokens):
             best = Match(cand.cid, usable, shared)
