@@ -84,40 +84,65 @@ def _check_key_hex(key: str) -> str:
     return key
 
 
-def read_trusted(home: Path) -> set[str]:
-    """Hex public keys listed in <home>/trust.json (the node's own key is trusted separately, always)."""
+#: trust.json fields and their defaults (artifact/signing.py TrustPolicy says what each means)
+TRUST_DEFAULTS = {"trusted": [], "auditors": [], "accept_audited": 0, "require_audits": 0, "exact_audits": False}
+
+
+def read_trust(home: Path) -> dict:
+    """<home>/trust.json as a dict with every field (TRUST_DEFAULTS for the missing ones), keys validated."""
     path = HomeLayout(Path(home)).trust_file
+    out = {k: (list(v) if isinstance(v, list) else v) for k, v in TRUST_DEFAULTS.items()}
     if not path.exists():
-        return set()
+        return out
     try:
         data = json.loads(path.read_text())
-        keys = data["trusted"]
-        if not isinstance(keys, list):
-            raise TypeError("'trusted' is not a list")
-        return {_check_key_hex(k) for k in keys}
+        if not isinstance(data, dict) or set(data) - set(TRUST_DEFAULTS):
+            raise TypeError(f"expected an object with fields among {sorted(TRUST_DEFAULTS)}")
+        for name in ("trusted", "auditors"):
+            keys = data.get(name, [])
+            if not isinstance(keys, list):
+                raise TypeError(f"'{name}' is not a list")
+            out[name] = sorted({_check_key_hex(k) for k in keys})
+        for name in ("accept_audited", "require_audits"):
+            value = data.get(name, 0)
+            if type(value) is not int or value < 0:
+                raise TypeError(f"'{name}' must be a non-negative integer")
+            out[name] = value
+        if type(data.get("exact_audits", False)) is not bool:
+            raise TypeError("'exact_audits' must be true or false")
+        out["exact_audits"] = data.get("exact_audits", False)
     except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
         raise FormatError(f"{path}: bad trust file ({exc})") from None
+    return out
 
 
-def write_trusted(home: Path, keys: set[str]) -> None:
-    """Replace the trust list atomically (temp file + rename)."""
+def write_trust(home: Path, trust: dict) -> None:
+    """Replace trust.json atomically (temp file + rename)."""
     layout = HomeLayout(Path(home)).ensure()
     tmp = layout.trust_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"trusted": sorted(keys)}, indent=2) + "\n")
+    body = {**TRUST_DEFAULTS, **trust}
+    body["trusted"], body["auditors"] = sorted(set(body["trusted"])), sorted(set(body["auditors"]))
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
     os.replace(tmp, layout.trust_file)
 
 
-def trust_add(home: Path, key: str) -> set[str]:
-    keys = read_trusted(home) | {_check_key_hex(key)}
-    write_trusted(home, keys)
-    return keys
+def read_trusted(home: Path) -> set[str]:
+    """Hex public keys of trusted publishers (the node's own key is trusted separately, always)."""
+    return set(read_trust(home)["trusted"])
 
 
-def trust_rm(home: Path, key: str) -> set[str]:
+def trust_add(home: Path, key: str, role: str = "trusted") -> set[str]:
+    trust = read_trust(home)
+    trust[role] = sorted(set(trust[role]) | {_check_key_hex(key)})
+    write_trust(home, trust)
+    return set(trust[role])
+
+
+def trust_rm(home: Path, key: str, role: str = "trusted") -> set[str]:
     key = _check_key_hex(key)
-    keys = read_trusted(home)
-    if key not in keys:
-        raise UsageError(f"key {key[:16]}... is not in the trust list")
-    keys.discard(key)
-    write_trusted(home, keys)
-    return keys
+    trust = read_trust(home)
+    if key not in trust[role]:
+        raise UsageError(f"key {key[:16]}... is not in the {'trust' if role == 'trusted' else 'auditor'} list")
+    trust[role] = sorted(set(trust[role]) - {key})
+    write_trust(home, trust)
+    return set(trust[role])

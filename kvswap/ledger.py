@@ -35,7 +35,7 @@ LEDGER_FILE = "ledger.sqlite"
 #: schema version written to PRAGMA user_version
 SCHEMA_VERSION = 1
 #: compute event kinds the report understands
-COMPUTE_KINDS = ("generate", "hosted_generate", "load", "prefill")
+COMPUTE_KINDS = ("audit", "generate", "hosted_generate", "load", "prefill")
 #: transfer directions, seen from this node
 DIRECTIONS = ("in", "out")
 #: columns `totals()` may group transfers by
@@ -212,7 +212,8 @@ class Ledger:
         kind "prefill": tokens = document tokens, seconds = the forward pass;
         "load": seconds to turn stored chunks into a ready cache (tokens = cached tokens);
         "generate" / "hosted_generate": tokens = new tokens decoded over a loaded KV, seconds = their
-        decode time (suffix prefill and load belong in their own events or in `extra`)."""
+        decode time (suffix prefill and load belong in their own events or in `extra`);
+        "audit": tokens = tokens recomputed, seconds = the recomputation (kvswap/audit.py)."""
         if kind not in COMPUTE_KINDS:
             raise UsageError(f"ledger: compute kind must be one of {', '.join(COMPUTE_KINDS)}, got {kind!r}")
         _check_count("tokens", tokens)

@@ -44,11 +44,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .artifact.attestation import Attestation
 from .artifact.manifest import Manifest, decode_manifest
 from .artifact.signing import Envelope, TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
 from .cid import Cid
 from .errors import FormatError, IntegrityError, KvswapError, LimitExceeded, NotFound, UsageError
-from .protocol.limits import MAX_CHUNK_STORED_BYTES, MAX_ENVELOPES_BYTES, MAX_MANIFEST_BYTES
+from .protocol.limits import (
+    MAX_ATTESTATIONS_PER_ARTIFACT,
+    MAX_CHUNK_STORED_BYTES,
+    MAX_ENVELOPES_BYTES,
+    MAX_MANIFEST_BYTES,
+)
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -87,6 +93,14 @@ CREATE TABLE IF NOT EXISTS chunks(
     cid TEXT PRIMARY KEY,
     stored_size INTEGER NOT NULL,
     refcount INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attestations(
+    artifact_cid TEXT NOT NULL,
+    auditor BLOB NOT NULL,
+    time INTEGER NOT NULL,
+    statement BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY(artifact_cid, auditor)
 );
 CREATE TABLE IF NOT EXISTS raw_forms(
     chunk_cid TEXT PRIMARY KEY,
@@ -268,6 +282,41 @@ class Store:
                 "INSERT OR IGNORE INTO envelopes(artifact_cid, signer, time, signature) VALUES (?,?,?,?)",
                 [(str(cid), e.signer, e.time, e.signature) for e in envelopes],
             )
+
+    def add_attestations(self, cid: Cid, attestations: Iterable[Attestation], prefer: set[bytes] = frozenset()
+                         ) -> int:
+        """Keep valid audit attestations of a registered artifact: one per auditor (the newest), at most
+        MAX_ATTESTATIONS_PER_ARTIFACT; when full, one by an auditor in `prefer` (those the node trusts)
+        replaces one by an auditor outside it. A bad signature raises IntegrityError. Returns how many were
+        kept."""
+        attestations = list(attestations)
+        for att in attestations:
+            att.verify(cid)
+        kept = 0
+        with self._tx() as db:
+            self._row(cid, db)
+            key = str(cid)
+            for att in attestations:
+                rows = {bytes(a): int(t) for a, t in db.execute(
+                    "SELECT auditor, time FROM attestations WHERE artifact_cid = ?", (key,))}
+                if att.auditor in rows:
+                    if rows[att.auditor] >= att.time:
+                        continue
+                elif len(rows) >= MAX_ATTESTATIONS_PER_ARTIFACT:
+                    victims = [a for a in rows if a not in prefer]
+                    if att.auditor not in prefer or not victims:
+                        continue
+                    db.execute("DELETE FROM attestations WHERE artifact_cid = ? AND auditor = ?", (key, victims[0]))
+                db.execute("INSERT OR REPLACE INTO attestations(artifact_cid, auditor, time, statement, signature)"
+                           " VALUES (?,?,?,?,?)", (key, att.auditor, att.time, att.statement, att.signature))
+                kept += 1
+        return kept
+
+    def get_attestations(self, cid: Cid) -> list[Attestation]:
+        rows = self._db().execute(
+            "SELECT auditor, time, statement, signature FROM attestations WHERE artifact_cid = ? ORDER BY auditor",
+            (str(cid),))
+        return [Attestation(cid, bytes(a), int(t), bytes(st), bytes(sig)) for a, t, st, sig in rows]
 
     def _row(self, cid: Cid, db: sqlite3.Connection | None = None) -> sqlite3.Row:
         db = db or self._db()
@@ -474,6 +523,7 @@ class Store:
                 "SELECT DISTINCT chunk_cid FROM artifact_blobs WHERE artifact_cid = ?", (key,))}
             db.execute("DELETE FROM artifact_blobs WHERE artifact_cid = ?", (key,))
             db.execute("DELETE FROM envelopes WHERE artifact_cid = ?", (key,))
+            db.execute("DELETE FROM attestations WHERE artifact_cid = ?", (key,))
             db.execute("DELETE FROM artifacts WHERE cid = ?", (key,))
             dead = []
             for ck in chunk_keys:
@@ -704,7 +754,7 @@ class Store:
             raise FormatError("not a kvswap export file (bad magic)")
         manifest = decode_manifest(_read_record(fh, REC_MANIFEST, MAX_MANIFEST_BYTES, "manifest"))
         envelopes = decode_envelopes(_read_record(fh, REC_ENVELOPES, MAX_ENVELOPES_BYTES, "envelopes"))
-        verify_envelopes(envelopes, manifest.cid, policy)
+        verify_envelopes(envelopes, manifest.cid, policy, model_fingerprint=manifest.model_fingerprint)
         new = self.put_manifest(manifest, envelopes)
         try:
             for blob in manifest.blobs():

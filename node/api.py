@@ -73,6 +73,9 @@ def build_app(daemon: "Daemon", token: str) -> web.Application:
     async def generate(request: web.Request) -> web.Response:
         return web.json_response(await daemon.generate(await body(request)))
 
+    async def audit(request: web.Request) -> web.Response:
+        return web.json_response(await daemon.audit(await body(request)))
+
     async def job(request: web.Request) -> web.Response:
         return web.json_response(daemon.jobs.get(request.match_info["job_id"]).view())
 
@@ -89,6 +92,7 @@ def build_app(daemon: "Daemon", token: str) -> web.Application:
             web.post("/publish", publish),
             web.post("/get", get),
             web.post("/generate", generate),
+            web.post("/audit", audit),
             web.get("/jobs/{job_id}", job),
             web.post("/stop", stop),
         ]

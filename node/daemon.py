@@ -24,11 +24,20 @@ from typing import Any
 from aiohttp import web
 
 from ..artifact.pipeline import check_compatible
-from ..artifact.service import generate_from_store, home_key, load_artifact, publish_document
+from ..artifact.service import (
+    audit_stored,
+    check_document,
+    generate_from_store,
+    home_key,
+    load_artifact,
+    publish_document,
+)
+from ..audit import DEFAULT_AUDIT_FRACTION
+from ..document import Document
 from ..artifact.signing import TrustPolicy
 from ..cid import Cid
 from ..config import HomeLayout
-from ..errors import KvswapError, NotFound, UsageError
+from ..errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
 from ..ledger import Ledger
 from ..protocol.limits import ENGINE_WAIT_S, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
@@ -53,6 +62,7 @@ class NodeConfig:
     dtype: str = "bf16"
     accept_any: bool = False
     decode: str | None = None  # eager | static | compiled; None: compiled on CUDA, eager on the CPU
+    audit_fraction: float = DEFAULT_AUDIT_FRACTION  # blocks of each fetched artifact audited before use; 0: off
 
 
 class Daemon:
@@ -233,10 +243,13 @@ class Daemon:
                                     peers=len(p.peers), chunks=p.chunks_done, chunks_total=p.chunks_total)
 
             r = await self.net.fetch(key, n_tokens=n_tokens, progress=progress, expect_model=expect_model)
-            return {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
-                    "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
-                    "peers": len(r.providers), "providers": r.providers,
-                    "complete": self.store.is_complete(r.cid)}
+            out = {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
+                   "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
+                   "peers": len(r.providers), "providers": r.providers,
+                   "complete": self.store.is_complete(r.cid)}
+            job.progress["stage"] = "audit"
+            out["audit"] = await self._check_fetched(r.cid, body.get("document"))
+            return out
 
         return self.jobs.start("get", work).view()
 
@@ -254,11 +267,55 @@ class Daemon:
             return {"cid": str(cid), "host": body["host"], "tokens": list(resp.tokens), "text": resp.text,
                     "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
                     "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
+        document = Document(body["document"]) if body.get("document") else None
         out = await asyncio.to_thread(self._with_engine, generate_from_store, engine, self.store, cid, prompt,
-                                      max_new, self.policy, seed)
+                                      max_new, self.policy, seed, document)
         self._log_generation(engine, cid, out, kind="generate")
         out["mode"] = "local"
         return out
+
+    async def _check_fetched(self, cid: Cid, document_text: str | None) -> dict | None:
+        """Before a fetched artifact's first use: bind it to the document the user holds (when given), and audit
+        `audit_fraction` of its blocks with this node's model, signing an attestation when it passes. A failed
+        check removes the artifact (it never reaches a model) and fails the job with the audit's one line."""
+        engine = self.engine
+        complete = self.store.is_complete(cid)
+        manifest = self.store.get_manifest(cid)
+        if engine is None or manifest.model_fingerprint != engine.fingerprint or not complete:
+            return None  # another model's artifact, or a prefix fetch: nothing this node can check now
+        document = Document(document_text) if document_text else None
+        if not self.config.audit_fraction and document is None:
+            return None
+        try:
+            if not self.config.audit_fraction:
+                await asyncio.to_thread(check_document, engine, manifest, document)
+                return None
+            result = await asyncio.to_thread(
+                self._with_engine, audit_stored, engine, self.store, cid, fraction=self.config.audit_fraction,
+                key=self.key, document=document, prefer=self.policy.auditors)
+        except (IntegrityError, ModelMismatch) as exc:  # AuditFailed is an IntegrityError
+            await asyncio.to_thread(self.store.remove, cid, True)
+            raise type(exc)(f"{exc} (artifact {cid.short()} removed)") from None
+        self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=sum(
+            manifest.chunks[i].n_tokens for i in result["blocks"]), model=engine.model_id, dtype=engine.dtype,
+            device=engine.device, artifact=str(cid), extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
+        return {k: result[k] for k in ("blocks", "n_blocks", "drawn", "mode", "max_rel", "seconds", "bounds")}
+
+    async def audit(self, body: dict) -> dict:
+        """POST /audit: audit a stored artifact with this node's model (kvswap audit through the node)."""
+        engine = await self.engine_ready()
+        cid = Cid.parse(str(body.get("cid", "")))
+        document = Document(body["document"]) if body.get("document") else None
+        self._reload_trust()
+        result = await asyncio.to_thread(
+            self._with_engine, audit_stored, engine, self.store, cid, fraction=body.get("fraction"),
+            blocks=body.get("blocks"), full=bool(body.get("full")), seed=body.get("seed"),
+            require_exact=bool(body.get("exact")), key=self.key if body.get("sign", True) else None,
+            document=document, prefer=self.policy.auditors)
+        self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=0, model=engine.model_id,
+                            dtype=engine.dtype, device=engine.device, artifact=str(cid),
+                            extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
+        return result
 
     def _reload_trust(self) -> None:
         """Pick up `kvswap trust add/rm` made while the daemon runs (trust.json is the source of truth)."""

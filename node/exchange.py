@@ -187,7 +187,12 @@ class Exchange:
             await framed.send(ErrorMessage("not_found", "no such artifact here"))
             return
         manifest, envelopes = found
-        await framed.send(ManifestResponse(manifest=manifest, envelopes=tuple(envelopes)), artifact=Cid.of(manifest))
+        cid = Cid.of(manifest)
+        attestations = b""
+        if hasattr(svc, "attestations"):  # optional: a service that keeps audit attestations serves them too
+            attestations = await self._in_thread(svc.attestations, cid)
+        await framed.send(ManifestResponse(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations),
+                          artifact=cid)
 
     async def _serve_chunks(self, framed: FramedStream, request: ChunkRequest) -> None:
         framed.artifact = request.artifact

@@ -72,6 +72,7 @@ class VerifiedManifest:
     n_tokens: int
     blobs: tuple[FetchBlob, ...]  # every blob to fetch: the token-block chunks, then the tail (if any)
     parsed: Any = None  # the artifact layer's own Manifest object, passed back to put_manifest
+    attestations: bytes = b""  # the provider's audit attestation list, kept with the manifest
 
 
 class FetchTarget(Protocol):
@@ -82,8 +83,10 @@ class FetchTarget(Protocol):
     `verifies_chunks = True` so the fetcher does not hash every chunk twice.
     """
 
-    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes]) -> VerifiedManifest:
-        """Parse + validate, check signatures against the trust policy. Raise IntegrityError / FormatError."""
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b""
+                        ) -> VerifiedManifest:
+        """Parse + validate, check signatures (and audit attestations) against the trust policy. Raise
+        IntegrityError / FormatError."""
 
     def put_manifest(self, verified: VerifiedManifest) -> None:
         """Register the artifact before its chunks arrive."""
@@ -176,7 +179,8 @@ class Fetcher:
         for peer in providers:
             try:
                 reply = await self.exchange.request_manifest(peer, key.request())
-                verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes)
+                verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
+                                              reply.attestations)
             except NotFound:
                 continue
             except RemoteProtocolError as exc:  # the peer misbehaved or went away: try the next one

@@ -12,9 +12,11 @@ Methods run in worker threads; kvswap.store.Store is thread-safe (a connection p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kvswap.artifact.attestation import decode_attestations, encode_attestations
 from kvswap.artifact.manifest import Manifest, decode_manifest
 from kvswap.artifact.signing import TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
 from kvswap.cid import Cid
@@ -56,6 +58,11 @@ class StoreArtifacts:
         self._generate = generate
 
     # --- Service ------------------------------------------------------------------------------------------
+    def attestations(self, cid: Cid) -> bytes:
+        """The stored audit attestations of `cid` as one attestation list (empty bytes when there are none)."""
+        found = self.store.get_attestations(cid)
+        return encode_attestations(found) if found else b""
+
     def _served(self, cid: Cid) -> tuple[bytes, list[bytes]]:
         envelopes = self.store.get_envelopes(cid)
         return self.store.get_manifest_bytes(cid), [encode_envelopes([e]) for e in envelopes]
@@ -101,15 +108,20 @@ class StoreArtifacts:
         return self._generate(request)
 
     # --- FetchTarget --------------------------------------------------------------------------------------
-    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes]) -> VerifiedManifest:
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b""
+                        ) -> VerifiedManifest:
         parsed = decode_manifest(manifest)
         decoded = [e for blob in envelopes for e in decode_envelopes(blob)]
-        verify_envelopes(decoded, parsed.cid, self.policy)
-        return verified_from_manifest(parsed, envelopes)
+        audits = decode_attestations(attestations) if attestations else []
+        verify_envelopes(decoded, parsed.cid, self.policy, audits, parsed.model_fingerprint)
+        return replace(verified_from_manifest(parsed, envelopes), attestations=attestations)
 
     def put_manifest(self, verified: VerifiedManifest) -> None:
         envelopes = [e for blob in verified.envelopes for e in decode_envelopes(blob)]
         self.store.put_manifest(verified.parsed, envelopes)
+        if verified.attestations:  # verified above; the ones by auditors we trust win a full table
+            self.store.add_attestations(verified.parsed.cid, decode_attestations(verified.attestations),
+                                        prefer=set(self.policy.auditors))
 
     def has_chunk(self, cid: Cid) -> bool:
         return self.store.has_chunk(cid)

@@ -15,6 +15,12 @@ MiB = 1024 * KiB
 MAX_MANIFEST_BYTES = 4 * MiB
 #: Largest signature envelope list for one manifest (bytes): a few attestations, not a database.
 MAX_ENVELOPES_BYTES = 256 * KiB
+#: Largest audit attestation list for one manifest (bytes): a full audit's statement is ~0.5 KB, so dozens fit.
+MAX_ATTESTATIONS_BYTES = 256 * KiB
+#: Most attestations a store keeps per artifact (one per auditor, the newest); when full, one by an auditor
+#: the node trusts replaces one by an auditor it does not (a flood of throwaway auditor keys evicts nothing
+#: the node relies on).
+MAX_ATTESTATIONS_PER_ARTIFACT = 64
 #: Largest raw (decompressed) chunk (bytes). Qwen3-4B at 64 tokens per block is 9.4 MB raw; 64 MiB
 #: bounds memory per in-flight chunk and caps a zstd bomb before any allocation.
 MAX_CHUNK_RAW_BYTES = 64 * MiB
@@ -89,8 +95,8 @@ NODE_START_TIMEOUT_S = 300.0
 NODE_STOP_TIMEOUT_S = 30.0
 
 # --- network layer (node/p2p.py, node/exchange.py, node/fetch.py) ---------------------------------------
-#: Largest ManifestResponse frame body (bytes): a maximal manifest plus maximal envelopes plus msgpack overhead.
-MAX_MANIFEST_FRAME_BYTES = MAX_MANIFEST_BYTES + MAX_ENVELOPES_BYTES + 4 * KiB
+#: Largest ManifestResponse frame body (bytes): a maximal manifest, envelopes and attestations plus msgpack overhead.
+MAX_MANIFEST_FRAME_BYTES = MAX_MANIFEST_BYTES + MAX_ENVELOPES_BYTES + MAX_ATTESTATIONS_BYTES + 4 * KiB
 #: Most chunk CIDs in one ChunkRequest / DataGrant: bounds the server's work per request.
 MAX_CHUNKS_PER_REQUEST = 1024
 #: Bytes of a one-time data-plane token (random, 256 bits: unguessable).

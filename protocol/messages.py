@@ -123,14 +123,20 @@ class ManifestRequest:
 
 @dataclass(frozen=True)
 class ManifestResponse:
-    """A canonical manifest and its signature envelopes, exactly as stored (verified by the receiver)."""
+    """A canonical manifest, its signature envelopes and its audit attestations (one encoded attestation list,
+    FORMAT.md; empty when there are none), exactly as stored (verified by the receiver). The attestations key
+    is optional on the wire, so peers that predate audits still read these answers and send theirs."""
 
     TYPE: ClassVar[int] = 2
     manifest: bytes
     envelopes: tuple[bytes, ...] = ()
+    attestations: bytes = b""
 
     def to_body(self) -> bytes:
-        return _pack({"m": self.manifest, "e": list(self.envelopes)})
+        body = {"m": self.manifest, "e": list(self.envelopes)}
+        if self.attestations:
+            body["a"] = self.attestations
+        return _pack(body)
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ManifestResponse":
@@ -143,7 +149,10 @@ class ManifestResponse:
             raise _bad("ManifestResponse.envelopes must be a list of bytes")
         if sum(len(e) for e in envelopes) > limits.MAX_ENVELOPES_BYTES:
             raise _bad("envelopes larger than MAX_ENVELOPES_BYTES")
-        return cls(manifest=manifest, envelopes=tuple(envelopes))
+        attestations = d.get("a", b"")
+        if not isinstance(attestations, bytes) or len(attestations) > limits.MAX_ATTESTATIONS_BYTES:
+            raise _bad("ManifestResponse.attestations must be bytes of at most MAX_ATTESTATIONS_BYTES")
+        return cls(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations)
 
 
 @dataclass(frozen=True)

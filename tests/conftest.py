@@ -48,6 +48,14 @@ def tiny_engine_fp32():
 
 
 @pytest.fixture(scope="session")
+def tiny_engine_fp16():
+    """tiny-qwen3 in fp16."""
+    from kvswap.engine import load_engine
+
+    return load_engine("tiny-qwen3", dtype="fp16", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_doc_kv(tiny_engine, doc_text):
     """The bf16 KvTensors of DOC_TEXT (read-only: copy before mutating)."""
     return tiny_engine.prefill(tiny_engine.tokenize(doc_text))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..cid import Cid
 from ..document import Document, document_hash
-from ..errors import NotFound, UsageError
+from ..errors import IntegrityError, NotFound, UsageError
 from ..protocol.limits import DEFAULT_BLOCK_TOKENS
 from ..store import Store
 from .manifest import Manifest
@@ -71,7 +71,7 @@ def verify_artifact(store: Store, cid: Cid, policy: TrustPolicy) -> dict:
     missing = store.missing_chunks(cid)
     if missing:
         raise NotFound(f"artifact {cid.short()} is incomplete: {len(missing)} of {len(manifest.blobs())} blobs missing")
-    accepted = verify_envelopes(store.get_envelopes(cid), cid, policy)
+    accepted = check_trust(store, manifest, policy)
     for blob in manifest.chunks:
         verified_blob(blob, store.read_chunk_for_verifier(blob.cid), manifest.layout.itemsize)
     if manifest.tail is not None:
@@ -102,6 +102,63 @@ def resolve_artifact(store: Store, engine, *, cid: Cid | None = None,
     return store.get_manifest(cid)
 
 
+def check_trust(store: Store, manifest: Manifest, policy: TrustPolicy) -> list:
+    """The trust policy over a stored artifact's envelopes and audit attestations (signing.verify_envelopes)."""
+    cid = manifest.cid
+    return verify_envelopes(store.get_envelopes(cid), cid, policy, store.get_attestations(cid),
+                            manifest.model_fingerprint)
+
+
+def check_document(engine, manifest: Manifest, document: Document) -> None:
+    """Token binding: the artifact is about `document`, the text the caller holds. Its bytes must hash to the
+    manifest's document_hash and it must tokenize to the manifest's tokens (a publisher cannot pass KV of other
+    tokens off as this document's). IntegrityError naming what differs; cheap next to any load."""
+    if document.hash != manifest.document_hash:
+        raise IntegrityError(f"artifact {manifest.cid.short()} is for document {manifest.document_hash[:12]}, "
+                             f"this document hashes to {document.hash[:12]}")
+    ids = engine.tokenize(document.text)
+    if tuple(ids) != tuple(manifest.token_ids):
+        at = next((i for i, (a, b) in enumerate(zip(ids, manifest.token_ids)) if a != b), min(len(ids), manifest.n_tokens))
+        raise IntegrityError(f"artifact {manifest.cid.short()} holds KV of other tokens than this document's: "
+                             f"they differ from token {at} ({len(ids)} tokens here, {manifest.n_tokens} in the manifest)")
+
+
+def audit_stored(engine, store: Store, cid: Cid, *, fraction: float | None = None, blocks: int | None = None,
+                 full: bool = False, seed: int | None = None, require_exact: bool = False,
+                 key: NodeKey | None = None, document: Document | None = None,
+                 prefer: frozenset = frozenset()) -> dict:
+    """Audit a stored artifact (kvswap/audit.py): every chunk verified on load, sampled blocks recomputed
+    and judged. With `key`, a passing audit is signed and kept as an attestation. Raises AuditFailed (the
+    first failing block, layer and difference), NotFound, ModelMismatch, IntegrityError (token binding)."""
+    from .. import audit as auditing
+    from .attestation import make_statement, sign_attestation
+
+    manifest = store.get_manifest(cid)
+    check_compatible(manifest, engine)
+    if store.missing_chunks(cid):
+        raise NotFound(f"artifact {cid.short()} is incomplete here (fetch it first)")
+    if document is not None:
+        check_document(engine, manifest, document)
+    chosen, drawn = auditing.choose_blocks(len(manifest.chunks), fraction=fraction, blocks=blocks, full=full,
+                                           seed=seed)
+    t0 = time.perf_counter()
+    loaded = load_artifact(engine, store, manifest)
+    load_s = time.perf_counter() - t0
+    result = auditing.run_audit(engine, loaded, manifest, chosen, drawn, require_exact)
+    out = result.to_dict()
+    out["load_s"] = round(load_s, 4)
+    if key is not None:
+        from .. import __version__
+
+        statement = make_statement(blocks=result.blocks, drawn=drawn, n_blocks=result.n_blocks,
+                                   dtype=manifest.dtype, engine=engine.fingerprint, device=engine.device,
+                                   exact=result.exact, max_rel=result.max_rel, tool=f"kvswap {__version__}")
+        att = sign_attestation(key, cid, statement)
+        store.add_attestations(cid, [att], prefer=set(prefer) | {key.public_bytes})
+        out["attestation"] = att.summary()
+    return out
+
+
 def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None = None, *,
                   verify: str = "sha256", keep_raw: bool = True, threads: int = loader.LOAD_THREADS):
     """A stored artifact (or its first `n_tokens`) on `engine`'s device through the load path
@@ -124,15 +181,19 @@ def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None
 
 
 def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,
-                        policy: TrustPolicy | None = None, seed: int | None = None) -> dict:
+                        policy: TrustPolicy | None = None, seed: int | None = None,
+                        document: Document | None = None) -> dict:
     """Load a stored artifact into `engine` (every chunk verified) and generate after the prompt.
 
     The prompt's token ids are appended to the document's (never re-tokenizing the joined text). With a
-    policy, the artifact's signatures are checked against it first."""
+    policy, the artifact's signatures are checked against it first; with the `document` the caller holds, the
+    artifact is checked to be about it (check_document) before anything is loaded."""
     manifest = store.get_manifest(cid)
     check_compatible(manifest, engine)
+    if document is not None:
+        check_document(engine, manifest, document)
     if policy is not None:
-        verify_envelopes(store.get_envelopes(cid), cid, policy)
+        check_trust(store, manifest, policy)
     missing = store.missing_chunks(cid)
     if missing:
         raise NotFound(f"artifact {cid.short()} is incomplete: {len(missing)} blobs missing")

@@ -81,6 +81,11 @@ class NodeKey:
             raise FormatError(f"{path}: identity key is readable by others; chmod 600 it")
         return cls(seed)
 
+    def sign_bytes(self, message: bytes) -> bytes:
+        """A raw Ed25519 signature. Callers pass a domain-separated message (attestation.py), never a manifest
+        CID alone: every kvswap signature kind has its own domain prefix."""
+        return self._private.sign(message)
+
     def sign_manifest(self, manifest_cid: Cid, time: int | None = None) -> "Envelope":
         when = int(_time.time()) if time is None else int(time)
         sig = self._private.sign(signed_message(manifest_cid, self.public_bytes, when))
@@ -148,35 +153,74 @@ def decode_envelopes(data: bytes) -> list[Envelope]:
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    """Whose signatures make an artifact acceptable. The node's own key is always trusted;
-    `accept_any` (any valid signature will do) only when the user asks for it."""
+    """What makes an artifact acceptable (FORMAT.md "Trust policy").
+
+    A publisher's valid signature by a trusted key (this node's own key always is one), or, when the user asks
+    for it, audits: `accept_audited` > 0 admits an artifact whose publisher is not trusted once that many
+    distinct trusted auditors attest it (artifact/attestation.py); `require_audits` > 0 asks that many of
+    every artifact, trusted publisher or not; `exact_audits` counts only bit-exact audits. This node's own key
+    is always a trusted auditor. `accept_any` (any valid signature will do) only when the user asks for it."""
 
     trusted: frozenset[bytes]
     accept_any: bool = False
+    auditors: frozenset[bytes] = frozenset()
+    accept_audited: int = 0
+    require_audits: int = 0
+    exact_audits: bool = False
 
     @classmethod
     def for_home(cls, home: Path, node_key: NodeKey | None = None, accept_any: bool = False) -> "TrustPolicy":
-        from ..config import HomeLayout, read_trusted
+        from ..config import HomeLayout, read_trust
 
-        keys = {bytes.fromhex(k) for k in read_trusted(home)}
+        trust = read_trust(home)
         key = node_key or NodeKey.load_or_create(HomeLayout(Path(home)).identity_key)
-        keys.add(key.public_bytes)
-        return cls(frozenset(keys), accept_any)
+        keys = {bytes.fromhex(k) for k in trust["trusted"]} | {key.public_bytes}
+        auditors = {bytes.fromhex(k) for k in trust["auditors"]} | {key.public_bytes}
+        return cls(frozenset(keys), accept_any, frozenset(auditors), trust["accept_audited"],
+                   trust["require_audits"], trust["exact_audits"])
 
 
-def verify_envelopes(envelopes: list[Envelope], manifest_cid: Cid, policy: TrustPolicy) -> list[Envelope]:
-    """Check every envelope, then the policy. Returns the envelopes that satisfy it.
+def verify_envelopes(envelopes: list[Envelope], manifest_cid: Cid, policy: TrustPolicy,
+                     attestations=(), model_fingerprint: str | None = None) -> list[Envelope]:
+    """Check every signature, then the policy. Returns the envelopes by trusted publishers (may be empty when
+    audits admitted the artifact).
 
-    Any invalid signature (or one for another CID) is IntegrityError: it means tampering, even if another
-    envelope is fine. No envelope at all, or only envelopes by untrusted keys, is UntrustedSigner."""
+    Any invalid signature or attestation (or one for another CID) is IntegrityError: it means tampering, even
+    if another is fine. No envelope at all, or only envelopes by untrusted keys and not enough audits, is
+    UntrustedSigner. Attestations count only when they verify, are by a trusted auditor, and were made with
+    the artifact's own model (`model_fingerprint`, the manifest's)."""
     for env in envelopes:
         env.verify(manifest_cid)
-    if not envelopes:
+    audited = _trusted_audits(attestations, manifest_cid, policy, model_fingerprint)
+    if policy.require_audits and len(audited) < policy.require_audits:
+        raise UntrustedSigner(
+            f"artifact {manifest_cid.short()} has {len(audited)} audit(s) by trusted auditors, the trust policy "
+            f"requires {policy.require_audits} (`kvswap audit CID`, or trust another auditor)")
+    if not envelopes and not audited:
         raise UntrustedSigner(f"artifact {manifest_cid.short()} is unsigned")
     accepted = [e for e in envelopes if policy.accept_any or e.signer in policy.trusted]
-    if not accepted:
-        signers = ", ".join(sorted({e.signer.hex()[:16] + "..." for e in envelopes}))
-        raise UntrustedSigner(
-            f"artifact {manifest_cid.short()} is signed only by untrusted keys ({signers}); "
-            "`kvswap trust add KEY` or pass --accept-any")
-    return accepted
+    if accepted:
+        return accepted
+    if policy.accept_audited and len(audited) >= policy.accept_audited:
+        return []
+    signers = ", ".join(sorted({e.signer.hex()[:16] + "..." for e in envelopes})) or "nobody"
+    audits = (f"; {len(audited)} of the {policy.accept_audited} trusted audits that would admit it"
+              if policy.accept_audited else "")
+    raise UntrustedSigner(
+        f"artifact {manifest_cid.short()} is signed only by untrusted keys ({signers}){audits}; "
+        "`kvswap trust add KEY` or pass --accept-any")
+
+
+def _trusted_audits(attestations, cid: Cid, policy: TrustPolicy, model_fingerprint: str | None) -> set[bytes]:
+    """The distinct trusted auditors whose valid attestations about `cid` count under `policy`."""
+    auditors: set[bytes] = set()
+    for att in attestations:
+        claims = att.verify(cid)  # IntegrityError / FormatError: a forged or mangled attestation
+        if att.auditor not in policy.auditors:
+            continue
+        if model_fingerprint is not None and claims["engine"] != model_fingerprint:
+            continue
+        if policy.exact_audits and claims["mode"] != "exact":
+            continue
+        auditors.add(att.auditor)
+    return auditors

@@ -113,7 +113,8 @@ def cmd_generate(args) -> int:
     if client is not None:  # ship (local store) or host (--host PEER), through the daemon's model
         body: dict = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "host": args.host}
         if args.doc is not None:
-            body["document_hash"] = _read_doc(args.doc).hash
+            doc = _read_doc(args.doc)
+            body["document_hash"], body["document"] = doc.hash, doc.text  # the node checks the binding
         elif args.cid is not None:
             with _store(args) as store:
                 body["cid"] = str(resolve_cid(store, args.cid)) if not args.host else args.cid
@@ -124,7 +125,8 @@ def cmd_generate(args) -> int:
     with _store(args) as store:
         if args.doc is not None:
             engine = load_engine(args.model, dtype=args.dtype or "bf16", decode=args.decode)
-            manifest = resolve_artifact(store, engine, document_text=_read_doc(args.doc))
+            doc = _read_doc(args.doc)
+            manifest = resolve_artifact(store, engine, document_text=doc)
         else:
             if args.cid is None:
                 raise UsageError("give an artifact CID or --doc FILE")
@@ -132,9 +134,59 @@ def cmd_generate(args) -> int:
             engine = load_engine(args.model or manifest.model_id, dtype=args.dtype or manifest.dtype,
                                  decode=args.decode)
         policy = _policy(args, accept_any=args.accept_any)
-        result = generate_from_store(engine, store, manifest.cid, args.prompt, args.max_new_tokens, policy=policy)
+        result = generate_from_store(engine, store, manifest.cid, args.prompt, args.max_new_tokens, policy=policy,
+                                     document=doc if args.doc is not None else None)
     emit(args, result, lambda r: r["text"])
     return 0
+
+
+# --- audit ---------------------------------------------------------------------------------------------
+def audit_request(args) -> dict:
+    """The audit's options, as the control API and audit_stored take them."""
+    if args.full and (args.fraction is not None or args.blocks is not None):
+        raise UsageError("--full audits every block: leave out --fraction and --blocks")
+    body = {"fraction": args.fraction, "blocks": args.blocks, "full": args.full, "seed": args.seed,
+            "exact": args.exact, "sign": not args.no_sign}
+    if args.doc is not None:
+        body["document"] = _read_doc(args.doc).text
+    return body
+
+
+def cmd_audit(args) -> int:
+    from ..artifact.service import audit_stored
+    from ..document import Document
+
+    body = audit_request(args)
+    client = _daemon(args)
+    with _store(args) as store:
+        cid = resolve_cid(store, args.cid)
+        if client is not None:  # the node's resident model does the recomputation
+            result = client.post("/audit", {"cid": str(cid), **body}, timeout=3600)
+        else:
+            from ..engine import load_engine
+
+            manifest = store.get_manifest(cid)
+            engine = load_engine(args.model or manifest.model_id, dtype=manifest.dtype)
+            result = audit_stored(engine, store, cid, fraction=body["fraction"], blocks=body["blocks"],
+                                  full=body["full"], seed=body["seed"], require_exact=body["exact"],
+                                  key=_key(args) if body["sign"] else None,
+                                  document=Document(body["document"]) if "document" in body else None)
+    emit(args, result, _render_audit)
+    return 0
+
+
+def _render_audit(r: dict) -> str:
+    n = len(r["blocks"])
+    how = "bit-exact in every block" if r["exact"] else f"within tolerance (max relative difference {r['max_rel']:.3g})"
+    lines = [f"passed: {r['cid']}",
+             f"  audited   {n} of {r['n_blocks']} blocks ({r['drawn']} drawn at random"
+             f"{', plus the last' if n > r['drawn'] else ''}): {how}",
+             f"  time      load {r['load_s']:.3f} s + recompute {r['seconds']:.3f} s on {r['device']}"]
+    bound = ", ".join(f"{k} {v:.1%}" for k, v in r["bounds"].items())
+    lines.append(f"  detection a publisher who poisoned {bound} would have been caught with at least that probability")
+    if r.get("attestation"):
+        lines.append(f"  attested  signed by {r['attestation']['auditor'][:16]}... (kvswap inspect lists it)")
+    return "\n".join(lines)
 
 
 # --- inspection ----------------------------------------------------------------------------------------
@@ -163,6 +215,7 @@ def cmd_inspect(args) -> int:
         manifest = store.get_manifest(cid)
         info = manifest.summary()
         info["signatures"] = [e.summary() for e in store.get_envelopes(cid)]
+        info["attestations"] = [a.summary() for a in store.get_attestations(cid)]
         info["missing_blobs"] = [str(c) for c in store.missing_chunks(cid)]
         row = next(a for a in store.list_artifacts() if a["cid"] == str(cid))
         info.update({"complete": row["complete"], "pinned": row["pinned"], "last_used": row["last_used"]})
@@ -188,6 +241,9 @@ def _render_inspect(i: dict) -> str:
     ]
     for s in i["signatures"]:
         lines.append(f"  signed by   {s['signer']} at {_when(s['time'])} UTC")
+    for a in i.get("attestations", []):
+        lines.append(f"  audited by  {a['auditor']} at {_when(a['time'])} UTC: {a['blocks']} of {a['n_blocks']} blocks, "
+                     f"{a['mode']}" + (f" (max relative difference {a['max_rel']:.3g})" if a["mode"] != "exact" else ""))
     for c in i["chunks"]:
         lines.append(f"    [{c['t0']:>6},{c['t1']:>6})  {c['codec']:<6} {c['stored_size']:>10} / {c['raw_size']:<10} "
                      f"{c['cid']}")
@@ -318,6 +374,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ask this peer (id or multiaddr) to generate from its resident KV (hosted mode)")
     add_common(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("audit", help="recompute sampled blocks: does the artifact's KV follow from its tokens?",
+                       description="Recompute sampled blocks of a stored artifact over its own KV of the blocks "
+                                   "before them and compare with the stored ones (SECURITY.md). Exit 0 when every "
+                                   "audited block passes, else one line naming the first failing block.")
+    p.add_argument("cid")
+    p.add_argument("--fraction", type=float, default=None, help="fraction of blocks to draw (default 0.05)")
+    p.add_argument("--blocks", type=int, default=None, help="number of blocks to draw")
+    p.add_argument("--full", action="store_true", help="audit every block")
+    p.add_argument("--seed", type=int, default=None, help="make the draw repeatable")
+    p.add_argument("--exact", action="store_true",
+                   help="require bit-exact blocks (an artifact made on this kind of machine), not a tolerance")
+    p.add_argument("--doc", type=Path, default=None, help="also check the artifact is about this document")
+    p.add_argument("--no-sign", action="store_true", help="do not sign an attestation when the audit passes")
+    p.add_argument("--model", default=None, help="engine to audit with when no node runs (default: the manifest's)")
+    add_common(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("ls", help="list artifacts in the local store")
     add_common(p)

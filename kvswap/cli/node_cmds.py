@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..audit import DEFAULT_AUDIT_FRACTION
 from ..errors import KvswapError, UsageError, error_from_payload
 from . import add_common, emit, home_of
 
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--decode", default=None, choices=["eager", "static", "compiled"],
                        help="decode step (default: compiled with CUDA graphs on a GPU, paid once at start; eager on "
                             "the CPU)")
+    start.add_argument("--audit-fraction", type=float, default=DEFAULT_AUDIT_FRACTION, metavar="F",
+                       help=f"fraction of the blocks of each fetched artifact to audit before use, signing an "
+                            f"attestation when it passes (default {DEFAULT_AUDIT_FRACTION}; 0 turns it off)")
     start.add_argument("--accept-any", action="store_true",
                        help="accept manifests signed by any key (default: only trusted publishers)")
     start.set_defaults(func=cmd_start)
@@ -77,6 +81,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         accept_any=args.accept_any,
         decode=args.decode,
+        audit_fraction=args.audit_fraction,
     )
     return run_daemon(config)
 
@@ -128,8 +133,9 @@ def fetch_request(args: argparse.Namespace) -> dict:
         raise UsageError("give exactly one of CID, --doc FILE or --doc-hash HEX")
     if args.cid:
         return {"cid": str(Cid.parse(args.cid)), "tokens": args.tokens}
-    if args.doc:  # the same reading and hashing as `publish` (kvswap/document.py)
-        return {"document_hash": Document.read(args.doc).hash, "tokens": args.tokens}
+    if args.doc:  # the same reading and hashing as `publish` (kvswap/document.py); the node checks the binding
+        doc = Document.read(args.doc)
+        return {"document_hash": doc.hash, "document": doc.text, "tokens": args.tokens}
     doc_hash = args.doc_hash.lower()
     if len(doc_hash) != 64 or any(c not in "0123456789abcdef" for c in doc_hash):
         raise UsageError("--doc-hash takes the 64-hex-digit sha256 of the document's UTF-8 text")

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
 QUESTION = " Question: what did the first keeper notice in the ledger? Answer:"
 MAX_TOKENS = 16
@@ -59,8 +57,8 @@ def main(out_path: Path) -> None:
     from kvswap.engine import load_engine
     from kvswap.integrations.vllm import document_hash, document_request, kv_transfer_config
     from kvswap.store import Store
-    from nodes import NodeProc, cli
-    from tinymodel import tiny_vllm_folder
+    from tests.nodes import NodeProc, cli
+    from tests.vllm_connector.tinymodel import tiny_vllm_folder
 
     folder = str(tiny_vllm_folder())
     doc = (HERE.parents[1] / "kvswap" / "data" / "demo_document.txt").read_text(encoding="utf-8")

@@ -35,8 +35,8 @@ def run(tmp_path_factory) -> dict:
     log = out.with_suffix(".log")
     # its own process group: vLLM's engine processes and the daemons go down with it, whatever happens
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(HERE / "scenario.py"), str(out)], stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.vllm_connector.scenario", str(out)], stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE.parents[1])
         try:
             rc = proc.wait(timeout=SCENARIO_TIMEOUT_S)
         finally:

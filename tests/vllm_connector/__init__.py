@@ -1,0 +1,1 @@
+"""The vLLM connector test group (runs in .venv-vllm; see conftest.py)."""
