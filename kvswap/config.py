@@ -77,10 +77,35 @@ def store_budget(home: Path) -> int:
     return parse_size(load_config(home).get("store_budget", DEFAULT_STORE_BUDGET))
 
 
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+#: a libp2p Ed25519 peer id is base58 of: identity multihash (0x00, length 36) over the protobuf PublicKey
+#: {Type: Ed25519 (field 1 = 1), Data: 32 bytes (field 2)}; the key is its last 32 bytes
+_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+
+
+def key_of_peer_id(peer_id: str) -> str | None:
+    """The Ed25519 public key (hex) inside a libp2p peer id ("12D3KooW..."), or None if it is not one."""
+    if not 40 <= len(peer_id) <= 64 or any(c not in _BASE58 for c in peer_id):
+        return None
+    n = 0
+    for c in peer_id:
+        n = n * 58 + _BASE58.index(c)
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    raw = b"\0" * (len(peer_id) - len(peer_id.lstrip("1"))) + raw
+    if len(raw) != 38 or not raw.startswith(_PEER_ID_PREFIX):
+        return None
+    return raw[6:].hex()
+
+
 def _check_key_hex(key: str) -> str:
-    key = key.strip().lower()
+    """A trust-list key: 64 hex digits (`kvswap id`), or the peer id every other command prints."""
+    key = key.strip()
+    from_peer = key_of_peer_id(key)
+    if from_peer is not None:
+        return from_peer
+    key = key.lower()
     if not re.fullmatch(r"[0-9a-f]{64}", key):
-        raise UsageError(f"not an Ed25519 public key (64 hex digits): {key!r:.80}")
+        raise UsageError(f"not an Ed25519 public key (64 hex digits) or a peer id (12D3KooW...): {key!r:.80}")
     return key
 
 

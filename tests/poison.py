@@ -52,7 +52,8 @@ def make_poisoned(engine, kind: str, doc_text: str, other_text: str, block_token
     kv = engine.prefill(ids, step=block_tokens)
     t0, t1 = block * block_tokens, min((block + 1) * block_tokens, len(ids))
     if kind in ("other_document", "swapped_block", "replaced_tail"):
-        other_ids = (engine.tokenize(other_text) * 4)[: max(len(ids), 1)]
+        other_ids = engine.tokenize(other_text)
+        other_ids = (other_ids * (len(ids) // len(other_ids) + 1))[: len(ids)]
         other = engine.prefill(other_ids, step=block_tokens)
         if kind == "other_document":
             return _copy(kv, keys=[k[:, :len(ids)].copy() for k in other.keys],

@@ -120,3 +120,31 @@ def test_trust_file_and_self_trust(tmp_path):
     HomeLayout(tmp_path).trust_file.write_text("{not json")
     with pytest.raises(FormatError):
         read_trusted(tmp_path)
+
+
+def test_trust_cli_takes_peer_ids_auditors_and_policy(tmp_path, capsys):
+    import json
+
+    from kvswap.cli import main
+    from kvswap.config import key_of_peer_id, read_trust
+    from kvswap.node.p2p import peer_id_of_seed
+
+    publisher, auditor = NodeKey.generate(), NodeKey.generate()
+    peer_id = peer_id_of_seed(publisher.seed)
+    assert key_of_peer_id(peer_id) == publisher.public_hex and key_of_peer_id("12D3KooWnot-a-peer") is None
+    home = str(tmp_path)
+    assert main(["trust", "add", peer_id, "--home", home]) == 0  # the id every other command prints
+    assert main(["trust", "add", auditor.public_hex, "--auditor", "--home", home]) == 0
+    capsys.readouterr()
+    assert main(["trust", "policy", "--accept-audited", "1", "--exact-audits", "--home", home, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    trust = read_trust(tmp_path)
+    assert shown["accept_audited"] == 1 and shown["self"] == NodeKey.load_or_create(tmp_path / "identity.key").public_hex
+    assert trust["trusted"] == [publisher.public_hex] and trust["auditors"] == [auditor.public_hex]
+    assert trust["accept_audited"] == 1 and trust["require_audits"] == 0 and trust["exact_audits"] is True
+    policy = TrustPolicy.for_home(tmp_path)
+    assert publisher.public_bytes in policy.trusted and auditor.public_bytes in policy.auditors
+    assert main(["trust", "rm", auditor.public_hex, "--auditor", "--home", home]) == 0
+    assert read_trust(tmp_path)["auditors"] == []
+    assert main(["trust", "add", "not-a-key", "--home", home]) == 2
+    assert "peer id" in capsys.readouterr().err

@@ -329,23 +329,38 @@ def cmd_id(args) -> int:
 
 
 def cmd_trust(args) -> int:
-    from ..config import read_trusted, trust_add, trust_rm
+    from ..config import read_trust, trust_add, trust_rm, write_trust
 
     home = home_of(args)
-    if args.action == "add":
+    role = "auditors" if args.auditor else "trusted"
+    if args.action in ("add", "rm"):
         if not args.key:
-            raise UsageError("trust add needs a KEY (64 hex digits, as `kvswap id` prints)")
-        keys = trust_add(home, args.key)
-    elif args.action == "rm":
-        if not args.key:
-            raise UsageError("trust rm needs a KEY")
-        keys = trust_rm(home, args.key)
-    else:
-        keys = read_trusted(home)
-    own = _key(args).public_hex
-    emit(args, {"self": own, "trusted": sorted(keys)},
-         lambda r: "\n".join([f"{r['self']}  (this node, always trusted)"] + r["trusted"]))
+            raise UsageError(f"trust {args.action} needs a KEY: 64 hex digits (`kvswap id`) or a peer id (12D3KooW...)")
+        (trust_add if args.action == "add" else trust_rm)(home, args.key, role)
+    elif args.action == "policy":
+        trust = read_trust(home)
+        for name in ("accept_audited", "require_audits"):
+            value = getattr(args, name)
+            if value is not None:
+                if value < 0:
+                    raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+                trust[name] = value
+        if args.exact_audits is not None:
+            trust["exact_audits"] = args.exact_audits
+        write_trust(home, trust)
+    elif args.key or args.auditor:
+        raise UsageError("trust ls takes no KEY")
+    trust = read_trust(home)
+    emit(args, {"self": _key(args).public_hex, **trust}, _render_trust)
     return 0
+
+
+def _render_trust(r: dict) -> str:
+    lines = [f"{r['self']}  (this node: always a trusted publisher and auditor)"]
+    lines += [f"{k}  publisher" for k in r["trusted"]] + [f"{k}  auditor" for k in r["auditors"]]
+    lines.append(f"policy: accept_audited {r['accept_audited']}, require_audits {r['require_audits']}, "
+                 f"exact_audits {str(r['exact_audits']).lower()} (FORMAT.md \"Trust policy\")")
+    return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -441,9 +456,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(func=cmd_fsck)
 
-    p = sub.add_parser("trust", help="manage the publisher keys whose artifacts this node accepts")
-    p.add_argument("action", choices=("add", "rm", "ls"))
-    p.add_argument("key", nargs="?", default=None)
+    p = sub.add_parser("trust", help="publishers and auditors whose artifacts and audits this node accepts",
+                       description="add/rm a publisher key (or, with --auditor, an auditor key), ls the lists, or "
+                                   "set the audit policy: accept artifacts from untrusted publishers once N trusted "
+                                   "auditors attest them, require N attestations of every artifact (SECURITY.md).")
+    p.add_argument("action", choices=("add", "rm", "ls", "policy"))
+    p.add_argument("key", nargs="?", default=None, help="64 hex digits (`kvswap id`) or a peer id (12D3KooW...)")
+    p.add_argument("--auditor", action="store_true", help="the key is an auditor's, not a publisher's")
+    p.add_argument("--accept-audited", type=int, default=None, metavar="N",
+                   help="policy: accept an untrusted publisher's artifact once N trusted auditors attest it (0: never)")
+    p.add_argument("--require-audits", type=int, default=None, metavar="N",
+                   help="policy: every artifact needs N attestations by trusted auditors (0: none)")
+    p.add_argument("--exact-audits", action=argparse.BooleanOptionalAction, default=None,
+                   help="policy: count only bit-exact audits")
     add_common(p)
     p.set_defaults(func=cmd_trust)
 
