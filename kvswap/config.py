@@ -1,12 +1,17 @@
-"""A node's home directory: where its key, trust list, config and store live.
+"""A node's home directory and its one configuration file, `<home>/config.toml`.
 
     <home>/identity.key   32-byte raw Ed25519 seed, mode 0600 (the libp2p peer id derives from it too)
-    <home>/trust.json     {"trusted": ["<hex public key>", ...]}: publishers whose artifacts we accept
-    <home>/config.json    optional settings, e.g. {"store_budget": "20GiB"}
+    <home>/config.toml    every setting (SETTINGS below) and the report's [prices]; `kvswap config show`
     <home>/store/         chunks by CID, temp files, SQLite index (kvswap/store.py)
+    <home>/ledger.sqlite  transfer and compute events (kvswap/ledger.py)
+    <home>/node.json, api.token, node.log   files of a running daemon (node/runfiles.py)
 
-One place knows these paths so the CLI, the daemon and tests agree on them (`--home` / KVSWAP_HOME let
-several nodes share one machine).
+Every setting is declared once, in SETTINGS: its table and key in config.toml, its type, its default, and
+the environment variable that overrides it. A value comes from, lowest to highest: the default, config.toml,
+the environment, a command-line flag; `Config.source(...)` says which (LMCache's "single configuration
+definition centre"). `kvswap trust` and `kvswap config set` edit config.toml with tomlkit, which keeps a
+user's comments and layout. Older homes kept the trust list in trust.json and the store budget in
+config.json: both are still read, and moved into config.toml on the first write.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import FormatError, UsageError
 
-#: default store size budget for `kvswap gc` when neither --budget nor config.json says otherwise
-DEFAULT_STORE_BUDGET = 20 * 1024**3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+#: the default libp2p port: fixed, so a node's address (and so every other node's --bootstrap) survives a
+#: restart; a second node on one machine names another with --listen
+DEFAULT_PORT = 4001
 
 
 @dataclass(frozen=True)
@@ -33,16 +41,24 @@ class HomeLayout:
         return self.root / "identity.key"
 
     @property
-    def trust_file(self) -> Path:
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def legacy_trust_file(self) -> Path:
         return self.root / "trust.json"
 
     @property
-    def config_file(self) -> Path:
+    def legacy_config_file(self) -> Path:
         return self.root / "config.json"
 
     @property
     def store_dir(self) -> Path:
         return self.root / "store"
+
+    @property
+    def ledger_file(self) -> Path:
+        return self.root / "ledger.sqlite"
 
     def ensure(self) -> "HomeLayout":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -51,7 +67,7 @@ class HomeLayout:
 
 def parse_size(text: str | int) -> int:
     """'500M', '20GiB', '1.5g', '1048576' -> bytes (K/M/G/T are powers of 1024)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
     m = _SIZE.match(str(text))
     if not m:
@@ -60,23 +76,7 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def load_config(home: Path) -> dict:
-    path = HomeLayout(Path(home)).config_file
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return data
-
-
-def store_budget(home: Path) -> int:
-    return parse_size(load_config(home).get("store_budget", DEFAULT_STORE_BUDGET))
-
-
+# --- keys in the trust lists -------------------------------------------------------------------------
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 #: a libp2p Ed25519 peer id is base58 of: identity multihash (0x00, length 36) over the protobuf PublicKey
 #: {Type: Ed25519 (field 1 = 1), Data: 32 bytes (field 2)}; the key is its last 32 bytes
@@ -97,9 +97,9 @@ def key_of_peer_id(peer_id: str) -> str | None:
     return raw[6:].hex()
 
 
-def _check_key_hex(key: str) -> str:
+def check_key(key: str) -> str:
     """A trust-list key: 64 hex digits (`kvswap id`), or the peer id every other command prints."""
-    key = key.strip()
+    key = str(key).strip()
     from_peer = key_of_peer_id(key)
     if from_peer is not None:
         return from_peer
@@ -109,46 +109,213 @@ def _check_key_hex(key: str) -> str:
     return key
 
 
-#: trust.json fields and their defaults (artifact/signing.py TrustPolicy says what each means)
-TRUST_DEFAULTS = {"trusted": [], "auditors": [], "accept_audited": 0, "require_audits": 0, "exact_audits": False}
+# --- the settings --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    table: str
+    key: str
+    default: Any
+    kind: str  # str | int | float | bool | size | list | keys
+    env: str | None
+    help: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}.{self.key}"
 
 
-def read_trust(home: Path) -> dict:
-    """<home>/trust.json as a dict with every field (TRUST_DEFAULTS for the missing ones), keys validated."""
-    path = HomeLayout(Path(home)).trust_file
-    out = {k: (list(v) if isinstance(v, list) else v) for k, v in TRUST_DEFAULTS.items()}
-    if not path.exists():
-        return out
+SETTINGS: tuple[Setting, ...] = (
+    Setting("node", "listen", [f"/ip4/127.0.0.1/tcp/{DEFAULT_PORT}"], "list", "KVSWAP_LISTEN",
+            "libp2p listen multiaddrs (a fixed port keeps the address across restarts)"),
+    Setting("node", "bootstrap", [], "list", "KVSWAP_BOOTSTRAP",
+            "peers to join through (`kvswap node addr` on a running node prints one)"),
+    Setting("node", "api", "127.0.0.1:0", "str", "KVSWAP_API", "control API host:port (loopback only; 0 = any port)"),
+    Setting("node", "model", "", "str", "KVSWAP_MODEL", "model name, hub id or folder ('' = the default model)"),
+    Setting("node", "dtype", "bf16", "str", "KVSWAP_DTYPE", "bf16 | fp16 | fp32"),
+    Setting("node", "decode", "", "str", "KVSWAP_DECODE", "eager | static | compiled ('' = compiled on CUDA, else eager)"),
+    Setting("node", "audit_fraction", 0.05, "float", "KVSWAP_AUDIT_FRACTION",
+            "blocks of each fetched artifact audited before use (0 = off)"),
+    Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)"),
+    Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
+    Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),
+    Setting("trust", "trusted", [], "keys", None, "publisher keys whose artifacts this node accepts"),
+    Setting("trust", "auditors", [], "keys", None, "auditor keys whose attestations count"),
+    Setting("trust", "accept_audited", 0, "int", None,
+            "accept an untrusted publisher's artifact once this many trusted auditors attest it (0 = never)"),
+    Setting("trust", "require_audits", 0, "int", None, "attestations by trusted auditors every artifact needs"),
+    Setting("trust", "exact_audits", False, "bool", None, "count only bit-exact audits"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+#: tables config.toml may hold; [prices] belongs to the report (kvswap/report/prices.py checks its keys)
+TABLES = sorted({s.table for s in SETTINGS} | {"prices"})
+
+
+def setting(name: str) -> Setting:
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or set(data) - set(TRUST_DEFAULTS):
-            raise TypeError(f"expected an object with fields among {sorted(TRUST_DEFAULTS)}")
-        for name in ("trusted", "auditors"):
-            keys = data.get(name, [])
-            if not isinstance(keys, list):
-                raise TypeError(f"'{name}' is not a list")
-            out[name] = sorted({_check_key_hex(k) for k in keys})
-        for name in ("accept_audited", "require_audits"):
-            value = data.get(name, 0)
+        return _BY_NAME[name]
+    except KeyError:
+        raise UsageError(f"no setting {name!r} (known: {', '.join(sorted(_BY_NAME))})") from None
+
+
+def coerce(s: Setting, value: Any, origin: str) -> Any:
+    """`value` as setting `s` holds it; UsageError naming `origin` (the file, variable or flag) otherwise."""
+    try:
+        if s.kind in ("list", "keys"):
+            if isinstance(value, str):
+                value = [v for v in re.split(r"[\s,]+", value) if v]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            return sorted({check_key(v) for v in value}) if s.kind == "keys" else list(value)
+        if s.kind == "bool":
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise TypeError("true or false")
+            return value
+        if s.kind == "int":
+            value = int(value) if isinstance(value, str) else value
             if type(value) is not int or value < 0:
-                raise TypeError(f"'{name}' must be a non-negative integer")
-            out[name] = value
-        if type(data.get("exact_audits", False)) is not bool:
-            raise TypeError("'exact_audits' must be true or false")
-        out["exact_audits"] = data.get("exact_audits", False)
-    except (OSError, ValueError, KeyError, TypeError, UsageError) as exc:
-        raise FormatError(f"{path}: bad trust file ({exc})") from None
+                raise TypeError("a non-negative integer")
+            return value
+        if s.kind == "float":
+            value = float(value) if isinstance(value, str) else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise TypeError("a number from 0 to 1")
+            return float(value)
+        if s.kind == "size":
+            try:
+                parse_size(value)
+            except UsageError:
+                raise TypeError("a size such as 500M or 20GiB") from None
+            return value
+        if not isinstance(value, str):
+            raise TypeError("a string")
+        return value
+    except (TypeError, ValueError, UsageError) as exc:
+        raise UsageError(f"{origin}: {s.name} must be {exc}, got {value!r:.60}") from None
+
+
+@dataclass
+class Config:
+    """The effective settings of one home: values and where each came from."""
+
+    path: Path
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    prices: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[setting(name).name]
+
+    def source(self, name: str) -> str:
+        return self.sources[setting(name).name]
+
+    def show(self) -> dict:
+        """What `kvswap config show --json` prints."""
+        return {"file": str(self.path),
+                "settings": {n: {"value": self.values[n], "source": self.sources[n], "help": _BY_NAME[n].help}
+                             for n in sorted(self.values)},
+                "prices": self.prices}
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise FormatError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(TABLES))
+    if unknown:
+        raise FormatError(f"{path}: unknown table(s) {', '.join(unknown)} (known: {', '.join(TABLES)})")
+    for table, body in data.items():
+        if not isinstance(body, dict):
+            raise FormatError(f"{path}: [{table}] must be a table")
+        if table != "prices":
+            extra = sorted(f"{table}.{k}" for k in body if f"{table}.{k}" not in _BY_NAME)
+            if extra:
+                raise FormatError(f"{path}: unknown setting(s) {', '.join(extra)} (`kvswap config show` lists them)")
+    return data
+
+
+def _legacy(layout: HomeLayout) -> dict[str, Any]:
+    """Settings an older home kept in trust.json / config.json (until config.toml takes them over)."""
+    out: dict[str, Any] = {}
+    if layout.legacy_trust_file.is_file():
+        try:
+            data = json.loads(layout.legacy_trust_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{layout.legacy_trust_file}: bad trust file ({exc})") from None
+        if isinstance(data, dict):
+            out.update({f"trust.{k}": v for k, v in data.items() if f"trust.{k}" in _BY_NAME})
+    if layout.legacy_config_file.is_file():
+        try:
+            data = json.loads(layout.legacy_config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{layout.legacy_config_file}: not valid JSON ({exc})") from None
+        if isinstance(data, dict) and "store_budget" in data:
+            out["store.budget"] = data["store_budget"]
     return out
 
 
-def write_trust(home: Path, trust: dict) -> None:
-    """Replace trust.json atomically (temp file + rename)."""
+def load_config(home: Path, flags: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults < config.toml (and legacy files) < environment < `flags` ({"node.listen": [...], ...}; None
+    values ignored). Every value is checked against its setting's type."""
+    layout = HomeLayout(Path(home))
+    environ = os.environ if environ is None else environ
+    data = _read_file(layout.config_file)
+    cfg = Config(layout.config_file, prices=dict(data.get("prices", {})))
+    legacy = _legacy(layout)
+    for s in SETTINGS:
+        value, source = s.default, "default"
+        in_file = data.get(s.table, {})
+        if s.key in in_file:
+            value, source = coerce(s, in_file[s.key], str(layout.config_file)), "config.toml"
+        elif s.name in legacy:
+            value, source = coerce(s, legacy[s.name], "legacy file"), "legacy file"
+        if s.env and environ.get(s.env):
+            value, source = coerce(s, environ[s.env], f"${s.env}"), f"env {s.env}"
+        if flags and flags.get(s.name) is not None:
+            value, source = coerce(s, flags[s.name], "flag"), "flag"
+        cfg.values[s.name], cfg.sources[s.name] = value, source
+    return cfg
+
+
+def update_config(home: Path, changes: dict[str, Any]) -> Config:
+    """Set settings in config.toml (tomlkit: the user's comments and order stay), moving legacy values in."""
+    import tomlkit
+
     layout = HomeLayout(Path(home)).ensure()
-    tmp = layout.trust_file.with_suffix(".json.tmp")
-    body = {**TRUST_DEFAULTS, **trust}
-    body["trusted"], body["auditors"] = sorted(set(body["trusted"])), sorted(set(body["auditors"]))
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
-    os.replace(tmp, layout.trust_file)
+    path = layout.config_file
+    doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.is_file() else tomlkit.document()
+    legacy = _legacy(layout)
+    pending = {**{k: v for k, v in legacy.items() if k.split(".")[1] not in doc.get(k.split(".")[0], {})}, **changes}
+    for name, value in pending.items():
+        s = setting(name)
+        value = coerce(s, value, str(path))
+        if s.table not in doc:
+            doc[s.table] = tomlkit.table()
+        doc[s.table][s.key] = value
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    os.replace(tmp, path)
+    for old in (layout.legacy_trust_file, layout.legacy_config_file):  # moved into config.toml now
+        old.unlink(missing_ok=True)
+    return load_config(home)
+
+
+# --- trust lists (config.toml [trust]) ----------------------------------------------------------------
+TRUST_KEYS = ("trusted", "auditors", "accept_audited", "require_audits", "exact_audits")
+
+
+def read_trust(home: Path) -> dict:
+    """The [trust] table with every field (defaults for the missing ones), keys validated."""
+    cfg = load_config(home)
+    return {k: cfg[f"trust.{k}"] for k in TRUST_KEYS}
+
+
+def write_trust(home: Path, trust: dict) -> None:
+    update_config(home, {f"trust.{k}": v for k, v in trust.items() if k in TRUST_KEYS})
 
 
 def read_trusted(home: Path) -> set[str]:
@@ -157,17 +324,20 @@ def read_trusted(home: Path) -> set[str]:
 
 
 def trust_add(home: Path, key: str, role: str = "trusted") -> set[str]:
-    trust = read_trust(home)
-    trust[role] = sorted(set(trust[role]) | {_check_key_hex(key)})
-    write_trust(home, trust)
-    return set(trust[role])
+    keys = set(read_trust(home)[role]) | {check_key(key)}
+    update_config(home, {f"trust.{role}": sorted(keys)})
+    return keys
 
 
 def trust_rm(home: Path, key: str, role: str = "trusted") -> set[str]:
-    key = _check_key_hex(key)
-    trust = read_trust(home)
-    if key not in trust[role]:
+    key = check_key(key)
+    keys = set(read_trust(home)[role])
+    if key not in keys:
         raise UsageError(f"key {key[:16]}... is not in the {'trust' if role == 'trusted' else 'auditor'} list")
-    trust[role] = sorted(set(trust[role]) - {key})
-    write_trust(home, trust)
-    return set(trust[role])
+    keys.discard(key)
+    update_config(home, {f"trust.{role}": sorted(keys)})
+    return keys
+
+
+def store_budget(home: Path) -> int:
+    return parse_size(load_config(home)["store.budget"])

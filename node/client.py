@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KvswapError, NotFound, error_from_payload
-from ..protocol.limits import API_TIMEOUT_S
+from ..protocol.limits import API_TIMEOUT_S, JOB_POLL_INTERVAL_S
 from . import runfiles
 
 
@@ -60,6 +60,33 @@ def _error_from(exc: urllib.error.HTTPError) -> KvswapError:
     if not isinstance(payload, dict):
         return KvswapError(f"control API answered HTTP {exc.code}")
     return error_from_payload(payload)
+
+
+def wait_job(client: NodeClient, job_id: str, progress=None, cancel_on_interrupt: bool = False) -> Any:
+    """Poll a daemon job to completion and return its result (or raise its error as the same KvswapError).
+
+    `progress(dict)` is called with the job's progress after each poll (bytes/total_bytes/peers for a fetch,
+    tokens/tokens_total for a publish's prefill). With `cancel_on_interrupt`, Ctrl-C cancels the job in the
+    daemon before it propagates: an interrupted `kvswap get` stops fetching."""
+    import time
+
+    try:
+        while True:
+            job = client.get(f"/jobs/{job_id}")
+            if progress is not None and job.get("progress"):
+                progress(job["progress"])
+            if job["state"] == "done":
+                return job["result"]
+            if job["state"] in ("failed", "cancelled"):
+                raise error_from_payload(job.get("error") or {"message": f"job {job['state']}"})
+            time.sleep(JOB_POLL_INTERVAL_S)
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            try:
+                client.post(f"/jobs/{job_id}/cancel", timeout=5)
+            except KvswapError:
+                pass  # the daemon is gone or the job ended: nothing left to cancel
+        raise
 
 
 def maybe_client(home: Path) -> NodeClient | None:

@@ -23,25 +23,16 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import ops
 from ..artifact.pipeline import check_compatible
-from ..artifact.service import (
-    audit_stored,
-    check_document,
-    generate_from_store,
-    home_key,
-    load_artifact,
-    publish_document,
-)
+from ..artifact.service import audit_stored, check_document, generate_from_store, load_artifact
 from ..audit import DEFAULT_AUDIT_FRACTION
-from ..document import Document
-from ..artifact.signing import TrustPolicy
 from ..cid import Cid
-from ..config import HomeLayout
+from ..document import Document
 from ..errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
-from ..ledger import Ledger
+from ..home import Home
 from ..protocol.limits import ENGINE_WAIT_S, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
-from ..store import Store
 from . import runfiles
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
@@ -49,7 +40,6 @@ from .net import Network
 from .storeadapter import StoreArtifacts
 
 log = logging.getLogger("kvswap.node")
-
 
 
 @dataclass
@@ -66,8 +56,9 @@ class NodeConfig:
 
 
 class Daemon:
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, on_ready=None):
         self.config = config
+        self._on_ready = on_ready
         self.home = Path(config.home)
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -82,11 +73,9 @@ class Daemon:
     async def setup(self, group: asyncio.TaskGroup) -> None:
         host, _, port = self.config.api.rpartition(":")
         check_loopback(host)
-        HomeLayout(self.home).ensure()
-        self.key = home_key(self.home)
-        self.store = Store.for_home(self.home)
-        self.ledger = Ledger.for_home(self.home)
-        self.policy = TrustPolicy.for_home(self.home, node_key=self.key, accept_any=self.config.accept_any)
+        self.h = Home(self.home)  # the one object that opens the home's key, store, ledger and trust policy
+        self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
+        self.policy = self.h.policy(self.config.accept_any)
         self.jobs = JobTable(group)
         self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate)
         self.net = Network()
@@ -117,8 +106,7 @@ class Daemon:
                 await asyncio.wait_for(step(), SHUTDOWN_TIMEOUT_S / 2)
             except (asyncio.TimeoutError, KvswapError) as exc:
                 log.warning("shutdown step %s: %r", getattr(step, "__qualname__", step), exc)
-        self.ledger.close()
-        self.store.close()
+        self.h.close()
 
     def request_stop(self, why: str) -> None:
         log.info("stopping (%s)", why)
@@ -131,6 +119,9 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 await self.setup(group)
+                if self._on_ready is not None:
+                    self._on_ready({"peer_id": self.net.peer_id, "addrs": self.net.addrs, "api": self.api_url,
+                                    "pid": os.getpid()})
                 try:
                     await self._stop.wait()
                 finally:  # the group waits for its tasks: cancel the ones this daemon started
@@ -197,22 +188,17 @@ class Daemon:
     async def list_artifacts(self) -> list[dict]:
         return self.store.list_artifacts()
 
-    def start_publish(self, body: dict) -> dict:
-        text = body.get("text")
-        if not isinstance(text, str) or not text:
-            raise UsageError("publish needs the document's text")
-        codec = body.get("codec", "auto")
-        block_tokens = int(body.get("block_tokens") or 64)
+    def start_publish(self, req: dict) -> dict:
+        """POST /publish (fields checked by node/apibody.py): a job that prefills (progress per block), stores,
+        then provides and announces the artifact."""
+        document = Document(req["text"])
 
         async def work(job: Job) -> dict:
             engine = await self.engine_ready()
-            job.progress["stage"] = "prefill"
-            result = await asyncio.to_thread(self._with_engine, publish_document, engine, self.store, self.key,
-                                             text, codec, block_tokens)
-            self.ledger.compute(kind="prefill", seconds=result["prefill_s"], tokens=result["n_tokens"],
-                                model=engine.model_id, dtype=engine.dtype, device=engine.device,
-                                artifact=result["cid"],
-                                extra={"raw_bytes": result["raw_size"], "stored_bytes": result["stored_size"]})
+            job.progress.update(stage="prefill", tokens=0)
+            result = await asyncio.to_thread(self._with_engine, ops.publish_here, self.h, engine, document,
+                                             codec=req["codec"], block_tokens=req["block_tokens"],
+                                             progress=job.progress.update)  # a dict update, from the worker thread
             job.progress["stage"] = "announce"
             cid = Cid.parse(result["cid"])
             manifest = self.store.get_manifest(cid)
@@ -223,54 +209,71 @@ class Daemon:
 
         return self.jobs.start("publish", work).view()
 
-    def start_fetch(self, body: dict) -> dict:
-        n_tokens = body.get("tokens")
+    def start_fetch(self, req: dict) -> dict:
+        """POST /get: a job that fetches (by CID or document hash), then checks the artifact before first use."""
+        if (req["cid"] is None) == (req["document_hash"] is None):
+            raise UsageError("get: give either cid or document_hash")
 
         async def work(job: Job) -> dict:
             self._reload_trust()
-            if body.get("cid"):
-                key: Any = Cid.parse(body["cid"])
+            if req["cid"] is not None:
+                key: Any = req["cid"]
                 expect_model = None
-            elif body.get("document_hash"):
-                engine = await self.engine_ready()
-                key = (engine.fingerprint, str(body["document_hash"]))
-                expect_model = engine.fingerprint
             else:
-                raise UsageError("give a CID or a document hash")
+                engine = await self.engine_ready()
+                key = (engine.fingerprint, req["document_hash"])
+                expect_model = engine.fingerprint
 
             def progress(p) -> None:
                 job.progress.update(bytes=p.bytes_done, total_bytes=p.bytes_total, rate_mb_s=p.rate_mb_s,
                                     peers=len(p.peers), chunks=p.chunks_done, chunks_total=p.chunks_total)
 
-            r = await self.net.fetch(key, n_tokens=n_tokens, progress=progress, expect_model=expect_model)
+            try:
+                r = await self.net.fetch(key, n_tokens=req["tokens"], progress=progress, expect_model=expect_model,
+                                         accept_any=req["accept_any"])
+            except NotFound as exc:
+                raise NotFound(f"{exc}{self._other_models(req['document_hash'])}") from None
             out = {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
                    "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
                    "peers": len(r.providers), "providers": r.providers,
                    "complete": self.store.is_complete(r.cid)}
             job.progress["stage"] = "audit"
-            out["audit"] = await self._check_fetched(r.cid, body.get("document"))
+            out["audit"] = await self._check_fetched(r.cid, req["document"])
             return out
 
         return self.jobs.start("get", work).view()
 
-    async def generate(self, body: dict) -> dict:
+    def _other_models(self, document_hash: str | None) -> str:
+        """When a document was not found for this node's model: who announced it for which other model."""
+        if document_hash is None or self.engine is None:
+            return ""
+        seen = {(a["from"], a["model_fingerprint"]) for a in self.announcements
+                if a["document_hash"] == document_hash and a["model_fingerprint"] != self.engine.fingerprint}
+        if not seen:
+            return ""
+        peer, fp = sorted(seen)[0]
+        named = next((a.get("model_id") for a in self.announcements if a["model_fingerprint"] == fp
+                      and a.get("model_id")), None) or f"model {fp[:12]}"
+        return (f"; peer {peer[:16]} announced it for {named}, but this node runs {self.engine.model_id} "
+                f"({self.engine.fingerprint[:12]}): an artifact is bound to one model")
+
+    async def generate(self, req: dict) -> dict:
+        """POST /generate: ship (from this node's store, with its model) or host (ask another node)."""
         engine = await self.engine_ready()
-        prompt = body.get("prompt") or ""
-        max_new = int(body.get("max_new_tokens", 24))
-        seed = body.get("seed")
-        cid = self._resolve(body, engine)
+        cid = self._resolve(req, engine)
         self._reload_trust()
-        if body.get("host"):
-            suffix = engine.tokenize(prompt) if prompt else []
+        if req["host"]:
+            suffix = engine.tokenize(req["prompt"]) if req["prompt"] else []
             t0 = time.perf_counter()
-            resp = await self.net.remote_generate(body["host"], GenerateRequest(cid, tuple(suffix), max_new, seed))
-            return {"cid": str(cid), "host": body["host"], "tokens": list(resp.tokens), "text": resp.text,
+            resp = await self.net.remote_generate(
+                req["host"], GenerateRequest(cid, tuple(suffix), req["max_new_tokens"], req["seed"]))
+            return {"cid": str(cid), "host": req["host"], "tokens": list(resp.tokens), "text": resp.text,
                     "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
                     "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
-        document = Document(body["document"]) if body.get("document") else None
-        out = await asyncio.to_thread(self._with_engine, generate_from_store, engine, self.store, cid, prompt,
-                                      max_new, self.policy, seed, document)
-        self._log_generation(engine, cid, out, kind="generate")
+        document = Document(req["document"]) if req["document"] else None
+        out = await asyncio.to_thread(self._with_engine, generate_from_store, engine, self.store, cid, req["prompt"],
+                                      req["max_new_tokens"], self.policy, req["seed"], document, req["temperature"])
+        ops._log_generation(self.h, engine, cid, out)
         out["mode"] = "local"
         return out
 
@@ -301,44 +304,32 @@ class Daemon:
             device=engine.device, artifact=str(cid), extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
         return {k: result[k] for k in ("blocks", "n_blocks", "drawn", "mode", "max_rel", "seconds", "bounds")}
 
-    async def audit(self, body: dict) -> dict:
+    async def audit(self, req: dict) -> dict:
         """POST /audit: audit a stored artifact with this node's model (kvswap audit through the node)."""
         engine = await self.engine_ready()
-        cid = Cid.parse(str(body.get("cid", "")))
-        document = Document(body["document"]) if body.get("document") else None
+        cid = req["cid"]
+        document = Document(req["document"]) if req["document"] else None
         self._reload_trust()
         result = await asyncio.to_thread(
-            self._with_engine, audit_stored, engine, self.store, cid, fraction=body.get("fraction"),
-            blocks=body.get("blocks"), full=bool(body.get("full")), seed=body.get("seed"),
-            require_exact=bool(body.get("exact")), key=self.key if body.get("sign", True) else None,
-            document=document, prefer=self.policy.auditors)
+            self._with_engine, audit_stored, engine, self.store, cid, fraction=req["fraction"],
+            blocks=req["blocks"], full=req["full"], seed=req["seed"], require_exact=req["exact"],
+            key=self.key if req["sign"] else None, document=document, prefer=self.policy.auditors)
         self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=0, model=engine.model_id,
                             dtype=engine.dtype, device=engine.device, artifact=str(cid),
                             extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
         return result
 
     def _reload_trust(self) -> None:
-        """Pick up `kvswap trust add/rm` made while the daemon runs (trust.json is the source of truth)."""
-        self.policy = TrustPolicy.for_home(self.home, node_key=self.key, accept_any=self.config.accept_any)
+        """Pick up `kvswap trust add/rm` made while the daemon runs (config.toml [trust] is the source of truth)."""
+        self.policy = self.h.policy(self.config.accept_any)
         self.artifacts.policy = self.policy
 
-    def _resolve(self, body: dict, engine: Any) -> Cid:
-        if body.get("cid"):
-            return Cid.parse(body["cid"])
-        if body.get("document_hash"):
-            found = self.store.find_by_document(engine.fingerprint, str(body["document_hash"]), complete_only=True)
-            if found:
-                return found[0]
-            raise NotFound("no complete artifact of this document for this node's model (run `kvswap get` first)")
+    def _resolve(self, req: dict, engine: Any) -> Cid:
+        if req["cid"] is not None:
+            return req["cid"]
+        if req["document_hash"] is not None:
+            return ops.resolve(self.h, engine, ops.Source(document_hash=req["document_hash"]))
         raise UsageError("give an artifact CID or a document")
-
-    def _log_generation(self, engine: Any, cid: Cid, out: dict, kind: str) -> None:
-        common = dict(model=engine.model_id, dtype=engine.dtype, device=engine.device, artifact=str(cid))
-        load_s = float(out.get("read_verify_s", 0.0)) + float(out.get("load_s", 0.0))
-        self.ledger.compute(kind="load", seconds=load_s, tokens=int(out.get("document_tokens", 0)), **common)
-        self.ledger.compute(kind=kind, seconds=float(out.get("decode_s", 0.0)), tokens=len(out.get("tokens", [])),
-                            extra={"suffix_tokens": out.get("suffix_tokens", 0),
-                                   "suffix_prefill_s": out.get("prefill_s", 0.0)}, **common)
 
     # --- hosting (runs in a network worker thread) -------------------------------------------------------
     def _hosted_generate(self, request: GenerateRequest) -> GenerateResponse:
@@ -364,26 +355,28 @@ class Daemon:
                                                  max_new_tokens=request.max_new_tokens, seed=request.seed)
         out = result.to_dict()
         out.update(read_verify_s=load_s, document_tokens=kv.n_tokens, suffix_tokens=len(request.suffix_ids))
-        self._log_generation(engine, cid, out, kind="hosted_generate")
+        ops._log_generation(self.h, engine, cid, out, kind="hosted_generate")
         timings = (("load_s", load_s), ("prefill_s", float(out.get("prefill_s", 0.0))),
                    ("decode_s", float(out.get("decode_s", 0.0))))
         return GenerateResponse(tuple(result.tokens), result.text, timings)
 
     def _on_announce(self, announce: Any, sender: str) -> None:
         self.announcements.append({"cid": str(announce.artifact_cid), "from": sender,
-                                   "document_hash": announce.document_hash, "n_tokens": announce.n_tokens})
+                                   "document_hash": announce.document_hash, "n_tokens": announce.n_tokens,
+                                   "model_fingerprint": announce.model_fingerprint})
         log.info("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
 
 
 def _setup_logging(home: Path) -> None:
-    HomeLayout(home).ensure()
+    Path(home).mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(home / runfiles.LOG_FILE)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
 
-def run_daemon(config: NodeConfig) -> int:
-    """`kvswap node start`: run in the foreground until SIGINT/SIGTERM or `kvswap node stop`."""
+def run_daemon(config: NodeConfig, on_ready=None) -> int:
+    """`kvswap node start`: run in the foreground until SIGINT/SIGTERM or `kvswap node stop`. `on_ready(info)`
+    is called once the node listens, with {peer_id, addrs, api, pid} (the CLI prints it)."""
     home = Path(config.home)
     try:
         info = runfiles.read_node_file(home)
@@ -391,4 +384,4 @@ def run_daemon(config: NodeConfig) -> int:
     except NotFound:
         pass
     _setup_logging(home)
-    return asyncio.run(Daemon(config).main())
+    return asyncio.run(Daemon(config, on_ready).main())

@@ -83,10 +83,10 @@ class FetchTarget(Protocol):
     `verifies_chunks = True` so the fetcher does not hash every chunk twice.
     """
 
-    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b""
-                        ) -> VerifiedManifest:
-        """Parse + validate, check signatures (and audit attestations) against the trust policy. Raise
-        IntegrityError / FormatError."""
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b"",
+                        accept_any: bool = False) -> VerifiedManifest:
+        """Parse + validate, check signatures (and audit attestations) against the trust policy (with any valid
+        signer accepted for this fetch when `accept_any`). Raise IntegrityError / FormatError."""
 
     def put_manifest(self, verified: VerifiedManifest) -> None:
         """Register the artifact before its chunks arrive."""
@@ -171,8 +171,8 @@ class Fetcher:
         return [p for p in dict.fromkeys(found + self.p2p.connected_peers()) if p != me]
 
     async def fetch_manifest(self, key: FetchKey, providers: list[str],
-                             expect_model: str | None = None, expect_dtype: str | None = None
-                             ) -> tuple[VerifiedManifest, list[str]]:
+                             expect_model: str | None = None, expect_dtype: str | None = None,
+                             accept_any: bool = False) -> tuple[VerifiedManifest, list[str]]:
         """The first manifest a provider serves that verifies; returns it and the providers that had it."""
         errors: list[str] = []
         rejections: list[KvswapError] = []  # manifests that arrived but failed verification
@@ -180,7 +180,7 @@ class Fetcher:
             try:
                 reply = await self.exchange.request_manifest(peer, key.request())
                 verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
-                                              reply.attestations)
+                                              reply.attestations, accept_any)
             except NotFound:
                 continue
             except RemoteProtocolError as exc:  # the peer misbehaved or went away: try the next one
@@ -224,13 +224,14 @@ class Fetcher:
         expect_model: str | None = None,
         expect_dtype: str | None = None,
         providers: list[str] | None = None,
+        accept_any: bool = False,
     ) -> FetchResult:
         started = time.monotonic()
         new_request_id()  # every ledger row of this fetch shares one request id
         candidates = providers if providers is not None else await self.resolve(key)
         if not candidates:
             raise NotFound(f"no provider found for {key}")
-        verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype)
+        verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype, accept_any)
         await self._thread(self.target.put_manifest, verified)
         wanted = list({b.cid: b for b in verified.blobs
                        if n_tokens is None or b.token_start < n_tokens}.values())  # a CID may repeat

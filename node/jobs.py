@@ -25,10 +25,12 @@ class Job:
     id: str
     kind: str
     started: float = field(default_factory=time.time)
-    state: str = "running"  # running | done | failed
+    state: str = "running"  # running | done | failed | cancelled
     progress: dict = field(default_factory=dict)
     result: Any = None
     error: dict | None = None
+    task: asyncio.Task | None = field(default=None, repr=False)
+    cancel_requested: bool = False
 
     def view(self) -> dict:
         return {
@@ -52,7 +54,7 @@ class JobTable:
     def start(self, kind: str, work: Callable[[Job], Awaitable[Any]]) -> Job:
         job = Job(id=f"{kind}-{next(self._ids)}", kind=kind)
         self._jobs[job.id] = job
-        task = self._group.create_task(self._run(job, work))
+        task = job.task = self._group.create_task(self._run(job, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._trim()
@@ -66,6 +68,10 @@ class JobTable:
             job.state, job.error = "failed", error_payload(exc)
             log.warning("%s failed: %s", job.id, exc)
         except asyncio.CancelledError:
+            if job.cancel_requested:  # the poller asked (Ctrl-C on `kvswap get`): end this job, not the daemon
+                job.state, job.error = "cancelled", error_payload(KvswapError(f"{job.kind} cancelled"))
+                log.info("%s cancelled", job.id)
+                return
             job.state, job.error = "failed", error_payload(KvswapError("node shutting down"))
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: keep the daemon alive, report it to the poller
@@ -76,6 +82,15 @@ class JobTable:
         """Cancel every job still running (the daemon is stopping); pollers see them failed."""
         for task in list(self._tasks):
             task.cancel()
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel one running job (its fetch stops, chunks already stored stay for a later resume). Work that
+        runs in a worker thread (a publish's prefill) finishes there, but its result is dropped."""
+        job = self.get(job_id)
+        if job.state == "running" and job.task is not None:
+            job.cancel_requested = True
+            job.task.cancel()
+        return job
 
     def get(self, job_id: str) -> Job:
         try:

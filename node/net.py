@@ -275,6 +275,7 @@ class Network:
         expect_model: str | None = None,
         expect_dtype: str | None = None,
         providers: Sequence[str] | None = None,
+        accept_any: bool = False,
     ) -> FetchResult:
         """Fetch an artifact (a Cid, or (model fingerprint, document hash)) into the target store.
 
@@ -292,7 +293,7 @@ class Network:
         report = (lambda p: bridge.call_soon_in_asyncio(progress, p)) if progress else None
         return await bridge.call(
             _fetch, node.fetcher, fkey, n_tokens, report, expect_model, expect_dtype,
-            list(providers) if providers is not None else None,
+            list(providers) if providers is not None else None, accept_any,
         )
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
@@ -303,9 +304,10 @@ class Network:
         return await self._bridge.call(node.exchange.remote_generate, peer, request)
 
 
-async def _fetch(fetcher: Fetcher, key: FetchKey, n_tokens, report, expect_model, expect_dtype, providers):
+async def _fetch(fetcher: Fetcher, key: FetchKey, n_tokens, report, expect_model, expect_dtype, providers,
+                 accept_any=False):
     return await fetcher.fetch(key, n_tokens=n_tokens, progress=report, expect_model=expect_model,
-                               expect_dtype=expect_dtype, providers=providers)
+                               expect_dtype=expect_dtype, providers=providers, accept_any=accept_any)
 
 
 __all__ = ["FetchProgress", "FetchResult", "Network", "TrioNode", "parse_fetch_key", "provide_keys"]

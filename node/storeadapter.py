@@ -108,12 +108,13 @@ class StoreArtifacts:
         return self._generate(request)
 
     # --- FetchTarget --------------------------------------------------------------------------------------
-    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b""
-                        ) -> VerifiedManifest:
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b"",
+                        accept_any: bool = False) -> VerifiedManifest:
         parsed = decode_manifest(manifest)
         decoded = [e for blob in envelopes for e in decode_envelopes(blob)]
         audits = decode_attestations(attestations) if attestations else []
-        verify_envelopes(decoded, parsed.cid, self.policy, audits, parsed.model_fingerprint)
+        policy = replace(self.policy, accept_any=True) if accept_any else self.policy  # for this fetch only
+        verify_envelopes(decoded, parsed.cid, policy, audits, parsed.model_fingerprint)
         return replace(verified_from_manifest(parsed, envelopes), attestations=attestations)
 
     def put_manifest(self, verified: VerifiedManifest) -> None:

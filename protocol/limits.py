@@ -82,6 +82,10 @@ SHUTDOWN_TIMEOUT_S = 10.0
 MAX_API_BODY_BYTES = 64 * MiB
 #: Seconds the CLI waits for one control-API answer (long operations are jobs it polls instead).
 API_TIMEOUT_S = 30.0
+#: Deepest JSON nesting a control-API body may have (every body kvswap sends is 2 levels deep).
+MAX_API_JSON_DEPTH = 32
+#: Seconds between two polls of a daemon job (fetch, publish) by the CLI or a Python caller.
+JOB_POLL_INTERVAL_S = 0.2
 #: Seconds a control-API request waits for the node's model to finish loading before it is refused.
 ENGINE_WAIT_S = 600.0
 #: Artifacts whose verified KV a hosting node keeps in memory for repeated hosted requests (each is the

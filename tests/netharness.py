@@ -85,8 +85,8 @@ class DirArtifacts:
         return verified
 
     # --- FetchTarget ----------------------------------------------------------------------------------
-    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b""
-                        ) -> VerifiedManifest:
+    def verify_manifest(self, manifest: bytes, envelopes: Sequence[bytes], attestations: bytes = b"",
+                        accept_any: bool = False) -> VerifiedManifest:
         return parse_manifest(manifest, envelopes)
 
     def has_chunk(self, cid: Cid) -> bool:

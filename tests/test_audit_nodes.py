@@ -4,8 +4,6 @@ not trust the publisher but trusts the auditor accepts the artifact because of i
 
 from __future__ import annotations
 
-import json
-
 from kvswap.artifact.signing import NodeKey
 from kvswap.store import Store
 from tests.nodes import NodeProc, cli, cli_json
@@ -51,8 +49,8 @@ def test_fetched_artifacts_are_audited_attested_and_attestations_admit(tmp_path,
         assert [x["auditor"] for x in inspect["attestations"]] == [b_key]
 
         # C trusts B as an auditor, not A as a publisher: B's attestation, served with the manifest, admits it
-        trust = {"trusted": [], "auditors": [b_key], "accept_audited": 1}
-        (c.home / "trust.json").write_text(json.dumps(trust))
+        cli(c.home, "trust", "add", b_key, "--auditor")
+        cli(c.home, "trust", "policy", "--accept-audited", "1")
         c.wait_model()
         got_c = cli_json(c.home, "get", pub["cid"], "--no-progress")
         assert got_c["cid"] == pub["cid"]

@@ -62,14 +62,14 @@ def test_missing_file_and_directory(tmp_path):
 
 def test_get_request_and_publish_agree_on_the_hash_of_a_crlf_bom_file(tmp_path, tiny_engine):
     """`get --doc` builds its request from the same Document as `publish` (no daemon needed to check that)."""
-    from kvswap.cli.node_cmds import fetch_request
+    from kvswap.cli.node_cmds import fetch_source
 
     path = tmp_path / "win.txt"
     path.write_bytes(BOM + CRLF_TEXT.encode())
     home = tmp_path / "home"
     pub = cli_json(home, "publish", str(path), "--model", "tiny-qwen3", "--block-tokens", "16")
-    req = fetch_request(argparse.Namespace(cid=None, doc=path, doc_hash=None, tokens=None))
-    assert req["document_hash"] == pub["document_hash"] == hashlib.sha256(CRLF_TEXT.encode()).hexdigest()
+    source = fetch_source(argparse.Namespace(cid=None, doc=path, doc_hash=None, tokens=None))
+    assert source.hash == pub["document_hash"] == hashlib.sha256(CRLF_TEXT.encode()).hexdigest()
     # `generate --doc` (local store, no daemon) finds the same artifact by the same hash
     out = cli_json(home, "generate", "--doc", str(path), "--prompt", " Next:", "--max-new-tokens", "4",
                    "--model", "tiny-qwen3")

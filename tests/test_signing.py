@@ -117,9 +117,25 @@ def test_trust_file_and_self_trust(tmp_path):
         trust_add(tmp_path, "nothex")
     with pytest.raises(UsageError):
         trust_rm(tmp_path, friend.public_hex)
-    HomeLayout(tmp_path).trust_file.write_text("{not json")
-    with pytest.raises(FormatError):
+    HomeLayout(tmp_path).config_file.write_text("[trust\ntrusted = 1")
+    with pytest.raises(FormatError, match="not valid TOML"):
         read_trusted(tmp_path)
+    HomeLayout(tmp_path).config_file.write_text('[trust]\ntrusted = ["nothex"]\n')
+    with pytest.raises(UsageError, match="trust.trusted"):
+        read_trusted(tmp_path)
+
+
+def test_legacy_trust_json_is_read_then_moved_into_config_toml(tmp_path):
+    friend, other = NodeKey.generate(), NodeKey.generate()
+    (tmp_path / "trust.json").write_text('{"trusted": ["%s"]}' % friend.public_hex)
+    (tmp_path / "config.json").write_text('{"store_budget": "1GiB"}')
+    assert read_trusted(tmp_path) == {friend.public_hex}
+    trust_add(tmp_path, other.public_hex)
+    assert read_trusted(tmp_path) == {friend.public_hex, other.public_hex}
+    assert not (tmp_path / "trust.json").exists() and not (tmp_path / "config.json").exists()
+    from kvswap.config import store_budget
+
+    assert store_budget(tmp_path) == 1024**3 and "budget" in (tmp_path / "config.toml").read_text()
 
 
 def test_trust_cli_takes_peer_ids_auditors_and_policy(tmp_path, capsys):

@@ -22,7 +22,7 @@ from .signing import NodeKey, TrustPolicy, verify_envelopes
 
 
 def publish_document(engine, store: Store, key: NodeKey, text: str | Document, codec: str = "auto",
-                     block_tokens: int = DEFAULT_BLOCK_TOKENS) -> dict:
+                     block_tokens: int = DEFAULT_BLOCK_TOKENS, progress=None) -> dict:
     """Tokenize, prefill, chunk, compress, sign and store one document. Returns a JSON-friendly summary.
 
     The manifest is registered before its chunks are written, so a crash mid-publish leaves an incomplete
@@ -31,7 +31,8 @@ def publish_document(engine, store: Store, key: NodeKey, text: str | Document, c
     doc_hash = doc.hash
     ids = engine.tokenize(doc.text)
     t0 = time.perf_counter()
-    kv = engine.prefill(ids, step=block_tokens)  # block-aligned: auditable exactly, shared prefixes share chunks
+    # block-aligned: auditable exactly, shared prefixes share chunks; progress(tokens done, total) per block
+    kv = engine.prefill(ids, step=block_tokens, progress=progress)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     manifest, chunks = publish_kv(
@@ -182,7 +183,7 @@ def load_artifact(engine, store: Store, manifest: Manifest, n_tokens: int | None
 
 def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tokens: int = 24,
                         policy: TrustPolicy | None = None, seed: int | None = None,
-                        document: Document | None = None) -> dict:
+                        document: Document | None = None, temperature: float = 1.0) -> dict:
     """Load a stored artifact into `engine` (every chunk verified) and generate after the prompt.
 
     The prompt's token ids are appended to the document's (never re-tokenizing the joined text). With a
@@ -200,7 +201,8 @@ def generate_from_store(engine, store: Store, cid: Cid, prompt: str, max_new_tok
     loaded = load_artifact(engine, store, manifest)
     store.touch(cid)
     suffix = engine.tokenize(prompt) if prompt else []
-    result = engine.generate_from_loaded(loaded, suffix, max_new_tokens=max_new_tokens, seed=seed)
+    result = engine.generate_from_loaded(loaded, suffix, max_new_tokens=max_new_tokens, seed=seed,
+                                         temperature=temperature)
     out = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     out.update({"cid": str(cid), "document_tokens": manifest.n_tokens, "suffix_tokens": len(suffix),
                 "read_verify_s": round(loaded.load_s, 4)})

@@ -19,12 +19,14 @@ from typing import Any, Callable
 from ..errors import KvswapError
 
 #: command-group modules, in the order `kvswap --help` lists them
-_GROUPS = ("engine_cmds", "artifact_cmds", "node_cmds", "report_cmds", "demo_cmds")
+_GROUPS = ("engine_cmds", "artifact_cmds", "node_cmds", "report_cmds", "config_cmds", "demo_cmds")
 
 
 def default_home() -> Path:
-    """The node's home: --home, else $KVSWAP_HOME, else ~/.kvswap."""
-    return Path(os.environ.get("KVSWAP_HOME") or Path.home() / ".kvswap")
+    """The node's home: --home, else $KVSWAP_HOME, else ~/.kvswap (kvswap/home.py decides)."""
+    from ..home import default_home_path
+
+    return default_home_path()
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Share LLM KV caches peer to peer: publish once, fetch, verify, generate without prefill.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvswap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _GROUPS:
         try:
@@ -88,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `kvswap ledger | head`: the reader left; that is not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush does not raise
+        return 141  # 128 + SIGPIPE, as a shell reports a pipe's writer that stopped
     except KvswapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

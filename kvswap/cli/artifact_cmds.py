@@ -73,20 +73,13 @@ def _daemon(args):
 
 
 def cmd_publish(args) -> int:
-    from ..artifact.service import publish_document
-    from ..engine import load_engine
+    from .. import ops
+    from .progress import bar
 
     doc = _read_doc(args.file)
-    client = _daemon(args)
-    if client is not None:  # the daemon prefills with its resident model, then provides and announces
-        from .node_cmds import wait_job
-
-        job = client.post("/publish", {"text": doc.text, "codec": args.codec, "block_tokens": args.block_tokens})
-        emit(args, wait_job(client, job["id"], show_progress=False), _render_publish)
-        return 0
-    engine = load_engine(args.model, dtype=args.dtype)
-    with _store(args) as store:
-        result = publish_document(engine, store, _key(args), doc, codec=args.codec, block_tokens=args.block_tokens)
+    with bar("prefill", enabled=not args.json) as progress:
+        result = ops.publish(doc, home=home_of(args), model=args.model, dtype=args.dtype, codec=args.codec,
+                             block_tokens=args.block_tokens, progress=progress)
     emit(args, result, _render_publish)
     return 0
 
@@ -104,38 +97,20 @@ def _render_publish(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from ..artifact.service import generate_from_store, resolve_artifact
-    from ..engine import load_engine
+    from .. import ops
 
-    client = _daemon(args)
-    if args.host and client is None:
-        raise UsageError("--host needs a running node in this home (`kvswap node start`)")
-    if client is not None:  # ship (local store) or host (--host PEER), through the daemon's model
-        body: dict = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "host": args.host}
-        if args.doc is not None:
-            doc = _read_doc(args.doc)
-            body["document_hash"], body["document"] = doc.hash, doc.text  # the node checks the binding
-        elif args.cid is not None:
+    if args.doc is not None:
+        source = _read_doc(args.doc)
+    elif args.cid is not None:
+        source = args.cid
+        if not args.host:  # a CID prefix names a local artifact
             with _store(args) as store:
-                body["cid"] = str(resolve_cid(store, args.cid)) if not args.host else args.cid
-        else:
-            raise UsageError("give an artifact CID or --doc FILE")
-        emit(args, client.post("/generate", body, timeout=600), lambda r: r["text"])
-        return 0
-    with _store(args) as store:
-        if args.doc is not None:
-            engine = load_engine(args.model, dtype=args.dtype or "bf16", decode=args.decode)
-            doc = _read_doc(args.doc)
-            manifest = resolve_artifact(store, engine, document_text=doc)
-        else:
-            if args.cid is None:
-                raise UsageError("give an artifact CID or --doc FILE")
-            manifest = store.get_manifest(resolve_cid(store, args.cid))
-            engine = load_engine(args.model or manifest.model_id, dtype=args.dtype or manifest.dtype,
-                                 decode=args.decode)
-        policy = _policy(args, accept_any=args.accept_any)
-        result = generate_from_store(engine, store, manifest.cid, args.prompt, args.max_new_tokens, policy=policy,
-                                     document=doc if args.doc is not None else None)
+                source = resolve_cid(store, args.cid)
+    else:
+        raise UsageError("give an artifact CID or --doc FILE")
+    result = ops.generate(source, args.prompt, home=home_of(args), model=args.model, dtype=args.dtype,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
+                          host=args.host, decode=args.decode, accept_any=args.accept_any)
     emit(args, result, lambda r: r["text"])
     return 0
 
@@ -153,24 +128,14 @@ def audit_request(args) -> dict:
 
 
 def cmd_audit(args) -> int:
-    from ..artifact.service import audit_stored
-    from ..document import Document
+    from .. import ops
 
     body = audit_request(args)
-    client = _daemon(args)
     with _store(args) as store:
         cid = resolve_cid(store, args.cid)
-        if client is not None:  # the node's resident model does the recomputation
-            result = client.post("/audit", {"cid": str(cid), **body}, timeout=3600)
-        else:
-            from ..engine import load_engine
-
-            manifest = store.get_manifest(cid)
-            engine = load_engine(args.model or manifest.model_id, dtype=manifest.dtype)
-            result = audit_stored(engine, store, cid, fraction=body["fraction"], blocks=body["blocks"],
-                                  full=body["full"], seed=body["seed"], require_exact=body["exact"],
-                                  key=_key(args) if body["sign"] else None,
-                                  document=Document(body["document"]) if "document" in body else None)
+    source = ops.Source(cid, _read_doc(args.doc)) if args.doc is not None else cid
+    result = ops.audit(source, home=home_of(args), model=args.model, fraction=body["fraction"], blocks=body["blocks"],
+                       full=body["full"], seed=body["seed"], exact=body["exact"], sign=body["sign"])
     emit(args, result, _render_audit)
     return 0
 
@@ -369,7 +334,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="prefill a document, then chunk, compress, sign and store its KV")
     p.add_argument("file", type=Path)
     p.add_argument("--model", default=None, help="model name, hub id or folder (default: the engine's)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default: config node.dtype (bf16)")
     p.add_argument("--codec", default="auto", choices=CODEC_CHOICES)
     p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS, help="tokens per chunk")
     add_common(p)
@@ -380,6 +345,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--doc", type=Path, default=None, help="find the artifact by this document's hash")
     p.add_argument("--prompt", required=True, help="text appended (as token ids) after the document")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=None, help="sample with this seed (default: greedy)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, with --seed (default 1.0)")
     p.add_argument("--model", default=None, help="engine to load (default: the manifest's model id)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"))
     p.add_argument("--accept-any", action="store_true", help="accept a valid signature by any key")
@@ -447,7 +414,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("gc", help="evict least recently used, unpinned artifacts down to a size budget")
-    p.add_argument("--budget", default=None, help="e.g. 500M, 20GiB (default: config.json store_budget or 20GiB)")
+    p.add_argument("--budget", default=None, help="e.g. 500M, 20GiB (default: config.toml store.budget, 20GiB)")
     add_common(p)
     p.set_defaults(func=cmd_gc)
 

@@ -7,14 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..audit import DEFAULT_AUDIT_FRACTION
-from ..errors import KvswapError, UsageError, error_from_payload
+from ..errors import KvswapError, UsageError
 from . import add_common, emit, home_of
 
 #: seconds `kvswap node stop` waits for the daemon's process to exit
 STOP_WAIT_S = 20.0
-#: seconds between progress polls of a fetch job
-POLL_INTERVAL_S = 0.2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,22 +20,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     start = node_sub.add_parser("start", help="start the daemon in the foreground (Ctrl-C stops it)")
     add_common(start)
+    # every default below comes from <home>/config.toml (`kvswap config show`); a flag overrides it
     start.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
-                       help="libp2p listen address (default /ip4/127.0.0.1/tcp/0); repeatable")
-    start.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR",
-                       help="peers to join the network through (/ip4/.../tcp/.../p2p/PEERID)")
-    start.add_argument("--api", default="127.0.0.1:0", metavar="HOST:PORT", help="control API address (loopback only)")
+                       help="libp2p listen address (default: config node.listen, /ip4/127.0.0.1/tcp/4001); repeatable")
+    start.add_argument("--bootstrap", nargs="*", default=None, metavar="MULTIADDR",
+                       help="peers to join through (/ip4/.../tcp/.../p2p/PEERID; `kvswap node addr` prints one)")
+    start.add_argument("--api", default=None, metavar="HOST:PORT", help="control API address (loopback only)")
     start.add_argument("--model", default=None, help="model for publish/generate/hosting (default: see `kvswap models`)")
-    start.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    start.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     start.add_argument("--decode", default=None, choices=["eager", "static", "compiled"],
                        help="decode step (default: compiled with CUDA graphs on a GPU, paid once at start; eager on "
                             "the CPU)")
-    start.add_argument("--audit-fraction", type=float, default=DEFAULT_AUDIT_FRACTION, metavar="F",
-                       help=f"fraction of the blocks of each fetched artifact to audit before use, signing an "
-                            f"attestation when it passes (default {DEFAULT_AUDIT_FRACTION}; 0 turns it off)")
-    start.add_argument("--accept-any", action="store_true",
+    start.add_argument("--audit-fraction", type=float, default=None, metavar="F",
+                       help="fraction of the blocks of each fetched artifact to audit before use, signing an "
+                            "attestation when it passes (default 0.05; 0 turns it off)")
+    start.add_argument("--accept-any", action="store_true", default=None,
                        help="accept manifests signed by any key (default: only trusted publishers)")
     start.set_defaults(func=cmd_start)
+
+    addr = node_sub.add_parser("addr", help="print one multiaddr of the running node (for another's --bootstrap)")
+    add_common(addr)
+    addr.set_defaults(func=cmd_addr)
 
     status = node_sub.add_parser("status", help="show the running daemon's identity, addresses and store")
     add_common(status)
@@ -59,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     get.add_argument("--doc-hash", help="find the artifact of the document with this sha256")
     get.add_argument("--tokens", type=int, default=None, help="fetch only the chunks covering this many tokens")
     get.add_argument("--no-progress", action="store_true")
+    get.add_argument("--accept-any", action="store_true", help="accept a manifest signed by any key for this fetch")
     get.set_defaults(func=cmd_get)
     node.set_defaults(func=lambda args: (node.print_help(), 2)[1])
 
@@ -70,20 +73,36 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from ..config import load_config
     from ..node.daemon import NodeConfig, run_daemon
 
-    config = NodeConfig(
-        home=home_of(args),
-        listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
-        bootstrap=list(args.bootstrap or []),
-        api=args.api,
-        model=args.model,
-        dtype=args.dtype,
-        accept_any=args.accept_any,
-        decode=args.decode,
-        audit_fraction=args.audit_fraction,
-    )
-    return run_daemon(config)
+    home = home_of(args)
+    cfg = load_config(home, flags={"node.listen": args.listen, "node.bootstrap": args.bootstrap, "node.api": args.api,
+                                   "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
+                                   "node.audit_fraction": args.audit_fraction, "node.accept_any": args.accept_any})
+    config = NodeConfig(home=home, listen=cfg["node.listen"], bootstrap=cfg["node.bootstrap"], api=cfg["node.api"],
+                        model=cfg["node.model"] or None, dtype=cfg["node.dtype"], accept_any=cfg["node.accept_any"],
+                        decode=cfg["node.decode"] or None, audit_fraction=cfg["node.audit_fraction"])
+
+    def ready(info: dict) -> None:  # once listening: the addresses a script (or another node) needs
+        if args.json:
+            import json
+
+            print(json.dumps(info), flush=True)
+        else:
+            print(f"kvswap node {info['peer_id']} (control API {info['api']})", flush=True)
+            for a in info["addrs"]:
+                print(f"  listening on {a}", flush=True)
+
+    return run_daemon(config, on_ready=ready)
+
+
+def cmd_addr(args: argparse.Namespace) -> int:
+    from ..node import runfiles
+
+    info = runfiles.read_node_file(home_of(args))
+    emit(args, {"addr": info["addrs"][0], "addrs": info["addrs"], "peer_id": info["peer_id"]}, lambda r: r["addr"])
+    return 0
 
 
 def _render_status(s: dict) -> str:
@@ -123,8 +142,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_request(args: argparse.Namespace) -> dict:
-    """The /get request body from `get`'s CID / --doc / --doc-hash (exactly one)."""
+def fetch_source(args: argparse.Namespace):
+    """`get`'s CID / --doc / --doc-hash (exactly one), as a kvswap.ops source."""
     from ..cid import Cid
     from ..document import Document
 
@@ -132,52 +151,35 @@ def fetch_request(args: argparse.Namespace) -> dict:
     if len(given) != 1:
         raise UsageError("give exactly one of CID, --doc FILE or --doc-hash HEX")
     if args.cid:
-        return {"cid": str(Cid.parse(args.cid)), "tokens": args.tokens}
+        return Cid.parse(args.cid)
     if args.doc:  # the same reading and hashing as `publish` (kvswap/document.py); the node checks the binding
-        doc = Document.read(args.doc)
-        return {"document_hash": doc.hash, "document": doc.text, "tokens": args.tokens}
+        return Document.read(args.doc)
     doc_hash = args.doc_hash.lower()
     if len(doc_hash) != 64 or any(c not in "0123456789abcdef" for c in doc_hash):
         raise UsageError("--doc-hash takes the 64-hex-digit sha256 of the document's UTF-8 text")
-    return {"document_hash": doc_hash, "tokens": args.tokens}
-
-
-def wait_job(client, job_id: str, show_progress: bool) -> dict:
-    """Poll a daemon job to completion, drawing a progress bar on stderr; return its result."""
-    bar = None
-    if show_progress and sys.stderr.isatty():
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                       TextColumn("{task.fields[peers]} peers"), transient=True)
-        bar.start()
-        task = bar.add_task("fetching", total=None, peers=0)
-    try:
-        while True:
-            job = client.get(f"/jobs/{job_id}")
-            p = job.get("progress") or {}
-            if bar is not None and p:
-                bar.update(task, completed=p.get("bytes", 0), total=p.get("total_bytes") or None,
-                           peers=p.get("peers", 0))
-            if job["state"] == "done":
-                return job["result"]
-            if job["state"] == "failed":
-                raise error_from_payload(job.get("error") or {"message": "job failed"})
-            time.sleep(POLL_INTERVAL_S)
-    finally:
-        if bar is not None:
-            bar.stop()
+    return doc_hash
 
 
 def _render_get(r: dict) -> str:
-    return (f"fetched {r['cid']}\n{r['tokens']} tokens, {r['chunks']} chunks, {r['bytes']:,} bytes "
-            f"from {r['peers']} peer(s) in {r['seconds']:.2f} s")
+    lines = [f"fetched {r['cid']}",
+             f"{r['tokens']} tokens, {r['chunks']} chunks, {r['bytes']:,} bytes from {r['peers']} peer(s) "
+             f"in {r['seconds']:.2f} s"]
+    a = r.get("audit")
+    if a:
+        lines.append(f"audited {len(a['blocks'])} of {a['n_blocks']} blocks before first use: {a['mode']}")
+    return "\n".join(lines)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    request = fetch_request(args)  # bad input fails before the daemon is asked anything
-    client = _client(args)
-    job = client.post("/get", request)
-    result = wait_job(client, job["id"], show_progress=not (args.no_progress or args.json))
+    from .. import ops
+    from .progress import bar
+
+    source = fetch_source(args)  # bad input fails before the daemon is asked anything
+    with bar("fetch", enabled=not (args.no_progress or args.json)) as progress:
+        try:
+            result = ops.get(source, home=home_of(args), n_tokens=args.tokens, accept_any=args.accept_any,
+                             progress=progress)
+        except KeyboardInterrupt:  # ops.get has cancelled the fetch in the daemon
+            raise KvswapError("interrupted: the fetch was cancelled (chunks already stored stay; `get` again resumes)")
     emit(args, result, _render_get)
     return 0

@@ -22,6 +22,7 @@ only on the blocks before it, computed the same way, so on the same kind of mach
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -179,7 +180,8 @@ class Engine:
             raise UsageError(f"prefill step must be >= 0 tokens, got {step}")
         return step
 
-    def _prefill(self, ids: list[int], cache: DynamicCache, step: int) -> np.ndarray:
+    def _prefill(self, ids: list[int], cache: DynamicCache, step: int,
+                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Feed `ids` over `cache` in forwards of `step` tokens (0: one forward); last position's logits.
         Steps are aligned to absolute positions (multiples of `step`), so prefilling a document in two calls
         at a step boundary is the same computation as in one call."""
@@ -191,6 +193,8 @@ class Engine:
             end = min(len(ids), i + step - (past + i) % step)
             logits = self._forward(ids[i:end], cache)
             i = end
+            if progress is not None:
+                progress(i, len(ids))
         return logits
 
     def _kv_from_cache(self, cache: DynamicCache, ids: list[int], last_logits: np.ndarray | None,
@@ -204,7 +208,8 @@ class Engine:
         kv.check_shapes()
         return kv
 
-    def prefill(self, ids: list[int], step: int | None = None) -> KvTensors:
+    def prefill(self, ids: list[int], step: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> KvTensors:
         """KV of every token in `ids` plus the logits at the last position (what an artifact stores), prefilled
         in steps of `step` tokens (default `prefill_step`; 0 = one forward; publish passes the block size)."""
         ids = list(ids)
@@ -214,7 +219,7 @@ class Engine:
         step = self._step_of(step)
         cache = self._new_cache()
         t0 = time.perf_counter()
-        logits = self._prefill(ids, cache, step)
+        logits = self._prefill(ids, cache, step, progress)
         self._sync()
         prefill_s = time.perf_counter() - t0
         return self._kv_from_cache(cache, ids, logits, prefill_s, step)

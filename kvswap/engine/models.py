@@ -256,3 +256,37 @@ def _load_engine(name: str | None, dtype: str, device: str | None) -> Engine:
                        "cache (no downloads here)")
     return load_folder(snap, model_id=name, dtype=dtype, device=device)
 
+
+
+def engine_from_model(model, tokenizer, model_id: str | None = None) -> Engine:
+    """An Engine around a transformers model and tokenizer the caller already loaded (kvswap.load_cache's
+    `model=(model, tokenizer)`). Its fingerprint is the folder's when the model came from a local folder of
+    safetensors (so it matches artifacts kvswap made from that folder); otherwise it hashes the weights in
+    memory as they are (name, dtype, shape, bytes), which matches only artifacts made from the same in-memory
+    weights."""
+    from .rawbits import TORCH_DTYPES
+
+    by_torch = {v: k for k, v in TORCH_DTYPES.items()}
+    dtype = by_torch.get(getattr(model, "dtype", None))
+    if dtype is None:
+        raise FormatError(f"the model's dtype {getattr(model, 'dtype', None)} is not one kvswap stores (bf16, fp16, fp32)")
+    device = str(next(model.parameters()).device)
+    tok_fp = _tokenizer_fp(tokenizer)
+    config = model.config.to_dict()
+    source = Path(str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""))
+    if source.is_dir() and any(source.glob("*.safetensors")):
+        fp = folder_fingerprint(source, json.loads((source / "config.json").read_text()), tok_fp,
+                                catalog.model_cache_root())
+        model_id = model_id or str(source.resolve())
+    else:
+        h = fingerprint_parts(config, tok_fp)
+        h.update(b"in-memory weights")
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        fp = h.hexdigest()
+        model_id = model_id or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    model.eval()
+    return Engine(model, tokenizer, model_id=model_id, fingerprint=fp, tokenizer_fingerprint=tok_fp, dtype=dtype,
+                  device=device)
