@@ -73,6 +73,7 @@ class Daemon:
     async def setup(self, group: asyncio.TaskGroup) -> None:
         host, _, port = self.config.api.rpartition(":")
         check_loopback(host)
+        check_ports_free(self.config.listen)
         self.h = Home(self.home)  # the one object that opens the home's key, store, ledger and trust policy
         self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
         self.policy = self.h.policy(self.config.accept_any)
@@ -365,6 +366,29 @@ class Daemon:
                                    "document_hash": announce.document_hash, "n_tokens": announce.n_tokens,
                                    "model_fingerprint": announce.model_fingerprint})
         log.info("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
+
+
+def check_ports_free(listen: list[str]) -> None:
+    """UsageError when a fixed listen port is taken. py-libp2p listens with SO_REUSEPORT (for hole punching),
+    so a second node on the same ip:port would bind too and the kernel would spread connections over both;
+    a plain bind, without that option, fails exactly when anyone listens there."""
+    import errno
+    import re
+    import socket
+
+    for addr in listen:
+        m = re.match(r"^/ip([46])/([^/]+)/tcp/(\d+)", addr)
+        if not m or int(m.group(3)) == 0:
+            continue
+        family = socket.AF_INET if m.group(1) == "4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((m.group(2), int(m.group(3))))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise UsageError(f"cannot listen on {addr}: the port is in use (another node? give this one "
+                                     f"--listen /ip4/{m.group(2)}/tcp/PORT, or 0 for any free port)") from None
+                raise UsageError(f"cannot listen on {addr}: {exc.strerror}") from None
 
 
 def _setup_logging(home: Path) -> None:

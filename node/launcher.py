@@ -33,11 +33,13 @@ class ChildNode:
     <home>/stderr.log (`tail()`)."""
 
     def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False,
-                 start_timeout: float = NODE_START_TIMEOUT_S):
+                 start_timeout: float = NODE_START_TIMEOUT_S, listen: str = "/ip4/127.0.0.1/tcp/0"):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
-        argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model]
+        # any free port: children share one machine, and a fixed default port would collide
+        argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model,
+                "--listen", listen]
         if bootstrap:
             argv += ["--bootstrap", *bootstrap]
         if accept_any:
