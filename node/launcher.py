@@ -1,5 +1,9 @@
 """Start `kvswap node start` as a child process and drive it through the CLI: what `kvswap demo` (and a
-script that wants a throwaway testnet on 127.0.0.1) uses. Each node has its own home; nothing is shared."""
+script that wants a throwaway testnet on 127.0.0.1) uses. Each node has its own home; nothing is shared.
+
+`prefix` puts a wrapper in front of every command line, e.g. `ip netns exec NS` for a node that lives in
+its own network namespace (node/testnet.py): the daemon and the CLI calls that reach its loopback control
+API must run in the same namespace."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import KvswapError
 
@@ -17,9 +22,9 @@ from ..errors import KvswapError
 NODE_START_TIMEOUT_S = 300.0
 
 
-def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
+def run_cli(home: Path, *args: str, timeout: float = 900, prefix: Sequence[str] = ()) -> dict:
     """Run one `kvswap ... --json` command against `home`; its JSON result, or its one-line error raised."""
-    proc = subprocess.run([sys.executable, "-m", "kvswap", *args, "--home", str(home), "--json"],
+    proc = subprocess.run([*prefix, sys.executable, "-m", "kvswap", *args, "--home", str(home), "--json"],
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
@@ -30,10 +35,13 @@ def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
 class ChildNode:
     """A daemon child process with its own home; stop() sends SIGTERM and waits."""
 
-    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False):
+    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False,
+                 prefix: Sequence[str] = (), extra_args: Sequence[str] = ()):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model]
+        self.prefix = tuple(prefix)
+        argv = [*self.prefix, sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home),
+                "--model", model, *extra_args]
         if bootstrap:
             argv += ["--bootstrap", *bootstrap]
         if accept_any:
@@ -49,15 +57,18 @@ class ChildNode:
             if self.proc.poll() is not None:
                 raise KvswapError(f"node in {self.home} exited early; see {self.home / 'stderr.log'}")
             try:
-                return json.loads((self.home / "node.json").read_text())
+                info = json.loads((self.home / "node.json").read_text())
             except (FileNotFoundError, ValueError):
-                time.sleep(0.1)
+                info = {}
+            if info.get("pid") == self.proc.pid:  # not a stale file left by a killed daemon in this home
+                return info
+            time.sleep(0.1)
         raise KvswapError(f"node in {self.home} did not start within {NODE_START_TIMEOUT_S:.0f} s")
 
     def wait_model(self) -> dict:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
-            status = run_cli(self.home, "node", "status")
+            status = run_cli(self.home, "node", "status", prefix=self.prefix)
             if status.get("model"):
                 return status
             if status.get("model_error"):
