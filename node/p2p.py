@@ -84,6 +84,28 @@ def split_addr(addr: str) -> tuple[str, Any]:
     return info.peer_id.to_base58(), info
 
 
+def advertised(candidates: Iterable[Any], interfaces: Callable[[int], list[Any]] | None = None) -> list[Any]:
+    """The addresses a host tells peers (identify, DHT records): a wildcard listen address (0.0.0.0) becomes
+    one address per IPv4 interface, loopback left out when any other exists, because a peer that dials
+    0.0.0.0 or 127.0.0.1 reaches itself, not us. Explicit addresses are advertised as they are.
+    `interfaces(port)` lists candidate multiaddrs (default: libp2p's interface scan)."""
+    if interfaces is None:
+        from libp2p.utils.address_validation import get_available_interfaces as interfaces
+    out: list[Any] = []
+    for addr in candidates:
+        try:
+            wildcard = addr.value_for_protocol("ip4") == "0.0.0.0"
+        except Exception:  # no ip4 component (ip6, dns...): as it is
+            wildcard = False
+        if not wildcard:
+            out.append(addr)
+            continue
+        found = [m for m in interfaces(int(addr.value_for_protocol("tcp"))) if str(m).startswith("/ip4/")]
+        routable = [m for m in found if not m.value_for_protocol("ip4").startswith("127.")]
+        out += routable or found or [addr]
+    return list({str(a): a for a in out}.values())
+
+
 @dataclass
 class P2PConfig:
     seed: bytes
@@ -131,7 +153,8 @@ class P2PHost:
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         except Exception as exc:
             raise UsageError(f"bad listen multiaddr in {self.config.listen_addrs}: {exc}") from exc
-        self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns)
+        self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns,
+                             addrs_factory=advertised)
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
@@ -174,20 +197,9 @@ class P2PHost:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs (with /p2p/<peer id>) other nodes can dial."""
-        from libp2p.utils.address_validation import get_available_interfaces
-
-        pid = self.peer_id
-        out: list[str] = []
-        for a in self.host.get_addrs():
-            text = str(a).split("/p2p/")[0]
-            if text.startswith("/ip4/0.0.0.0/tcp/"):  # listening on every interface: list each IPv4 one
-                port = int(text.rsplit("/", 1)[1])
-                expanded = [str(m) for m in get_available_interfaces(port) if str(m).startswith("/ip4/")]
-                out += [f"{m}/p2p/{pid}" for m in expanded] or [f"{text}/p2p/{pid}"]
-            else:
-                out.append(f"{text}/p2p/{pid}")
-        return list(dict.fromkeys(out))
+        """Full multiaddrs (with /p2p/<peer id>) other nodes can dial: what identify and the DHT advertise
+        (`advertised`)."""
+        return list(dict.fromkeys(str(a) for a in self.host.get_addrs()))
 
     @property
     def listen_ip(self) -> str:
@@ -449,5 +461,6 @@ __all__ = [
     "document_key",
     "key_pair_from_seed",
     "peer_id_of_seed",
+    "advertised",
     "split_addr",
 ]
