@@ -173,7 +173,7 @@ class Daemon:
             "public_key": self.key.public_hex,
             "model": eng.model_id if eng else None, "model_fingerprint": eng.fingerprint if eng else None,
             "dtype": eng.dtype if eng else self.config.dtype, "model_error": self._engine_error,
-            "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"),
+            "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"), "dataplane": info.get("dataplane"),
             "providing": info.get("providing"), "announcements": self.announcements[-20:],
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config.accept_any,
         }
