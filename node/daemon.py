@@ -30,7 +30,7 @@ from ..cid import Cid
 from ..config import HomeLayout
 from ..errors import KvswapError, NotFound, UsageError
 from ..ledger import Ledger
-from ..protocol.limits import SHUTDOWN_TIMEOUT_S
+from ..protocol.limits import RATION_COPIES, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from ..store import Store
 from . import runfiles
@@ -56,6 +56,7 @@ class NodeConfig:
     model: str | None = None
     dtype: str = "bf16"
     accept_any: bool = False
+    ration_copies: int = RATION_COPIES
 
 
 class Daemon:
@@ -87,7 +88,7 @@ class Daemon:
             seed=self.key.seed, listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
             service=self.artifacts, target=self.artifacts,
             on_transfer=lambda e: self.ledger.transfer(**e.as_ledger_kwargs()),
-            on_announce=self._on_announce,
+            on_announce=self._on_announce, ration_copies=self.config.ration_copies,
         )
         token = runfiles.api_token(self.home, create=True)
         self._runner = web.AppRunner(build_app(self, token), access_log=None)

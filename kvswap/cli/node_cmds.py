@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     start.add_argument("--accept-any", action="store_true",
                        help="accept manifests signed by any key (default: only trusted publishers)")
+    start.add_argument("--ration-copies", type=int, default=None, metavar="N",
+                       help="copies of each chunk sent before further fetchers are pointed at holders "
+                            "(default RATION_COPIES; 0 turns upload rationing off)")
     start.set_defaults(func=cmd_start)
 
     status = node_sub.add_parser("status", help="show the running daemon's identity, addresses and store")
@@ -64,7 +67,10 @@ def _client(args: argparse.Namespace):
 
 def cmd_start(args: argparse.Namespace) -> int:
     from ..node.daemon import NodeConfig, run_daemon
+    from ..protocol.limits import RATION_COPIES
 
+    if args.ration_copies is not None and args.ration_copies < 0:
+        raise UsageError("--ration-copies takes 0 (no rationing) or more copies")
     config = NodeConfig(
         home=home_of(args),
         listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
@@ -73,6 +79,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         accept_any=args.accept_any,
+        ration_copies=RATION_COPIES if args.ration_copies is None else args.ration_copies,
     )
     return run_daemon(config)
 
