@@ -292,7 +292,17 @@ class Host:
     def to_state(self) -> dict:
         return {"index": self.index, "netns": self.netns, "ip": self.ip, "home": str(self.home),
                 "up": self.link.up, "down": self.link.down, "peer_id": self.peer_id,
-                "pid": self.node.proc.pid if self.node else None}
+                "pid": self.node.proc.pid if self.node else self.pid}
+
+    @property
+    def pid(self) -> int | None:
+        """The daemon's pid (from its node.json, so also for a testnet loaded from its state file)."""
+        if self.node is not None:
+            return self.node.proc.pid
+        try:
+            return int(json.loads((self.home / "node.json").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return None
 
 
 class Testnet:
@@ -414,6 +424,26 @@ class Testnet:
 
     def state(self) -> dict:
         return json.loads((self.dir / STATE_FILE).read_text())
+
+    @classmethod
+    def load(cls, run: str | None = None, root: Path | None = None) -> "Testnet":
+        """A running testnet from its state file (daemons not owned: `Host.node` is None). `run` may be left
+        out when exactly one run exists under `root`."""
+        known = runs(root)
+        chosen = [s for s in known if run is None or s["run"] == run]
+        if len(chosen) != 1:
+            names = ", ".join(s["run"] for s in known) or "none"
+            raise UsageError(f"name one testnet run (runs under {root or DEFAULT_ROOT}: {names})" if chosen
+                             else f"no testnet run {run!r} (runs: {names})")
+        state = chosen[0]
+        net = cls.__new__(cls)
+        net.run, net.dir, net.root = state["run"], Path(state["dir"]), Path(state["dir"]).parent
+        net.subnet, net.model, net.owner_pid = state["subnet"], state["model"], state["owner_pid"]
+        net.switch = state["switch"]
+        net._old_sigterm = None
+        net.hosts = [Host(h["index"], h["netns"], state["switch"], h["ip"], Path(h["home"]), Link(h["up"], h["down"]),
+                          peer_id=h["peer_id"]) for h in state["hosts"]]
+        return net
 
 
 def _sigterm_to_exit(signum: int, frame: Any) -> None:
