@@ -284,6 +284,16 @@ class Host:
         _shape(self.netns, "eth0", self.link.up)
         _shape(self.switch, f"p{self.index}", self.link.down)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the daemon has used so far (0 when it does not run)."""
+        import psutil
+
+        try:
+            t = psutil.Process(self.pid or -1).cpu_times()
+        except (psutil.Error, ValueError):
+            return 0.0
+        return t.user + t.system
+
     def stop(self) -> None:
         if self.node is not None:
             self.node.stop()
@@ -446,6 +456,55 @@ class Testnet:
         return net
 
 
+#: port the plain-TCP probe listens on (inside the receiver's namespace)
+PROBE_PORT = 5001
+_PROBE_RECV = """
+import socket, sys, time
+s = socket.create_server((sys.argv[1], int(sys.argv[2]))); s.settimeout(float(sys.argv[3]))
+c, _ = s.accept(); c.settimeout(float(sys.argv[3])); n = 0; t0 = None
+while (b := c.recv(1 << 20)):
+    t0 = t0 or time.perf_counter()
+    n += len(b)
+print(n, time.perf_counter() - (t0 or time.perf_counter()))
+"""
+_PROBE_SEND = """
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[4])
+while True:  # the listener may take a moment to start
+    try:
+        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+left, block = int(sys.argv[3]), b"x" * (1 << 20)
+while left > 0:
+    c.sendall(block[:left]); left -= len(block)
+c.close()
+"""
+
+
+def measure_tcp(sender: Host, receiver: Host, nbytes: int, timeout: float = 120) -> tuple[int, float]:
+    """Send `nbytes` over one plain TCP connection from `sender` to `receiver` (separate processes in their
+    namespaces); (bytes received, seconds from the first byte in to the last). What TCP alone gets over the
+    links: the ceiling any protocol on top can reach."""
+    recv = subprocess.Popen([*receiver.prefix, sys.executable, "-c", _PROBE_RECV, receiver.ip, str(PROBE_PORT),
+                             str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sender.exec(sys.executable, "-c", _PROBE_SEND, receiver.ip, str(PROBE_PORT), str(nbytes), "10",
+                    timeout=timeout)
+        out, err = recv.communicate(timeout=timeout)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+    if recv.returncode != 0:
+        raise TestnetError(f"TCP probe receiver failed: {err.strip()[-300:]}")
+    got, seconds = out.split()
+    return int(got), float(seconds)
+
+
 def _sigterm_to_exit(signum: int, frame: Any) -> None:
     raise SystemExit(f"terminated by signal {signum}: tearing the testnet down")
 
@@ -552,6 +611,7 @@ __all__ = [
     "TestnetError",
     "down",
     "host_ip",
+    "measure_tcp",
     "NodeOptions",
     "node_options",
     "parse_rate",

@@ -84,29 +84,6 @@ def test_ration_copies_option_rejects_negative(tmp_path):
 needs_testnet = pytest.mark.skipif(tn.unavailable() is not None, reason=f"no testnet here: {tn.unavailable()}")
 
 
-def _exec_python(host: tn.Host, code: str, timeout: float = 30) -> str:
-    return host.exec(sys.executable, "-c", code, timeout=timeout).stdout
-
-
-_SERVE = """
-import socket, sys, time
-s = socket.create_server(("{ip}", 5001)); s.settimeout(20)
-c, _ = s.accept(); c.settimeout(20); n = 0; t0 = time.perf_counter()
-while (b := c.recv(1 << 16)):
-    n += len(b)
-print(n, time.perf_counter() - t0)
-"""
-_SEND = """
-import socket, time
-for _ in range(100):  # the listener may take a moment to start
-    try:
-        c = socket.create_connection(("{ip}", 5001), timeout=5); break
-    except OSError:
-        time.sleep(0.05)
-c.sendall(b"x" * {n}); c.close()
-"""
-
-
 @needs_testnet
 def test_links_are_shaped_both_ways_and_leftovers_are_removed(tmp_path):
     """A sender's uplink and a receiver's downlink each cap a TCP transfer (a lower bound on time is what a
@@ -114,18 +91,10 @@ def test_links_are_shaped_both_ways_and_leftovers_are_removed(tmp_path):
     n = 1_000_000
     for links, label in ((["8mbit/1gbit", "1gbit"], "uplink"), (["1gbit", "1gbit/8mbit"], "downlink")):
         with tn.Testnet(links, root=tmp_path) as net:
-            a, b = net.hosts
-            server = subprocess.Popen([*b.prefix, sys.executable, "-c", _SERVE.format(ip=b.ip)],
-                                      stdout=subprocess.PIPE, text=True)
-            try:
-                _exec_python(a, _SEND.format(ip=b.ip, n=n))
-                out, _ = server.communicate(timeout=30)
-            finally:
-                server.kill()
-            got, seconds = out.split()
-            assert int(got) == n
+            got, seconds = tn.measure_tcp(net.hosts[0], net.hosts[1], n, timeout=30)
+            assert got == n
             # 8 Mbit/s on the wire (headers included) is at most 1 MB/s of payload, minus one tbf bucket
-            assert float(seconds) >= (n - tn.MIN_BURST_BYTES) * 8 / 8_000_000 * 0.95, label
+            assert seconds >= (n - tn.MIN_BURST_BYTES) * 8 / 8_000_000 * 0.95, label
 
     dead = subprocess.Popen(["true"])
     dead.wait()
