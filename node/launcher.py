@@ -68,7 +68,13 @@ class ChildNode:
     def wait_model(self) -> dict:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
-            status = run_cli(self.home, "node", "status", prefix=self.prefix)
+            try:
+                status = run_cli(self.home, "node", "status", prefix=self.prefix)
+            except KvswapError:  # a daemon busy loading its model may not answer in time: ask again
+                if self.proc.poll() is not None:
+                    raise KvswapError(f"node in {self.home} exited; see {self.home / 'stderr.log'}") from None
+                time.sleep(0.5)
+                continue
             if status.get("model"):
                 return status
             if status.get("model_error"):
