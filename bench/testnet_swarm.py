@@ -67,6 +67,7 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
               flush=True)
         load_before = os.getloadavg()
         cpu0 = cpu_sample(net.hosts)
+        begin_wall = time.time()
         begin = time.perf_counter()
         procs = [(h, h.spawn("get", art["cid"], "--no-progress"), time.perf_counter()) for h in cons]
         per_node = []
@@ -92,14 +93,30 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
             row["egress_copies"] = egress(h.home, art["stored_size"])["copies"]
         bits = {"pub": tn.parse_rate(pub_rate), "cons": tn.parse_rate(cons_rate)}
         ideal = art["stored_size"] * 8 / bits["pub"] + art["stored_size"] * 8 / bits["cons"]
+        pub_out = egress(pub.home, art["stored_size"])
+        first_chunk = min(_first_chunk_at(h.home, art["cid"], begin_wall) for h in cons) - begin_wall
         result = {
             "ration_copies": ration, "total_s": round(total_s, 2), "ideal_s": round(ideal, 2),
-            "time_ratio": round(total_s / ideal, 3), "publisher_egress": egress(pub.home, art["stored_size"]),
+            "time_ratio": round(total_s / ideal, 3), "publisher_egress": pub_out,
+            "publisher_uplink_busy": round(pub_out["wire_bytes"] * 8 / total_s / bits["pub"], 3),
+            "consumer_link_busy": round(sum(r["bytes"] for r in per_node) * 8 / sum(r["fetch_s"] for r in per_node)
+                                        / bits["cons"], 3),
+            "first_chunk_s": round(first_chunk, 2),
             "per_node": per_node, "load_before": load_before, "cpu": cpu,
         }
         if report:
             result["ledgers"] = ledgers_and_cost_model(net, art, consumers)
         return result
+
+
+def _first_chunk_at(home: Path, cid: str, since: float) -> float:
+    """When `home` had its first chunk of `cid` in (unix time, from its ledger): until then no consumer can
+    share anything with another."""
+    from kvswap.ledger import Ledger
+
+    with Ledger.for_home(home) as ledger:
+        rows = [r for r in ledger.transfers(artifact=cid, direction="in", since=since) if r.raw_bytes]
+    return min((r.at for r in rows), default=float("inf"))
 
 
 def ledgers_and_cost_model(net, art: dict, readers: int) -> dict:
@@ -134,6 +151,7 @@ def run(consumers: int = 8, n_tokens: int = 3774, pub_rate: str = "100mbit", con
     if reason:
         raise SystemExit(f"testnet_swarm: no testnet here: {reason}")
     root = Path(tempfile.mkdtemp(prefix="kvswap-bench-tnswarm-"))
+    ok = False
     try:
         template = root / "publisher-template"
         t0 = time.perf_counter()
@@ -142,8 +160,11 @@ def run(consumers: int = 8, n_tokens: int = 3774, pub_rate: str = "100mbit", con
               f"({art['raw_size'] / 1e6:.1f} MB raw) in {time.perf_counter() - t0:.1f} s", flush=True)
         runs = [run_swarm(template, art, consumers, pub_rate, cons_rate, r, root, report=(i == 0))
                 for i, r in enumerate(rations)]
+        ok = True
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root / "publisher-template", ignore_errors=True)
+        if ok or not any(root.glob("*-logs")):
+            shutil.rmtree(root, ignore_errors=True)
     return {"benchmark": "testnet_swarm", "consumers": consumers, "artifact": art, "publisher_rate": pub_rate,
             "consumer_rate": cons_rate, "target_copies": TARGET_COPIES, "target_time_ratio": TARGET_TIME_RATIO,
             "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
@@ -162,6 +183,9 @@ def print_table(r: dict) -> None:
         ok_t = run["time_ratio"] <= r["target_time_ratio"]
         print(f"  {label:<14} {run['total_s']:10.1f} {run['ideal_s']:8.1f} {run['time_ratio']:8.2f} {e['copies']:10.2f}  "
               f"copies {'MET' if ok_c else 'MISSED'}, time {'MET' if ok_t else 'MISSED'}")
+        print(f"      publisher uplink busy {run['publisher_uplink_busy']:.0%}, consumer links busy "
+              f"{run['consumer_link_busy']:.0%} (mean over fetches); first chunk complete at any consumer after "
+              f"{run['first_chunk_s']:.1f} s")
         cpu = run["cpu"]
         print(f"      cores busy while fetching: machine {cpu['machine_busy_cores']:.2f} of {cpu['cores']}, the {len(cpu['per_daemon_cores'])} daemons "
               f"{cpu['daemons_cores']:.2f} (publisher {cpu['per_daemon_cores']['node0']:.2f}); load average before "

@@ -356,8 +356,10 @@ class Testnet:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         try:
+            if exc_type is not None:
+                self.keep_logs()
             self.destroy()
         finally:
             if self._old_sigterm is not None:
@@ -411,6 +413,17 @@ class Testnet:
         failed = [e for e in errors if e is not None]
         if failed:
             raise TestnetError(f"{len(failed)} of {len(chosen)} nodes did not start: {failed[0]}")
+
+    def keep_logs(self) -> Path:
+        """Copy every daemon's logs to ROOT/RUN-logs/ (kept after teardown: what to read when a run failed)."""
+        dest = self.root / f"{self.run}-logs"
+        for h in self.hosts:
+            for log in sorted(h.home.glob("*.log")) if h.home.is_dir() else []:
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, dest / f"{h.name}-{log.name}")
+        if dest.is_dir():
+            print(f"testnet {self.run}: daemon logs kept in {dest}", file=sys.stderr)
+        return dest
 
     def stop(self) -> None:
         """Stop every daemon (SIGTERM, then SIGKILL after a grace period)."""
