@@ -44,6 +44,9 @@ PROVIDER_RATE_MAX = 100_000
 ROUTING_SYNC_INTERVAL_S = 1.0
 #: Pause between two provides in a re-provide pass (keeps a large store from flooding peers at once).
 PROVIDE_PACING_S = 0.01
+#: Seconds before a failed bootstrap dial is tried again (doubling up to BOOTSTRAP_RETRY_MAX_S).
+BOOTSTRAP_RETRY_S = 1.0
+BOOTSTRAP_RETRY_MAX_S = 30.0
 #: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
 PEERSTORE_ADDR_TTL_S = 3600
 
@@ -179,15 +182,29 @@ class P2PHost:
                         nursery.start_soon(self._provide_worker)
                         nursery.start_soon(self._reprovide_loop)
                         for addr in self.config.bootstrap:
-                            nursery.start_soon(self._connect_quietly, addr)
+                            nursery.start_soon(self._bootstrap, addr)
                         task_status.started()
                         await trio.sleep_forever()
 
-    async def _connect_quietly(self, addr: str) -> None:
-        try:
-            await self.connect(addr)
-        except KvswapError as exc:
-            log.warning("bootstrap %s: %s", addr, exc)
+    async def _bootstrap(self, addr: str) -> None:
+        """Dial a bootstrap peer until it answers (backing off to BOOTSTRAP_RETRY_MAX_S): it may start after
+        us (a testnet or a compose file starting every node at once), and a node that missed its only
+        bootstrap peer once would otherwise stay alone for good."""
+        delay = BOOTSTRAP_RETRY_S
+        while True:
+            try:
+                await self.connect(addr)
+                return
+            except UsageError as exc:  # not a peer multiaddr: retrying will not help
+                log.warning("bootstrap %s: %s", addr, exc)
+                return
+            except KvswapError as exc:
+                log.warning("bootstrap %s: %s (again in %g s)", addr, exc, delay)
+            await trio.sleep(delay)
+            delay = min(2 * delay, BOOTSTRAP_RETRY_MAX_S)
+            network = self.host.get_network()
+            if hasattr(network, "unblock_peer"):  # libp2p refuses a peer that failed in the last 60 s
+                network.unblock_peer(split_addr(addr)[1].peer_id)
 
     # --- identity and peers -------------------------------------------------------------------------------
 
