@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_run(state, state["dir"])
         if is_stale(state):
             print("  (stale: its owner is gone; `down` removes it)")
-    accounted = {s["run"] for s in known}
+    accounted = {s["run"] for s in runs()}
     orphans = [ns for ns in netns_names() if not any(ns.startswith(f"kvtn-{r}-") for r in accounted)]
     if orphans:
         print(f"namespaces no run accounts for (`down` removes them): {' '.join(orphans)}")
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     from kvswap.node.testnet import DEFAULT_MODEL, DEFAULT_ROOT, DEFAULT_SUBNET
 
     parser = argparse.ArgumentParser(prog="python -m bench testnet", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"run folders (default {DEFAULT_ROOT})")
+    parser.add_argument("--root", type=Path, default=None,
+                        help=f"`up`: where run folders go (default {DEFAULT_ROOT}); otherwise: only runs there")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create namespaces and links, start a daemon in each")
     up.add_argument("--nodes", type=int, default=3)

@@ -102,11 +102,29 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
             "consumer_link_busy": round(sum(r["bytes"] for r in per_node) * 8 / sum(r["fetch_s"] for r in per_node)
                                         / bits["cons"], 3),
             "first_chunk_s": round(first_chunk, 2),
+            "publisher_sends": sends_past_ration(pub.home, art["cid"], ration),
             "per_node": per_node, "load_before": load_before, "cpu": cpu,
         }
         if report:
             result["ledgers"] = ledgers_and_cost_model(net, art, consumers)
         return result
+
+
+def sends_past_ration(home: Path, cid: str, copies: int) -> dict:
+    """From a server's ledger: chunk copies it sent beyond its ration (to a third, fourth... peer: its
+    patience ran out for that fetcher) and copies sent twice to the same peer (a retry)."""
+    from collections import defaultdict
+
+    from kvswap.ledger import Ledger
+
+    peers: dict[str, list[str]] = defaultdict(list)
+    with Ledger.for_home(home) as ledger:
+        for r in ledger.transfers(artifact=cid, direction="out"):
+            if r.chunk and r.raw_bytes:
+                peers[r.chunk].append(r.peer)
+    past = sum(max(0, len(set(p)) - copies) for p in peers.values()) if copies else 0
+    repeats = sum(len(p) - len(set(p)) for p in peers.values())
+    return {"chunks": len(peers), "sends": sum(map(len, peers.values())), "past_ration": past, "repeats": repeats}
 
 
 def _first_chunk_at(home: Path, cid: str, since: float) -> float:
@@ -186,6 +204,9 @@ def print_table(r: dict) -> None:
         print(f"      publisher uplink busy {run['publisher_uplink_busy']:.0%}, consumer links busy "
               f"{run['consumer_link_busy']:.0%} (mean over fetches); first chunk complete at any consumer after "
               f"{run['first_chunk_s']:.1f} s")
+        ps = run["publisher_sends"]
+        print(f"      publisher sent {ps['sends']} chunk copies of {ps['chunks']} chunks: {ps['past_ration']} past its ration "
+              f"(a fetcher's patience ran out), {ps['repeats']} to a peer that had it already")
         cpu = run["cpu"]
         print(f"      cores busy while fetching: machine {cpu['machine_busy_cores']:.2f} of {cpu['cores']}, the {len(cpu['per_daemon_cores'])} daemons "
               f"{cpu['daemons_cores']:.2f} (publisher {cpu['per_daemon_cores']['node0']:.2f}); load average before "

@@ -65,6 +65,9 @@ P2P_PORT = 4001
 API_PORT = 8080
 #: where run folders (state file, node homes) go unless told otherwise
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "kvswap-testnet"
+#: one link per live run, RUN -> its run folder, wherever its root is: how `down` tells a run that is
+#: alive somewhere else (another root, a parallel test session) from a leftover
+REGISTRY = Path(tempfile.gettempdir()) / "kvswap-testnet-runs"
 #: the model every daemon loads unless told otherwise (light: a fetch by CID needs none)
 DEFAULT_MODEL = "tiny-qwen3"
 #: seconds one `ip`/`tc` command may take
@@ -373,6 +376,8 @@ class Testnet:
             raise TestnetError(f"no testnet on this machine: {reason}")
         self.dir.mkdir(parents=True, exist_ok=False)
         self.save()  # before any namespace: `down` must always find what a run left behind
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        (REGISTRY / self.run).symlink_to(self.dir.resolve(), target_is_directory=True)
         _run("ip", "netns", "add", self.switch)
         _run("ip", "-n", self.switch, "link", "add", "name", "br0", "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
@@ -456,7 +461,7 @@ class Testnet:
         chosen = [s for s in known if run is None or s["run"] == run]
         if len(chosen) != 1:
             names = ", ".join(s["run"] for s in known) or "none"
-            raise UsageError(f"name one testnet run (runs under {root or DEFAULT_ROOT}: {names})" if chosen
+            raise UsageError(f"name one testnet run (runs: {names})" if chosen
                              else f"no testnet run {run!r} (runs: {names})")
         state = chosen[0]
         net = cls.__new__(cls)
@@ -524,15 +529,17 @@ def _sigterm_to_exit(signum: int, frame: Any) -> None:
 
 # --- runs on disk, and `down` -----------------------------------------------------------------------------
 def runs(root: Path | None = None) -> list[dict]:
-    """The state of every run under `root` (with its folder as "dir")."""
+    """The state of every registered run (with its folder as "dir"); only those under `root` if given."""
     out = []
-    folder = Path(root or DEFAULT_ROOT)
-    for path in sorted(folder.glob(f"*/{STATE_FILE}")) if folder.is_dir() else []:
+    for link in sorted(REGISTRY.iterdir()) if REGISTRY.is_dir() else []:
+        folder = Path(os.path.realpath(link))
+        if root is not None and Path(os.path.realpath(root)) not in folder.parents:
+            continue
         try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            state = {"run": path.parent.name, "hosts": []}
-        state["dir"] = str(path.parent)
+            state = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError):  # its folder is gone: a leftover `down` removes
+            state = {"run": link.name, "hosts": [], "owner_pid": 0}
+        state["dir"] = str(folder)
         out.append(state)
     return out
 
@@ -584,26 +591,30 @@ def remove_run(run_dir: Path) -> list[str]:
     # nodes first, the switch last (its veth ends go with the node namespaces)
     remove_netns(sorted(mine, key=lambda ns: ns.endswith("-sw")))
     shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        (REGISTRY / run).unlink()
+    except FileNotFoundError:
+        pass
     return mine
 
 
 def down(run: str | None = None, *, root: Path | None = None, all_runs: bool = False) -> list[str]:
-    """Remove testnets; returns the namespaces deleted. `run`: that run. Otherwise stale runs only (owner
-    gone) and prefixed namespaces no run accounts for; `all_runs`: every run under `root` as well."""
-    root = Path(root or DEFAULT_ROOT)
+    """Remove testnets; returns the namespaces deleted. `run`: that run. Otherwise runs whose owner is gone
+    and prefixed namespaces of no registered run (older than STALE_GRACE_S), never a live run of another
+    session; `all_runs`: also every live run (under `root` if given)."""
     removed: list[str] = []
-    known = runs(root)
     if run is not None:
-        matches = [s for s in known if s["run"] == run]
+        matches = [s for s in runs() if s["run"] == run]
         if not matches:
-            raise UsageError(f"no testnet run {run!r} under {root} (see `status`)")
+            raise UsageError(f"no testnet run {run!r} (see `status`)")
         return remove_run(Path(matches[0]["dir"]))
-    for state in known:
-        if all_runs or is_stale(state):
+    mine = {state["run"] for state in runs(root)}
+    for state in runs():
+        if is_stale(state) or (all_runs and state["run"] in mine):
             removed += remove_run(Path(state["dir"]))
-    accounted = {s["run"] for s in runs(root)}
+    registered = {s["run"] for s in runs()}
     orphans = [ns for ns in netns_names()
-               if ns[len(NS_PREFIX):].split("-", 1)[0] not in accounted and (all_runs or _netns_age(ns) > STALE_GRACE_S)]
+               if ns[len(NS_PREFIX):].split("-", 1)[0] not in registered and _netns_age(ns) > STALE_GRACE_S]
     remove_netns(orphans)
     return removed + orphans
 

@@ -101,11 +101,36 @@ def test_links_are_shaped_both_ways_and_leftovers_are_removed(tmp_path):
     net = tn.Testnet(2, root=tmp_path, owner_pid=dead.pid)
     net.create()  # and never destroyed: its owner "died"
     assert len([ns for ns in tn.netns_names() if ns.startswith(f"{tn.NS_PREFIX}{net.run}-")]) == 3
-    assert tn.is_stale(tn.runs(tmp_path)[0])
-    removed = tn.down(root=tmp_path)
-    assert sorted(removed) == sorted([net.switch, *(h.netns for h in net.hosts)])
+    assert [s["run"] for s in tn.runs(tmp_path)] == [net.run] and tn.is_stale(tn.runs(tmp_path)[0])
+    live = tn.Testnet(1, root=tmp_path / "other")  # a live run of this process: `down` must leave it alone
+    with live:
+        removed = tn.down()
+        assert {net.switch, *(h.netns for h in net.hosts)} <= set(removed)
+        assert not any(ns.startswith(f"{tn.NS_PREFIX}{live.run}-") for ns in removed)
+        assert live.switch in tn.netns_names()
     assert not any(ns.startswith(f"{tn.NS_PREFIX}{net.run}-") for ns in tn.netns_names())
     assert not net.dir.exists()
+
+
+@needs_testnet
+def test_a_node_joins_a_bootstrap_peer_that_starts_after_it(tmp_path):
+    """Every node of a testnet (or a compose file) starts at once: a node whose bootstrap peer is not up yet
+    keeps dialling it instead of staying alone."""
+    with tn.Testnet(2, root=tmp_path) as net:
+        boot, late = net.hosts
+        net.start([1], wait_model=False)  # node0's identity is fixed; node0 itself is not running yet
+        log = late.home / "node.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "bootstrap" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.1)
+        assert "bootstrap" in log.read_text(), "the first dial should have failed and been logged"
+        net.start([0], wait_model=False)
+        deadline = time.monotonic() + 60
+        peers: list = []
+        while time.monotonic() < deadline and boot.peer_id not in peers:
+            peers = [p["peer_id"] for p in late.kvswap("peers")]
+            time.sleep(0.5)
+        assert peers == [boot.peer_id]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +161,7 @@ def _received(host: tn.Host, **filters) -> dict[str, dict]:
 def test_get_by_document_hash_through_a_third_host(net, tmp_path, doc_text):
     """node1 publishes; node2, which knows only node0, finds it by the document's hash and fetches it from
     node1 over the data plane. Every address anyone advertises or learnt is a namespace address."""
-    boot, pub, reader = net.hosts
-    assert [p["peer_id"] for p in reader.kvswap("peers")] == [boot.peer_id]
+    boot, pub, reader = net.hosts  # reader was started knowing only boot (its one bootstrap address)
     doc = tmp_path / "doc.txt"
     doc.write_text(doc_text)
     published = pub.kvswap("publish", str(doc))
@@ -182,7 +206,7 @@ def test_fetch_survives_a_holder_whose_link_is_cut(net):
         assert proc.poll() is None, "the fetch ended before the link could be cut"
         assert chunk_bytes_from(boot.peer_id), "node0 never served a chunk"
         boot.set_link(False)  # mid-fetch: no FIN, no RST, just silence
-        before_cut = {p: chunk_bytes_from(p) for p in (boot.peer_id, holder.peer_id)}
+        holder_before_cut = chunk_bytes_from(holder.peer_id)
         out, err = proc.communicate(timeout=FETCH_LIMIT_S)
     finally:
         if proc.poll() is None:
@@ -192,6 +216,5 @@ def test_fetch_survives_a_holder_whose_link_is_cut(net):
     got = json.loads(out)
     assert got["complete"] and got["cid"] == cid and got["bytes"] == net.seeded["stored_size"]
     assert reader.kvswap("verify", cid, "--accept-any")["ok"]
-    after = {p: chunk_bytes_from(p) for p in (boot.peer_id, holder.peer_id)}
-    assert after[boot.peer_id] == before_cut[boot.peer_id]  # nothing came through a cut link
-    assert after[holder.peer_id] > before_cut[holder.peer_id]  # the rest came from the other holder
+    # the rest came from the other holder (bytes node0 had already put on the wire may still land: no check)
+    assert chunk_bytes_from(holder.peer_id) > holder_before_cut
