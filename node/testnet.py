@@ -15,7 +15,7 @@ One run (RUN = 6 random hex digits, so parallel runs never clash; every name sta
     daemon              ip netns exec kvtn-RUN-<i> python -m kvswap node start --home ROOT/RUN/node<i>
                           --listen /ip4/<its address>/tcp/4001 --api 127.0.0.1:8080 --model M
                           [--accept-any --bootstrap /ip4/<node 0>/tcp/4001/p2p/<node 0's peer id>]
-    state               ROOT/RUN/testnet.json, written before the first namespace exists
+    state               ROOT/RUN/testnet.json and REGISTRY/RUN -> ROOT/RUN, both before the first namespace
 
 The address and bootstrap rules are the docker testnet's (docker/compose.yaml; tests/test_docker_files.py
 checks both agree through `node_options`): node i at host number 11+i of the subnet, listening on that address
@@ -25,9 +25,10 @@ any signer. Every interface, address and route lives in the run's namespaces: th
 namespace is never touched, and deleting the namespaces removes everything (`down`).
 
 Teardown: `Testnet` is a context manager (daemons stopped, namespaces deleted, also on an exception or
-Ctrl-C; SIGTERM is turned into an exception while it runs). A run whose owner died without cleaning up
-(kill -9) is found by `stale_runs` and removed by `down`; namespaces with NS_PREFIX but no state file are
-removed too once older than STALE_GRACE_S (a run being created writes its state file first).
+Ctrl-C; SIGTERM is turned into an exception while it runs; the daemons' logs of a failed run are kept in
+ROOT/RUN-logs). A run whose owner died without cleaning up (kill -9) is stale (`is_stale`) and removed by
+`down`; namespaces with NS_PREFIX of no registered run are removed too once older than STALE_GRACE_S. A
+live run of another session (another root, a parallel test run) is never touched unless named.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ DEFAULT_MODEL = "tiny-qwen3"
 IP_TIMEOUT_S = 10.0
 #: seconds a process in a namespace gets between SIGTERM and SIGKILL at teardown
 KILL_GRACE_S = 10.0
-#: seconds before a prefixed namespace without a state file counts as a leftover
+#: seconds before a prefixed namespace of no registered run counts as a leftover (a run registers first)
 STALE_GRACE_S = 60.0
 #: tbf bucket: this many seconds of the link rate, at least MIN_BURST_BYTES (one 1514-byte frame needs room)
 BURST_S = 0.0025
@@ -93,7 +94,7 @@ class TestnetError(KvswapError):
 
 
 def parse_rate(text: str | int | None) -> int | None:
-    """'100mbit', '1gbit', '500kbit', '1e6' bits/s -> bits per second (tc's units: k = 1000); None = unlimited."""
+    """'100mbit', '1gbit', '500kbit', '1.5mbit' -> bits per second (tc's units: k = 1000); None = unlimited."""
     if text is None or text == "" or str(text).lower() in ("none", "unlimited", "0"):
         return None
     if isinstance(text, int):
