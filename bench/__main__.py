@@ -21,7 +21,9 @@ def main(argv: list[str]) -> int:
         if name not in _names():
             print(f"error: no benchmark named {name!r} (have: {', '.join(_names())})", file=sys.stderr)
             return 2
-        importlib.import_module(f"bench.{name}").main([] if argv[0] == "all" else argv[1:])
+        rc = importlib.import_module(f"bench.{name}").main([] if argv[0] == "all" else argv[1:])
+        if isinstance(rc, int) and rc and argv[0] != "all":
+            return rc
     return 0
 
 

@@ -136,6 +136,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node", "audit_fraction", 0.05, "float", "KVSWAP_AUDIT_FRACTION",
             "blocks of each fetched artifact audited before use (0 = off)"),
     Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)"),
+    Setting("node", "ration_copies", 2, "int", None,
+            "copies of each chunk of an artifact sent before naming holders instead (0 = no rationing)"),
     Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
     Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),
     Setting("trust", "trusted", [], "keys", None, "publisher keys whose artifacts this node accepts"),

@@ -31,7 +31,7 @@ from ..cid import Cid
 from ..document import Document
 from ..errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
 from ..home import Home
-from ..protocol.limits import ENGINE_WAIT_S, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
+from ..protocol.limits import ENGINE_WAIT_S, RATION_COPIES, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from . import runfiles
 from .api import build_app, check_loopback
@@ -53,6 +53,7 @@ class NodeConfig:
     accept_any: bool = False
     decode: str | None = None  # eager | static | compiled; None: compiled on CUDA, eager on the CPU
     audit_fraction: float = DEFAULT_AUDIT_FRACTION  # blocks of each fetched artifact audited before use; 0: off
+    ration_copies: int = RATION_COPIES
 
 
 class Daemon:
@@ -84,7 +85,7 @@ class Daemon:
             seed=self.key.seed, listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
             service=self.artifacts, target=self.artifacts,
             on_transfer=lambda e: self.ledger.transfer(**e.as_ledger_kwargs()),
-            on_announce=self._on_announce,
+            on_announce=self._on_announce, ration_copies=self.config.ration_copies,
         )
         token = runfiles.api_token(self.home, create=True)
         self._runner = web.AppRunner(build_app(self, token), access_log=None)
@@ -178,7 +179,7 @@ class Daemon:
             "public_key": self.key.public_hex,
             "model": eng.model_id if eng else None, "model_fingerprint": eng.fingerprint if eng else None,
             "dtype": eng.dtype if eng else self.config.dtype, "model_error": self._engine_error,
-            "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"),
+            "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"), "dataplane": info.get("dataplane"),
             "providing": info.get("providing"), "announcements": self.announcements[-20:],
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config.accept_any,
         }

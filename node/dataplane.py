@@ -203,20 +203,27 @@ def _grow_buffers(sock: trio.SocketStream) -> None:
             pass
 
 
-async def _recv_exact(sock: trio.SocketStream, n: int, peer: str) -> bytearray:
-    """Exactly n bytes, received straight into one buffer (no intermediate copies: this path is the fast one)."""
+async def _recv_exact(sock: trio.SocketStream, n: int, peer: str,
+                      idle_s: float = limits.STREAM_IDLE_TIMEOUT_S) -> bytearray:
+    """Exactly n bytes, received straight into one buffer (no intermediate copies: this path is the fast one).
+    A peer that sends nothing for `idle_s` is given up (its link may be cut: no FIN or RST ever comes), so
+    the fetcher hands its chunks to another holder instead of waiting out CHUNK_TIMEOUT_S per chunk."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     try:
         with map_exceptions({OSError: RemoteProtocolError}, f"data plane of {peer[:16]} failed"):
-            while got < n:
-                k = await sock.socket.recv_into(view[got:])
-                if k == 0:
-                    raise RemoteProtocolError(f"data plane of {peer[:16]} closed mid-frame")
-                got += k
+            with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
+                while got < n:
+                    k = await sock.socket.recv_into(view[got:])
+                    if k == 0:
+                        raise RemoteProtocolError(f"data plane of {peer[:16]} closed mid-frame")
+                    got += k
+                    idle.deadline = trio.current_time() + idle_s
     finally:
         view.release()
+    if idle.cancelled_caught:
+        raise RemoteProtocolError(f"data plane of {peer[:16]} sent nothing for {idle_s:g} s")
     return buf
 
 

@@ -1,6 +1,9 @@
 """Start `kvswap node start` as a child process and drive it through the CLI: the one daemon starter, used by
-`kvswap demo`, the tests (tests/nodes.py), the benchmarks and any script that wants a throwaway testnet on
-127.0.0.1. Each node has its own home; nothing is shared."""
+`kvswap demo`, the tests (tests/nodes.py), the benchmarks and the namespace testnet (node/testnet.py). Each node has its own home; nothing is shared.
+
+`prefix` puts a wrapper in front of every command line, e.g. `ip netns exec NS` for a node that lives in
+its own network namespace (node/testnet.py): the daemon and the CLI calls that reach its loopback control
+API must run in the same namespace."""
 
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import KvswapError
 from ..protocol.limits import NODE_START_TIMEOUT_S, NODE_STOP_TIMEOUT_S
 
 
-def run_cli(home: Path, *args: str, timeout: float = 900) -> dict:
+def run_cli(home: Path, *args: str, timeout: float = 900, prefix: Sequence[str] = ()) -> dict:
     """Run one `kvswap ... --json` command against `home`; its JSON result, or its one-line error raised."""
-    proc = subprocess.run([sys.executable, "-m", "kvswap", *args, "--home", str(home), "--json"],
+    proc = subprocess.run([*prefix, sys.executable, "-m", "kvswap", *args, "--home", str(home), "--json"],
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
@@ -33,13 +37,16 @@ class ChildNode:
     <home>/stderr.log (`tail()`)."""
 
     def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False,
-                 start_timeout: float = NODE_START_TIMEOUT_S, listen: str = "/ip4/127.0.0.1/tcp/0"):
+                 start_timeout: float = NODE_START_TIMEOUT_S, listen: str = "/ip4/127.0.0.1/tcp/0",
+                 prefix: Sequence[str] = (), extra_args: Sequence[str] = ()):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.start_timeout = start_timeout
-        # any free port: children share one machine, and a fixed default port would collide
-        argv = [sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home), "--model", model,
-                "--listen", listen]
+        self.prefix = tuple(prefix)
+        argv = [*self.prefix, sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home),
+                "--model", model, *extra_args]
+        if "--listen" not in extra_args:  # any free port: children share one machine, a fixed port would collide
+            argv += ["--listen", listen]
         if bootstrap:
             argv += ["--bootstrap", *bootstrap]
         if accept_any:
@@ -67,7 +74,13 @@ class ChildNode:
     def wait_model(self) -> dict:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            status = run_cli(self.home, "node", "status")
+            try:
+                status = run_cli(self.home, "node", "status", prefix=self.prefix)
+            except KvswapError:  # a daemon busy loading its model may not answer in time: ask again
+                if self.proc.poll() is not None:
+                    raise KvswapError(f"node in {self.home} exited; see {self.home / 'stderr.log'}") from None
+                time.sleep(0.5)
+                continue
             if status.get("model"):
                 return status
             if status.get("model_error"):

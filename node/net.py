@@ -150,8 +150,10 @@ class Network:
         enable_mdns: bool = False,
         use_dataplane: bool = True,
         reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S,
+        ration_copies: int = limits.RATION_COPIES,
     ) -> None:
-        """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers."""
+        """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers.
+        `ration_copies`: copies of a chunk sent before fetchers are pointed at holders (0: no rationing)."""
         if self._node is not None:
             raise LocalProtocolError("Network.start() called twice")
         config = P2PConfig(seed=seed, listen_addrs=list(listen_addrs), bootstrap=list(bootstrap),
@@ -164,7 +166,8 @@ class Network:
 
         async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
             node = TrioNode(config, service=service, target=target, on_transfer=hook,
-                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
+                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter,
+                            ration=UploadRation(copies=ration_copies))
             await nursery.start(node.run)
             started.append(node)
             ready()

@@ -45,7 +45,6 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.rcmgr.exceptions import ResourceManagerException
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.anyio_service.exceptions import ServiceException
-from libp2p.utils.address_validation import get_available_interfaces
 
 from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
@@ -93,6 +92,28 @@ def split_addr(addr: str) -> tuple[str, Any]:
     return info.peer_id.to_base58(), info
 
 
+def advertised(candidates: Iterable[Any], interfaces: Callable[[int], list[Any]] | None = None) -> list[Any]:
+    """The addresses a host tells peers (identify, DHT records): a wildcard listen address (0.0.0.0) becomes
+    one address per IPv4 interface, loopback left out when any other exists, because a peer that dials
+    0.0.0.0 or 127.0.0.1 reaches itself, not us. Explicit addresses are advertised as they are.
+    `interfaces(port)` lists candidate multiaddrs (default: libp2p's interface scan)."""
+    if interfaces is None:
+        from libp2p.utils.address_validation import get_available_interfaces as interfaces
+    out: list[Any] = []
+    for addr in candidates:
+        try:
+            wildcard = addr.value_for_protocol("ip4") == "0.0.0.0"
+        except Exception:  # no ip4 component (ip6, dns...): as it is
+            wildcard = False
+        if not wildcard:
+            out.append(addr)
+            continue
+        found = [m for m in interfaces(int(addr.value_for_protocol("tcp"))) if str(m).startswith("/ip4/")]
+        routable = [m for m in found if not m.value_for_protocol("ip4").startswith("127.")]
+        out += routable or found or [addr]
+    return list({str(a): a for a in out}.values())
+
+
 @dataclass
 class P2PConfig:
     seed: bytes
@@ -132,7 +153,8 @@ class P2PHost:
         """Start everything, report started via task_status, and run until cancelled."""
         with map_exceptions({ADDRESS_ERRORS: UsageError}, f"bad listen multiaddr in {self.config.listen_addrs}"):
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
-        self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns)
+        self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns,
+                             addrs_factory=advertised)
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
@@ -157,15 +179,29 @@ class P2PHost:
                         nursery.start_soon(self._provide_worker)
                         nursery.start_soon(self._reprovide_loop)
                         for addr in self.config.bootstrap:
-                            nursery.start_soon(self._connect_quietly, addr)
+                            nursery.start_soon(self._bootstrap, addr)
                         task_status.started()
                         await trio.sleep_forever()
 
-    async def _connect_quietly(self, addr: str) -> None:
-        try:
-            await self.connect(addr)
-        except KvswapError as exc:
-            log.warning("bootstrap %s: %s", addr, exc)
+    async def _bootstrap(self, addr: str) -> None:
+        """Dial a bootstrap peer until it answers (backing off to limits.BOOTSTRAP_RETRY_MAX_S): it may start after
+        us (a testnet or a compose file starting every node at once), and a node that missed its only
+        bootstrap peer once would otherwise stay alone for good."""
+        delay = limits.BOOTSTRAP_RETRY_S
+        while True:
+            try:
+                await self.connect(addr)
+                return
+            except UsageError as exc:  # not a peer multiaddr: retrying will not help
+                log.warning("bootstrap %s: %s", addr, exc)
+                return
+            except KvswapError as exc:
+                log.warning("bootstrap %s: %s (again in %g s)", addr, exc, delay)
+            await trio.sleep(delay)
+            delay = min(2 * delay, limits.BOOTSTRAP_RETRY_MAX_S)
+            network = self.host.get_network()
+            if hasattr(network, "unblock_peer"):  # libp2p refuses a peer that failed in the last 60 s
+                network.unblock_peer(split_addr(addr)[1].peer_id)
 
     # --- identity and peers -------------------------------------------------------------------------------
 
@@ -175,18 +211,9 @@ class P2PHost:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs (with /p2p/<peer id>) other nodes can dial."""
-        pid = self.peer_id
-        out: list[str] = []
-        for a in self.host.get_addrs():
-            text = str(a).split("/p2p/")[0]
-            if text.startswith("/ip4/0.0.0.0/tcp/"):  # listening on every interface: list each IPv4 one
-                port = int(text.rsplit("/", 1)[1])
-                expanded = [str(m) for m in get_available_interfaces(port) if str(m).startswith("/ip4/")]
-                out += [f"{m}/p2p/{pid}" for m in expanded] or [f"{text}/p2p/{pid}"]
-            else:
-                out.append(f"{text}/p2p/{pid}")
-        return list(dict.fromkeys(out))
+        """Full multiaddrs (with /p2p/<peer id>) other nodes can dial: what identify and the DHT advertise
+        (`advertised`)."""
+        return list(dict.fromkeys(str(a) for a in self.host.get_addrs()))
 
     @property
     def listen_ip(self) -> str:
@@ -419,5 +446,6 @@ __all__ = [
     "P2PHost",
     "key_pair_from_seed",
     "peer_id_of_seed",
+    "advertised",
     "split_addr",
 ]

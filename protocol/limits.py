@@ -115,6 +115,11 @@ FETCH_PARALLEL_CHUNKS = 4
 MAX_PROVIDER_FAILURES = 2
 #: Most providers a fetch asks the DHT for.
 MAX_PROVIDERS_PER_FETCH = 20
+#: Seconds before a failed bootstrap dial is tried again, doubling up to BOOTSTRAP_RETRY_MAX_S: a node may
+#: start before its bootstrap peer.
+BOOTSTRAP_RETRY_S = 1.0
+#: Longest pause between two bootstrap dials (seconds).
+BOOTSTRAP_RETRY_MAX_S = 30.0
 #: Seconds for one DHT lookup or provide before it is abandoned (the fetch falls back to connected peers).
 DHT_QUERY_TIMEOUT_S = 15.0
 #: ADD_PROVIDER messages per 10 s a node accepts from one peer. libp2p's default of 10 is tuned for IPFS;

@@ -1,5 +1,6 @@
 """No Docker engine runs here, so check what can be checked: every compose command parses with the real
-CLI, ports and addresses agree, and the bootstrap peer id is the one node1's fixed seed derives."""
+CLI, ports and addresses agree, the bootstrap peer id is the one node1's fixed seed derives, and each node is
+started exactly as the namespace testnet (node/testnet.py) starts the node at the same position."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import yaml
 
 from kvswap.cli import build_parser
 from kvswap.node.p2p import peer_id_of_seed
+from kvswap.node.testnet import node_options
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
@@ -35,8 +37,23 @@ def test_every_service_command_is_a_valid_node_start():
         assert str(args.home) == "/data"
         host, _, port = args.api.rpartition(":")
         assert host == "127.0.0.1", "the control API must stay on the container's loopback"
-        assert args.listen == ["/ip4/0.0.0.0/tcp/4001"]
+        ip = svc["networks"]["testnet"]["ipv4_address"]
+        assert args.listen == [f"/ip4/{ip}/tcp/4001"], "listen on the container's own address (advertised as is)"
         assert "4001" in DOCKERFILE.split("EXPOSE", 1)[1].split()[0]
+
+
+def test_compose_commands_follow_the_namespace_testnet_rules():
+    parser = build_parser()
+    services = COMPOSE["services"]
+    subnet = COMPOSE["networks"]["testnet"]["ipam"]["config"][0]["subnet"]
+    boot_peer = peer_id_of_seed(bytes.fromhex(services["node1"]["environment"]["KVSWAP_IDENTITY_SEED_HEX"]))
+    for index, name in enumerate(sorted(services)):
+        svc = services[name]
+        args = parser.parse_args(svc["command"])
+        rules = node_options(index, subnet=subnet, bootstrap_peer=boot_peer)
+        assert svc["networks"]["testnet"]["ipv4_address"] == rules.listen.split("/")[2], name
+        assert (args.listen, args.api, tuple(args.bootstrap), args.accept_any) == (
+            [rules.listen], rules.api, rules.bootstrap, rules.accept_any), name
 
 
 def test_bootstrap_addresses_point_at_node1_identity():

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "attestation when it passes (default 0.05; 0 turns it off)")
     start.add_argument("--accept-any", action="store_true", default=None,
                        help="accept manifests signed by any key (default: only trusted publishers)")
+    start.add_argument("--ration-copies", type=int, default=None, metavar="N",
+                       help="copies of each chunk sent before further fetchers are pointed at holders "
+                            "(default RATION_COPIES; 0 turns upload rationing off)")
     start.set_defaults(func=cmd_start)
 
     addr = node_sub.add_parser("addr", help="print one multiaddr of the running node (for another's --bootstrap)")
@@ -75,14 +78,18 @@ def _client(args: argparse.Namespace):
 def cmd_start(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..node.daemon import NodeConfig, run_daemon
+    from ..protocol.limits import RATION_COPIES
 
     home = home_of(args)
+    if args.ration_copies is not None and args.ration_copies < 0:
+        raise UsageError("--ration-copies takes 0 (no rationing) or more copies")
     cfg = load_config(home, flags={"node.listen": args.listen, "node.bootstrap": args.bootstrap, "node.api": args.api,
-                                   "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
+                                   "node.ration_copies": args.ration_copies, "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
                                    "node.audit_fraction": args.audit_fraction, "node.accept_any": args.accept_any})
     config = NodeConfig(home=home, listen=cfg["node.listen"], bootstrap=cfg["node.bootstrap"], api=cfg["node.api"],
                         model=cfg["node.model"] or None, dtype=cfg["node.dtype"], accept_any=cfg["node.accept_any"],
-                        decode=cfg["node.decode"] or None, audit_fraction=cfg["node.audit_fraction"])
+                        decode=cfg["node.decode"] or None, audit_fraction=cfg["node.audit_fraction"],
+                        ration_copies=cfg["node.ration_copies"])
 
     def ready(info: dict) -> None:  # once listening: the addresses a script (or another node) needs
         if args.json:
