@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, UsageError
+from .protocol.limits import RATION_COPIES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 #: the default libp2p port: fixed, so a node's address (and so every other node's --bootstrap) survives a
@@ -136,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node", "audit_fraction", 0.05, "float", "KVSWAP_AUDIT_FRACTION",
             "blocks of each fetched artifact audited before use (0 = off)"),
     Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)"),
-    Setting("node", "ration_copies", 2, "int", None,
+    Setting("node", "ration_copies", RATION_COPIES, "int", None,
             "copies of each chunk of an artifact sent before naming holders instead (0 = no rationing)"),
     Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
     Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),

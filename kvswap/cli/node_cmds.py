@@ -78,14 +78,14 @@ def _client(args: argparse.Namespace):
 def cmd_start(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..node.daemon import NodeConfig, run_daemon
-    from ..protocol.limits import RATION_COPIES
 
     home = home_of(args)
     if args.ration_copies is not None and args.ration_copies < 0:
         raise UsageError("--ration-copies takes 0 (no rationing) or more copies")
     cfg = load_config(home, flags={"node.listen": args.listen, "node.bootstrap": args.bootstrap, "node.api": args.api,
-                                   "node.ration_copies": args.ration_copies, "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
-                                   "node.audit_fraction": args.audit_fraction, "node.accept_any": args.accept_any})
+                                   "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
+                                   "node.audit_fraction": args.audit_fraction, "node.accept_any": args.accept_any,
+                                   "node.ration_copies": args.ration_copies})
     config = NodeConfig(home=home, listen=cfg["node.listen"], bootstrap=cfg["node.bootstrap"], api=cfg["node.api"],
                         model=cfg["node.model"] or None, dtype=cfg["node.dtype"], accept_any=cfg["node.accept_any"],
                         decode=cfg["node.decode"] or None, audit_fraction=cfg["node.audit_fraction"],
