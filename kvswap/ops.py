@@ -242,7 +242,7 @@ class LoadedCache:
 
     `cache` holds the KV of `token_ids` (the document; never re-tokenize it). Continue with
     `model.generate(**loaded.inputs(suffix_ids), max_new_tokens=...)`, which passes the document's ids plus your
-    suffix's, an attention mask over both, and the cache; or, without a suffix, take the first token from
+    suffix's, an attention mask over both, and the cache (under the keyword this transformers version takes); or, without a suffix, take the first token from
     `last_logits` (the artifact's stored logits at the last document position). A cache is grown in place by
     generation: call `fresh_cache()` for each new generation."""
 
@@ -272,8 +272,9 @@ class LoadedCache:
         if not suffix_ids:
             raise UsageError("give at least one suffix token (without one, the first token is argmax(last_logits))")
         ids = torch.tensor([list(self.token_ids) + list(suffix_ids)], dtype=torch.long, device=self.engine.device)
+        # the cache's keyword as this transformers version spells it (`cache` from 5.2x, `past_key_values` before)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "past_key_values": self.cache if cache is None else cache}
+                self.engine._cache_kwarg: self.cache if cache is None else cache}
 
 
 def load_cache(source: Any, *, model: Any, home: Home | str | Path | None = None, device: str | None = None,

@@ -17,6 +17,7 @@ from aiohttp import web
 from ..errors import KvswapError, UsageError, error_payload
 from ..protocol.limits import MAX_API_BODY_BYTES
 from . import apibody
+from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -52,6 +53,9 @@ def build_app(daemon: "Daemon", token: str) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(await daemon.status())
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=daemon.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     async def peers(request: web.Request) -> web.Response:
         return web.json_response(await daemon.peers())
 
@@ -84,6 +88,7 @@ def build_app(daemon: "Daemon", token: str) -> web.Application:
     app.add_routes(
         [
             web.get("/status", status),
+            web.get("/metrics", metrics),
             web.get("/peers", peers),
             web.get("/artifacts", ls),
             web.post("/publish", publish),

@@ -36,6 +36,7 @@ from ..protocol.messages import GenerateRequest, GenerateResponse
 from . import runfiles
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
+from .metrics import NodeMetrics
 from .net import Network
 from .storeadapter import StoreArtifacts
 
@@ -74,17 +75,18 @@ class Daemon:
     async def setup(self, group: asyncio.TaskGroup) -> None:
         host, _, port = self.config.api.rpartition(":")
         check_loopback(host)
-        check_ports_free(self.config.listen)
         self.h = Home(self.home)  # the one object that opens the home's key, store, ledger and trust policy
         self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
         self.policy = self.h.policy(self.config.accept_any)
         self.jobs = JobTable(group)
         self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate)
+        self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage)
+        self.artifacts.on_chunk = self.metrics.on_chunk
         self.net = Network()
         await self.net.start(
             seed=self.key.seed, listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
             service=self.artifacts, target=self.artifacts,
-            on_transfer=lambda e: self.ledger.transfer(**e.as_ledger_kwargs()),
+            on_transfer=self._on_transfer,
             on_announce=self._on_announce, ration_copies=self.config.ration_copies,
         )
         token = runfiles.api_token(self.home, create=True)
@@ -109,6 +111,11 @@ class Daemon:
             except (asyncio.TimeoutError, KvswapError) as exc:
                 log.warning("shutdown step %s: %r", getattr(step, "__qualname__", step), exc)
         self.h.close()
+
+    def _on_transfer(self, event) -> None:
+        """Every frame and data-plane transfer: one ledger row and the byte counters."""
+        self.ledger.transfer(**event.as_ledger_kwargs())
+        self.metrics.on_transfer(event)
 
     def request_stop(self, why: str) -> None:
         log.info("stopping (%s)", why)
@@ -201,6 +208,8 @@ class Daemon:
             result = await asyncio.to_thread(self._with_engine, ops.publish_here, self.h, engine, document,
                                              codec=req["codec"], block_tokens=req["block_tokens"],
                                              progress=job.progress.update)  # a dict update, from the worker thread
+            self.metrics.prefill_seconds.inc(result["prefill_s"])
+            self.metrics.prefill_tokens.inc(result["n_tokens"])
             job.progress["stage"] = "announce"
             cid = Cid.parse(result["cid"])
             manifest = self.store.get_manifest(cid)
@@ -234,7 +243,15 @@ class Daemon:
                 r = await self.net.fetch(key, n_tokens=req["tokens"], progress=progress, expect_model=expect_model,
                                          accept_any=req["accept_any"])
             except NotFound as exc:
+                self.metrics.fetches.labels("failed").inc()
                 raise NotFound(f"{exc}{self._other_models(req['document_hash'])}") from None
+            except asyncio.CancelledError:
+                self.metrics.fetches.labels("cancelled").inc()
+                raise
+            except KvswapError:
+                self.metrics.fetches.labels("failed").inc()
+                raise
+            self.metrics.fetches.labels("done").inc()
             out = {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
                    "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
                    "peers": len(r.providers), "providers": r.providers,
@@ -269,6 +286,7 @@ class Daemon:
             t0 = time.perf_counter()
             resp = await self.net.remote_generate(
                 req["host"], GenerateRequest(cid, tuple(suffix), req["max_new_tokens"], req["seed"]))
+            self.metrics.generations.labels("remote").inc()
             return {"cid": str(cid), "host": req["host"], "tokens": list(resp.tokens), "text": resp.text,
                     "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
                     "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
@@ -276,6 +294,7 @@ class Daemon:
         out = await asyncio.to_thread(self._with_engine, generate_from_store, engine, self.store, cid, req["prompt"],
                                       req["max_new_tokens"], self.policy, req["seed"], document, req["temperature"])
         ops._log_generation(self.h, engine, cid, out)
+        self.metrics.generations.labels("local").inc()
         out["mode"] = "local"
         return out
 
@@ -299,8 +318,10 @@ class Daemon:
                 self._with_engine, audit_stored, engine, self.store, cid, fraction=self.config.audit_fraction,
                 key=self.key, document=document, prefer=self.policy.auditors)
         except (IntegrityError, ModelMismatch) as exc:  # AuditFailed is an IntegrityError
+            self.metrics.audits.labels("failed").inc()
             await asyncio.to_thread(self.store.remove, cid, True)
             raise type(exc)(f"{exc} (artifact {cid.short()} removed)") from None
+        self.metrics.audits.labels("passed").inc()
         self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=sum(
             manifest.chunks[i].n_tokens for i in result["blocks"]), model=engine.model_id, dtype=engine.dtype,
             device=engine.device, artifact=str(cid), extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
@@ -312,10 +333,15 @@ class Daemon:
         cid = req["cid"]
         document = Document(req["document"]) if req["document"] else None
         self._reload_trust()
-        result = await asyncio.to_thread(
-            self._with_engine, audit_stored, engine, self.store, cid, fraction=req["fraction"],
-            blocks=req["blocks"], full=req["full"], seed=req["seed"], require_exact=req["exact"],
-            key=self.key if req["sign"] else None, document=document, prefer=self.policy.auditors)
+        try:
+            result = await asyncio.to_thread(
+                self._with_engine, audit_stored, engine, self.store, cid, fraction=req["fraction"],
+                blocks=req["blocks"], full=req["full"], seed=req["seed"], require_exact=req["exact"],
+                key=self.key if req["sign"] else None, document=document, prefer=self.policy.auditors)
+        except IntegrityError:  # AuditFailed, or a document that is not the artifact's
+            self.metrics.audits.labels("failed").inc()
+            raise
+        self.metrics.audits.labels("passed").inc()
         self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=0, model=engine.model_id,
                             dtype=engine.dtype, device=engine.device, artifact=str(cid),
                             extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
@@ -358,6 +384,7 @@ class Daemon:
         out = result.to_dict()
         out.update(read_verify_s=load_s, document_tokens=kv.n_tokens, suffix_tokens=len(request.suffix_ids))
         ops._log_generation(self.h, engine, cid, out, kind="hosted_generate")
+        self.metrics.generations.labels("hosted").inc()
         timings = (("load_s", load_s), ("prefill_s", float(out.get("prefill_s", 0.0))),
                    ("decode_s", float(out.get("decode_s", 0.0))))
         return GenerateResponse(tuple(result.tokens), result.text, timings)
@@ -408,5 +435,23 @@ def run_daemon(config: NodeConfig, on_ready=None) -> int:
         raise UsageError(f"a node (pid {info['pid']}) already runs in {home}")
     except NotFound:
         pass
+    check_ports_free(config.listen)  # before anything binds: a taken fixed port is one clear line
     _setup_logging(home)
-    return asyncio.run(Daemon(config, on_ready).main())
+    try:
+        return asyncio.run(Daemon(config, on_ready).main())
+    except ExceptionGroup as group:  # a failure while starting (inside the task group): its one clear line
+        first = _first_kvswap_error(group)
+        if first is None:
+            raise
+        raise first from None
+
+
+def _first_kvswap_error(group: BaseExceptionGroup) -> KvswapError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, KvswapError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_kvswap_error(exc)
+            if found is not None:
+                return found
+    return None

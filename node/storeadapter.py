@@ -20,7 +20,7 @@ from kvswap.artifact.attestation import decode_attestations, encode_attestations
 from kvswap.artifact.manifest import Manifest, decode_manifest
 from kvswap.artifact.signing import TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
 from kvswap.cid import Cid
-from kvswap.errors import NotFound
+from kvswap.errors import IntegrityError, NotFound
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 from kvswap.store import Store
 
@@ -127,5 +127,15 @@ class StoreArtifacts:
     def has_chunk(self, cid: Cid) -> bool:
         return self.store.has_chunk(cid)
 
+    #: optional `on_chunk(verified: bool)` for every chunk offered to the store (the daemon's metrics)
+    on_chunk: Callable[[bool], None] | None = None
+
     def put_chunk(self, cid: Cid, data: bytes) -> None:
-        self.store.put_chunk(cid, data)
+        try:
+            self.store.put_chunk(cid, data)  # hashes against the CID before anything becomes visible
+        except IntegrityError:
+            if self.on_chunk is not None:
+                self.on_chunk(False)
+            raise
+        if self.on_chunk is not None:
+            self.on_chunk(True)

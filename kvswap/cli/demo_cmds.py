@@ -3,7 +3,9 @@
 Two nodes start (B bootstraps from A); A publishes a real document; B finds it by the document's hash,
 fetches and verifies it, generates from it (ship), then asks A to generate from A's resident KV (host);
 `kvswap exact` checks that reuse is token-exact against a fresh prefill; `kvswap report` on B prices
-both ways of using the cache from the bytes and seconds the nodes just logged. The nodes stop at the end.
+both ways of using the cache from the bytes and seconds the nodes just logged. The nodes stop at the end,
+and everything the demo made (homes, identity keys, stores, the report) is removed unless --keep or
+--workdir asks to keep it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--doc", type=Path, default=None, help="document to share (default: a bundled short story)")
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--workdir", type=Path, default=None, help="keep the nodes' homes here (default: a temp dir, removed)")
+    p.add_argument("--workdir", type=Path, default=None, help="put the nodes' homes here, and keep them")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temp dir (nodes' homes, report pages); by default the demo removes what it made")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -38,6 +42,9 @@ def _say(step: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..node.launcher import ChildNode, run_cli
 
+    import shutil
+
+    keep = args.keep or args.workdir is not None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kvswap-demo-"))
     doc = args.doc or work / "document.txt"
     if args.doc is None:
@@ -82,12 +89,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary["exact"] = run_cli(b.home, "exact", "--doc", str(doc), "--model", args.model,
                                    "--question", args.prompt)
         _say("report: egress vs prefill, from B's ledger")
-        summary["report"] = run_cli(b.home, "report", "--artifact", got["cid"], "--out", str(work / "report"))
-        summary["report_dir"] = str(work / "report")
+        out = ["--out", str(work / "report")] if keep else []
+        summary["report"] = run_cli(b.home, "report", "--artifact", got["cid"], *out)
+        summary["report_dir"] = str(work / "report") if keep else None
     finally:
         for node in reversed(nodes):
             node.stop()
-        _say("nodes stopped")
+        if keep:
+            _say(f"nodes stopped; their homes stay in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            _say(f"nodes stopped; removed {work} (--keep keeps it)")
     if args.json:
         emit(args, summary)
     else:
@@ -116,6 +128,6 @@ def _render(s: dict, args: argparse.Namespace, work: Path) -> str:
         "",
         render_terminal(s["report"]),
         "",
-        f"Report page and plots: {s['report_dir']}",
+        f"Report page and plots: {s['report_dir']}" if s["report_dir"] else "(run with --keep to keep the report pages)",
     ]
     return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The daemon's counters in Prometheus text format (`GET /metrics` on the control API, bearer token as every
+route), with prometheus-client.
+
+What is counted, and where the count comes from:
+
+    kvswap_bytes_total{protocol, direction}     every frame and data-plane transfer (the ledger's own events)
+    kvswap_chunks_verified_total                chunks that arrived and matched their CID (then stored)
+    kvswap_integrity_failures_total             chunks that arrived and did not (the provider is penalised)
+    kvswap_fetches_total{outcome}               `kvswap get` jobs: done, failed, cancelled
+    kvswap_generations_total{mode}              local (ship), hosted (for a peer), remote (asked of a host)
+    kvswap_prefill_seconds_total, _tokens_total this node's prefills (publishing)
+    kvswap_audits_total{outcome}                audits run by this node: passed, failed
+    kvswap_artifacts_stored, kvswap_stored_bytes  the store now (read at each scrape)
+
+Each daemon has its own registry (several daemons may live in one test process).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from .accounting import TransferEvent
+
+#: the Content-Type of the text exposition format prometheus-client writes
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeMetrics:
+    def __init__(self, artifacts: Callable[[], int], stored_bytes: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.bytes = Counter("kvswap_bytes", "Bytes on the wire by protocol and direction",
+                             ["protocol", "direction"], registry=r)
+        self.chunks_verified = Counter("kvswap_chunks_verified", "Chunks that arrived and matched their CID",
+                                       registry=r)
+        self.integrity_failures = Counter("kvswap_integrity_failures", "Chunks that arrived and did not match",
+                                          registry=r)
+        self.fetches = Counter("kvswap_fetches", "Fetch jobs by outcome", ["outcome"], registry=r)
+        self.generations = Counter("kvswap_generations", "Generations by mode", ["mode"], registry=r)
+        self.prefill_seconds = Counter("kvswap_prefill_seconds", "Seconds spent prefilling", registry=r)
+        self.prefill_tokens = Counter("kvswap_prefill_tokens", "Tokens prefilled", registry=r)
+        self.audits = Counter("kvswap_audits", "Audits run by this node by outcome", ["outcome"], registry=r)
+        Gauge("kvswap_artifacts_stored", "Artifacts in the store", registry=r).set_function(artifacts)
+        Gauge("kvswap_stored_bytes", "Bytes of chunks (and raw local forms) in the store",
+              registry=r).set_function(stored_bytes)
+
+    def on_transfer(self, event: TransferEvent) -> None:
+        self.bytes.labels(event.protocol, event.direction).inc(event.wire_bytes)
+
+    def on_chunk(self, verified: bool) -> None:
+        (self.chunks_verified if verified else self.integrity_failures).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["CONTENT_TYPE", "NodeMetrics"]
