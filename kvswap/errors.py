@@ -12,6 +12,7 @@
      |    +-- RemoteProtocolError    the peer misbehaved: garbage, oversized frame, stall
      +-- LimitExceeded               a named limit (protocol/limits.py) was hit
      +-- UsageError                  the user asked for something that cannot be done (bad flag, empty doc)
+     +-- TestnetError                the namespace testnet harness could not create, use or remove a host
 
 Each class carries what every edge needs to say about it, so there is one table, the classes themselves:
 `exit_code` (the CLI's exit status), `http_status` (the control API's answer, node/api.py) and `wire_code`
@@ -110,6 +111,13 @@ class UsageError(KvswapError):
     http_status = 400
 
 
+class TestnetError(KvswapError):
+    """The namespace testnet (node/testnet.py) could not be created, used or removed; the message says which
+    command failed."""
+
+    __test__ = False  # not a pytest class despite the name
+
+
 # --- translations, all derived from the classes above ------------------------------------------------------
 
 
@@ -180,6 +188,7 @@ def map_exceptions(mapping: Mapping[type[BaseException] | tuple[type[BaseExcepti
 
 
 __all__ = [
+    "AuditFailed",
     "FormatError",
     "INTERNAL_WIRE_CODE",
     "IntegrityError",
@@ -190,6 +199,7 @@ __all__ = [
     "NotFound",
     "ProtocolError",
     "RemoteProtocolError",
+    "TestnetError",
     "UntrustedSigner",
     "UsageError",
     "error_classes",

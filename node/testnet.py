@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import KvswapError, UsageError
+from ..errors import KvswapError, TestnetError, UsageError
 from .launcher import ChildNode, run_cli
 
 #: every namespace a testnet creates starts with this (and only testnets use it)
@@ -87,10 +87,6 @@ STATE_FILE = "testnet.json"
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps)?\s*$", re.IGNORECASE)
 
 
-class TestnetError(KvswapError):
-    """The testnet could not be created, used or removed (the message says which command failed)."""
-
-    __test__ = False  # not a pytest class despite the name
 
 
 def parse_rate(text: str | int | None) -> int | None:

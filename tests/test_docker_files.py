@@ -52,7 +52,7 @@ def test_compose_commands_follow_the_namespace_testnet_rules():
         args = parser.parse_args(svc["command"])
         rules = node_options(index, subnet=subnet, bootstrap_peer=boot_peer)
         assert svc["networks"]["testnet"]["ipv4_address"] == rules.listen.split("/")[2], name
-        assert (args.listen, args.api, tuple(args.bootstrap), args.accept_any) == (
+        assert (args.listen, args.api, tuple(args.bootstrap or ()), bool(args.accept_any)) == (
             [rules.listen], rules.api, rules.bootstrap, rules.accept_any), name
 
 
