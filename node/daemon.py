@@ -106,10 +106,12 @@ class Daemon:
     async def cleanup(self) -> None:
         runfiles.remove_node_file(self.home)
         for step in (self._runner.cleanup, self.net.stop):
+            t0 = time.perf_counter()
             try:
                 await asyncio.wait_for(step(), SHUTDOWN_TIMEOUT_S / 2)
             except (asyncio.TimeoutError, KvswapError) as exc:
                 log.warning("shutdown step %s: %r", getattr(step, "__qualname__", step), exc)
+            log.info("shutdown step %s took %.2f s", getattr(step, "__qualname__", step), time.perf_counter() - t0)
         self.h.close()
 
     def _on_transfer(self, event) -> None:
@@ -138,6 +140,7 @@ class Daemon:
                         self.jobs.cancel_running()
                     if hasattr(self, "_engine_task"):
                         self._engine_task.cancel()
+            log.info("background tasks ended")
             return 0
         finally:
             if hasattr(self, "_runner"):
@@ -438,12 +441,39 @@ def run_daemon(config: NodeConfig, on_ready=None) -> int:
     check_ports_free(config.listen)  # before anything binds: a taken fixed port is one clear line
     _setup_logging(home)
     try:
-        return asyncio.run(Daemon(config, on_ready).main())
+        return _run_bounded(Daemon(config, on_ready).main())
     except ExceptionGroup as group:  # a failure while starting (inside the task group): its one clear line
         first = _first_kvswap_error(group)
         if first is None:
             raise
         raise first from None
+
+
+def _run_bounded(main) -> int:
+    """asyncio.run, with the end bounded: tasks still pending after the daemon's own cleanup are cancelled and
+    given SHUTDOWN_TIMEOUT_S / 2 (asyncio.run would wait for them, and for every worker thread, forever), and
+    any that still run are named in the log."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT_S / 2))
+            for task in stuck:
+                log.warning("shutdown: %r did not end", task)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        executor = loop._default_executor  # worker threads asyncio.to_thread started
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+        busy = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+        if busy:
+            log.warning("shutdown: worker threads still busy (%s); exiting without them", ", ".join(busy))
+            logging.shutdown()
+            os._exit(0)
 
 
 def _first_kvswap_error(group: BaseExceptionGroup) -> KvswapError | None:

@@ -54,13 +54,20 @@ def remove_node_file(home: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. A process that exited but was not yet reaped by its parent (a zombie:
+    a daemon started with `&` from a shell that is busy running `kvswap node stop`) has stopped: kill(pid, 0)
+    alone would call it alive until the shell gets round to it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:  # Linux: "pid (comm) STATE ..."
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (another OS), or it ended meanwhile
+        return True
 
 
 def read_node_file(home: Path) -> dict:
