@@ -171,7 +171,8 @@ def test_report_from_measured_ledger_priced_by_tokens(tmp_path):
     assert scenario(rep, "hosted_physical")["per_reader"] == pytest.approx(c_load + egress * 800)
     assert scenario(rep, "hosted_tariff")["per_reader"] == pytest.approx(0.1 * c_prefill + egress * 800)
     assert rep["measured"]["ship_over_host_bytes"] == pytest.approx(F1_BYTES / 800)
-    assert rep["warnings"] == [] and rep["provenance"] == {"prefill": "ledger", "reuse_step": "ledger", "borrowed": []}
+    assert rep["warnings"] == [] and rep["provenance"] == {
+        "prefill": "ledger", "reuse_step": "ledger", "reuse_ratio": "ledger", "borrowed": []}
     assert {k: v["origin"] for k, v in ins.items() if k in ("tokens", "c_prefill", "reuse_ratio", "raw_bytes")} == {
         "tokens": "ledger", "c_prefill": "derived", "reuse_ratio": "ledger", "raw_bytes": "ledger"}
     text = render_terminal(rep)
@@ -231,7 +232,7 @@ def consumer_ledger(home: Path, step_seconds: tuple[float, ...] = (0.66,)) -> No
 def test_a_consumer_without_prefill_events_is_told_loudly_and_where_its_tokens_came_from(tmp_path):
     consumer_ledger(tmp_path)
     rep = make_report(tmp_path, artifact=ART)
-    assert rep["provenance"] == {"prefill": None, "reuse_step": "ledger",
+    assert rep["provenance"] == {"prefill": None, "reuse_step": "ledger", "reuse_ratio": None,
                                  "borrowed": ["hosted_wire_bytes", "raw_bytes", "readers", "reuse_ratio"]}
     ratio = next(w for w in rep["warnings"] if w.get("input") == "reuse_ratio")
     assert ratio["level"] == "warning"
@@ -255,25 +256,43 @@ def test_a_calibration_stands_in_only_where_real_work_is_missing_and_says_so(tmp
     consumer_ledger(tmp_path)
     with Ledger(ledger_path(tmp_path)) as led:
         calibration_event(led, "prefill", 0.9, 660)
-        calibration_event(led, "generate", 0.001, 1)  # ignored: real generate events exist
+    # a calibrated prefill and a real decode timed at another moment: used, but called mixed
+    rep = make_report(tmp_path, artifact=ART)
+    m = rep["measured"]
+    assert (m["prefill_source"], m["step_source"], m["ratio_source"]) == ("calibration", "ledger", "mixed")
+    assert rep["inputs"]["reuse_ratio"]["value"] == pytest.approx(0.9 / (0.66 / 24))
+    assert rep["inputs"]["reuse_ratio"]["origin"] == "calibration"
+    assert any("timed at different moments" in n for n in rep["notes"])
+
+    with Ledger(ledger_path(tmp_path)) as led:
+        calibration_event(led, "generate", 0.001, 1)  # the calibration's own reuse step
     rep = make_report(tmp_path, artifact=ART)
     m = rep["measured"]
     assert (m["prefill_source"], m["step_source"], m["calibration_events"]) == ("calibration", "ledger", 2)
+    # the real decode timing is what the report shows as the reuse step ...
     assert m["prefill_s"] == pytest.approx(0.9) and m["step_s"] == pytest.approx(0.66 / 24)
+    # ... but the ratio pairs the timings taken together
+    assert m["ratio_source"] == "calibration" and m["timings"]["ratio_step_s"]["median"] == pytest.approx(0.001)
+    assert "ratio_prefill_s" not in m["timings"]  # the same rows as the prefill shown: not repeated
     ratio = rep["inputs"]["reuse_ratio"]
-    assert ratio["origin"] == "calibration" and ratio["value"] == pytest.approx(0.9 / (0.66 / 24))
-    assert ratio["source"].startswith("calibration: median prefill 0.9 s (1 events) / ledger: median reuse step")
+    assert ratio["origin"] == "calibration" and ratio["value"] == pytest.approx(900)
+    assert ratio["source"] == ("calibration: median prefill 0.9 s / median reuse step 0.001 s "
+                               "(timed together by a calibration)")
     assert "reuse_ratio" not in rep["provenance"]["borrowed"]
     notes = [w for w in rep["warnings"] if w["kind"] == "calibration"]
-    assert len(notes) == 1 and notes[0]["timing"] == "prefill" and "is a calibration" in notes[0]["message"]
-    assert "from a calibration" in render_terminal(rep)
+    assert [w["timing"] for w in notes] == ["prefill", "reuse ratio"] and all(w["level"] == "info" for w in notes)
+    assert "is a calibration" in notes[0]["message"]
+    text = render_terminal(rep)
+    assert "900 (calibration)" in text and "reuse ratio's step" in text
 
     # a prefill of real work, once there is one, replaces the calibration
     with Ledger(ledger_path(tmp_path)) as led:
         led.compute(kind="prefill", seconds=2.0, tokens=660, model="tiny-qwen3", dtype="bf16", device="cpu",
                     artifact=ART)
     rep = make_report(tmp_path, artifact=ART)
-    assert (rep["measured"]["prefill_source"], rep["measured"]["prefill_s"]) == ("ledger", 2.0)
+    m = rep["measured"]
+    assert (m["prefill_source"], m["prefill_s"], m["ratio_source"]) == ("ledger", 2.0, "ledger")
+    assert m["reuse_ratio"] == pytest.approx(2.0 / (0.66 / 24))
     assert not [w for w in rep["warnings"] if w["kind"] == "calibration"]
 
 

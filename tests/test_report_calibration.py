@@ -45,23 +45,25 @@ def test_calibration_prefills_the_artifacts_own_tokens_and_the_report_uses_it(tm
     result = calibrate(tmp_path, engine=tiny_engine)
     assert (result["artifact"], result["tokens"], result["prefill_step"]) == (cid, n_tokens, 16)
     assert result["tokens_from"] == "the artifact's own tokens"
-    assert result["reuse_step"] is False  # the ledger has a generate event of real work
+    assert result["reuse_step"] is True  # timed even though the ledger has a decode of real work
     with Ledger(ledger_path(tmp_path)) as led:
         prefills = led.computes(kind="prefill")
         generates = led.computes(kind="generate")
-    assert len(prefills) == 1 and len(generates) == 1
+    assert len(prefills) == 1 and len(generates) == 2
+    step = generates[1]
+    assert step.id == result["runs"][0]["step_event"] and (step.tokens, step.extra["calibration"]) == (1, True)
     row = prefills[0]
     assert row.id == result["runs"][0]["prefill_event"] and row.seconds == result["runs"][0]["prefill_s"] > 0
     assert (row.tokens, row.artifact, row.model, row.dtype) == (n_tokens, cid, "tiny-qwen3", "bf16")
     assert row.extra["calibration"] is True and row.extra["tokens_from"] == "the artifact's own tokens"
 
     rep = make_report(tmp_path)
-    assert rep["provenance"] == {"prefill": "calibration", "reuse_step": "ledger",
+    assert rep["provenance"] == {"prefill": "calibration", "reuse_step": "ledger", "reuse_ratio": "calibration",
                                  "borrowed": ["hosted_wire_bytes", "readers"]}
     ratio = rep["inputs"]["reuse_ratio"]
     assert ratio["origin"] == "calibration"
-    assert ratio["value"] == pytest.approx(row.seconds / (0.24 / 12))
-    assert [w["timing"] for w in rep["warnings"] if w["kind"] == "calibration"] == ["prefill"]
+    assert ratio["value"] == pytest.approx(row.seconds / step.seconds)
+    assert [w["timing"] for w in rep["warnings"] if w["kind"] == "calibration"] == ["prefill", "reuse ratio"]
 
 
 def test_calibration_without_an_artifact_uses_real_vocabulary_tokens_and_times_a_reuse_step(tmp_path, tiny_engine):
@@ -87,6 +89,7 @@ def test_calibration_without_an_artifact_uses_real_vocabulary_tokens_and_times_a
     m = rep["measured"]
     assert (m["prefill_source"], m["step_source"]) == ("calibration", "calibration")
     assert m["timings"]["prefill_s"]["n"] == 2 and m["timings"]["step_s"]["n"] == 2
+    assert m["ratio_source"] == "calibration" and not {"ratio_prefill_s", "ratio_step_s"} & set(m["timings"])
     assert rep["inputs"]["tokens"]["value"] == 300
     assert rep["inputs"]["reuse_ratio"]["origin"] == "calibration"
     assert rep["inputs"]["reuse_ratio"]["value"] == pytest.approx(m["prefill_s"] / m["step_s"])

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import UsageError
 from . import costmodel as cm
-from .measured import FROM_CALIBRATION, FROM_LEDGER, Measured
+from .measured import FROM_CALIBRATION, FROM_LEDGER, MIXED, Measured
 from .prices import PAPER_BYTES_PER_TOKEN, PAPER_READERS, PAPER_REUSE_RATIO, PAPER_TOKENS, Prices
 from .stats import spread_warning
 
@@ -157,12 +157,16 @@ def cost_inputs(prices: Prices, price_sources: dict[str, str], measured: Measure
         if opts.reuse_ratio is not None:
             put("reuse_ratio", opts.reuse_ratio, "x", "flag", "flag")
         elif measured.reuse_ratio is not None:
-            origin = (FROM_CALIBRATION if FROM_CALIBRATION in (measured.prefill_source, measured.step_source)
-                      else FROM_LEDGER)
+            together = {FROM_LEDGER: "both of real work", FROM_CALIBRATION: "timed together by a calibration",
+                        MIXED: "one of real work, one a calibration, timed at different moments"}
             put("reuse_ratio", measured.reuse_ratio, "x",
-                f"{measured.prefill_source}: median prefill {measured.prefill_s:.4g} s "
-                f"({measured.prefill_events} events) / {measured.step_source}: median reuse step "
-                f"{measured.step_s:.4g} s ({measured.generate_events} events)", origin)
+                f"{measured.ratio_source}: median prefill {measured.ratio_prefill_s:.4g} s / median reuse step "
+                f"{measured.ratio_step_s:.4g} s ({together[measured.ratio_source]})",
+                FROM_LEDGER if measured.ratio_source == FROM_LEDGER else FROM_CALIBRATION)
+            if measured.ratio_source == MIXED:
+                notes.append("the reuse ratio divides a prefill and a reuse step timed at different moments (one "
+                             "is a calibration); on a machine whose load changes their ratio is unreliable: "
+                             "`kvswap report --calibrate` times both together")
             if measured_tokens and measured_tokens != tokens:
                 notes.append(f"reuse ratio measured at {measured_tokens} tokens, applied to {tokens}")
         else:
@@ -243,8 +247,14 @@ def warnings_for(inputs: dict[str, dict[str, Any]], borrowed: dict[str, str], me
                              f"{what} timing is a calibration ({n} run{'s' if n != 1 else ''} of `kvswap report "
                              f"--calibrate` on this node), not a {what} of real work: this node has done none "
                              f"for this artifact", timing=what))
+    if measured.ratio_source == FROM_CALIBRATION and measured.step_source == FROM_LEDGER:
+        out.append(_warn("info", "calibration",
+                         "the reuse ratio divides the calibration's prefill by the reuse step timed in the same "
+                         "calibration runs, not by this node's decode timings (taken at other moments)",
+                         timing="reuse ratio"))
     for key, label in (("prefill_s", "prefill time"), ("step_s", "reuse step (decode s/token)"),
-                       ("load_s", "load time")):
+                       ("load_s", "load time"), ("ratio_prefill_s", "prefill time of the reuse ratio"),
+                       ("ratio_step_s", "reuse step of the reuse ratio")):
         timing = measured.timings.get(key)
         if timing is not None and timing.noisy:
             out.append(_warn("warning", "spread", spread_warning(label, timing, "s"), timing=key))
@@ -295,7 +305,7 @@ def build_report(prices: Prices, price_sources: dict[str, str], measured: Measur
         "ledger_empty": empty,
         "warnings": warnings_for(inputs, borrowed, measured),
         "provenance": {"prefill": measured.prefill_source, "reuse_step": measured.step_source,
-                       "borrowed": sorted(borrowed)},
+                       "reuse_ratio": measured.ratio_source, "borrowed": sorted(borrowed)},
         "inputs": inputs,
         "measured": ms,
         "readers": inp.readers,

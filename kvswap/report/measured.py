@@ -37,8 +37,8 @@ from .stats import Sample, Timing, summarize
 GENERATE_KINDS = ("generate", "hosted_generate")
 #: the key a calibration event carries in its extra (calibration.py writes it)
 CALIBRATION_KEY = "calibration"
-#: where a timing came from
-FROM_LEDGER, FROM_CALIBRATION = "ledger", "calibration"
+#: where a timing came from; a reuse ratio may pair a real timing with a calibration (MIXED)
+FROM_LEDGER, FROM_CALIBRATION, MIXED = "ledger", "calibration", "mixed"
 
 
 def is_calibration(row: ComputeRow) -> bool:
@@ -71,6 +71,9 @@ class Measured:
     generate_s: float | None = None
     step_s: float | None = None
     reuse_ratio: float | None = None
+    ratio_source: str | None = None  # FROM_LEDGER | FROM_CALIBRATION | MIXED | None
+    ratio_prefill_s: float | None = None  # the pair of medians the ratio divides
+    ratio_step_s: float | None = None
     calibration_events: int = 0  # calibration rows in the ledger for this artifact (used or not)
     timings: dict[str, Timing] = field(default_factory=dict)  # prefill_s, prefill_s_per_token, load_s, generate_s, step_s
     raw_bytes: int | None = None
@@ -115,6 +118,34 @@ def _prefer_real(rows: list[ComputeRow]) -> tuple[list[ComputeRow], str | None]:
 
 def _timing(rows: list[ComputeRow], value: Callable[[ComputeRow], float]) -> Timing | None:
     return summarize(Sample(value(r), r.id, r.at) for r in rows)
+
+
+def _reuse_ratio(out: Measured, prefill_rows: list[ComputeRow], step_rows: list[ComputeRow]) -> None:
+    """The reuse ratio from a pair of timings taken under the same conditions: both of real work, else both
+    from calibration runs (calibration.py times a prefill and a reuse step together), else whatever exists
+    (MIXED: a prefill and a step timed at different moments on a machine whose load changes)."""
+    real = lambda rows: [r for r in rows if not is_calibration(r)]  # noqa: E731
+    calibrated = lambda rows: [r for r in rows if is_calibration(r)]  # noqa: E731
+    pairs = ((real(prefill_rows), real(step_rows), FROM_LEDGER),
+             (calibrated(prefill_rows), calibrated(step_rows), FROM_CALIBRATION))
+    chosen = next(((p, s, src) for p, s, src in pairs if p and s), None)
+    if chosen is None:
+        prefills, _ = _prefer_real(prefill_rows)
+        steps, _ = _prefer_real(step_rows)
+        if not (prefills and steps):
+            return
+        chosen = (prefills, steps, MIXED)
+    prefills, steps, out.ratio_source = chosen
+    p = _timing(prefills, lambda c: c.seconds)
+    s = _timing(steps, lambda c: c.seconds / c.tokens)
+    if p is None or s is None or not (p.median > 0 and s.median > 0):
+        return
+    out.ratio_prefill_s, out.ratio_step_s = p.median, s.median
+    out.reuse_ratio = p.median / s.median
+    if out.ratio_source != out.prefill_source:  # not the timings shown as prefill / reuse step: show them too
+        out.timings["ratio_prefill_s"] = p
+    if out.ratio_source != out.step_source:
+        out.timings["ratio_step_s"] = s
 
 
 def _sizes_from_transfers(rows: list[TransferRow]) -> tuple[int, int, int | None] | None:
@@ -196,8 +227,10 @@ def measure(ledger: Ledger, *, artifact: str | None = None, home: Path | None = 
     computes = [c for c in all_computes if c.artifact == chosen] if chosen else all_computes
     out.calibration_events = sum(1 for c in computes if is_calibration(c))
 
-    prefills, out.prefill_source = _prefer_real([c for c in computes if c.kind == "prefill"])
-    gens, out.step_source = _prefer_real([c for c in computes if c.kind in GENERATE_KINDS and c.tokens > 0])
+    prefill_rows = [c for c in computes if c.kind == "prefill"]
+    step_rows = [c for c in computes if c.kind in GENERATE_KINDS and c.tokens > 0]
+    prefills, out.prefill_source = _prefer_real(prefill_rows)
+    gens, out.step_source = _prefer_real(step_rows)
     loads = [c for c in computes if c.kind == "load"]
     out.prefill_events, out.load_events, out.generate_events = len(prefills), len(loads), len(gens)
     timings = {
@@ -211,8 +244,7 @@ def measure(ledger: Ledger, *, artifact: str | None = None, home: Path | None = 
     median = lambda key: out.timings[key].median if key in out.timings else None  # noqa: E731
     out.prefill_s, out.prefill_s_per_token = median("prefill_s"), median("prefill_s_per_token")
     out.load_s, out.generate_s, out.step_s = median("load_s"), median("generate_s"), median("step_s")
-    if out.prefill_s and out.step_s:
-        out.reuse_ratio = out.prefill_s / out.step_s
+    _reuse_ratio(out, prefill_rows, step_rows)
     out.prefill_tokens = statistics.median([float(c.tokens) for c in prefills]) if prefills else None
     token_loads = [float(c.tokens) for c in loads if c.tokens > 0]
     out.load_tokens = statistics.median(token_loads) if token_loads else None

@@ -102,7 +102,6 @@ def reader_definitions(report: dict[str, Any]) -> list[str]:
 def measured_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     m = report["measured"]
     t = m.get("timings", {})
-    src = lambda s: f", {s}" if s else ""  # noqa: E731
     rows = [
         ("artifact", f"{m['artifact'] or '-'} ({m['artifact_choice']})"),
         ("model / dtype / device", f"{m['model'] or '-'} / {m['dtype'] or '-'} / {m['device'] or '-'}"),
@@ -112,8 +111,10 @@ def measured_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("load", describe(t.get("load_s"))),
         (f"reuse step ({m['step_source'] or 'none'})", describe(t.get("step_s"), "s/token")),
         ("generate (per call)", describe(t.get("generate_s"))),
-        ("reuse ratio prefill / step", number(m["reuse_ratio"]) + (
-            src("from a calibration") if "calibration" in (m["prefill_source"], m["step_source"]) else "")),
+        *((("reuse ratio's prefill", describe(t["ratio_prefill_s"])),) if "ratio_prefill_s" in t else ()),
+        *((("reuse ratio's step", describe(t["ratio_step_s"], "s/token")),) if "ratio_step_s" in t else ()),
+        ("reuse ratio prefill / step",
+         number(m["reuse_ratio"]) + (f" ({m['ratio_source']})" if m.get("ratio_source") else "")),
         ("artifact raw / stored", f"{size(m['raw_bytes'])} / {size(m['stored_bytes'])} ({m['size_source'] or 'unknown'})"),
     ]
     for _, label, rb in _reader_sides(m):
