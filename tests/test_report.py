@@ -284,6 +284,11 @@ def test_a_calibration_stands_in_only_where_real_work_is_missing_and_says_so(tmp
     assert "is a calibration" in notes[0]["message"]
     text = render_terminal(rep)
     assert "900 (calibration)" in text and "reuse ratio's step" in text
+    # priced by time, C_prefill and C_load are the same pair, each at the GPU price
+    rep = make_report(tmp_path, artifact=ART, options=ReportOptions(basis="time"))
+    assert rep["inputs"]["c_prefill"]["value"] == pytest.approx(0.9 * 2.99 / 3600)
+    assert rep["inputs"]["c_load"]["value"] == pytest.approx(0.001 * 2.99 / 3600)
+    assert rep["inputs"]["c_prefill"]["origin"] == rep["inputs"]["c_load"]["origin"] == "calibration"
 
     # a prefill of real work, once there is one, replaces the calibration
     with Ledger(ledger_path(tmp_path)) as led:

@@ -16,6 +16,7 @@ from kvswap.artifact.signing import NodeKey
 from kvswap.errors import ModelMismatch, UsageError
 from kvswap.ledger import Ledger, ledger_path
 from kvswap.report import calibrate, make_report
+from kvswap.report.render import render_terminal
 from kvswap.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,10 @@ def test_calibration_prefills_the_artifacts_own_tokens_and_the_report_uses_it(tm
     assert ratio["origin"] == "calibration"
     assert ratio["value"] == pytest.approx(row.seconds / step.seconds)
     assert [w["timing"] for w in rep["warnings"] if w["kind"] == "calibration"] == ["prefill", "reuse ratio"]
+    rep["calibration"] = result  # what `kvswap report --calibrate` attaches
+    text = render_terminal(rep)
+    assert text.index(f"Calibrated on this node: tiny-qwen3 bf16 cpu, prefill of {n_tokens} tokens (the "
+                      "artifact's own tokens)") < text.index("NOTE: prefill timing is a calibration")
 
 
 def test_calibration_without_an_artifact_uses_real_vocabulary_tokens_and_times_a_reuse_step(tmp_path, tiny_engine):

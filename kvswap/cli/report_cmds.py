@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,8 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--horizon-months", type=float, default=None, metavar="T")
     rep.add_argument("--out", type=Path, default=None, metavar="DIR", help="write report.md, report.html and PNG plots")
     rep.add_argument("--calibrate", action="store_true",
-                     help="first time one prefill of the artifact (and one reuse step when the ledger has no "
-                          "generate events) with this node's model, log it to the ledger, then report")
+                     help="first time one prefill of the artifact and one reuse step with this node's model, "
+                          "log them to the ledger as calibration events, then report")
     rep.add_argument("--model", default=None, help="with --calibrate: the model to time (default: the one this "
                                                    "node's ledger records for the artifact, else its manifest's)")
     rep.add_argument("--repeats", type=int, default=1, help="with --calibrate: prefills to time (default 1)")
@@ -173,8 +174,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError("report: --model and --repeats belong to --calibrate")
     calibration = None
     if args.calibrate:
-        import sys
-
         print(f"calibrating: {args.repeats} prefill(s) with this node's model, logged to the ledger...",
               file=sys.stderr, flush=True)
         calibration = calibrate(home_of(args), model=args.model, tokens=args.tokens, artifact=args.artifact,
@@ -187,12 +186,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     def render(rep: dict[str, Any]) -> str:
         text = render_terminal(rep)
-        if rep.get("calibration"):
-            c = rep["calibration"]
-            runs = ", ".join(f"{r['prefill_s']:.4g} s" for r in c["runs"])
-            step = (", reuse step " + ", ".join(f"{r['step_s']:.4g} s" for r in c["runs"])) if c["reuse_step"] else ""
-            text = (f"Calibrated on this node: {c['model']} {c['dtype']} {c['device']}, prefill of {c['tokens']} "
-                    f"tokens ({c['tokens_from']}): {runs}{step}; logged to {c['ledger']}\n\n") + text
         if rep.get("files"):
             text += "\n\nWrote " + ", ".join(rep["files"].values())
         return text

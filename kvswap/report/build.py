@@ -88,6 +88,7 @@ def cost_inputs(prices: Prices, price_sources: dict[str, str], measured: Measure
     inputs: dict[str, dict[str, Any]] = {}
 
     def put(key: str, value: Any, unit: str, source: str, origin: str, why: str | None = None) -> None:
+        assert origin in ORIGINS, origin
         inputs[key] = {"value": value, "unit": unit, "source": source, "origin": origin}
         if origin == "paper" and why is not None:  # c_load follows a borrowed ratio: one warning, on the ratio
             borrowed[key] = why
@@ -126,18 +127,21 @@ def cost_inputs(prices: Prices, price_sources: dict[str, str], measured: Measure
     if opts.prefill_cost is not None:
         put("c_prefill", opts.prefill_cost, "$ per prefill", "flag", "flag")
     elif opts.basis == "time":
-        if measured.prefill_s_per_token is None:
+        # the prefill of the reuse ratio's pair when there is one, so C_prefill and C_load are timed alike
+        paired = measured.ratio_source is not None
+        p_s = measured.ratio_prefill_s if paired else measured.prefill_s
+        p_tokens = measured.ratio_prefill_tokens if paired else measured.prefill_tokens
+        p_src = measured.ratio_source if paired else measured.prefill_source
+        if p_s is None or not p_tokens:
             raise UsageError(f"report: --basis time needs a prefill timing: {_missing_timings(measured)}; "
                              f"{CALIBRATE_HINT} (or give --prefill-cost)")
-        if measured_tokens == tokens and measured.prefill_s is not None:
-            seconds = measured.prefill_s
-        else:
-            seconds = measured.prefill_s_per_token * tokens
-            notes.append(f"prefill time scaled linearly from {measured_tokens} to {tokens} tokens "
+        seconds = p_s if int(round(p_tokens)) == tokens else p_s / p_tokens * tokens
+        if seconds != p_s:
+            notes.append(f"prefill time scaled linearly from {p_tokens:.0f} to {tokens} tokens "
                          "(understates long documents: attention grows with L^2)")
         put("c_prefill", cm.cost_from_seconds(seconds, prices.gpu_per_hour), "$ per prefill",
-            f"{measured.prefill_source}: {seconds:.4g} s prefill x ${prices.gpu_per_hour:g}/GPU-hour",
-            measured.prefill_source or "ledger")
+            f"{p_src}: {seconds:.4g} s prefill x ${prices.gpu_per_hour:g}/GPU-hour",
+            FROM_LEDGER if p_src == FROM_LEDGER else FROM_CALIBRATION)
     else:
         put("c_prefill", cm.prefill_cost_from_tokens(tokens, prices.input_per_mtok), "$ per prefill",
             f"{tokens} tokens x ${prices.input_per_mtok:g}/M input tokens", "derived")
@@ -147,11 +151,12 @@ def cost_inputs(prices: Prices, price_sources: dict[str, str], measured: Measure
     if opts.load_cost is not None:
         put("c_load", opts.load_cost, "$ per reuse call", "flag", "flag")
         put("reuse_ratio", c_prefill / opts.load_cost, "x", "C_prefill / C_load", "derived")
-    elif opts.basis == "time" and measured.step_s is not None and opts.reuse_ratio is None:
-        c_load = cm.cost_from_seconds(measured.step_s, prices.gpu_per_hour)
+    elif opts.basis == "time" and measured.ratio_step_s is not None and opts.reuse_ratio is None:
+        c_load = cm.cost_from_seconds(measured.ratio_step_s, prices.gpu_per_hour)
         put("c_load", c_load, "$ per reuse call",
-            f"{measured.step_source}: {measured.step_s:.4g} s per reuse step x ${prices.gpu_per_hour:g}/GPU-hour",
-            measured.step_source or "ledger")
+            f"{measured.ratio_source}: {measured.ratio_step_s:.4g} s per reuse step x "
+            f"${prices.gpu_per_hour:g}/GPU-hour",
+            FROM_LEDGER if measured.ratio_source == FROM_LEDGER else FROM_CALIBRATION)
         put("reuse_ratio", c_prefill / c_load if c_load > 0 else None, "x", "C_prefill / C_load", "derived")
     else:
         if opts.reuse_ratio is not None:

@@ -9,9 +9,10 @@ What is measured, and from which rows:
 - load: "load" events -> median seconds to turn stored chunks into a ready cache;
 - one reuse step: "generate"/"hosted_generate" events -> median seconds per decoded token;
 - reuse ratio = median prefill seconds / median seconds per reuse step, the paper's "prefill vs one
-  continuation step over the resident KV" (needs prefill and generate events of the same artifact);
-- calibration events (extra {"calibration": true}, written by `kvswap report --calibrate`, calibration.py) stand
-  in for prefill or reuse-step timings only when the ledger has none of real work; the report says which;
+  continuation step over the resident KV" (needs prefill and generate events of the same artifact), from a
+  pair of one provenance (`_reuse_ratio`): the time basis prices the same pair;
+- calibration events (extra {"calibration": true}, written by `kvswap report --calibrate`, calibration.py)
+  stand in for prefill or reuse-step timings only when the ledger has none of real work; the report says so;
 - artifact size: the store's manifest (raw and stored sizes per chunk) when available, else sizes the daemon
   put in a compute event's extra ({"raw_bytes": .., "stored_bytes": ..}), else the distinct chunks seen in
   chunk transfers (raw_bytes; wire bytes as the stored size, framing included);
@@ -73,6 +74,7 @@ class Measured:
     reuse_ratio: float | None = None
     ratio_source: str | None = None  # FROM_LEDGER | FROM_CALIBRATION | MIXED | None
     ratio_prefill_s: float | None = None  # the pair of medians the ratio divides
+    ratio_prefill_tokens: float | None = None
     ratio_step_s: float | None = None
     calibration_events: int = 0  # calibration rows in the ledger for this artifact (used or not)
     timings: dict[str, Timing] = field(default_factory=dict)  # prefill_s, prefill_s_per_token, load_s, generate_s, step_s
@@ -141,6 +143,7 @@ def _reuse_ratio(out: Measured, prefill_rows: list[ComputeRow], step_rows: list[
     if p is None or s is None or not (p.median > 0 and s.median > 0):
         return
     out.ratio_prefill_s, out.ratio_step_s = p.median, s.median
+    out.ratio_prefill_tokens = statistics.median([float(c.tokens) for c in prefills])
     out.reuse_ratio = p.median / s.median
     if out.ratio_source != out.prefill_source:  # not the timings shown as prefill / reuse step: show them too
         out.timings["ratio_prefill_s"] = p

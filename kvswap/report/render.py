@@ -181,13 +181,26 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def calibration_lines(report: dict[str, Any]) -> list[str]:
+    """What a calibration run just before this report timed (report["calibration"], `--calibrate`)."""
+    c = report.get("calibration")
+    if not c:
+        return []
+    runs = ", ".join(f"{r['prefill_s']:.4g} s" for r in c["runs"])
+    steps = (", one reuse step " + ", ".join(f"{r['step_s']:.4g} s" for r in c["runs"])) if c["reuse_step"] else ""
+    return [f"Calibrated on this node: {c['model']} {c['dtype']} {c['device']}, prefill of {c['tokens']} tokens "
+            f"({c['tokens_from']}): {runs}{steps}; logged to {c['ledger']}"]
+
+
 def render_terminal(report: dict[str, Any]) -> str:
-    """The report for a terminal: inputs with sources, measured numbers, scenarios, break-evens, notes."""
+    """The report for a terminal: warnings, inputs with origins and sources, measured numbers with their
+    spread, scenarios, N*, notes."""
     readers = report["readers"]
     warnings = warning_lines(report)
     parts = [
         f"kvswap report: egress vs prefill, {readers:,.0f} readers",
         "",
+        *calibration_lines(report),
         *warnings,
         *([""] if warnings else []),
         "Inputs",
