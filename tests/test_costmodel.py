@@ -77,13 +77,14 @@ def test_break_even_readers_formula():
     assert cm.break_even_readers(1.0, 2.0) == math.inf
 
 
-def test_break_even_n_agrees_with_the_paper_formula_for_pure_reuse():
-    sc = cm.Scenario("reuse", "reuse", fixed=0.02, per_reader=0.005)
-    assert cm.break_even_n(sc, 0.02) == pytest.approx(cm.break_even_readers(0.02, 0.005))
-    # at N*, reuse and re-prefill cost the same
-    n = cm.break_even_n(sc, 0.02)
-    assert sc.total(n) == pytest.approx(0.02 * n)
-    assert cm.break_even_n(cm.Scenario("x", "x", 1.0, 0.03), 0.02) == math.inf
+def test_n_star_is_where_reuse_costs_what_reprefill_does():
+    c_prefill, c_load = 0.02, 0.005
+    n = cm.break_even_readers(c_prefill, c_load)
+    # per call: C_prefill / N + C_load == C_prefill exactly at N*, cheaper above, dearer below
+    assert cm.per_call_with_reuse(c_prefill, c_load, n) == pytest.approx(cm.per_call_from_scratch(c_prefill))
+    assert cm.per_call_with_reuse(c_prefill, c_load, n * 1.01) < c_prefill < cm.per_call_with_reuse(c_prefill, c_load, n * 0.99)
+    # the paper: "about 1 when C_load << C_prefill: reuse pays off by the second read"
+    assert 1 < cm.break_even_readers(0.01887, 0.01887 / 49.7) < 2
 
 
 def test_per_call_costs_and_shipping_floor():

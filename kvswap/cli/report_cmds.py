@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from ..cid import Cid
 from ..errors import UsageError
+from ..ledger import COMPUTE_KINDS
 from . import add_common, emit, home_of
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(led)
     led.add_argument("--artifact", metavar="CID", help="only events of this artifact")
     led.add_argument("--peer", help="only transfers with this peer (hides compute events)")
-    led.add_argument("--kind", choices=["prefill", "load", "generate", "hosted_generate"],
+    led.add_argument("--kind", choices=sorted(COMPUTE_KINDS),
                      help="only compute events of this kind (hides transfers)")
     led.add_argument("--direction", choices=["in", "out"], help="only transfers in this direction (hides compute events)")
     led.add_argument("--protocol", help="only transfers on this protocol id, e.g. /kvswap/chunks/1")
@@ -72,6 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--cache-read-tariff", type=float, default=None, metavar="X", help="fraction of the input price")
     rep.add_argument("--horizon-months", type=float, default=None, metavar="T")
     rep.add_argument("--out", type=Path, default=None, metavar="DIR", help="write report.md, report.html and PNG plots")
+    rep.add_argument("--calibrate", action="store_true",
+                     help="first time one prefill of the artifact and one reuse step with this node's model, "
+                          "log them to the ledger as calibration events, then report")
+    rep.add_argument("--model", default=None, help="with --calibrate: the model to time (default: the one this "
+                                                   "node's ledger records for the artifact, else its manifest's)")
+    rep.add_argument("--repeats", type=int, default=1, help="with --calibrate: prefills to time (default 1)")
     rep.set_defaults(func=cmd_report)
 
 
@@ -132,7 +140,8 @@ def render_ledger(result: dict[str, Any]) -> str:
                 for t in result["totals"]]
         parts += ["", "Totals", _table(("protocol", "dir", "events", "wire bytes", "raw bytes"), rows)]
     if result["computes"]:
-        rows = [(_when(c["at"]), c["kind"], c["model"] or "-", c["dtype"] or "-", c["tokens"], f"{c['seconds']:.4f}",
+        rows = [(_when(c["at"]), c["kind"] + (" (calibration)" if c["extra"].get("calibration") else ""),
+                 c["model"] or "-", c["dtype"] or "-", c["tokens"], f"{c['seconds']:.4f}",
                  c["device"] or "-", _short(c["artifact"])) for c in result["computes"]]
         parts += ["" if parts else "", f"Compute events ({len(rows)})",
                   _table(("time (UTC)", "kind", "model", "dtype", "tokens", "seconds", "device", "artifact"), rows)]
@@ -146,7 +155,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 # --- kvswap report ---------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import ReportOptions, make_report, write_report
+    from ..report import ReportOptions, calibrate, make_report, write_report
     from ..report.render import render_terminal
 
     options = ReportOptions(
@@ -161,7 +170,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     }
     if args.artifact:
         Cid.parse(args.artifact)  # a typo is a clear FormatError, not an empty report
+    if not args.calibrate and (args.model is not None or args.repeats != 1):
+        raise UsageError("report: --model and --repeats belong to --calibrate")
+    calibration = None
+    if args.calibrate:
+        print(f"calibrating: {args.repeats} prefill(s) with this node's model, logged to the ledger...",
+              file=sys.stderr, flush=True)
+        calibration = calibrate(home_of(args), model=args.model, tokens=args.tokens, artifact=args.artifact,
+                                repeats=args.repeats)
     report = make_report(home_of(args), artifact=args.artifact, options=options, price_overrides=overrides)
+    if calibration is not None:
+        report["calibration"] = calibration
     if args.out is not None:
         report["files"] = write_report(report, args.out)
 

@@ -11,9 +11,9 @@ From scratch a call costs C_prefill; with reuse C_prefill / N + C_load; reuse pa
 N* = C_prefill / (C_prefill - C_load). Shipping the artifact to each reader raises the per-call floor by
 beta*s + sigma*s*T/N.
 
-Every scenario is written as one-off cost F plus a per-reader cost v, total(N) = F + N*v, so the
-break-even against re-prefill (per reader p) is N* = F / (p - v) for every scenario alike; with F = C_prefill
-and v = C_load this is the paper's N*.
+Every scenario is written as one-off cost F plus a per-reader cost v, total(N) = F + N*v. The one
+break-even reader count the report shows is the paper's N* above; per scenario it shows the cost ratio to
+re-prefill at the report's N and, for shipping, the break-even egress price.
 """
 
 from __future__ import annotations
@@ -144,14 +144,6 @@ def scenarios(inp: CostInputs) -> list[Scenario]:
         ship("ship_int8", "ship int8 artifact (lossy)", inp.raw_bytes * INT8_SIZE_RATIO, False,
              "the paper's int8 figure: half the raw size; INEXACT (greedy output diverges)"),
     ]
-
-
-def break_even_n(scenario: Scenario, reprefill_per_reader: float) -> float:
-    """Readers from which `scenario` is cheaper than re-prefilling for everyone: F / (p - v), or inf."""
-    gain = reprefill_per_reader - scenario.per_reader
-    if gain <= 0:
-        return math.inf
-    return scenario.fixed / gain
 
 
 def break_even_egress_per_byte(c_prefill: float, c_load: float, size_bytes: float,

@@ -42,6 +42,10 @@ def plot_cost_vs_readers(report: dict[str, Any], path: Path) -> Path:
         ax.plot(xs, ys, style, color=color, label=labels[key], linewidth=3.5 if key == "ship_raw" else 1.8)
     ax.axvline(report["readers"], color="#777", linewidth=1, linestyle=(0, (1, 3)),
                label=f"this report's N = {report['readers']:,.0f}")
+    n_star = report["break_even"]["n_star"]
+    if n_star is not None:
+        ax.axvline(max(n_star, 1.0), color="#444", linewidth=1, linestyle="--",
+                   label=f"break-even N* = {n_star:.4g} (C_prefill / (C_prefill - C_load))")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("readers N")
@@ -56,25 +60,32 @@ def plot_cost_vs_readers(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_egress_per_request(report: dict[str, Any], path: Path) -> Path:
-    """Measured bytes on the wire per request: ship (manifest + chunks) vs host (generate)."""
+def _per_reader(measured: dict[str, Any], way: str) -> dict[str, Any]:
+    """This node's own reads of `way`, else the readers it served (the figure the report prints first)."""
+    mine = measured[way]
+    return mine if mine["readers"] else measured[f"{way}_served"]
+
+
+def plot_bytes_per_reader(report: dict[str, Any], path: Path) -> Path:
+    """Measured bytes on the wire per reader: ship (manifest + chunks) vs host (generate)."""
     m = report["measured"]
+    ship, host = _per_reader(m, "ship"), _per_reader(m, "host")
     names = ["ship\n(manifest + chunks)", "host\n(generate)"]
-    values = [m["ship"]["mean_wire_bytes"] or 0.0, m["host"]["mean_wire_bytes"] or 0.0]
-    counts = [m["ship"]["requests"], m["host"]["requests"]]
+    values = [ship["mean_wire_bytes"] or 0.0, host["mean_wire_bytes"] or 0.0]
     fig = _figure(6.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     bars = ax.bar(names, values, color=["#ff7f0e", "#2ca02c"])
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) > 100:
         ax.set_yscale("log")
-    for bar, value, count in zip(bars, values, counts):
-        text = f"{value:,.0f} B\n{count} requests" if count else "no requests\nin the ledger"
+    for bar, value, rb in zip(bars, values, (ship, host)):
+        text = (f"{value:,.0f} B\n{rb['readers']} readers\n({rb['side']})" if rb["readers"]
+                else "no readers\nin the ledger")
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 1)), ha="center",
                     va="bottom", fontsize=9, xytext=(0, 3), textcoords="offset points")
-    ax.set_ylabel("bytes on the wire per request (mean)")
-    ax.set_title("Measured bytes on the wire per request: ship vs host")
-    ax.margins(y=0.25)
+    ax.set_ylabel("bytes on the wire per reader (mean)")
+    ax.set_title("Measured bytes on the wire per reader: ship vs host")
+    ax.margins(y=0.3)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -84,8 +95,8 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Both plots into `out_dir`; returns {caption: file name} for the pages."""
     out_dir = Path(out_dir)
     plot_cost_vs_readers(report, out_dir / "cost_vs_readers.png")
-    plot_egress_per_request(report, out_dir / "egress_per_request.png")
+    plot_bytes_per_reader(report, out_dir / "bytes_per_reader.png")
     return {
         "Total cost vs readers (log-log)": "cost_vs_readers.png",
-        "Measured bytes per request, ship vs host": "egress_per_request.png",
+        "Measured bytes per reader, ship vs host": "bytes_per_reader.png",
     }

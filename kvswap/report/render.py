@@ -10,6 +10,8 @@ import html
 import math
 from typing import Any
 
+from .stats import describe
+
 _INPUT_ORDER = ("tokens", "readers", "c_prefill", "c_load", "reuse_ratio", "raw_bytes", "stored_bytes",
                 "hosted_wire_bytes",
                 "egress_per_gb", "storage_per_gb_month", "horizon_months", "input_per_mtok", "gpu_per_hour",
@@ -59,60 +61,105 @@ def _input_value(key: str, entry: dict[str, Any]) -> str:
     return number(value)
 
 
-def input_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def input_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     ins = report["inputs"]
-    return [(k, _input_value(k, ins[k]), ins[k]["unit"], ins[k]["source"]) for k in _INPUT_ORDER if k in ins]
+    return [(k, _input_value(k, ins[k]), ins[k]["unit"], _origin(ins[k].get("origin")), ins[k]["source"])
+            for k in _INPUT_ORDER if k in ins]
+
+
+def _origin(origin: str | None) -> str:
+    """The origin column: loud for an input borrowed from the paper."""
+    return "PAPER (borrowed)" if origin == "paper" else (origin or "-")
+
+
+INPUT_HEADER = ("input", "value", "unit", "origin", "source")
+
+
+def _reader_line(rb: dict[str, Any]) -> str:
+    if not rb["readers"]:
+        return "no readers"
+    return (f"median {size(rb['median_wire_bytes'])} (min {size(rb['min_wire_bytes'])}, "
+            f"max {size(rb['max_wire_bytes'])}; readers: {rb['readers']}, requests: {rb['requests']})")
+
+
+def _reader_sides(m: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(way key, label, figures) for each side shown: this node's reads always, served ones when any."""
+    out = []
+    for key, label in (("ship", "ship (manifest + chunks)"), ("host", "host (generate)")):
+        for side_key in (key, f"{key}_served"):
+            rb = m[side_key]
+            if rb["readers"] or side_key == key:
+                out.append((side_key, label, rb))
+    return out
+
+
+def reader_definitions(report: dict[str, Any]) -> list[str]:
+    """What one reader is, for each bytes-per-reader row shown (readers.py)."""
+    return [f"reader, {label}, {rb['side']}: {rb['definition']}"
+            for _, label, rb in _reader_sides(report["measured"])]
 
 
 def measured_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     m = report["measured"]
-    secs = lambda v: "-" if v is None else f"{v:.4g} s"  # noqa: E731
+    t = m.get("timings", {})
     rows = [
         ("artifact", f"{m['artifact'] or '-'} ({m['artifact_choice']})"),
         ("model / dtype / device", f"{m['model'] or '-'} / {m['dtype'] or '-'} / {m['device'] or '-'}"),
-        ("prefill (median)", f"{secs(m['prefill_s'])} for {number(m['prefill_tokens'])} tokens, "
-                             f"{secs(m['prefill_s_per_token'])}/token ({m['prefill_events']} events)"),
-        ("load (median)", f"{secs(m['load_s'])} ({m['load_events']} events)"),
-        ("generate (median)", f"{secs(m['generate_s'])}, {secs(m['step_s'])}/token ({m['generate_events']} events)"),
-        ("reuse ratio prefill / step", number(m["reuse_ratio"])),
+        (f"prefill ({m['prefill_source'] or 'none'})",
+         f"{describe(t.get('prefill_s'))} for {number(m['prefill_tokens'])} tokens"),
+        ("prefill per token", describe(t.get("prefill_s_per_token"), "s/token")),
+        ("load", describe(t.get("load_s"))),
+        (f"reuse step ({m['step_source'] or 'none'})", describe(t.get("step_s"), "s/token")),
+        ("generate (per call)", describe(t.get("generate_s"))),
+        *((("reuse ratio's prefill", describe(t["ratio_prefill_s"])),) if "ratio_prefill_s" in t else ()),
+        *((("reuse ratio's step", describe(t["ratio_step_s"], "s/token")),) if "ratio_step_s" in t else ()),
+        ("reuse ratio prefill / step",
+         number(m["reuse_ratio"]) + (f" ({m['ratio_source']})" if m.get("ratio_source") else "")),
         ("artifact raw / stored", f"{size(m['raw_bytes'])} / {size(m['stored_bytes'])} ({m['size_source'] or 'unknown'})"),
     ]
-    for way, label in (("ship", "ship: manifest + chunks"), ("host", "host: generate")):
-        rb = m[way]
-        rows.append((f"wire bytes per request, {label}",
-                     f"median {size(rb['median_wire_bytes'])}, mean {size(rb['mean_wire_bytes'])} over "
-                     f"{rb['requests']} requests (egress out {size(rb['egress_out_bytes'])})"))
+    for _, label, rb in _reader_sides(m):
+        rows.append((f"bytes per reader, {label}, {rb['side']}", _reader_line(rb)))
     if m.get("ship_over_host_bytes"):
-        rows.append(("ship / host bytes per request", f"{m['ship_over_host_bytes']:,.0f}x"))
+        rows.append(("ship / host bytes per reader", f"{m['ship_over_host_bytes']:,.0f}x"))
     return rows
+
+
+def _vs(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3g}x cheaper" if ratio >= 1 else f"{1 / ratio:.3g}x dearer"
 
 
 def scenario_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     out = []
     for r in report["scenarios"]:
-        be = r["break_even_readers"]
         out.append((
             r["label"] + ("" if r["exact"] else " [inexact]"),
             money(r["total"]),
             money(r["average_per_reader"]),
-            "-" if r["key"] == "reprefill" else f"{r['vs_reprefill']:.3g}x",
-            "-" if r["key"] == "reprefill" else ("never" if be is None else number(be, 3)),
+            "-" if r["key"] == "reprefill" else _vs(r["vs_reprefill"]),
             money(r.get("break_even_egress_per_gb")) + "/GB" if r.get("break_even_egress_per_gb") is not None
             else ("never" if r["key"].startswith("ship") else "-"),
         ))
     return out
 
 
-SCENARIO_HEADER = ("scenario", "total", "per reader", "cheaper than re-prefill", "break-even N",
-                   "ships only if egress <")
+SCENARIO_HEADER = ("scenario", "total", "per reader", "vs re-prefill", "ships only if egress <")
+
+
+def warning_lines(report: dict[str, Any]) -> list[str]:
+    """'WARNING: ...' / 'NOTE: ...' lines, printed before any number."""
+    return [f"{'WARNING' if w['level'] == 'warning' else 'NOTE'}: {w['message']}" for w in report.get("warnings", [])]
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     be = report["break_even"]
-    n_star = be["readers_paper_formula"]
+    n_star = be["n_star"]
+    borrowed = " (C_load borrowed from the paper: see the warnings)" if be.get("n_star_borrowed") else ""
     lines = [
-        f"N* = C_prefill / (C_prefill - C_load) = {number(n_star, 4) if n_star is not None else 'never'}: "
-        "reuse next to the model pays from that many readers.",
+        f"Break-even readers N* = C_prefill / (C_prefill - C_load) = "
+        f"{number(n_star, 4) if n_star is not None else 'never'}: reuse next to the model pays from that many "
+        f"readers{borrowed}.",
     ]
     eg = be["break_even_egress_per_gb"]
     egress = report["inputs"]["egress_per_gb"]["value"]
@@ -134,17 +181,34 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def calibration_lines(report: dict[str, Any]) -> list[str]:
+    """What a calibration run just before this report timed (report["calibration"], `--calibrate`)."""
+    c = report.get("calibration")
+    if not c:
+        return []
+    runs = ", ".join(f"{r['prefill_s']:.4g} s" for r in c["runs"])
+    steps = (", one reuse step " + ", ".join(f"{r['step_s']:.4g} s" for r in c["runs"])) if c["reuse_step"] else ""
+    return [f"Calibrated on this node: {c['model']} {c['dtype']} {c['device']}, prefill of {c['tokens']} tokens "
+            f"({c['tokens_from']}): {runs}{steps}; logged to {c['ledger']}"]
+
+
 def render_terminal(report: dict[str, Any]) -> str:
-    """The report for a terminal: inputs with sources, measured numbers, scenarios, break-evens, notes."""
+    """The report for a terminal: warnings, inputs with origins and sources, measured numbers with their
+    spread, scenarios, N*, notes."""
     readers = report["readers"]
+    warnings = warning_lines(report)
     parts = [
         f"kvswap report: egress vs prefill, {readers:,.0f} readers",
         "",
+        *calibration_lines(report),
+        *warnings,
+        *([""] if warnings else []),
         "Inputs",
-        _table(("input", "value", "unit", "source"), input_rows(report), left=(0, 2, 3)),
+        _table(INPUT_HEADER, input_rows(report), left=(0, 2, 3, 4)),
         "",
         "Measured on this node (ledger)",
         _table(("what", "value"), measured_rows(report), left=(0, 1)),
+        *(f"  {line}" for line in reader_definitions(report)),
         "",
         f"Scenarios for {readers:,.0f} readers",
         _table(SCENARIO_HEADER, scenario_rows(report)),
@@ -171,6 +235,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         "",
         f"Cost of serving one document's KV to **{readers:,.0f} readers** (PAPER.md, cost model).",
         "",
+        *(["## Warnings", "", *(f"- **{line}**" for line in warning_lines(report)), ""]
+          if report.get("warnings") else []),
         "## Result",
         "",
         *summary_lines(report),
@@ -180,8 +246,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     ]
     for caption, path in (plots or {}).items():
         parts += [f"![{caption}]({path})", ""]
-    parts += ["## Inputs", "", _md_table(("input", "value", "unit", "source"), input_rows(report), left=(0, 2, 3)), "",
-              "## Measured on this node", "", _md_table(("what", "value"), measured_rows(report), left=(0, 1)), ""]
+    parts += ["## Inputs", "", _md_table(INPUT_HEADER, input_rows(report), left=(0, 2, 3, 4)), "",
+              "## Measured on this node", "", _md_table(("what", "value"), measured_rows(report), left=(0, 1)), "",
+              *(f"- {line}" for line in reader_definitions(report)), ""]
     if report["notes"]:
         parts += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     parts.append(f"GB = {report['units']['GB']}; money in {report['units']['money']}.")
@@ -197,7 +264,8 @@ def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tupl
 
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "td.r{text-align:right}td.l{text-align:left}th{background:#f3f3f3}img{max-width:100%}")
+        "td.r{text-align:right}td.l{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
+        "ul.warn{background:#fff4e5;border:1px solid #e0a040;padding:0.6em 2em}")
 
 
 def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
@@ -209,13 +277,16 @@ def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> 
         f"<style>{_CSS}</style></head><body>",
         "<h1>kvswap report: shipping KV vs re-prefill</h1>",
         f"<p>Cost of serving one document's KV to <b>{readers:,.0f} readers</b>.</p>",
+        *(["<h2>Warnings</h2><ul class='warn'>", *(f"<li>{esc(line)}</li>" for line in warning_lines(report)),
+           "</ul>"] if report.get("warnings") else []),
         "<h2>Result</h2>",
         *(f"<p>{esc(line)}</p>" for line in summary_lines(report)),
         _html_table(SCENARIO_HEADER, scenario_rows(report)),
         *(f"<figure><img src='{esc(path)}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>"
           for caption, path in (plots or {}).items()),
-        "<h2>Inputs</h2>", _html_table(("input", "value", "unit", "source"), input_rows(report), left=(0, 2, 3)),
+        "<h2>Inputs</h2>", _html_table(INPUT_HEADER, input_rows(report), left=(0, 2, 3, 4)),
         "<h2>Measured on this node</h2>", _html_table(("what", "value"), measured_rows(report), left=(0, 1)),
+        "<ul>", *(f"<li>{esc(line)}</li>" for line in reader_definitions(report)), "</ul>",
     ]
     if report["notes"]:
         parts += ["<h2>Notes</h2><ul>", *(f"<li>{esc(n)}</li>" for n in report["notes"]), "</ul>"]
