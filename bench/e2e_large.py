@@ -39,7 +39,8 @@ def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-ar
     from tests.nodes import NodeProc
 
     from kvswap.artifact.pipeline import publish_kv
-    from kvswap.artifact.service import document_hash, generate_from_store, home_key
+    from kvswap.artifact.service import generate_from_store, home_key
+    from kvswap.document import document_hash
     from kvswap.engine import load_engine
     from kvswap.store import Store
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import KvswapError, TestnetError, UsageError
+from ..errors import TestnetError, UsageError
 from .launcher import ChildNode, run_cli
 
 #: every namespace a testnet creates starts with this (and only testnets use it)

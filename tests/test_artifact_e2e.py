@@ -9,7 +9,8 @@ import json
 import pytest
 
 from kvswap.artifact.pipeline import assemble_kv
-from kvswap.artifact.service import document_hash, generate_from_store, publish_document, verify_artifact
+from kvswap.artifact.service import generate_from_store, publish_document, verify_artifact
+from kvswap.document import document_hash
 from kvswap.artifact.signing import NodeKey, TrustPolicy
 from kvswap.cid import Cid
 from kvswap.cli import main as cli_main

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..cid import Cid
-from ..document import Document, document_hash
+from ..document import Document
 from ..errors import IntegrityError, NotFound, UsageError
 from ..protocol.limits import DEFAULT_BLOCK_TOKENS
 from ..store import Store

@@ -90,7 +90,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                    "--question", args.prompt)
         _say("report: egress vs prefill, from B's ledger")
         out = ["--out", str(work / "report")] if keep else []
-        summary["report"] = run_cli(b.home, "report", "--artifact", got["cid"], *out)
+        # B never prefilled this document: --calibrate times one prefill (and a reuse step) with B's own model, so
+        # the report prices B's measurements, not the paper's
+        summary["report"] = run_cli(b.home, "report", "--artifact", got["cid"], "--calibrate", *out)
         summary["report_dir"] = str(work / "report") if keep else None
     finally:
         for node in reversed(nodes):

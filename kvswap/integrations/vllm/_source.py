@@ -1,34 +1,31 @@
 """The vLLM connector's only door into kvswap: store, trust policy, manifests, signing and the node.
 
-Everything the connector needs from a kvswap home goes through `KvswapSource`, built on today's internals
-(`Store.for_home`, `TrustPolicy.for_home`, `assemble_kv` / `publish_kv`, `NodeKey`, `NodeClient`). The
-product-surface issue (a `kvswap.Home` object) will replace these internals in this one module; nothing
-else in kvswap/integrations/vllm touches them. No torch here: the scheduler side can use it as well.
+Everything the connector needs from a kvswap home goes through `KvswapSource`, which opens the home once as
+a `kvswap.Home` (store, ledger, key, trust policy, the running node) and adds what the connector needs on top
+(matching candidates, loading a prefix, publishing what vLLM prefilled); nothing else in
+kvswap/integrations/vllm touches kvswap's internals. No torch here: the scheduler side can use it as well.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...artifact.manifest import Manifest
 from ...artifact.pipeline import assemble_kv, check_compatible, publish_kv
-from ...artifact.service import document_hash as _document_hash
+from ...document import document_hash as _document_hash
 from ...artifact.signing import NodeKey, TrustPolicy, verify_envelopes
 from ...cid import Cid
-from ...config import HomeLayout
 from ...errors import KvswapError, UsageError
 from ...kvtensors import KvLayout, KvTensors
-from ...ledger import Ledger
-from ...store import Store
+from ...home import Home, default_home_path
 from .matching import Candidate
 
 
 def default_home() -> Path:
     """The home every kvswap command uses: $KVSWAP_HOME, else ~/.kvswap."""
-    return Path(os.environ.get("KVSWAP_HOME") or Path.home() / ".kvswap")
+    return default_home_path()
 
 
 def document_hash(text: str) -> str:
@@ -65,32 +62,27 @@ class KvswapSource:
     Thread-safe: the Store keeps one SQLite connection per thread; the candidate cache has a lock."""
 
     def __init__(self, home: Path | str | None = None, accept_any: bool = False):
-        self.home = Path(home).expanduser() if home else default_home()
+        self.h = Home(Path(home).expanduser() if home else default_home())
+        self.home = self.h.path
         self.accept_any = accept_any
-        HomeLayout(self.home).ensure()
-        self.store = Store.for_home(self.home)
+        self.h.layout.ensure()
+        self.store = self.h.store
         self._lock = threading.Lock()
         self._seen: dict[str, Candidate | None] = {}  # cid -> candidate, or None when it does not qualify
         self._verdicts: dict[tuple[str, int, TrustPolicy], bool] = {}  # -> signatures accepted
-        self._key: NodeKey | None = None
-        self._ledger: Ledger | None = None
 
     def close(self) -> None:
-        self.store.close()
-        if self._ledger is not None:
-            self._ledger.close()
+        self.h.close()
 
     def record_load(self, cid: str, n_tokens: int, seconds: float, model: ModelIdentity) -> None:
         """A verified load into vLLM, in the home's ledger beside the node's own events (`kvswap report`)."""
-        if self._ledger is None:
-            self._ledger = Ledger.for_home(self.home)
-        self._ledger.compute(kind="load", seconds=seconds, tokens=n_tokens, model=model.model_id, dtype=model.dtype,
+        self.h.ledger.compute(kind="load", seconds=seconds, tokens=n_tokens, model=model.model_id, dtype=model.dtype,
                              device="cpu", artifact=cid, extra={"engine": "vllm"})
 
     # --- trust ----------------------------------------------------------------------------------------
     def policy(self) -> TrustPolicy:
         """Re-read every time (as the daemon does): `kvswap trust add` takes effect without a restart."""
-        return TrustPolicy.for_home(self.home, accept_any=self.accept_any)
+        return self.h.policy(self.accept_any)
 
     def check_trusted(self, cid: str) -> None:
         """UntrustedSigner / IntegrityError unless the artifact's envelopes satisfy the trust policy now."""
@@ -168,9 +160,7 @@ class KvswapSource:
 
     # --- publishing -----------------------------------------------------------------------------------
     def node_key(self) -> NodeKey:
-        if self._key is None:
-            self._key = NodeKey.load_or_create(HomeLayout(self.home).identity_key)
-        return self._key
+        return self.h.key
 
     def publish(self, kv: KvTensors, model: ModelIdentity, doc_hash: str, block_tokens: int,
                 codec: str = "auto") -> Manifest:
@@ -184,9 +174,7 @@ class KvswapSource:
 
     # --- the node ---------------------------------------------------------------------------------------
     def _client(self):
-        from ...node.client import maybe_client
-
-        return maybe_client(self.home)
+        return self.h.node()
 
     def node_running(self) -> bool:
         return self._client() is not None
