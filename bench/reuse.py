@@ -19,6 +19,8 @@ For each length L (a document of exactly L real-vocabulary tokens), median of --
                    `kvswap publish`): every chunk read and sha256-verified against its CID (raw local forms of
                    compressed chunks after the first load), onto the device, in cache layout; checked bit for
                    bit against the prefilled KV
+  previous load    the path before this one (assemble_kv into host arrays, then DynamicCache per layer), same
+                   files, same run: the old-vs-new row
   load + suffix    load + the forward of a --suffix-token question over it: the first token a consumer with a
                    question computes, against `prefill` (the target: faster at every L >= 3774 on an H100, and
                    >= 2x at 15k)
@@ -124,7 +126,7 @@ def measure(engine, n_tokens: int, repeats: int, suffix: list[int], fast_mode: s
     import torch
 
     from kvswap.artifact.loader import LOAD_THREADS
-    from kvswap.artifact.pipeline import publish_kv
+    from kvswap.artifact.pipeline import assemble_kv, publish_kv
     from kvswap.artifact.service import load_artifact
     from kvswap.artifact.signing import NodeKey
     from kvswap.cid import sha256_hex
@@ -165,6 +167,11 @@ def measure(engine, n_tokens: int, repeats: int, suffix: list[int], fast_mode: s
         del loaded
         load_s, load_runs = _median_time(lambda: load_artifact(engine, store, manifest), repeats, sync)
 
+        def previous_load() -> None:  # the path the issue measured: assemble_kv, then per-layer copies to the device
+            engine.cache_from_kv(assemble_kv(manifest, store.read_chunk_for_verifier))
+
+        previous_s, previous_runs = _median_time(previous_load, repeats, sync)
+
         def load_and_suffix() -> None:
             cache = cache_from_loaded(engine.model.config, load_artifact(engine, store, manifest))
             engine._forward(suffix, cache)
@@ -184,12 +191,13 @@ def measure(engine, n_tokens: int, repeats: int, suffix: list[int], fast_mode: s
         "tokens": n_tokens, "kv_bytes": kv.nbytes(), "stored_bytes": stored,
         "prefill_s": prefill_s, "step_s": step_s, "ratio": prefill_s / step_s,
         "fast_step_s": statistics.median(fast_runs) if fast_runs else None, "fast_mode": fast_mode,
-        "load_s": load_s, "load_suffix_s": load_suffix_s, "suffix_tokens": len(suffix),
+        "load_s": load_s, "previous_load_s": previous_s, "load_speedup": previous_s / load_s,
+        "load_suffix_s": load_suffix_s, "suffix_tokens": len(suffix),
         "prefill_vs_load_suffix": prefill_s / load_suffix_s,
         "load_gb_s": kv.nbytes() / load_s / 1e9,
         "limits": lim, "load_vs_limit": (lim.get("limit_s") or lim["read_sha256_s"]) / load_s,
         "prefill_runs_s": prefill_runs, "step_runs_s": step_runs, "fast_step_runs_s": fast_runs,
-        "load_runs_s": load_runs, "load_suffix_runs_s": load_suffix_runs,
+        "load_runs_s": load_runs, "previous_load_runs_s": previous_runs, "load_suffix_runs_s": load_suffix_runs,
         "paper_prefill_s": paper[0] if paper else None, "paper_step_s": paper[1] if paper else None,
         "paper_ratio": paper[2] if paper else None,
     }
@@ -201,9 +209,9 @@ def measure(engine, n_tokens: int, repeats: int, suffix: list[int], fast_mode: s
 
 def render(rows: list[dict], header: str) -> str:
     lines = [header, f"{'tokens':>7} {'prefill s':>10} {'step s':>8} {'ratio':>7} {'paper':>6} {'fast step':>9} "
-                     f"{'KV MB':>8} {'load s':>8} {'GB/s':>6} {'load+sfx':>9} {'prefill/':>9} "
+                     f"{'KV MB':>8} {'prev s':>8} {'load s':>8} {'GB/s':>6} {'load+sfx':>9} {'prefill/':>9} "
                      f"{'rd+sha s':>9} {'limit s':>8} {'vs limit':>8}"]
-    lines.append(f"{'':>7} {'':>10} {'':>8} {'':>7} {'':>6} {'':>9} {'':>8} {'':>8} {'':>6} {'':>9} "
+    lines.append(f"{'':>7} {'':>10} {'':>8} {'':>7} {'':>6} {'':>9} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} "
                  f"{'load+sfx':>9}")
     for r in rows:
         paper = f"{r['paper_ratio']:.1f}x" if r["paper_ratio"] else "-"
@@ -211,7 +219,8 @@ def render(rows: list[dict], header: str) -> str:
         lim = r["limits"]
         limit = f"{lim['limit_s']:.3f}" if "limit_s" in lim else "-"
         lines.append(f"{r['tokens']:>7} {r['prefill_s']:>10.3f} {r['step_s']:>8.4f} {r['ratio']:>6.1f}x {paper:>6} "
-                     f"{fast:>9} {r['kv_bytes'] / 1e6:>8.1f} {r['load_s']:>8.3f} {r['load_gb_s']:>6.2f} "
+                     f"{fast:>9} {r['kv_bytes'] / 1e6:>8.1f} {r['previous_load_s']:>8.3f} {r['load_s']:>8.3f} "
+                     f"{r['load_gb_s']:>6.2f} "
                      f"{r['load_suffix_s']:>9.3f} {r['prefill_vs_load_suffix']:>8.2f}x "
                      f"{lim['read_sha256_s']:>9.3f} {limit:>8} {r['load_vs_limit']:>7.0%}")
     return "\n".join(lines)
@@ -250,24 +259,29 @@ def main(argv: list[str]) -> int:
     suffix = (engine.tokenize(_QUESTION) * 8)[: args.suffix]
     engine.prefill(document_ids(engine, 16))  # warm-up: first-call allocations and kernel selection
     print(f"model ready in {build_s:.0f} s; measuring {lengths}", file=sys.stderr, flush=True)
+    out = args.out or RESULTS / f"reuse-{args.model.replace('/', '_')}-{engine.dtype}-{engine.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict]) -> None:  # after every length: a run cut short keeps what it measured
+        out.write_text(json.dumps({
+            "bench": "reuse", "model": engine.model_id, "fingerprint": engine.fingerprint, "dtype": engine.dtype,
+            "device": engine.device, "gpu": torch.cuda.get_device_name() if on_cuda else None,
+            "threads": torch.get_num_threads(), "repeats": args.repeats, "single_above": args.single_above,
+            "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_ready_s": build_s, "rows": rows,
+        }, indent=2) + "\n")
+
     rows = []
     for n in lengths:
         single = args.single_above is not None and n > args.single_above
         rows.append(measure(engine, n, 1 if single else max(1, args.repeats), suffix, fast))
+        save(rows)
         r = rows[-1]
-        print(f"  {n} tokens: prefill {r['prefill_s']:.3f} s, step {r['step_s']:.4f} s, load {r['load_s']:.3f} s, "
-              f"load+suffix {r['load_suffix_s']:.3f} s", file=sys.stderr, flush=True)
+        print(f"  {n} tokens: prefill {r['prefill_s']:.3f} s, step {r['step_s']:.4f} s, load {r['load_s']:.3f} s "
+              f"(previous path {r['previous_load_s']:.3f} s), load+suffix {r['load_suffix_s']:.3f} s",
+              file=sys.stderr, flush=True)
     header = (f"reuse: {engine.model_id} {engine.dtype} on {engine.device}, {torch.get_num_threads()} threads, "
               f"median of {args.repeats}, codec auto, {len(suffix)}-token suffix (model ready in {build_s:.0f} s)")
     print(render(rows, header))
-    out = args.out or RESULTS / f"reuse-{args.model.replace('/', '_')}-{engine.dtype}-{engine.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "bench": "reuse", "model": engine.model_id, "fingerprint": engine.fingerprint, "dtype": engine.dtype,
-        "device": engine.device, "gpu": torch.cuda.get_device_name() if on_cuda else None,
-        "threads": torch.get_num_threads(), "repeats": args.repeats, "single_above": args.single_above,
-        "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model_ready_s": build_s, "rows": rows,
-    }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
