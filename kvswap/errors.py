@@ -11,6 +11,7 @@
      |    +-- LocalProtocolError     we misused the protocol (a bug on our side)
      |    +-- RemoteProtocolError    the peer misbehaved: garbage, oversized frame, stall
      +-- LimitExceeded               a named limit (protocol/limits.py) was hit
+     +-- Busy                        a node at capacity, or an asker over its share: ask again later or elsewhere
      +-- UsageError                  the user asked for something that cannot be done (bad flag, empty doc)
 
 Each class carries what every edge needs to say about it, so there is one table, the classes themselves:
@@ -103,6 +104,15 @@ class LimitExceeded(KvswapError):
     wire_code = "limit"
 
 
+class Busy(KvswapError):
+    """A node refused work for now: it is at capacity, or the asking peer is over its share of it (too many
+    streams, slots or generations at once; node/quota.py). Not a failure of either side: ask again later, or
+    ask someone else."""
+
+    http_status = 503
+    wire_code = "busy"
+
+
 class UsageError(KvswapError):
     """The request cannot be honoured as asked (bad flag, empty document, document too long)."""
 
@@ -180,6 +190,8 @@ def map_exceptions(mapping: Mapping[type[BaseException] | tuple[type[BaseExcepti
 
 
 __all__ = [
+    "AuditFailed",
+    "Busy",
     "FormatError",
     "INTERNAL_WIRE_CODE",
     "IntegrityError",
