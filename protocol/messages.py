@@ -74,11 +74,33 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return value
 
 
+class _ContainerBudget:
+    """Counts the maps and arrays msgpack builds for one body and stops it past MAX_MESSAGE_CONTAINERS: a frame
+    of nested empty arrays (one byte each) would otherwise become a million Python lists, 64 bytes and more
+    apiece, from one 1 MiB frame."""
+
+    def __init__(self) -> None:
+        self.left = limits.MAX_MESSAGE_CONTAINERS
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many nested maps and arrays")
+        return obj
+
+
 def _unpack(body: bytes | memoryview, what: str) -> dict:
+    """A message body as a dict, decoded within bounds that hold for every valid message: at most
+    MAX_MESSAGE_CONTAINERS maps and arrays, arrays of at most MAX_MESSAGE_ARRAY entries, maps of at most
+    MAX_TIMINGS keys (the largest valid map is a GenerateResponse's timings). What a peer sends therefore
+    decodes into at most a few times its own size, never into hundreds of megabytes."""
+    budget = _ContainerBudget()
     try:
-        obj = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, use_list=True, list_hook=budget,
+                              object_hook=budget, max_array_len=limits.MAX_MESSAGE_ARRAY,
+                              max_map_len=limits.MAX_TIMINGS)
     except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise _bad(f"{what} body is not msgpack ({type(exc).__name__})") from exc
+        raise _bad(f"{what} body is not msgpack within the message bounds ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise _bad(f"{what} body is not a map")
     return obj
@@ -448,10 +470,14 @@ MESSAGE_TYPES: dict[int, type] = {
     )
 }
 
-#: frame type byte -> largest body accepted (checked as soon as the length prefix is read)
+#: frame type byte -> largest body accepted (checked as soon as the length prefix is read). Requests are what
+#: any peer may send a serving node unasked, so they get the tight MAX_REQUEST_FRAME_BYTES.
 MAX_BODY_BYTES: dict[int, int] = {
     t: limits.MAX_FRAME_BYTES for t in MESSAGE_TYPES
 } | {
+    ManifestRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
+    ChunkRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
+    GenerateRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
     ManifestResponse.TYPE: limits.MAX_MANIFEST_FRAME_BYTES,
     ChunkData.TYPE: limits.MAX_DATA_FRAME_BYTES,
     Announce.TYPE: limits.MAX_ANNOUNCE_BYTES,
