@@ -14,7 +14,7 @@ Events (what happened): `Tick` (time passed), `PeersSeen` (connected peers, or p
 finished: cleanly, failed, or refused as a whole), `ChunkStored` / `ChunkCorrupt` (the bytes verified and
 written, or not), `LookupDone` (a DHT lookup for one chunk's providers finished), `Aborted` (a local failure
 the fetch cannot survive). Actions (what to do): `RequestChunks` (ask this peer for these blobs before this
-deadline), `FindProviders` (ask the DHT who holds this chunk), `ListPeers` (report the connected peers),
+deadline), `CancelRequest` (stop a late request), `FindProviders` (ask the DHT who holds this chunk), `ListPeers` (report the connected peers),
 `ProvideChunk` (tell the DHT we hold it now), `WaitUntil` (nothing more until then, or until an event),
 `Done`, `Failed`.
 
@@ -34,8 +34,18 @@ The rules (the numbers are protocol/limits.py's):
   lookups, up to MAX_PEERS_PER_FETCH, never this node itself.
 - When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
   (at most FETCH_PARALLEL_CHUNKS lookups at once); if that finds nobody new, the fetch fails with NotFound.
-- A request's deadline is CHUNK_TIMEOUT_S per chunk in it. Per-peer bytes and request time are measured
-  (`PeerState.throughput`) so deadlines can later follow each peer's measured rate.
+- Per-peer bytes and request time are measured (`PeerState.throughput`). A request's deadline is
+  LATE_FACTOR times the time its bytes take at the peer's own measured rate, at least REQUEST_MIN_TIMEOUT_S
+  and at most CHUNK_TIMEOUT_S per chunk (CHUNK_TIMEOUT_S per chunk before the peer is measured); past it
+  the request fails (one failure).
+- Slow and lying providers lose their share quickly. A request is late once it has run LATE_FACTOR times as
+  long as the fastest other measured peer would take for its unanswered bytes (at least LATE_MIN_S): if
+  another live peer may be asked for its chunks, it is cancelled (`CancelRequest`), its chunks go to the
+  front of the queue and the peer is marked slow (no failure: slowness is not a lie). A ChunkMissing that
+  comes late marks the peer slow too. Slow peers are asked only when no other peer may be.
+- A peer that answers `busy` is asked again after BUSY_RETRY_S (no penalty: it is shedding load).
+- A holder a rationing peer named that then lacks the chunk, fails or is late is a bad hint: it is no longer
+  preferred for that chunk, and after MAX_BAD_HINTS the rationing peer's hints are ignored.
 """
 
 from __future__ import annotations
@@ -111,11 +121,13 @@ class ChunkRationed:
 @dataclass(frozen=True)
 class RequestEnded:
     """Request `request` is over. `failure`: why it failed (the peer is penalised); `refused`: the peer refused
-    it as a whole (NotFound: it lacks every chunk it did not answer)."""
+    it as a whole (NotFound: it lacks every chunk it did not answer); `busy`: the peer refused it for now (it
+    is at capacity, or we are over our share there)."""
 
     request: int
     failure: str | None = None
     refused: bool = False
+    busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,14 @@ class RequestChunks:
 
 
 @dataclass(frozen=True)
+class CancelRequest:
+    """Stop request `request` now: it is late and its chunks were given to other peers (no RequestEnded is
+    expected; one that still comes is ignored)."""
+
+    request: int
+
+
+@dataclass(frozen=True)
 class FindProviders:
     """Ask the DHT for the providers of `cid` (answer with LookupDone)."""
 
@@ -203,7 +223,7 @@ class Failed:
     error: Exception
 
 
-Action = RequestChunks | FindProviders | ListPeers | ProvideChunk | WaitUntil | Done | Failed
+Action = RequestChunks | CancelRequest | FindProviders | ListPeers | ProvideChunk | WaitUntil | Done | Failed
 
 
 # --- state -------------------------------------------------------------------------------------------------
@@ -219,11 +239,16 @@ class PeerState:
     served: int = 0  # chunks stored from it
     bytes_received: int = 0
     request_seconds: float = 0.0  # summed duration of its finished requests
+    slow: int = 0  # requests of it that were late (cancelled for a faster peer, or a late ChunkMissing)
+    bad_hints: int = 0  # holders it named that did not have the chunk, failed or were late
 
     @property
     def throughput(self) -> float | None:
-        """Bytes per second over its finished requests (None before any): for deadlines by measured rate."""
-        return self.bytes_received / self.request_seconds if self.request_seconds > 0 else None
+        """Bytes per second over its finished requests (None before any, or before any byte): for deadlines
+        and lateness by measured rate."""
+        if self.request_seconds <= 0 or self.bytes_received <= 0:
+            return None
+        return self.bytes_received / self.request_seconds
 
 
 @dataclass
@@ -260,6 +285,7 @@ class FetchPlan:
         self._stored: set[Cid] = set()
         self._tried: dict[Cid, set[str]] = {cid: set() for cid in order}
         self._named: dict[Cid, list[str]] = {}  # chunk -> holders a rationing peer named
+        self._hinted_by: dict[tuple[Cid, str], str] = {}  # (chunk, named holder) -> the peer that named it
         self._pacing = _Pacing()
         self._requests: dict[int, _Request] = {}
         self._request_ids = iter(range(1, 1 << 62))
@@ -297,9 +323,12 @@ class FetchPlan:
             self._received(event)
         elif isinstance(event, ChunkLacked):
             if self._owner.get(event.cid) == event.request:
+                self._late_answer(event.request, now)
                 self._lacked(self._requests[event.request].peer, event.cid, now)
+                self._bad_hint(event.cid, self._requests[event.request].peer)
         elif isinstance(event, ChunkRationed):
             if self._owner.get(event.cid) == event.request:
+                self._late_answer(event.request, now)
                 self._rationed(self._requests[event.request].peer, event.cid, event.holders, now)
         elif isinstance(event, RequestEnded):
             self._request_ended(event, now)
@@ -325,7 +354,7 @@ class FetchPlan:
             return [Failed(self._error)]
         if len(self._stored) == len(self.blobs) and not self._requests:
             return [Done()]
-        actions: list[Action] = []
+        actions: list[Action] = list(self._cancel_late(now))
         if now >= self._next_refresh:
             actions.append(ListPeers())
             self._next_refresh = now + limits.FETCH_PEER_REFRESH_S
@@ -349,8 +378,78 @@ class FetchPlan:
                     running += 1
                     actions.append(FindProviders(cid))
         soonest = min((t for t in map(self._next_chance, self._pending) if now < t < math.inf), default=math.inf)
-        actions.append(WaitUntil(min(soonest, self._next_refresh)))
+        late = min((t for t in map(self._late_at, self._requests) if t is not None and now < t), default=math.inf)
+        actions.append(WaitUntil(min(soonest, late, self._next_refresh)))
         return actions
+
+    # --- slow providers -------------------------------------------------------------------------------
+
+    def _unanswered(self, rid: int) -> list[Cid]:
+        return [cid for cid in self._requests[rid].cids if self._owner.get(cid) == rid]
+
+    def _best_rate(self, but: str) -> float | None:
+        """The fastest measured rate among the live, not slow peers other than `but` (bytes per second)."""
+        rates = [s.throughput for p, s in self.peers.items()
+                 if p != but and s.throughput is not None and s.slow == 0 and self._alive(p)]
+        return max(rates, default=None)
+
+    def _late_at(self, rid: int) -> float | None:
+        """When request `rid` becomes late: LATE_FACTOR times as long as the fastest other measured peer would
+        take for its unanswered bytes, at least LATE_MIN_S after it started (None: no peer to compare with)."""
+        request = self._requests[rid]
+        rate = self._best_rate(request.peer)
+        if rate is None:
+            return None
+        left = sum(self.blobs[cid].stored_size for cid in self._unanswered(rid))
+        return request.started + max(limits.LATE_MIN_S, limits.LATE_FACTOR * left / rate)
+
+    def _late_answer(self, rid: int, now: float) -> None:
+        """A ChunkMissing (lacked or rationed) that arrives after its request was late marks the peer slow."""
+        late_at = self._late_at(rid)
+        if late_at is not None and now > late_at:
+            peer = self._requests[rid].peer
+            self.peers[peer].slow += 1
+            log.info("provider %s answered ChunkMissing late (%.2f s)", peer[:16], now - self._requests[rid].started)
+
+    def _cancel_late(self, now: float) -> list[Action]:
+        """Cancel the late requests whose chunks another live peer may be asked for now; their chunks go to
+        the front of the queue and the peer is marked slow."""
+        actions: list[Action] = []
+        for rid in list(self._requests):
+            late_at = self._late_at(rid)
+            if late_at is None or now < late_at:
+                continue
+            request = self._requests[rid]
+            left = self._unanswered(rid)
+            if not any(self._askable(p, cid, now) for cid in left for p in self.peers if p != request.peer):
+                continue  # nobody else to ask: let it run to its deadline
+            del self._requests[rid]
+            state = self.peers[request.peer]
+            state.busy -= 1
+            state.request_seconds += max(0.0, now - request.started)
+            state.slow += 1
+            log.info("provider %s late (%.2f s for %d chunks): its chunks go to faster peers", request.peer[:16],
+                     now - request.started, len(left))
+            for cid in reversed(left):
+                del self._owner[cid]
+                self._bad_hint(cid, request.peer)
+                self._pending.appendleft(cid)
+            actions.append(CancelRequest(rid))
+        return actions
+
+    def _bad_hint(self, cid: Cid, holder: str) -> None:
+        """`holder` did not deliver `cid` (lacked, failed, late): if a rationing peer named it for `cid`, that
+        was a bad hint; the holder is no longer preferred for the chunk."""
+        named_by = self._hinted_by.pop((cid, holder), None)
+        if named_by is None:
+            return
+        named = self._named.get(cid, [])
+        if holder in named:
+            named.remove(holder)
+        self.peers[named_by].bad_hints += 1
+        if self.peers[named_by].bad_hints == limits.MAX_BAD_HINTS:
+            log.info("provider %s named holders that did not deliver %d times: its hints are ignored",
+                     named_by[:16], limits.MAX_BAD_HINTS)
 
     # --- peers ----------------------------------------------------------------------------------------
 
@@ -373,8 +472,8 @@ class FetchPlan:
         if not options:
             return None
         named, tried = self._named.get(cid, ()), self._tried[cid]
-        return min(options, key=lambda p: (p not in named, p in tried, self.peers[p].busy, self.peers[p].failures,
-                                           self.peers[p].rank))
+        return min(options, key=lambda p: (self.peers[p].slow > 0, p not in named, p in tried, self.peers[p].busy,
+                                           self.peers[p].failures, self.peers[p].rank))
 
     def _next_chance(self, cid: Cid) -> float:
         """When some live peer may next be asked for `cid` (inf: every live peer lacks it for good)."""
@@ -394,10 +493,13 @@ class FetchPlan:
 
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
         self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        if self.peers[peer].bad_hints >= limits.MAX_BAD_HINTS:
+            return  # its hints led nowhere before: ask it again after its retry, not whom it names
         named = self._named.setdefault(cid, [])
         for holder in holders:
             if holder not in named and (self._add_peer(holder) or holder in self.peers):
                 named.append(holder)
+                self._hinted_by.setdefault((cid, holder), peer)
 
     # --- chunks and requests --------------------------------------------------------------------------
 
@@ -427,8 +529,18 @@ class FetchPlan:
             self._owner[cid] = rid
         self.peers[peer].busy += 1
         self._requests[rid] = _Request(peer, tuple(batch), now)
-        return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch),
-                             deadline=now + limits.CHUNK_TIMEOUT_S * len(batch))
+        return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch), deadline=now + self._timeout(peer, size,
+                                                                                                     len(batch)))
+
+    def _timeout(self, peer: str, nbytes: int, nchunks: int) -> float:
+        """Seconds a request of `nbytes` in `nchunks` chunks may take at `peer` before it fails: LATE_FACTOR
+        times its expected time at the peer's measured rate, at least REQUEST_MIN_TIMEOUT_S, at most
+        CHUNK_TIMEOUT_S per chunk (the whole of that before the peer is measured)."""
+        ceiling = limits.CHUNK_TIMEOUT_S * nchunks
+        rate = self.peers[peer].throughput
+        if rate is None:
+            return ceiling
+        return min(ceiling, max(limits.REQUEST_MIN_TIMEOUT_S, limits.LATE_FACTOR * nbytes / rate))
 
     def _received(self, event: ChunkReceived) -> None:
         if self._owner.get(event.cid) != event.request:
@@ -452,6 +564,10 @@ class FetchPlan:
             del self._owner[cid]
             if event.refused:
                 self._lacked(request.peer, cid, now)
+            elif event.busy:
+                self._pacing.not_before[(request.peer, cid)] = now + limits.BUSY_RETRY_S
+            if event.failure is not None or event.refused:
+                self._bad_hint(cid, request.peer)
         self._pending.extend(back)  # behind the others: this peer said no, someone else may say yes
 
     def _stored_chunk(self, cid: Cid) -> bool:
@@ -465,7 +581,7 @@ class FetchPlan:
 
 
 __all__ = [
-    "Aborted", "Action", "ChunkCorrupt", "ChunkLacked", "ChunkRationed", "ChunkReceived", "ChunkStored", "Done",
+    "Aborted", "Action", "CancelRequest", "ChunkCorrupt", "ChunkLacked", "ChunkRationed", "ChunkReceived", "ChunkStored", "Done",
     "Event", "Failed", "FetchBlob", "FetchPlan", "FindProviders", "ListPeers", "LookupDone", "PeerState",
     "PeersSeen", "ProvideChunk", "RequestChunks", "RequestEnded", "Tick", "WaitUntil",
 ]

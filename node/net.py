@@ -224,6 +224,11 @@ class Network:
                 "providing": len(node.p2p._provided),
                 "dataplane": f"{dp.host}:{dp.port}" if dp is not None else None,
                 "rejected_streams": node.exchange.rejected_streams,
+                "refused_streams": node.exchange.refused.total,
+                "busy_answers": sum(s.refused for s in node.exchange.slots.values()),
+                "dataplane_refused": dp.refusals.total if dp is not None else 0,
+                "dataplane_grants": dp.outstanding if dp is not None else 0,
+                "gossip_dropped": node.p2p.gossip_dropped.total,
             }
 
         return await self._bridge.call(read)
