@@ -43,6 +43,7 @@ from ..protocol.limits import ENGINE_WAIT_S, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from ..store import Store
 from . import runfiles
+from .announcements import AnnouncementTable
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
 from .net import Network
@@ -76,7 +77,7 @@ class Daemon:
         self._engine_error: str | None = None
         self.engine: Any = None
         self._resident: OrderedDict[Cid, Any] = OrderedDict()
-        self.announcements: list[dict] = []
+        self.announcements = AnnouncementTable()  # bounded and expiring: peers may announce anything
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def setup(self, group: asyncio.TaskGroup) -> None:
@@ -187,7 +188,7 @@ class Daemon:
             "model": eng.model_id if eng else None, "model_fingerprint": eng.fingerprint if eng else None,
             "dtype": eng.dtype if eng else self.config.dtype, "model_error": self._engine_error,
             "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"),
-            "providing": info.get("providing"), "announcements": self.announcements[-20:],
+            "providing": info.get("providing"), "announcements": self.announcements.recent(20),
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config.accept_any,
         }
 
@@ -370,8 +371,9 @@ class Daemon:
         return GenerateResponse(tuple(result.tokens), result.text, timings)
 
     def _on_announce(self, announce: Any, sender: str) -> None:
-        self.announcements.append({"cid": str(announce.artifact_cid), "from": sender,
-                                   "document_hash": announce.document_hash, "n_tokens": announce.n_tokens})
+        self.announcements.add(str(announce.artifact_cid), sender, {
+            "cid": str(announce.artifact_cid), "from": sender, "document_hash": announce.document_hash,
+            "n_tokens": announce.n_tokens})
         log.info("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
 
 
