@@ -378,8 +378,13 @@ class Daemon:
 
 
 def _setup_logging(home: Path) -> None:
+    """Log to <home>/node.log, readable by the node's user only (0600, like the keys and the API token): it
+    names peers, artifacts and the control API's address."""
     HomeLayout(home).ensure()
-    handler = logging.FileHandler(home / runfiles.LOG_FILE)
+    path = home / runfiles.LOG_FILE
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # a log an older node created 0644
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
