@@ -341,7 +341,7 @@ class Exchange:
         framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
-        answers = ChunkAnswers(cids, who=f"peer {peer[:16]}")
+        answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked
         grant: DataGrant | None = None
         async with framed:
             await framed.send(ChunkRequest(tuple(cids), dataplane=dataplane, artifact=artifact))

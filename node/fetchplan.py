@@ -22,8 +22,9 @@ The rules (the numbers are protocol/limits.py's):
 - Chunks are asked for in a random order (fetchers that start together want different chunks first), at most
   FETCH_PARALLEL_CHUNKS requests in flight, each a batch of up to FETCH_BATCH_CHUNKS chunks, closed once it
   reaches FETCH_BATCH_BYTES, and smaller as the queue drains so the last requests still spread over peers.
-- The peer asked for a chunk: one a rationing peer named as holder of it first, then one not yet tried for
-  it, the least busy, the one with fewest failures, the one known longest.
+- The peer asked for a chunk: one a rationing peer named as holder of it first (while that holder neither
+  failed nor lagged), then one not yet tried for it, one that sends more than it rations, the least busy,
+  the one with fewest failures, the one known longest; slow or overdue peers only when no other may be.
 - A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
   be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
 - A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch.
@@ -31,7 +32,8 @@ The rules (the numbers are protocol/limits.py's):
   its CID costs the peer one failure; at MAX_PROVIDER_FAILURES it is dropped. Its chunks go back to the queue
   (a corrupt chunk to the front).
 - Peers join from the start list, connected peers (every FETCH_PEER_REFRESH_S), rationed answers and DHT
-  lookups, up to MAX_PEERS_PER_FETCH, never this node itself.
+  lookups, up to MAX_PEERS_PER_FETCH, never this node itself. A peer known only from rationed answers is
+  asked only for the chunks it was named for, until it is seen connected or as a provider.
 - When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
   (at most FETCH_PARALLEL_CHUNKS lookups at once); if that finds nobody new, the fetch fails with NotFound.
 - Per-peer bytes and request time are measured (`PeerState.throughput`). A request's deadline is
@@ -39,13 +41,18 @@ The rules (the numbers are protocol/limits.py's):
   and at most CHUNK_TIMEOUT_S per chunk (CHUNK_TIMEOUT_S per chunk before the peer is measured); past it
   the request fails (one failure).
 - Slow and lying providers lose their share quickly. A request is late once it has run LATE_FACTOR times as
-  long as the fastest other measured peer would take for its unanswered bytes (at least LATE_MIN_S): if
+  long as the fastest other measured peer would take for its unanswered bytes (at least LATE_MIN_S, unless
+  no other chunk waits to be asked for: the end game): if
   another live peer may be asked for its chunks, it is cancelled (`CancelRequest`), its chunks go to the
-  front of the queue and the peer is marked slow (no failure: slowness is not a lie). A ChunkMissing that
-  comes late marks the peer slow too. Slow peers are asked only when no other peer may be.
+  front of the queue and the peer is marked slow (no failure: slowness is not a lie). Before that, from
+  LATE_FACTOR times that expected time on (overdue), the request no longer holds one of the `parallel`
+  slots (another request may start, at most 2 x parallel in flight) and its peer gets no new request. A
+  ChunkMissing that comes late marks the peer slow too. Slow peers are asked only when no other peer may
+  be; a named holder is preferred only while it has neither failed nor lagged.
 - A peer that answers `busy` is asked again after BUSY_RETRY_S (no penalty: it is shedding load).
-- A holder a rationing peer named that then lacks the chunk, fails or is late is a bad hint: it is no longer
-  preferred for that chunk, and after MAX_BAD_HINTS the rationing peer's hints are ignored.
+- A holder a rationing peer named that then fails, is late, or lacks the chunk for good (MAX_LACK_ASKS) is
+  a bad hint: it is no longer preferred for that chunk, and after MAX_BAD_HINTS the rationing peer's hints,
+  earlier ones included, are ignored.
 """
 
 from __future__ import annotations
@@ -240,6 +247,8 @@ class PeerState:
     bytes_received: int = 0
     request_seconds: float = 0.0  # summed duration of its finished requests
     slow: int = 0  # requests of it that were late (cancelled for a faster peer, or a late ChunkMissing)
+    rationed: int = 0  # chunks it rationed (named holders instead of sending)
+    hinted_only: bool = False  # known only as a holder some peer named: asked only for the chunks it was named for
     bad_hints: int = 0  # holders it named that did not have the chunk, failed or were late
 
     @property
@@ -286,6 +295,7 @@ class FetchPlan:
         self._tried: dict[Cid, set[str]] = {cid: set() for cid in order}
         self._named: dict[Cid, list[str]] = {}  # chunk -> holders a rationing peer named
         self._hinted_by: dict[tuple[Cid, str], str] = {}  # (chunk, named holder) -> the peer that named it
+        self._overdue_peers: set[str] = set()  # peers with an overdue request (as of the last decision)
         self._pacing = _Pacing()
         self._requests: dict[int, _Request] = {}
         self._request_ids = iter(range(1, 1 << 62))
@@ -324,8 +334,8 @@ class FetchPlan:
         elif isinstance(event, ChunkLacked):
             if self._owner.get(event.cid) == event.request:
                 self._late_answer(event.request, now)
-                self._lacked(self._requests[event.request].peer, event.cid, now)
-                self._bad_hint(event.cid, self._requests[event.request].peer)
+                if self._lacked(self._requests[event.request].peer, event.cid, now):
+                    self._bad_hint(event.cid, self._requests[event.request].peer)
         elif isinstance(event, ChunkRationed):
             if self._owner.get(event.cid) == event.request:
                 self._late_answer(event.request, now)
@@ -359,7 +369,9 @@ class FetchPlan:
             actions.append(ListPeers())
             self._next_refresh = now + limits.FETCH_PEER_REFRESH_S
         stuck = False
-        while len(self._requests) < self.parallel:
+        overdue = [rid for rid in self._requests if self._is_overdue(rid, now)]
+        self._overdue_peers = {self._requests[rid].peer for rid in overdue}
+        while len(self._requests) - len(overdue) < self.parallel and len(self._requests) < 2 * self.parallel:
             request = self._take_batch(now)
             if request is None:
                 stuck = bool(self._pending)
@@ -378,8 +390,9 @@ class FetchPlan:
                     running += 1
                     actions.append(FindProviders(cid))
         soonest = min((t for t in map(self._next_chance, self._pending) if now < t < math.inf), default=math.inf)
-        late = min((t for t in map(self._late_at, self._requests) if t is not None and now < t), default=math.inf)
-        actions.append(WaitUntil(min(soonest, late, self._next_refresh)))
+        times = [t for rid in self._requests for t in (self._late_at(rid), self._overdue_at(rid))
+                 if t is not None and now < t]
+        actions.append(WaitUntil(min(soonest, min(times, default=math.inf), self._next_refresh)))
         return actions
 
     # --- slow providers -------------------------------------------------------------------------------
@@ -393,15 +406,30 @@ class FetchPlan:
                  if p != but and s.throughput is not None and s.slow == 0 and self._alive(p)]
         return max(rates, default=None)
 
-    def _late_at(self, rid: int) -> float | None:
-        """When request `rid` becomes late: LATE_FACTOR times as long as the fastest other measured peer would
-        take for its unanswered bytes, at least LATE_MIN_S after it started (None: no peer to compare with)."""
+    def _overdue_at(self, rid: int) -> float | None:
+        """When request `rid` has run LATE_FACTOR times as long as the fastest other measured peer would take
+        for its unanswered bytes (None: no peer to compare with). An overdue request no longer holds one of
+        the `parallel` request slots, and its peer gets no new request while it is overdue."""
         request = self._requests[rid]
         rate = self._best_rate(request.peer)
         if rate is None:
             return None
         left = sum(self.blobs[cid].stored_size for cid in self._unanswered(rid))
-        return request.started + max(limits.LATE_MIN_S, limits.LATE_FACTOR * left / rate)
+        return request.started + limits.LATE_FACTOR * left / rate
+
+    def _is_overdue(self, rid: int, now: float) -> bool:
+        at = self._overdue_at(rid)
+        return at is not None and now >= at
+
+    def _late_at(self, rid: int) -> float | None:
+        """When request `rid` becomes late: overdue, and at least LATE_MIN_S after it started, or as soon as
+        it is overdue once no chunk waits to be asked for (the end game: its chunks are all the fetch still
+        needs, so waiting out the margin would only add to the fetch's time). None: no peer to compare with.
+        A late request is cancelled when another peer may be asked for its chunks."""
+        at = self._overdue_at(rid)
+        if at is None or not self._pending:
+            return at
+        return max(at, self._requests[rid].started + limits.LATE_MIN_S)
 
     def _late_answer(self, rid: int, now: float) -> None:
         """A ChunkMissing (lacked or rationed) that arrives after its request was late marks the peer slow."""
@@ -450,21 +478,37 @@ class FetchPlan:
         if self.peers[named_by].bad_hints == limits.MAX_BAD_HINTS:
             log.info("provider %s named holders that did not deliver %d times: its hints are ignored",
                      named_by[:16], limits.MAX_BAD_HINTS)
+            for (chunk, holder), by in list(self._hinted_by.items()):  # the hints it gave before, too
+                if by == named_by:
+                    del self._hinted_by[(chunk, holder)]
+                    if holder in self._named.get(chunk, ()):
+                        self._named[chunk].remove(holder)
 
     # --- peers ----------------------------------------------------------------------------------------
 
-    def _add_peer(self, peer: str) -> bool:
-        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added."""
-        if peer in self.peers or peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+    def _add_peer(self, peer: str, hinted: bool = False) -> bool:
+        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added. A peer
+        known only from holder hints (`hinted`) stays so until it is seen as a provider or connected peer."""
+        if peer in self.peers:
+            if not hinted:
+                self.peers[peer].hinted_only = False
             return False
-        self.peers[peer] = PeerState(rank=len(self.peers))
+        if peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+            return False
+        self.peers[peer] = PeerState(rank=len(self.peers), hinted_only=hinted)
         return True
 
     def _alive(self, peer: str) -> bool:
         return self.peers[peer].failures < limits.MAX_PROVIDER_FAILURES
 
+    def _may_ask(self, peer: str, cid: Cid) -> bool:
+        """Whether `peer` may ever be asked for `cid`: alive, and, if known only from hints, named for it (a
+        holder someone named for one chunk is no reason to ask it for every chunk)."""
+        state = self.peers[peer]
+        return self._alive(peer) and (not state.hinted_only or peer in self._named.get(cid, ()))
+
     def _askable(self, peer: str, cid: Cid, now: float) -> bool:
-        return self._alive(peer) and self._pacing.not_before.get((peer, cid), 0.0) <= now
+        return self._may_ask(peer, cid) and self._pacing.not_before.get((peer, cid), 0.0) <= now
 
     def _pick(self, cid: Cid, now: float) -> str | None:
         """The peer to ask for `cid` now, or None if no live peer may be asked for it right now."""
@@ -472,32 +516,42 @@ class FetchPlan:
         if not options:
             return None
         named, tried = self._named.get(cid, ()), self._tried[cid]
-        return min(options, key=lambda p: (self.peers[p].slow > 0, p not in named, p in tried, self.peers[p].busy,
-                                           self.peers[p].failures, self.peers[p].rank))
+
+        def preference(p: str) -> tuple:
+            state = self.peers[p]
+            lagging = state.slow > 0 or p in self._overdue_peers
+            trusted_hint = p in named and not state.failures and not lagging  # a named holder that delivers
+            rationing = state.rationed > state.served  # it mostly points elsewhere: ask it after the others
+            return lagging, not trusted_hint, p in tried, rationing, state.busy, state.failures, state.rank
+
+        return min(options, key=preference)
 
     def _next_chance(self, cid: Cid) -> float:
         """When some live peer may next be asked for `cid` (inf: every live peer lacks it for good)."""
-        return min((self._pacing.not_before.get((p, cid), 0.0) for p in self.peers if self._alive(p)),
+        return min((self._pacing.not_before.get((p, cid), 0.0) for p in self.peers if self._may_ask(p, cid)),
                    default=math.inf)
 
     def _penalise(self, peer: str, why: str) -> None:
         self.peers[peer].failures += 1
         log.info("provider %s penalised (%d): %s", peer[:16], self.peers[peer].failures, why)
 
-    def _lacked(self, peer: str, cid: Cid, now: float) -> None:
+    def _lacked(self, peer: str, cid: Cid, now: float) -> bool:
+        """`peer` lacks `cid`: ask again later (doubling), or never after MAX_LACK_ASKS (then True)."""
         key = (peer, cid)
         asks = self._pacing.lack_asks.get(key, 0) + 1
         self._pacing.lack_asks[key] = asks
         wait = limits.LACK_RETRY_S * 2 ** (asks - 1)
         self._pacing.not_before[key] = math.inf if asks >= limits.MAX_LACK_ASKS else now + wait
+        return asks >= limits.MAX_LACK_ASKS
 
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
         self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        self.peers[peer].rationed += 1
         if self.peers[peer].bad_hints >= limits.MAX_BAD_HINTS:
             return  # its hints led nowhere before: ask it again after its retry, not whom it names
         named = self._named.setdefault(cid, [])
         for holder in holders:
-            if holder not in named and (self._add_peer(holder) or holder in self.peers):
+            if holder not in named and (self._add_peer(holder, hinted=True) or holder in self.peers):
                 named.append(holder)
                 self._hinted_by.setdefault((cid, holder), peer)
 
@@ -566,7 +620,7 @@ class FetchPlan:
                 self._lacked(request.peer, cid, now)
             elif event.busy:
                 self._pacing.not_before[(request.peer, cid)] = now + limits.BUSY_RETRY_S
-            if event.failure is not None or event.refused:
+            if event.failure is not None:
                 self._bad_hint(cid, request.peer)
         self._pending.extend(back)  # behind the others: this peer said no, someone else may say yes
 
