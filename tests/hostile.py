@@ -10,6 +10,7 @@ is bounded: it stops after a count or a duration and closes what it opened.
 
 Hostile providers (`serve_stalling`, `serve_late_missing`, `serve_bogus_hints`, `serve_grant_to`) replace a
 host's chunk handler: connect such a host to a fetcher and it is one of the fetcher's candidate providers.
+`AttackThread` runs an attack on its own trio loop beside synchronous code (a test driving the CLI);
 `RssSampler` measures a process's peak resident memory from a thread while an attack runs.
 """
 
@@ -21,7 +22,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -90,9 +91,16 @@ class StreamStats:
     failed_open: int = 0
 
 
-async def silent_streams(h: Hostile, target: str, n: int, hold_s: float,
-                         protocol: str = MANIFEST_PROTOCOL) -> StreamStats:
-    """Open `n` streams on `protocol` and say nothing for `hold_s` (the slowloris of the issue's first row)."""
+async def _hold(hold_s: float, stop: trio.Event | None) -> None:
+    """Wait `hold_s`, or until `stop` is set if one is given (at most `hold_s` still)."""
+    with trio.move_on_after(hold_s):
+        await (stop.wait() if stop is not None else trio.sleep_forever())
+
+
+async def silent_streams(h: Hostile, target: str, n: int, hold_s: float, protocol: str = MANIFEST_PROTOCOL,
+                         stop: trio.Event | None = None, opened: trio.Event | None = None) -> StreamStats:
+    """Open `n` streams on `protocol` and say nothing for `hold_s` or until `stop` (the slowloris of the
+    issue's first row); `opened` is set once all were tried."""
     stats = StreamStats()
     streams: list[Any] = []
     with trio.move_on_after(hold_s + 30):
@@ -102,7 +110,9 @@ async def silent_streams(h: Hostile, target: str, n: int, hold_s: float,
                 stats.opened += 1
             except Exception:  # the target refused the stream (a reset during negotiation): count it
                 stats.failed_open += 1
-        await trio.sleep(hold_s)
+        if opened is not None:
+            opened.set()
+        await _hold(hold_s, stop)
 
         async def probe(stream: Any) -> None:
             with trio.move_on_after(0.5):
@@ -170,13 +180,28 @@ async def hoard_grants(h: Hostile, target: str, cids: list[Cid], n: int, paralle
     return granted
 
 
-async def dataplane_idle_sockets(host: str, port: int, n: int, hold_s: float) -> int:
-    """`n` TCP connections to a data plane that send nothing, held `hold_s`; how many the node dropped."""
+async def dataplane_address(h: Hostile, target: str) -> tuple[str, int]:
+    """Where `target`'s data plane listens: any grant says (one for a random CID, never used)."""
+    framed = await h.exchange._open(target, CHUNKS_PROTOCOL)
+    async with framed:
+        await framed.send(ChunkRequest(tuple(random_cids(1)), dataplane=True))
+        grant = await framed.recv()
+    if not isinstance(grant, DataGrant):
+        raise RuntimeError(f"{target[:16]} granted no data plane: {grant!r:.200}")
+    return grant.host, grant.port
+
+
+async def dataplane_idle_sockets(host: str, port: int, n: int, hold_s: float, stop: trio.Event | None = None,
+                                 opened: trio.Event | None = None) -> int:
+    """`n` TCP connections to a data plane that send nothing, held `hold_s` (or until `stop`); how many the
+    node dropped meanwhile."""
     socks = []
     for _ in range(n):
         with contextlib.suppress(OSError):
             socks.append(await trio.open_tcp_stream(host, port))
-    await trio.sleep(hold_s)
+    if opened is not None:
+        opened.set()
+    await _hold(hold_s, stop)
     dropped = 0
     for sock in socks:
         with trio.move_on_after(0.2):
@@ -351,6 +376,61 @@ class Bystander:
                 while data := await sock.receive_some(4096):
                     self.received += data
         await sock.aclose()
+
+
+class AttackThread:
+    """An attack on its own trio loop in a thread. `body(ready, stop)` is an async function that sets the trio
+    event `ready` once it is under way and ends when `stop` is set (or by itself); its return value is the
+    attack's stats."""
+
+    def __init__(self, body: Callable[[Any, Any], Awaitable[dict]]) -> None:
+        self.body = body
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self.result: dict = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+
+        async def main() -> None:
+            ready, stop = trio.Event(), trio.Event()
+
+            async def relay() -> None:
+                await ready.wait()
+                self.ready.set()
+
+            async def watch_stop() -> None:
+                while not self._stop.is_set():
+                    await trio.sleep(0.05)
+                stop.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay)
+                nursery.start_soon(watch_stop)
+                self.result = await self.body(ready, stop) or {}
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+        finally:
+            self.ready.set()
+
+    def start(self, timeout: float = 120) -> "AttackThread":
+        self._thread.start()
+        self.ready.wait(timeout)
+        if self.error is not None:
+            raise RuntimeError(f"attack failed to start: {self.error!r}")
+        return self
+
+    def stop(self, timeout: float = 120) -> dict:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise RuntimeError(f"attack failed: {self.error!r}") from self.error
+        return self.result
 
 
 # --- memory of the attacked process ---------------------------------------------------------------------------

@@ -240,3 +240,28 @@ def test_random_bytes_never_raise_anything_but_protocol_errors(data):
     except RemoteProtocolError:
         pass
     assert PREFIX_BYTES == 5
+
+
+def test_requests_are_capped_at_max_request_frame_bytes_at_their_prefix():
+    for mtype in (ManifestRequest.TYPE, ChunkRequest.TYPE, GenerateRequest.TYPE):
+        assert Decoder().feed(struct.pack(">BI", mtype, limits.MAX_REQUEST_FRAME_BYTES)) == []
+        with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+            Decoder().feed(struct.pack(">BI", mtype, limits.MAX_REQUEST_FRAME_BYTES + 1))
+    largest = [ChunkRequest(tuple(Cid.of(str(i).encode()) for i in range(limits.MAX_CHUNKS_PER_REQUEST)), True, C1),
+               GenerateRequest(C1, (limits.MAX_TOKEN_ID,) * (limits.MAX_GENERATE_TOKENS - 1), 1,
+                               limits.MAX_GENERATE_SEED)]
+    for msg in largest:  # the largest valid requests fit, and decode
+        assert Decoder().feed(encode(msg)) == [msg]
+
+
+@pytest.mark.parametrize("body", [
+    b"\x81\xa1c" + b"\x91" * 20 + b"\x90",  # {"c": [[[...[]...]]]}: nesting past MAX_MESSAGE_CONTAINERS
+    b"\x81\xa1c\xdc" + struct.pack(">H", limits.MAX_MESSAGE_ARRAY + 1) + b"\x90" * (limits.MAX_MESSAGE_ARRAY + 1),
+    b"\x81\xa1c\xdc" + struct.pack(">H", 9) + b"\x90" * 9,  # nine empty arrays: containers past the bound
+    b"\xde" + struct.pack(">H", limits.MAX_TIMINGS + 1) + b"".join(
+        msgpack.packb(f"k{i}") + b"\x00" for i in range(limits.MAX_TIMINGS + 1)),  # a map past the bound
+])
+def test_message_bodies_decode_within_bounds(body):
+    """A body that would decode into many Python objects is refused while decoding, not after."""
+    with pytest.raises(RemoteProtocolError, match="within the message bounds"):
+        Decoder().feed(_frame(ChunkRequest.TYPE, body))
