@@ -360,9 +360,11 @@ async def fetch_granted(
     artifact: Cid | None,
     known_ips: set[str],
     reached_ip: str | None = None,
+    max_body: int | None = None,
 ) -> None:
     """The fetching side: connect, hello and ack, present the token, hand each granted chunk (unverified) to
-    on_chunk, in the granted order.
+    on_chunk, in the granted order. `max_body`: the largest frame body to accept (the fetcher knows how big
+    the chunks it asked for are; a bigger frame is refused at its prefix, before it is buffered).
 
     The address must pass `grant_address`. Nothing the peer chose is sent before the server's ack matched
     DATAPLANE_ACK (protocol/dataplane.py). A connection that cannot be made, is refused, reset, stalls or is
@@ -376,7 +378,7 @@ async def fetch_granted(
             sock = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise DataPlaneFailed(f"cannot reach the data plane of {peer[:16]}: {exc!r}") from exc
-    reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}")
+    reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}", max_body=max_body)
     try:
         await _handshake(sock, peer)
         _grow_buffers(sock)

@@ -289,9 +289,10 @@ class Exchange:
 
     # --- client side ------------------------------------------------------------------------------------
 
-    async def _open(self, peer: str, protocol: str, idle: float = limits.STREAM_IDLE_TIMEOUT_S) -> FramedStream:
+    async def _open(self, peer: str, protocol: str, idle: float = limits.STREAM_IDLE_TIMEOUT_S,
+                    max_body: int | None = None) -> FramedStream:
         stream = await self.p2p.open_stream(peer, protocol)
-        return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(),
+        return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(max_body),
                             idle_timeout=idle)
 
     async def request_manifest(self, peer: str, request: ManifestRequest) -> ManifestResponse:
@@ -304,16 +305,20 @@ class Exchange:
         return _only_reply(reply, ManifestResponse, peer, "sent no manifest")
 
     async def request_chunks(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, *,
-                             artifact: Cid | None = None, dataplane: bool = False) -> None:
+                             artifact: Cid | None = None, dataplane: bool = False,
+                             max_chunk_bytes: int | None = None) -> None:
         """Ask `peer` for `cids`; `await on_chunk(cid, answer)` for each in order: the bytes, or the peer's
         ChunkMissing (it lacks the chunk, or rations it and names holders to ask instead).
 
         The bytes are NOT verified here (node/fetch.py verifies). With `dataplane=True` the server may answer
         with a DataGrant; the chunks then come over its data plane (node/dataplane.py), same callback. When
         the data plane fails, the chunks not yet answered are asked again over a libp2p stream, and the peer
-        is asked for no grant for DATAPLANE_BACKOFF_S. Raises RemoteProtocolError on misbehaviour, NotFound /
-        LimitExceeded / Busy on a refusal.
+        is asked for no grant for DATAPLANE_BACKOFF_S. `max_chunk_bytes` (the largest stored size asked for)
+        bounds the frames accepted, so a lying peer cannot make us buffer more than an honest answer. Raises
+        RemoteProtocolError on misbehaviour, NotFound / LimitExceeded / Busy on a refusal.
         """
+        max_body = None if max_chunk_bytes is None else max(max_chunk_bytes + CHUNK_HEADER_BYTES,
+                                                             limits.MAX_REQUEST_FRAME_BYTES)
         answered: set[Cid] = set()
 
         async def counted(cid: Cid, answer: bytes | bytearray | ChunkMissing) -> None:
@@ -321,24 +326,24 @@ class Exchange:
             await on_chunk(cid, answer)
 
         use_dataplane = dataplane and not self._dataplane_backed_off(peer)
-        grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane)
+        grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body)
         if grant is None:
             return
         try:
             await fetch_granted(grant, peer, counted, self.on_transfer, artifact,
-                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip)
+                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip, max_body=max_body)
         except DataPlaneFailed as exc:
             self._dataplane_failed(peer, exc)
             rest = [c for c in cids if c not in answered]
             if rest:
                 self.dataplane_fallbacks += 1
-                await self._chunk_stream(peer, rest, counted, artifact, dataplane=False)
+                await self._chunk_stream(peer, rest, counted, artifact, False, max_body)
 
     async def _chunk_stream(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, artifact: Cid | None,
-                            dataplane: bool) -> tuple[DataGrant | None, str | None]:
+                            dataplane: bool, max_body: int | None = None) -> tuple[DataGrant | None, str | None]:
         """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
         (with the IP the stream reached the peer at) for the caller to use."""
-        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S)
+        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S, max_body=max_body)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
         answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked

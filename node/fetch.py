@@ -371,7 +371,8 @@ class _ChunkRun:
             with self._scopes[req.request], trio.move_on_at(req.deadline) as scope:  # the plan may cancel it
                 await self.fetcher.exchange.request_chunks(req.peer, [b.cid for b in req.blobs], on_chunk,
                                                            artifact=self.artifact,
-                                                           dataplane=self.fetcher.use_dataplane)
+                                                           dataplane=self.fetcher.use_dataplane,
+                                                           max_chunk_bytes=max(b.stored_size for b in req.blobs))
             if scope.cancelled_caught:
                 failure = f"no complete answer by its deadline ({len(req.blobs)} chunks)"
         except (RemoteProtocolError, IntegrityError) as exc:  # the peer misbehaved or went away

@@ -52,9 +52,10 @@ DATAPLANE_ACK = b"\x00kvswap-dataplane/1 ready\n"
 class DataPlaneReader:
     """Parses the frames answering one data-plane grant, in the order granted; never reads by itself."""
 
-    def __init__(self, cids: Sequence[Cid], who: str = "the data plane") -> None:
+    def __init__(self, cids: Sequence[Cid], who: str = "the data plane", max_body: int | None = None) -> None:
         self._answers = ChunkAnswers(cids, grant_allowed=False, who=who)
         self.who = who
+        self._max_body = max_body  # a fetcher that knows the chunks' sizes refuses bigger frames at the prefix
         self._stage = "prefix"
         self._need: int | None = PREFIX_BYTES
         self._length = 0
@@ -81,7 +82,7 @@ class DataPlaneReader:
 
     def _step(self, data: bytes | bytearray) -> Frame | None:
         if self._stage == "prefix":
-            mtype, self._length = parse_prefix(data, _ALLOWED)
+            mtype, self._length = parse_prefix(data, _ALLOWED, self._max_body)
             if mtype == ChunkMissing.TYPE:
                 self._stage, self._need = "missing", self._length
                 return self._missing(b"") if self._length == 0 else None
