@@ -9,7 +9,8 @@ raw TCP sockets to the data plane) attack A one attack at a time, each from a si
 honest user's `kvswap get CID` (then `kvswap rm`, so every get fetches all 26 blobs from A).
 
 Reported per attack: B's `kvswap get` wall time (CLI start to exit) and the fetch time the daemon reports,
-each as a ratio to the quiet median (target: <= 3x); A's resident memory (psutil, sampled every 50 ms)
+medians of `--rounds` gets, each as a ratio to the median of the quiet gets (taken at the start and after
+every attack: the machine is shared, and its load drifts) (target: <= 3x); A's resident memory (psutil, sampled every 50 ms)
 peak over its idle level (target: <= the stated bound, NETWORK.md "Quotas": 200 MB); what the attack got
 (streams opened, grants held, connections dropped) and what A refused (its status counters). Slow
 providers: three hostile providers connected to B that serve the real manifest but stall, answer
@@ -66,6 +67,7 @@ def cli(home: Path, *args: str, timeout: float = 300) -> tuple[float, dict]:
 
 def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, Callable]:
     """name -> body(ready, stop) for AttackThread; `a` is the attacked daemon (ChildNode)."""
+    from kvswap.protocol import limits
     from tests import hostile
 
     async def find_dataplane() -> tuple[str, int]:
@@ -83,8 +85,14 @@ def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, C
         return body
 
     async def silent(h, ready, stop) -> dict:
-        s = await hostile.silent_streams(h, a.peer_id, 255, hold_s=600, stop=stop, opened=ready)
-        return {"streams_opened": s.opened, "refused_at_open": s.failed_open, "cut_later": s.refused}
+        total = hostile.StreamStats()
+        while not stop.is_set():  # 255 streams, held until the node cuts them (STREAM_IDLE_TIMEOUT_S), again
+            s = await hostile.silent_streams(h, a.peer_id, 255, hold_s=limits.STREAM_IDLE_TIMEOUT_S - 1, stop=stop,
+                                             opened=ready)
+            total.opened += s.opened
+            total.failed_open += s.failed_open
+            total.refused += s.refused
+        return {"streams_opened": total.opened, "refused_at_open": total.failed_open, "cut_later": total.refused}
 
     async def idle_sockets(ready, stop) -> dict:
         dropped = await hostile.dataplane_idle_sockets(host, dp_port, 32, hold_s=600, stop=stop, opened=ready)
@@ -232,14 +240,13 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
             return {"wall_s": wall, "fetch_s": got["seconds"], "chunks": got["chunks"], "peers": got["peers"]}
 
         honest_get()  # warm-up: first connections, caches, the audit's first run
-        quiet = [honest_get() for _ in range(rounds)]
-        q_wall = statistics.median(r["wall_s"] for r in quiet)
-        q_fetch = statistics.median(r["fetch_s"] for r in quiet)
-        print(f"  quiet: get {q_wall:.2f} s (fetch {q_fetch:.3f} s), {quiet[0]['chunks']} chunks", flush=True)
+        quiet = [honest_get() for _ in range(rounds)]  # and one more after each attack: the machine is shared
+        print(f"  quiet: get {statistics.median(r['wall_s'] for r in quiet):.2f} s "
+              f"(fetch {statistics.median(r['fetch_s'] for r in quiet):.3f} s), {quiet[0]['chunks']} chunks", flush=True)
         rss = RssSampler(a.proc.pid)
         idle_rss = rss.rss()
 
-        def under(name: str, body: Callable, n_gets: int = 1) -> dict:
+        def under(name: str, body: Callable, n_gets: int = rounds) -> dict:
             sampler = RssSampler(a.proc.pid)
             base = sampler.rss()
             with sampler:
@@ -248,10 +255,13 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
                 stats = attack.stop()
             time.sleep(1.0)
             after = sampler.rss()
+            quiet.append(honest_get())
+            q_wall = statistics.median(r["wall_s"] for r in quiet)
+            q_fetch = statistics.median(r["fetch_s"] for r in quiet)
             wall = statistics.median(g["wall_s"] for g in gets)
             fetch = statistics.median(g["fetch_s"] for g in gets)
             row = {"attack": name, "get_wall_s": round(wall, 3), "get_ratio": round(wall / q_wall, 2),
-                   "fetch_s": round(fetch, 3), "fetch_ratio": round(fetch / q_fetch, 2),
+                   "fetch_s": round(fetch, 3), "fetch_ratio": round(fetch / q_fetch, 2), "gets": gets,
                    "rss_peak_over_idle_mb": round((sampler.peak - idle_rss) / 1e6, 1),
                    "rss_after_over_idle_mb": round((after - idle_rss) / 1e6, 1),
                    "rss_before_over_idle_mb": round((base - idle_rss) / 1e6, 1), "attack_stats": stats,
@@ -271,7 +281,7 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
                             ("grant", "grants naming a bystander port on the provider's IP")):
             if only and only not in label:
                 continue
-            slow.append(under(f"3 {label}", slow_providers(a, b, Cid.parse(cid), mode), n_gets=rounds))
+            slow.append(under(f"3 {label}", slow_providers(a, b, Cid.parse(cid), mode)))
 
         gen_row = None
         if not quick and (not only or only in "generation"):
@@ -286,6 +296,8 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
             print(f"  hosted 8-token generate: quiet {quiet_gen:.2f} s, behind 3 x {max_new}-token generations "
                   f"{wall:.2f} s ({wall / quiet_gen:.2f}x)  {stats}", flush=True)
         final = cli(a.home, "node", "status")[1]
+        q_wall = statistics.median(r["wall_s"] for r in quiet)
+        q_fetch = statistics.median(r["fetch_s"] for r in quiet)
         return {
             "benchmark": "hostile", "rounds": rounds, "artifact": {"cid": cid, "tokens": pub["n_tokens"],
                                                                    "chunks": quiet[0]["chunks"]},

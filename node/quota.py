@@ -34,6 +34,17 @@ from kvswap.errors import Busy
 from kvswap.protocol import limits
 
 
+def _give_back(held: dict[str, int], peer: str) -> None:
+    """One fewer held by `peer`; a peer holding nothing is forgotten (the table never outgrows what is held)."""
+    left = held.get(peer, 0) - 1
+    if left < 0:
+        raise RuntimeError(f"released more than {peer[:16]} held")
+    if left:
+        held[peer] = left
+    else:
+        del held[peer]
+
+
 class PeerCounter:
     """Counts what each peer holds; `acquire(peer)` is False when the peer is at `per_peer` or all are at
     `total`. Peers holding nothing are forgotten (the table never outgrows what is held)."""
@@ -52,13 +63,7 @@ class PeerCounter:
         return True
 
     def release(self, peer: str) -> None:
-        left = self.held.get(peer, 0) - 1
-        if left < 0:
-            raise RuntimeError(f"released more than {peer[:16]} held")
-        if left:
-            self.held[peer] = left
-        else:
-            del self.held[peer]
+        _give_back(self.held, peer)
         self.in_use -= 1
 
     def count(self, peer: str) -> int:
@@ -138,13 +143,7 @@ class FairSlots:
                 del self._waiting[peer]
 
     def release(self, peer: str) -> None:
-        left = self.held.get(peer, 0) - 1
-        if left < 0:
-            raise RuntimeError(f"released a slot {peer[:16]} did not hold")
-        if left:
-            self.held[peer] = left
-        else:
-            del self.held[peer]
+        _give_back(self.held, peer)
         self.in_use -= 1
         self._dispatch()
 

@@ -215,7 +215,7 @@ MAX_PEERS_PER_FETCH = 64
 #: fastest peer of the fetch would take for its bytes (at that peer's measured rate).
 LATE_FACTOR = 4.0
 #: ...and at least this many seconds (scheduling noise on a loaded machine is not slowness).
-LATE_MIN_S = 0.25
+LATE_MIN_S = 0.1
 #: Shortest deadline of a request to a peer whose rate is measured (seconds): its deadline is LATE_FACTOR
 #: times its own expected time, at least this, at most CHUNK_TIMEOUT_S per chunk.
 REQUEST_MIN_TIMEOUT_S = 5.0

@@ -423,7 +423,7 @@ def _fast_and_stalling(n: int = 40, parallel: int = 2) -> tuple[Sim, RequestChun
 def test_an_overdue_request_frees_its_slot_and_its_peer_gets_no_new_work():
     sim, stalled = _fast_and_stalling()
     assert len(sim.inflight) == 2  # A's next request and S's stalled one
-    out = sim.apply(Tick(), 0.1)  # overdue (4 x what A would take), not yet late (LATE_MIN_S)
+    out = sim.apply(Tick(), 0.05)  # overdue (4 x what A would take), not yet late (LATE_MIN_S)
     assert not [a for a in out if isinstance(a, CancelRequest)]
     new = requests(out)
     assert new and all(r.peer == "A" for r in new)  # S's slot went to A; S got nothing new
@@ -432,7 +432,7 @@ def test_an_overdue_request_frees_its_slot_and_its_peer_gets_no_new_work():
 
 def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_of_a_faster_peer_first():
     sim, stalled = _fast_and_stalling()
-    sim.apply(Tick(), 0.1)
+    sim.apply(Tick(), 0.05)
     out = sim.apply(Tick(), limits.LATE_MIN_S)
     assert CancelRequest(stalled.request) in out
     assert sim.plan.peers["S"].slow == 1 and sim.plan.peers["S"].failures == 0  # slowness is no lie
@@ -449,7 +449,7 @@ def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_o
 def test_in_the_end_game_an_overdue_request_is_cancelled_at_once():
     sim, stalled = _fast_and_stalling(n=2)  # one chunk each: after A's, only S's chunk is left
     assert not sim.plan._pending
-    out = sim.apply(Tick(), 0.05)  # overdue, far below LATE_MIN_S
+    out = sim.apply(Tick(), 0.05)  # overdue, below LATE_MIN_S
     assert CancelRequest(stalled.request) in out
     assert only_request(out).peer == "A" and only_request(out).blobs == stalled.blobs
 
