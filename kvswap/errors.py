@@ -10,7 +10,9 @@
      +-- ProtocolError               the wire conversation went wrong
      |    +-- LocalProtocolError     we misused the protocol (a bug on our side)
      |    +-- RemoteProtocolError    the peer misbehaved: garbage, oversized frame, stall
+     |         +-- DataPlaneFailed   its bulk data plane was unusable: take the chunks over libp2p instead
      +-- LimitExceeded               a named limit (protocol/limits.py) was hit
+     +-- Busy                        a node at capacity, or an asker over its share: ask again later or elsewhere
      +-- UsageError                  the user asked for something that cannot be done (bad flag, empty doc)
      +-- TestnetError                the namespace testnet harness could not create, use or remove a host
 
@@ -97,11 +99,26 @@ class RemoteProtocolError(ProtocolError):
     http_status = 502
 
 
+class DataPlaneFailed(RemoteProtocolError):
+    """The peer's data plane could not be used: unreachable, refused or reset the connection, stalled, or did
+    not answer the hello as a kvswap data plane. Not a lie about chunks: the fetcher asks for the same chunks
+    on a libp2p stream instead (a peer that breaks the frame rules raises plain RemoteProtocolError)."""
+
+
 class LimitExceeded(KvswapError):
     """A named limit from kvswap.protocol.limits was exceeded."""
 
     http_status = 413
     wire_code = "limit"
+
+
+class Busy(KvswapError):
+    """A node refused work for now: it is at capacity, or the asking peer is over its share of it (too many
+    streams, slots or generations at once; node/quota.py). Not a failure of either side: ask again later, or
+    ask someone else."""
+
+    http_status = 503
+    wire_code = "busy"
 
 
 class UsageError(KvswapError):
@@ -189,6 +206,8 @@ def map_exceptions(mapping: Mapping[type[BaseException] | tuple[type[BaseExcepti
 
 __all__ = [
     "AuditFailed",
+    "Busy",
+    "DataPlaneFailed",
     "FormatError",
     "INTERNAL_WIRE_CODE",
     "IntegrityError",

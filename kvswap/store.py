@@ -361,13 +361,19 @@ class Store:
     def is_complete(self, cid: Cid) -> bool:
         return not self.missing_chunks(cid)
 
-    def find_by_document(self, model_fingerprint: str, document_hash: str, complete_only: bool = False) -> list[Cid]:
-        """Artifacts of this document for this model, complete ones first, then most recently used."""
-        sql = "SELECT cid FROM artifacts WHERE model_fingerprint = ? AND document_hash = ?"
+    def find_by_document(self, model_fingerprint: str | None, document_hash: str,
+                         complete_only: bool = False) -> list[Cid]:
+        """Artifacts of this document for this model (for any model when `model_fingerprint` is None),
+        complete ones first, then most recently used."""
+        sql = "SELECT cid FROM artifacts WHERE document_hash = ?"
+        args: tuple = (document_hash,)
+        if model_fingerprint is not None:
+            sql += " AND model_fingerprint = ?"
+            args += (model_fingerprint,)
         if complete_only:
             sql += " AND complete = 1"
         sql += " ORDER BY complete DESC, last_used DESC"
-        return [Cid.parse(r[0]) for r in self._db().execute(sql, (model_fingerprint, document_hash))]
+        return [Cid.parse(r[0]) for r in self._db().execute(sql, args)]
 
     def list_artifacts(self) -> list[dict]:
         rows = self._db().execute(

@@ -34,6 +34,7 @@ from ..home import Home
 from ..protocol.limits import ENGINE_WAIT_S, RATION_COPIES, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from . import runfiles
+from .announcements import AnnouncementTable
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
 from .metrics import NodeMetrics
@@ -69,7 +70,7 @@ class Daemon:
         self._engine_error: str | None = None
         self.engine: Any = None
         self._resident: OrderedDict[Cid, Any] = OrderedDict()
-        self.announcements: list[dict] = []
+        self.announcements = AnnouncementTable()  # bounded and expiring: peers may announce anything
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def setup(self, group: asyncio.TaskGroup) -> None:
@@ -190,7 +191,7 @@ class Daemon:
             "model": eng.model_id if eng else None, "model_fingerprint": eng.fingerprint if eng else None,
             "dtype": eng.dtype if eng else self.config.dtype, "model_error": self._engine_error,
             "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"), "dataplane": info.get("dataplane"),
-            "providing": info.get("providing"), "announcements": self.announcements[-20:],
+            "providing": info.get("providing"), "announcements": self.announcements.recent(20),
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config.accept_any,
         }
 
@@ -247,7 +248,7 @@ class Daemon:
                                          accept_any=req["accept_any"])
             except NotFound as exc:
                 self.metrics.fetches.labels("failed").inc()
-                raise NotFound(f"{exc}{self._other_models(req['document_hash'])}") from None
+                raise NotFound(f"{exc}{await self._other_models(req['document_hash'])}") from None
             except asyncio.CancelledError:
                 self.metrics.fetches.labels("cancelled").inc()
                 raise
@@ -265,19 +266,24 @@ class Daemon:
 
         return self.jobs.start("get", work).view()
 
-    def _other_models(self, document_hash: str | None) -> str:
-        """When a document was not found for this node's model: who announced it for which other model."""
+    async def _other_models(self, document_hash: str | None) -> str:
+        """When a document was not found for this node's model: which peer has it for which other model. Asked
+        of the network (peers providing the document's any-model key, then connected ones; node/fetch.py),
+        else taken from the announcements heard; "" when nobody says."""
         if document_hash is None or self.engine is None:
             return ""
-        seen = {(a["from"], a["model_fingerprint"]) for a in self.announcements
-                if a["document_hash"] == document_hash and a["model_fingerprint"] != self.engine.fingerprint}
-        if not seen:
+        own = self.engine.fingerprint
+        others = await self.net.other_models(document_hash, own)
+        if not others:
+            others = [{"peer": a["from"], "model_fingerprint": a["model_fingerprint"], "model_id": ""}
+                      for a in self.announcements.current()
+                      if a["document_hash"] == document_hash and a["model_fingerprint"] != own]
+        if not others:
             return ""
-        peer, fp = sorted(seen)[0]
-        named = next((a.get("model_id") for a in self.announcements if a["model_fingerprint"] == fp
-                      and a.get("model_id")), None) or f"model {fp[:12]}"
-        return (f"; peer {peer[:16]} announced it for {named}, but this node runs {self.engine.model_id} "
-                f"({self.engine.fingerprint[:12]}): an artifact is bound to one model")
+        first = sorted(others, key=lambda o: (o["model_fingerprint"], o["peer"]))[0]
+        named = first["model_id"] or f"model {first['model_fingerprint'][:12]}"
+        return (f"; peer {first['peer'][:16]} has it for {named} ({first['model_fingerprint'][:12]}), but this node "
+                f"runs {self.engine.model_id} ({own[:12]}): an artifact is bound to one model")
 
     async def generate(self, req: dict) -> dict:
         """POST /generate: ship (from this node's store, with its model) or host (ask another node)."""
@@ -393,9 +399,9 @@ class Daemon:
         return GenerateResponse(tuple(result.tokens), result.text, timings)
 
     def _on_announce(self, announce: Any, sender: str) -> None:
-        self.announcements.append({"cid": str(announce.artifact_cid), "from": sender,
-                                   "document_hash": announce.document_hash, "n_tokens": announce.n_tokens,
-                                   "model_fingerprint": announce.model_fingerprint})
+        self.announcements.add(str(announce.artifact_cid), sender, {
+            "cid": str(announce.artifact_cid), "from": sender, "document_hash": announce.document_hash,
+            "n_tokens": announce.n_tokens, "model_fingerprint": announce.model_fingerprint})
         log.info("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
 
 
@@ -423,8 +429,13 @@ def check_ports_free(listen: list[str]) -> None:
 
 
 def _setup_logging(home: Path) -> None:
+    """Log to <home>/node.log, readable by the node's user only (0600, like the keys and the API token): it
+    names peers, artifacts and the control API's address."""
     Path(home).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(home / runfiles.LOG_FILE)
+    path = home / runfiles.LOG_FILE
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # a log an older node created 0644
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 

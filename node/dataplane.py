@@ -7,10 +7,19 @@ path.
 
 How: a ChunkRequest with `dataplane=True` may be answered with a DataGrant (host, port, one-time 256-bit
 token, the granted CIDs) inside the authenticated, encrypted libp2p stream. The fetcher connects to
-host:port, sends the token, and reads ChunkData / ChunkMissing frames for the granted CIDs in order. A token
-is single-use, bound to the requesting peer's grant, and expires after DATAPLANE_GRANT_TTL_S. The fetcher only
-connects to an IP at which it already knows the granting peer, so a peer cannot aim it at another host. Bytes
-are not encrypted on this path (artifacts are public content).
+host:port, exchanges the fixed hello and ack (protocol/dataplane.py), sends the token, and reads ChunkData /
+ChunkMissing frames for the granted CIDs in order. A token is single-use, bound to the requesting peer's
+grant, and expires after DATAPLANE_GRANT_TTL_S. The fetcher only dials an IP at which it already knows the
+granting peer and an unprivileged port, and sends the token only after the ack, so a peer cannot aim it at
+another host, nor make it write anything the peer chose to another service on its own host. Bytes are not
+encrypted on this path (artifacts are public content).
+
+An optimisation, never a single point of failure: a node grants only within its quotas (grants per peer
+and in total, chunks named by grants, transfers per peer; protocol/limits.py) and otherwise answers on the
+libp2p stream itself; connections that do not present a valid token in time are dropped, the oldest first
+when too many wait, and counted rather than logged one by one; a fetcher whose data-plane connection is
+refused, reset or not a kvswap data plane raises DataPlaneFailed, and node/exchange.py takes the remaining
+chunks over libp2p streams from the same provider.
 
 Framing is protocol/'s: the server writes frames with the codec (`encode_parts`, or `chunk_data_header` and
 then the chunk file with sendfile(2)); the fetcher parses them with protocol/dataplane.py's reader, receiving
@@ -20,25 +29,28 @@ bytes, keeps grants and accounts for every frame (node/accounting.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError, map_exceptions
+from kvswap.errors import DataPlaneFailed, LocalProtocolError, RemoteProtocolError, map_exceptions
 from kvswap.protocol import limits
 from kvswap.protocol.codec import chunk_data_header, encode_parts, payload_size
-from kvswap.protocol.dataplane import DataPlaneReader
-from kvswap.protocol.messages import ChunkData, ChunkMissing, DataGrant
+from kvswap.protocol.dataplane import DATAPLANE_ACK, DATAPLANE_HELLO, DataPlaneReader
+from kvswap.protocol.messages import CHUNK_HEADER_BYTES, ChunkData, ChunkMissing, DataGrant
 from kvswap.protocol.names import DATAPLANE_PROTOCOL
 
 from .accounting import TransferEvent, TransferHook, current_request
+from .quota import PeerCounter, RefusalLog
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
@@ -49,15 +61,26 @@ _UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
 
 @dataclass
 class _Grant:
+    """One outstanding grant. The CIDs are kept packed (36 bytes each), never as a tuple of objects: a grant
+    naming 1024 chunks holds 36 KB, and all grants together at most MAX_DATAPLANE_GRANTED_CHUNKS of them."""
+
     peer: str
-    cids: tuple[Cid, ...]
+    packed: bytes
     artifact: Cid | None
     expires: float
     request: str | None = field(default_factory=current_request.get)  # the libp2p request that granted it
 
+    @property
+    def n_cids(self) -> int:
+        return len(self.packed) // CHUNK_HEADER_BYTES
+
+    def cids(self) -> list[Cid]:
+        step = CHUNK_HEADER_BYTES
+        return [Cid.from_bytes(self.packed[i:i + step]) for i in range(0, len(self.packed), step)]
+
 
 class DataPlane:
-    """The serving side: a TCP listener on `host` (port 0 = any) that honours grants."""
+    """The serving side: a TCP listener on `host` (port 0 = any) that honours grants, within quotas."""
 
     def __init__(
         self,
@@ -74,50 +97,139 @@ class DataPlane:
         self._read_chunk = read_chunk
         self._hook = on_transfer
         self._limiter = limiter
-        self._grants: dict[bytes, _Grant] = {}
         self._chunk_path = chunk_path
-        self._connections = 0  # open data-plane connections; more than MAX_CONCURRENT_SERVES are refused
+        self._grants: OrderedDict[bytes, _Grant] = OrderedDict()  # token -> grant, oldest (= expiring) first
+        self._peer_grants: dict[str, dict[bytes, None]] = {}  # peer -> its tokens, oldest first
+        self.granted_chunks = 0  # CIDs named by outstanding grants
+        self.transfers = PeerCounter(limits.MAX_CONCURRENT_SERVES, limits.MAX_DATAPLANE_TRANSFERS_PER_PEER)
+        self._pending: OrderedDict[int, trio.CancelScope] = OrderedDict()  # connections before a valid token
+        self._ids = itertools.count()
+        self.hello_timeout = limits.DATAPLANE_HELLO_TIMEOUT_S  # tests lower it
+        self.refusals = RefusalLog(log, "data plane refused connections")
+        self.grants_dropped = 0  # grants dropped for quota before use (their fetchers fall back to libp2p)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_loop)
             task_status.started()
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
 
-    def grant(self, peer: str, cids: Sequence[Cid], artifact: Cid | None = None) -> DataGrant:
+    # --- grants -------------------------------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._grants)
+
+    def grant(self, peer: str, cids: Sequence[Cid], artifact: Cid | None = None) -> DataGrant | None:
+        """A one-time grant for `peer` to fetch `cids` over the data plane, or None when the grant would not fit
+        the quotas even after dropping older grants (the caller then answers on the libp2p stream). A peer at
+        its share of grants loses its own oldest one; when all grants together are at a limit, the peer holding
+        the most loses its oldest: a hoarder pays for its hoard, everyone else is still granted."""
         now = time.monotonic()
-        for token in [t for t, g in self._grants.items() if g.expires < now]:
-            del self._grants[token]
-        if len(self._grants) >= limits.MAX_DATAPLANE_GRANTS:
-            raise RemoteProtocolError("too many outstanding data-plane grants")
+        self._expire(now)
+        if not cids or len(cids) > limits.MAX_DATAPLANE_GRANTED_CHUNKS:
+            return None
+        mine = self._peer_grants.get(peer, {})
+        while len(mine) >= limits.MAX_DATAPLANE_GRANTS_PER_PEER:
+            self._drop(next(iter(mine)))
+        while (len(self._grants) >= limits.MAX_DATAPLANE_GRANTS
+               or self.granted_chunks + len(cids) > limits.MAX_DATAPLANE_GRANTED_CHUNKS):
+            hoarder = max(self._peer_grants, key=lambda p: len(self._peer_grants[p]))
+            self._drop(next(iter(self._peer_grants[hoarder])))
         token = secrets.token_bytes(limits.DATAPLANE_TOKEN_BYTES)
-        self._grants[token] = _Grant(peer, tuple(cids), artifact, now + limits.DATAPLANE_GRANT_TTL_S)
+        self._grants[token] = _Grant(peer, b"".join(c.to_bytes() for c in cids), artifact,
+                                     now + limits.DATAPLANE_GRANT_TTL_S)
+        self._peer_grants.setdefault(peer, {})[token] = None
+        self.granted_chunks += len(cids)
         return DataGrant(host=self.host, port=self.port, token=token, cids=tuple(cids))
 
-    async def _serve(self, sock: trio.SocketStream) -> None:
-        _grow_buffers(sock)
-        if self._connections >= limits.MAX_CONCURRENT_SERVES:
-            log.info("data plane: too many connections, refusing one")
-            await sock.aclose()
-            return
-        self._connections += 1
-        try:
-            token = await _receive_token(sock)
-            grant = self._grants.pop(token, None)
-            if grant is None or grant.expires < time.monotonic():
-                log.info("data plane: unknown or expired token, closing")
+    def _take(self, token: bytes) -> _Grant | None:
+        """The grant of `token`, removed (single use), or None if unknown or expired."""
+        self._expire(time.monotonic())
+        if token not in self._grants:
+            return None
+        grant = self._grants[token]
+        self._forget(token)
+        return grant
+
+    def _drop(self, token: bytes) -> None:
+        self._forget(token)
+        self.grants_dropped += 1
+
+    def _forget(self, token: bytes) -> None:
+        grant = self._grants.pop(token)
+        self.granted_chunks -= grant.n_cids
+        mine = self._peer_grants[grant.peer]
+        del mine[token]
+        if not mine:
+            del self._peer_grants[grant.peer]
+
+    def _expire(self, now: float) -> None:
+        """Forget expired grants (all grants live equally long, so the oldest expire first)."""
+        while self._grants:
+            token, grant = next(iter(self._grants.items()))
+            if grant.expires >= now:
                 return
-            current_request.set(grant.request)  # ledger rows join the libp2p request that granted them
-            self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "in", len(token), 0, grant.artifact))
-            for cid in grant.cids:
-                await self._answer(sock, cid, grant)
+            self._forget(token)
+
+    async def _expire_loop(self) -> None:
+        """Return the memory of unused grants once they expire, even when no new grant comes to sweep them."""
+        while True:
+            await trio.sleep(limits.DATAPLANE_GRANT_TTL_S / 4)
+            self._expire(time.monotonic())
+
+    # --- connections --------------------------------------------------------------------------------------
+
+    async def _serve(self, sock: trio.SocketStream) -> None:
+        try:
+            grant = await self._admit(sock)
+            if grant is None:
+                return
+            if not self.transfers.acquire(grant.peer):
+                self.refusals.note(f"{grant.peer[:16]} is at its share of transfers")
+                return
+            try:
+                _grow_buffers(sock)
+                current_request.set(grant.request)  # ledger rows join the libp2p request that granted them
+                self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "in", len(DATAPLANE_HELLO) +
+                                         limits.DATAPLANE_TOKEN_BYTES, 0, grant.artifact))
+                for cid in grant.cids():
+                    await self._answer(sock, cid, grant)
+            finally:
+                self.transfers.release(grant.peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
-            log.info("data plane: peer went away: %r", exc)
+            self.refusals.note(f"a peer went away: {exc!r}")
         finally:
-            self._connections -= 1
             await sock.aclose()
 
+    async def _admit(self, sock: trio.SocketStream) -> _Grant | None:
+        """The hello, our ack, then a valid token: the connection's grant, or None (dropped, counted). While it
+        has not shown a token it is pending; past MAX_DATAPLANE_PENDING the oldest pending one is dropped."""
+        conn = next(self._ids)
+        while len(self._pending) >= limits.MAX_DATAPLANE_PENDING:
+            _, oldest = self._pending.popitem(last=False)
+            oldest.cancel()
+        token = b""
+        with trio.move_on_after(self.hello_timeout) as scope:
+            self._pending[conn] = scope
+            try:
+                hello = await _receive_exactly(sock, len(DATAPLANE_HELLO))
+                if hello != DATAPLANE_HELLO:
+                    self.refusals.note("a connection without the kvswap data-plane hello")
+                    return None
+                await sock.send_all(DATAPLANE_ACK)
+                token = await _receive_exactly(sock, limits.DATAPLANE_TOKEN_BYTES)
+            finally:
+                self._pending.pop(conn, None)
+        if scope.cancelled_caught:
+            self.refusals.note("a connection sent no hello and token in time, or was dropped for newer ones")
+            return None
+        grant = self._take(token) if len(token) == limits.DATAPLANE_TOKEN_BYTES else None
+        if grant is None:
+            self.refusals.note("an unknown, used or expired token")
+        return grant
     async def _answer(self, sock: trio.SocketStream, cid: Cid, grant: _Grant) -> None:
         """Send one granted chunk (sendfile when it is a file), or say it is missing or rationed."""
         path = data = None
@@ -183,16 +295,15 @@ class DataPlane:
                                  grant.artifact, msg.cid))
 
 
-async def _receive_token(sock: trio.SocketStream) -> bytes:
-    """The grant token a fetcher opens with (DATAPLANE_TOKEN_BYTES raw bytes), or fewer if it stalls or quits."""
-    token = b""
-    with trio.move_on_after(limits.STREAM_IDLE_TIMEOUT_S):
-        while len(token) < limits.DATAPLANE_TOKEN_BYTES:
-            data = await sock.receive_some(limits.DATAPLANE_TOKEN_BYTES - len(token))
-            if not data:
-                break
-            token += data
-    return token
+async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
+    """n bytes from a connection, or fewer if it closes first (the caller bounds the time)."""
+    data = b""
+    while len(data) < n:
+        piece = await sock.receive_some(n - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
 
 
 def _grow_buffers(sock: trio.SocketStream) -> None:
@@ -206,18 +317,19 @@ def _grow_buffers(sock: trio.SocketStream) -> None:
 async def _recv_exact(sock: trio.SocketStream, n: int, peer: str,
                       idle_s: float = limits.STREAM_IDLE_TIMEOUT_S) -> bytearray:
     """Exactly n bytes, received straight into one buffer (no intermediate copies: this path is the fast one).
-    A peer that sends nothing for `idle_s` is given up (its link may be cut: no FIN or RST ever comes), so
-    the fetcher hands its chunks to another holder instead of waiting out CHUNK_TIMEOUT_S per chunk."""
+    DataPlaneFailed if the connection fails or closes first. A peer that sends nothing for `idle_s` is given up
+    (its link may be cut: no FIN or RST ever comes), so the fetcher hands its chunks to another holder instead
+    of waiting out CHUNK_TIMEOUT_S per chunk."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     try:
-        with map_exceptions({OSError: RemoteProtocolError}, f"data plane of {peer[:16]} failed"):
+        with map_exceptions({OSError: DataPlaneFailed}, f"data plane of {peer[:16]} failed"):
             with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
                 while got < n:
                     k = await sock.socket.recv_into(view[got:])
                     if k == 0:
-                        raise RemoteProtocolError(f"data plane of {peer[:16]} closed mid-frame")
+                        raise DataPlaneFailed(f"data plane of {peer[:16]} closed mid-frame")
                     got += k
                     idle.deadline = trio.current_time() + idle_s
     finally:
@@ -225,6 +337,20 @@ async def _recv_exact(sock: trio.SocketStream, n: int, peer: str,
     if idle.cancelled_caught:
         raise RemoteProtocolError(f"data plane of {peer[:16]} sent nothing for {idle_s:g} s")
     return buf
+
+
+def grant_address(grant: DataGrant, peer: str, known_ips: set[str], reached_ip: str | None) -> tuple[str, int]:
+    """The (host, port) a fetcher may dial for `grant`, or RemoteProtocolError: the host must be an IP at which
+    we know `peer` (`known_ips`, or `reached_ip`, the IP its libp2p connection came from; a server listening
+    on every interface grants an unspecified host, and then `reached_ip` is dialled), and the port an
+    unprivileged one (>= DATAPLANE_MIN_PORT). A grant outside these is a lie the peer is penalised for."""
+    allowed = known_ips | ({reached_ip} if reached_ip else set())
+    host = reached_ip if grant.host in _UNSPECIFIED and reached_ip else grant.host
+    if host not in allowed:
+        raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on a foreign host {grant.host}")
+    if grant.port < limits.DATAPLANE_MIN_PORT:
+        raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on privileged port {grant.port}")
+    return host, grant.port
 
 
 async def fetch_granted(
@@ -235,37 +361,40 @@ async def fetch_granted(
     artifact: Cid | None,
     known_ips: set[str],
     reached_ip: str | None = None,
+    max_body: int | None = None,
 ) -> None:
-    """The fetching side: connect, present the token, hand each granted chunk (unverified) to on_chunk.
+    """The fetching side: connect, hello and ack, present the token, hand each granted chunk (unverified) to
+    on_chunk, in the granted order. `max_body`: the largest frame body to accept (the fetcher knows how big
+    the chunks it asked for are; a bigger frame is refused at its prefix, before it is buffered).
 
-    The grant's host must be one at which we know `peer` (`known_ips`, or `reached_ip`, the IP its libp2p
-    stream came from); a server listening on every interface grants an unspecified host, and then the IP we
-    reached it at is dialled. Each frame is parsed by protocol/dataplane.py's reader and received with
-    recv_into into one exact-size buffer per piece: at hundreds of MB/s every extra copy shows.
+    The address must pass `grant_address`. Nothing the peer chose is sent before the server's ack matched
+    DATAPLANE_ACK (protocol/dataplane.py). A connection that cannot be made, is refused, reset, stalls or is
+    not a kvswap data plane raises DataPlaneFailed (the caller takes the rest over libp2p); a frame that
+    breaks the rules raises RemoteProtocolError. Each frame is parsed by protocol/dataplane.py's reader and
+    received with recv_into into one exact-size buffer per piece: at hundreds of MB/s every extra copy shows.
     """
-    allowed = known_ips | ({reached_ip} if reached_ip else set())
-    host = reached_ip if grant.host in _UNSPECIFIED and reached_ip else grant.host
-    if host not in allowed:
-        raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on a foreign host {grant.host}")
+    host, port = grant_address(grant, peer, known_ips, reached_ip)
     try:
         with trio.fail_after(limits.DIAL_TIMEOUT_S):
-            sock = await trio.open_tcp_stream(host, grant.port)
+            sock = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
-        raise RemoteProtocolError(f"cannot reach the data plane of {peer[:16]}: {exc!r}") from exc
-    _grow_buffers(sock)
-    reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}")
+        raise DataPlaneFailed(f"cannot reach the data plane of {peer[:16]}: {exc!r}") from exc
+    reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}", max_body=max_body)
     try:
-        with map_exceptions({(trio.BrokenResourceError, OSError): RemoteProtocolError},
+        await _handshake(sock, peer)
+        _grow_buffers(sock)
+        with map_exceptions({(trio.BrokenResourceError, OSError): DataPlaneFailed},
                             f"data plane of {peer[:16]} closed"):
             await sock.send_all(grant.token)
-        on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "out", len(grant.token), 0, artifact))
+        on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "out", len(DATAPLANE_HELLO) + len(grant.token), 0,
+                                  artifact))
         while reader.need() is not None:
             frame = None
             with trio.move_on_after(limits.CHUNK_TIMEOUT_S) as scope:
                 while frame is None:
                     frame = reader.feed(await _recv_exact(sock, reader.need(), peer))
             if scope.cancelled_caught:
-                raise RemoteProtocolError(f"data plane of {peer[:16]} stalled")
+                raise DataPlaneFailed(f"data plane of {peer[:16]} stalled")
             msg = frame.message
             on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "in", frame.wire_bytes, payload_size(msg), artifact,
                                       msg.cid))
@@ -274,4 +403,20 @@ async def fetch_granted(
         await sock.aclose()
 
 
-__all__ = ["DataPlane", "fetch_granted"]
+async def _handshake(sock: trio.SocketStream, peer: str) -> None:
+    """Send the fixed hello and check the answer is exactly the data plane's ack (DataPlaneFailed if not)."""
+    answer = b""
+    with trio.move_on_after(limits.DATAPLANE_HELLO_TIMEOUT_S):
+        with map_exceptions({(trio.BrokenResourceError, OSError): DataPlaneFailed},
+                            f"data plane of {peer[:16]} closed"):
+            await sock.send_all(DATAPLANE_HELLO)
+            while len(answer) < len(DATAPLANE_ACK) and DATAPLANE_ACK.startswith(answer):
+                piece = await sock.receive_some(len(DATAPLANE_ACK) - len(answer))
+                if not piece:
+                    break
+                answer += piece
+    if answer != DATAPLANE_ACK:
+        raise DataPlaneFailed(f"{peer[:16]}'s grant does not lead to a kvswap data plane (no ack to the hello)")
+
+
+__all__ = ["DataPlane", "DataPlaneFailed", "fetch_granted", "grant_address"]

@@ -7,22 +7,37 @@ closes. Every read has an idle timeout (STREAM_IDLE_TIMEOUT_S); a peer that send
 frame or stalls has its stream reset, and nothing else changes: other streams and peers are served as before.
 Store and engine work runs in worker threads (bounded by a CapacityLimiter), never on the trio loop.
 
+Serving shares the node out per peer (node/quota.py, limits in protocol/limits.py): a peer may have
+MAX_INBOUND_STREAMS_PER_PEER streams open (more are reset at once); a request is read before it takes a
+serve slot (silent streams hold none); slots go round robin to the waiting peers, at most
+MAX_SERVES_PER_PEER each, and a request that waits SERVE_WAIT_TIMEOUT_S is answered `busy`; a peer has at
+most MAX_GENERATE_PER_PEER hosted generations running or waiting. While a request is served the stream is
+watched: a peer that sends more after its request is cut off, one that resets stops costing its slot.
+Chunks are sent from their files piece by piece, never whole in memory.
+
 A chunk request with `dataplane=True` may be answered by a DataGrant; the chunks then come over the node's
-data plane (node/dataplane.py) through the same callback. Every frame is accounted (node/accounting.py).
+data plane (node/dataplane.py) through the same callback. When the data plane fails (refused, reset, not a
+kvswap data plane), the client takes the rest of the chunks over a libp2p stream from the same peer and
+asks that peer for no grant for DATAPLANE_BACKOFF_S. Every frame is accounted (node/accounting.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import KvswapError, RemoteProtocolError, error_from_wire, wire_code_of
+from kvswap.errors import KvswapError, LocalProtocolError, RemoteProtocolError, error_from_wire, wire_code_of
 from kvswap.protocol import limits
 from kvswap.protocol.conversation import CONVERSATIONS, SERVED_PROTOCOLS, ChunkAnswers, Conversation
 from kvswap.protocol.messages import (
+    CHUNK_HEADER_BYTES,
+    MAX_BODY_BYTES,
     ChunkData,
     ChunkMissing,
     ChunkRequest,
@@ -37,8 +52,10 @@ from kvswap.protocol.messages import (
 from kvswap.protocol.names import CHUNKS_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
 
 from .accounting import TransferHook, new_request_id, no_hook
-from .dataplane import fetch_granted
+from .dataplane import DataPlaneFailed, fetch_granted
 from .framed import FramedStream
+from .p2p import PEER_FAILURES
+from .quota import FairSlots, PeerCounter, RefusalLog
 from .ration import UploadRation
 
 log = logging.getLogger(__name__)
@@ -53,8 +70,10 @@ class Service(Protocol):
     def manifest_by_cid(self, cid: Cid) -> tuple[bytes, list[bytes]] | None:
         """(canonical manifest bytes, envelope bytes) of a complete local artifact, or None."""
 
-    def manifest_by_document(self, model_fingerprint: str, document_hash: str) -> tuple[bytes, list[bytes]] | None:
-        """The same for the local artifact of this document for this model, or None."""
+    def manifest_by_document(self, model_fingerprint: str | None, document_hash: str
+                             ) -> tuple[bytes, list[bytes]] | None:
+        """The same for the local artifact of this document for this model (a complete one for any model when
+        `model_fingerprint` is None), or None."""
 
     def read_chunk(self, cid: Cid) -> bytes | None:
         """A chunk's stored bytes, or None when this node does not hold it."""
@@ -123,14 +142,22 @@ class Exchange:
         self.on_transfer = on_transfer or no_hook
         self.dataplane = dataplane
         self.limiter = worker_limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
-        self._serve_slots = {p: trio.Semaphore(limits.MAX_CONCURRENT_SERVES) for p in SERVED_PROTOCOLS}
-        self._generate_slot = trio.Semaphore(1)  # one hosted generation at a time: the engine is not reentrant
+        self.inbound = PeerCounter(limits.MAX_INBOUND_STREAMS, limits.MAX_INBOUND_STREAMS_PER_PEER)
+        self.slots = {p: FairSlots(limits.MAX_CONCURRENT_SERVES, limits.MAX_SERVES_PER_PEER)
+                      for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL)}
+        # one hosted generation at a time (the engine is not reentrant), peers taking turns
+        self.slots[GENERATE_PROTOCOL] = FairSlots(1, 1, max_pending=limits.MAX_GENERATE_PER_PEER)
         serve = {MANIFEST_PROTOCOL: self._serve_manifest, CHUNKS_PROTOCOL: self._serve_chunks,
                  GENERATE_PROTOCOL: self._serve_generate}
         for protocol in SERVED_PROTOCOLS:
             p2p.set_stream_handler(protocol, self._guard(CONVERSATIONS[protocol], serve[protocol]))
         self.rejected_streams = 0  # streams cut off for misbehaviour (garbage, oversize, stall)
+        self.refused = RefusalLog(log, "refused streams over quota")
+        self.cut_off = RefusalLog(log, "cut off misbehaving streams")
         self.idle_timeout = limits.STREAM_IDLE_TIMEOUT_S  # for serving; tests lower it
+        self.serve_wait_timeout = limits.SERVE_WAIT_TIMEOUT_S  # tests lower it
+        self._dataplane_off: dict[str, float] = {}  # peer -> until when we ask it for no grant (client side)
+        self.dataplane_fallbacks = 0  # requests whose chunks came over libp2p after the data plane failed
 
     async def _in_thread(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -143,15 +170,25 @@ class Exchange:
 
         async def handler(stream: Any) -> None:
             new_request_id()
-            framed = FramedStream(stream, _peer_of(stream), protocol, self.on_transfer,
-                                  conversation.request_decoder(), idle_timeout=self.idle_timeout)
-            async with self._serve_slots[protocol]:
+            peer = _peer_of(stream)
+            if not self.inbound.acquire(peer):  # over its share of open streams (or everyone's): refused first
+                self.refused.note(f"{peer[:16]} on {protocol}: {self.inbound.count(peer)} streams open")
+                await _reset(stream)
+                return
+            try:
+                framed = FramedStream(stream, peer, protocol, self.on_transfer, conversation.request_decoder(),
+                                      idle_timeout=self.idle_timeout,
+                                      read_bytes=limits.MAX_REQUEST_FRAME_BYTES + limits.KiB)
                 try:
                     async with framed:  # closed when served, reset when anything went wrong
                         await self._serve_one(framed, serve)
                 except RemoteProtocolError as exc:
                     self.rejected_streams += 1
-                    log.info("cut off %s on %s: %s", framed.peer[:16], protocol, exc)
+                    self.cut_off.note(f"{peer[:16]} on {protocol}: {exc}")
+                except LocalProtocolError as exc:  # a half-sent answer could not be finished: reset, logged
+                    log.warning("answer to %s on %s abandoned: %s", peer[:16], protocol, exc)
+            finally:
+                self.inbound.release(peer)
 
         return handler
 
@@ -163,19 +200,27 @@ class Exchange:
             raise RemoteProtocolError(f"no complete request within {self.idle_timeout:g} s")
         if request is None:
             raise RemoteProtocolError("stream closed before a request")
+        if framed.has_unread:
+            raise RemoteProtocolError("sent more than its one request")
         if self.service is None:
             await framed.send(ErrorMessage("not_found", "this node serves nothing"))
             return
+        wait = limits.GENERATE_TIMEOUT_S if framed.protocol == GENERATE_PROTOCOL else self.serve_wait_timeout
         try:
-            await serve(framed, request)
-        except RemoteProtocolError:
+            await _watched(framed, self._serve_in_slot, framed, request, serve, wait)
+        except (RemoteProtocolError, LocalProtocolError):
             raise
         except Exception as exc:  # boundary: serving one peer's request. A KvswapError is a refusal the peer
-            # is told (its wire code); anything else is a bug here, logged, and the peer hears "internal".
-            # Either way this node goes on serving everyone else.
+            # is told (its wire code: Busy is `busy`); anything else is a bug here, logged, and the peer hears
+            # "internal". Either way this node goes on serving everyone else.
             if not isinstance(exc, KvswapError):
                 log.exception("serving %s to %s failed", framed.protocol, framed.peer[:16])
             await framed.send(_error_for(exc))
+
+    async def _serve_in_slot(self, framed: FramedStream, request: Any,
+                             serve: Callable[[FramedStream, Any], Awaitable[None]], wait: float) -> None:
+        async with self.slots[framed.protocol].hold(framed.peer, wait):
+            await serve(framed, request)
 
     async def _serve_manifest(self, framed: FramedStream, request: ManifestRequest) -> None:
         svc = self.service
@@ -197,25 +242,59 @@ class Exchange:
     async def _serve_chunks(self, framed: FramedStream, request: ChunkRequest) -> None:
         framed.artifact = request.artifact
         if request.dataplane and self.dataplane is not None:
-            await framed.send(self.dataplane.grant(framed.peer, request.cids, request.artifact))
-            return
+            grant = self.dataplane.grant(framed.peer, request.cids, request.artifact)
+            if grant is not None:
+                await framed.send(grant)
+                return
+            # no grant within the data plane's quotas: the chunks come on this stream instead
+        chunk_path = getattr(self.service, "chunk_path", None)
         for cid in request.cids:
-            data = await self._in_thread(self.service.read_chunk, cid)
+            path = await self._in_thread(chunk_path, cid) if chunk_path is not None else None
+            if path is not None:
+                refusal = self.ration.refusal(request.artifact, cid, framed.peer)
+                if refusal is not None:
+                    await framed.send(refusal)
+                    continue
+                if await self._send_stored(framed, cid, path):
+                    continue
+            data = await self._in_thread(self.service.read_chunk, cid)  # no file (or it went away): read it whole
             if data is None:
                 await framed.send(ChunkMissing(cid))
+            elif path is not None:  # rationing was decided above
+                await framed.send(ChunkData(cid, data))
             else:
                 await framed.send(self.ration.refusal(request.artifact, cid, framed.peer) or ChunkData(cid, data))
 
+    async def _send_stored(self, framed: FramedStream, cid: Cid, path: Any) -> bool:
+        """Send a stored chunk from its file, STREAM_READ_BYTES at a time; False if the file is gone or too big
+        for a frame (then it is read whole, or reported missing)."""
+        try:
+            handle = await self._in_thread(open, path, "rb")
+        except OSError:
+            return False
+        try:
+            size = await self._in_thread(lambda: os.fstat(handle.fileno()).st_size)
+            if size + CHUNK_HEADER_BYTES > MAX_BODY_BYTES[ChunkData.TYPE]:
+                return False
+
+            async def read_piece(offset: int, n: int) -> bytes:
+                return await self._in_thread(os.pread, handle.fileno(), n, offset)
+
+            await framed.send_chunk(cid, size, read_piece)
+            return True
+        finally:
+            handle.close()
+
     async def _serve_generate(self, framed: FramedStream, request: GenerateRequest) -> None:
-        async with self._generate_slot:
-            response = await self._in_thread(self.service.generate, request)
+        response = await self._in_thread(self.service.generate, request)  # in the protocol's one slot
         await framed.send(response, artifact=request.artifact_cid)
 
     # --- client side ------------------------------------------------------------------------------------
 
-    async def _open(self, peer: str, protocol: str, idle: float = limits.STREAM_IDLE_TIMEOUT_S) -> FramedStream:
+    async def _open(self, peer: str, protocol: str, idle: float = limits.STREAM_IDLE_TIMEOUT_S,
+                    max_body: int | None = None) -> FramedStream:
         stream = await self.p2p.open_stream(peer, protocol)
-        return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(),
+        return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(max_body),
                             idle_timeout=idle)
 
     async def request_manifest(self, peer: str, request: ManifestRequest) -> ManifestResponse:
@@ -228,18 +307,48 @@ class Exchange:
         return _only_reply(reply, ManifestResponse, peer, "sent no manifest")
 
     async def request_chunks(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, *,
-                             artifact: Cid | None = None, dataplane: bool = False) -> None:
+                             artifact: Cid | None = None, dataplane: bool = False,
+                             max_chunk_bytes: int | None = None) -> None:
         """Ask `peer` for `cids`; `await on_chunk(cid, answer)` for each in order: the bytes, or the peer's
         ChunkMissing (it lacks the chunk, or rations it and names holders to ask instead).
 
         The bytes are NOT verified here (node/fetch.py verifies). With `dataplane=True` the server may answer
-        with a DataGrant; the chunks then come over its data plane (node/dataplane.py), same callback.
-        Raises RemoteProtocolError on misbehaviour, NotFound / LimitExceeded on a refusal.
+        with a DataGrant; the chunks then come over its data plane (node/dataplane.py), same callback. When
+        the data plane fails, the chunks not yet answered are asked again over a libp2p stream, and the peer
+        is asked for no grant for DATAPLANE_BACKOFF_S. `max_chunk_bytes` (the largest stored size asked for)
+        bounds the frames accepted, so a lying peer cannot make us buffer more than an honest answer. Raises
+        RemoteProtocolError on misbehaviour, NotFound / LimitExceeded / Busy on a refusal.
         """
-        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S)
+        max_body = None if max_chunk_bytes is None else max(max_chunk_bytes + CHUNK_HEADER_BYTES,
+                                                             limits.MAX_REQUEST_FRAME_BYTES)
+        answered: set[Cid] = set()
+
+        async def counted(cid: Cid, answer: bytes | bytearray | ChunkMissing) -> None:
+            answered.add(cid)
+            await on_chunk(cid, answer)
+
+        use_dataplane = dataplane and not self._dataplane_backed_off(peer)
+        grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body)
+        if grant is None:
+            return
+        try:
+            await fetch_granted(grant, peer, counted, self.on_transfer, artifact,
+                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip, max_body=max_body)
+        except DataPlaneFailed as exc:
+            self._dataplane_failed(peer, exc)
+            rest = [c for c in cids if c not in answered]
+            if rest:
+                self.dataplane_fallbacks += 1
+                await self._chunk_stream(peer, rest, counted, artifact, False, max_body)
+
+    async def _chunk_stream(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, artifact: Cid | None,
+                            dataplane: bool, max_body: int | None = None) -> tuple[DataGrant | None, str | None]:
+        """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
+        (with the IP the stream reached the peer at) for the caller to use."""
+        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S, max_body=max_body)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
-        answers = ChunkAnswers(cids, who=f"peer {peer[:16]}")
+        answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked
         grant: DataGrant | None = None
         async with framed:
             await framed.send(ChunkRequest(tuple(cids), dataplane=dataplane, artifact=artifact))
@@ -254,9 +363,25 @@ class Exchange:
                     grant = msg
                 else:
                     await on_chunk(msg.cid, msg.payload if isinstance(msg, ChunkData) else msg)
-        if grant is not None:
-            await fetch_granted(grant, peer, on_chunk, self.on_transfer, artifact,
-                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip)
+        return grant, reached_ip
+
+    def _dataplane_backed_off(self, peer: str) -> bool:
+        until = self._dataplane_off.get(peer)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._dataplane_off[peer]
+        return False
+
+    def _dataplane_failed(self, peer: str, exc: Exception) -> None:
+        now = time.monotonic()
+        if len(self._dataplane_off) >= limits.MAX_PEERS_PER_FETCH:  # bounded: forget the expired ones
+            self._dataplane_off = {p: t for p, t in self._dataplane_off.items() if t > now}
+        if peer not in self._dataplane_off:
+            log.info("data plane of %s unusable, taking its chunks over libp2p for %g s: %s", peer[:16],
+                     limits.DATAPLANE_BACKOFF_S, exc)
+        self._dataplane_off[peer] = now + limits.DATAPLANE_BACKOFF_S
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
         new_request_id()
@@ -269,6 +394,36 @@ class Exchange:
             if scope.cancelled_caught:
                 raise RemoteProtocolError(f"peer {peer[:16]} did not answer within {limits.GENERATE_TIMEOUT_S:g} s")
         return _only_reply(reply, GenerateResponse, peer, "closed without an answer")
+
+
+async def _reset(stream: Any) -> None:
+    with contextlib.suppress(*PEER_FAILURES):  # already gone
+        await stream.reset()
+
+
+async def _watched(framed: FramedStream, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """`await work(*args)` while watching `framed` for anything but silence (FramedStream.watch_quiet): a peer
+    that sends more, or resets, has the work cancelled and a RemoteProtocolError raised. Exceptions come out
+    as themselves, not wrapped in an exception group."""
+    broken: list[str] = []
+
+    async def watch(scope: trio.CancelScope) -> None:
+        why = await framed.watch_quiet()
+        if why is not None:
+            broken.append(why)
+            scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            await work(*args)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the work's own failure (the watcher raises nothing)
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    if broken:
+        raise RemoteProtocolError(broken[0])
 
 
 __all__ = ["ChunkCallback", "Exchange", "Service", "raise_for_error"]

@@ -27,14 +27,15 @@ from typing import Any, Callable, Protocol, Sequence
 import trio
 
 from kvswap.cid import Cid
-from kvswap.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
+from kvswap.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
 from kvswap.protocol import limits
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
-from kvswap.protocol.names import artifact_keys, cid_key, document_key
+from kvswap.protocol.names import any_model_key, artifact_keys, cid_key, document_key
 
 from .accounting import new_request_id
 from .fetchplan import (
     Aborted,
+    CancelRequest,
     ChunkCorrupt,
     ChunkLacked,
     ChunkRationed,
@@ -73,6 +74,7 @@ class VerifiedManifest:
     blobs: tuple[FetchBlob, ...]  # every blob to fetch: the token-block chunks, then the tail (if any)
     parsed: Any = None  # the artifact layer's own Manifest object, passed back to put_manifest
     attestations: bytes = b""  # the provider's audit attestation list, kept with the manifest
+    model_id: str = ""  # the model's name as its publisher gave it (for messages; the fingerprint binds)
 
 
 class FetchTarget(Protocol):
@@ -170,50 +172,113 @@ class Fetcher:
         me = self.p2p.peer_id
         return [p for p in dict.fromkeys(found + self.p2p.connected_peers()) if p != me]
 
+    async def other_models(self, document_hash: str, own_fingerprint: str) -> list[tuple[str, VerifiedManifest]]:
+        """(peer, its manifest) for complete artifacts of this document that peers hold for models other than
+        `own_fingerprint`: what the user is told when the document was not found for this node's model.
+
+        Asks up to MAX_OTHER_MODEL_ASKS providers of the document's any-model key (then connected peers) for
+        the document's manifest for any model; each answer must verify (CID and valid signatures; an
+        untrusted signer is accepted, since nothing is fetched or stored) and name this document. Bounded by
+        OTHER_MODEL_LOOKUP_S; peers that refuse or fail are skipped."""
+        found: list[tuple[str, VerifiedManifest]] = []
+        request = ManifestRequest(document_hash=document_hash)
+
+        async def ask(peer: str) -> None:
+            try:
+                reply = await self.exchange.request_manifest(peer, request)
+                verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
+                                              b"", True)
+            except KvswapError as exc:  # lacks it, predates the any-model request, or served garbage
+                log.debug("no other model from %s: %s", peer[:16], exc)
+                return
+            if verified.document_hash == document_hash and verified.model_fingerprint != own_fingerprint:
+                found.append((peer, verified))
+
+        with trio.move_on_after(limits.OTHER_MODEL_LOOKUP_S):
+            holders = await self.p2p.find_providers(any_model_key(document_hash))
+            me = self.p2p.peer_id
+            peers = [p for p in dict.fromkeys(holders + self.p2p.connected_peers()) if p != me]
+            async with trio.open_nursery() as nursery:
+                for peer in peers[:limits.MAX_OTHER_MODEL_ASKS]:
+                    nursery.start_soon(ask, peer)
+        return found
+
     async def fetch_manifest(self, key: FetchKey, providers: list[str],
                              expect_model: str | None = None, expect_dtype: str | None = None,
                              accept_any: bool = False) -> tuple[VerifiedManifest, list[str]]:
-        """The first manifest a provider serves that verifies; returns it and the providers that had it."""
+        """The first manifest a provider serves that verifies; returns it and the providers that may hold the
+        artifact (the one that served it first).
+
+        Providers are asked in order, but one that has not answered within MANIFEST_HEDGE_S does not hold up
+        the next: it is asked too, and the first valid answer wins (a stalling provider delays a fetch by
+        that, not by its stall). Providers that answered `busy` are asked again after BUSY_RETRY_S, a few
+        times, when nobody else served the manifest."""
         errors: list[str] = []
         rejections: list[KvswapError] = []  # manifests that arrived but failed verification
-        for peer in providers:
-            try:
-                reply = await self.exchange.request_manifest(peer, key.request())
-                verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
-                                              reply.attestations, accept_any)
-            except NotFound:
-                continue
-            except RemoteProtocolError as exc:  # the peer misbehaved or went away: try the next one
-                errors.append(f"{peer[:16]}: {exc}")
-                continue
-            except KvswapError as exc:  # a bad, untrusted or unverifiable manifest: try the next provider
-                errors.append(f"{peer[:16]}: {exc}")
-                rejections.append(exc)
-                continue
-            if verified.cid != Cid.of(reply.manifest):
-                errors.append(f"{peer[:16]}: manifest CID does not match its bytes")
-                continue
-            if key.cid is not None and verified.cid != key.cid:
-                errors.append(f"{peer[:16]}: served another artifact")
-                continue
-            if key.cid is None and (verified.model_fingerprint, verified.document_hash) != (
-                key.model_fingerprint, key.document_hash
-            ):
-                errors.append(f"{peer[:16]}: served an artifact of another document or model")
-                continue
-            if expect_model is not None and verified.model_fingerprint != expect_model:
-                raise ModelMismatch(
-                    f"artifact {verified.cid.short()} is for model {verified.model_fingerprint[:16]}, "
-                    f"this node runs {expect_model[:16]}"
-                )
-            if expect_dtype is not None and verified.dtype != expect_dtype:
-                raise ModelMismatch(f"artifact {verified.cid.short()} is {verified.dtype}, expected {expect_dtype}")
-            rest = providers[providers.index(peer):]
-            return verified, rest
+        lacking: set[str] = set()
+        round_of = list(providers)
+        for attempt in range(3):
+            busy: list[str] = []
+            found = await self._ask_manifests(key, round_of, expect_model, expect_dtype, errors, rejections,
+                                              lacking, busy, accept_any)
+            if found is not None:
+                verified, peer = found
+                rest = [p for p in providers if p != peer and p not in lacking]
+                return verified, [peer] + rest
+            if not busy:
+                break
+            round_of = busy
+            await trio.sleep(limits.BUSY_RETRY_S * (attempt + 1))
         detail = f" ({'; '.join(errors[:3])})" if errors else ""
         if rejections:  # e.g. every provider served a manifest signed only by untrusted keys
             raise type(rejections[0])(f"no acceptable manifest for {key}: {rejections[0]}")
         raise NotFound(f"no provider served a valid manifest for {key}{detail}")
+
+    async def _ask_manifests(self, key: FetchKey, providers: list[str], expect_model: str | None,
+                             expect_dtype: str | None, errors: list[str], rejections: list[KvswapError],
+                             lacking: set[str], busy: list[str],
+                             accept_any: bool = False) -> tuple[VerifiedManifest, str] | None:
+        """One hedged round over `providers`: the first (verified manifest, peer), or None. Refusals and
+        failures are recorded in the lists given."""
+        found: list[tuple[VerifiedManifest, str]] = []
+        mismatch: list[ModelMismatch] = []
+
+        async def ask(peer: str, done: trio.Event, stop: trio.CancelScope) -> None:
+            try:
+                reply = await self.exchange.request_manifest(peer, key.request())
+                verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
+                                              reply.attestations, accept_any)
+                problem = _manifest_problem(key, reply.manifest, verified, expect_model, expect_dtype)
+                if problem is None:
+                    found.append((verified, peer))
+                    stop.cancel()
+                else:
+                    errors.append(f"{peer[:16]}: {problem}")
+            except ModelMismatch as exc:  # a valid manifest, but not for this node: no other provider helps
+                mismatch.append(exc)
+                stop.cancel()
+            except NotFound:
+                lacking.add(peer)
+            except Busy as exc:  # shedding load: maybe later
+                errors.append(f"{peer[:16]}: {exc}")
+                busy.append(peer)
+            except RemoteProtocolError as exc:  # the peer misbehaved or went away: the others may answer
+                errors.append(f"{peer[:16]}: {exc}")
+            except KvswapError as exc:  # a bad, untrusted or unverifiable manifest: the others may answer
+                errors.append(f"{peer[:16]}: {exc}")
+                rejections.append(exc)
+            finally:
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            for peer in providers:
+                done = trio.Event()
+                nursery.start_soon(ask, peer, done, nursery.cancel_scope)
+                with trio.move_on_after(limits.MANIFEST_HEDGE_S):
+                    await done.wait()
+        if mismatch:
+            raise mismatch[0]
+        return found[0] if found else None
 
     async def fetch(
         self,
@@ -278,6 +343,7 @@ class _ChunkRun:
         # received chunks are verified and written behind the requests' backs, so a request reads on as soon
         # as a chunk's bytes are in; this bounds the chunks held in memory meanwhile
         self.write_slots = trio.Semaphore(2 * plan.parallel)
+        self._scopes: dict[int, trio.CancelScope] = {}  # request id -> the scope its task runs in
 
     async def run(self) -> None:
         error: Exception | None = None
@@ -287,7 +353,12 @@ class _ChunkRun:
                 wake, finished = math.inf, False
                 for action in actions:
                     if isinstance(action, RequestChunks):
+                        self._scopes[action.request] = trio.CancelScope()
                         nursery.start_soon(self._request, action, nursery)
+                    elif isinstance(action, CancelRequest):
+                        scope = self._scopes.get(action.request)
+                        if scope is not None:
+                            scope.cancel()
                     elif isinstance(action, FindProviders):
                         nursery.start_soon(self._lookup, action.cid)
                     elif isinstance(action, ListPeers):
@@ -329,20 +400,26 @@ class _ChunkRun:
             self.events.send_nowait(ChunkReceived(req.request, cid, len(answer)))
             writers.start_soon(self._store, blob, answer)
 
+        busy = False
         try:
-            with trio.move_on_at(req.deadline) as scope:
+            with self._scopes[req.request], trio.move_on_at(req.deadline) as scope:  # the plan may cancel it
                 await self.fetcher.exchange.request_chunks(req.peer, [b.cid for b in req.blobs], on_chunk,
                                                            artifact=self.artifact,
-                                                           dataplane=self.fetcher.use_dataplane)
+                                                           dataplane=self.fetcher.use_dataplane,
+                                                           max_chunk_bytes=max(b.stored_size for b in req.blobs))
             if scope.cancelled_caught:
                 failure = f"no complete answer by its deadline ({len(req.blobs)} chunks)"
         except (RemoteProtocolError, IntegrityError) as exc:  # the peer misbehaved or went away
             failure = str(exc) or type(exc).__name__
         except NotFound:  # the peer refused the whole request: it lacks these chunks
             refused = True
+        except Busy:  # the peer sheds load: ask it again later, or someone else
+            busy = True
         except KvswapError as exc:  # a refusal we cannot retry around (e.g. a limit): the fetch fails
             self.events.send_nowait(Aborted(exc))
-        self.events.send_nowait(RequestEnded(req.request, failure, refused))
+        finally:
+            self._scopes.pop(req.request, None)
+        self.events.send_nowait(RequestEnded(req.request, failure, refused, busy))
 
     async def _store(self, blob: FetchBlob, data: bytes | bytearray) -> None:
         """Verify a received chunk against its CID and write it through the target, in a worker thread."""
@@ -362,6 +439,28 @@ class _ChunkRun:
         """Ask the DHT who provides one chunk (for a chunk no known peer can serve)."""
         peers = await self.fetcher.p2p.find_providers(cid_key(cid))
         self.events.send_nowait(LookupDone(cid, tuple(peers)))
+
+
+def _manifest_problem(key: FetchKey, manifest: bytes, verified: VerifiedManifest, expect_model: str | None,
+                      expect_dtype: str | None) -> str | None:
+    """Why a verified manifest is not the one asked for (None if it is); ModelMismatch when it is the right
+    artifact for another model or dtype than the caller expects."""
+    if verified.cid != Cid.of(manifest):
+        return "manifest CID does not match its bytes"
+    if key.cid is not None and verified.cid != key.cid:
+        return "served another artifact"
+    if key.cid is None and (verified.model_fingerprint, verified.document_hash) != (
+        key.model_fingerprint, key.document_hash
+    ):
+        return "served an artifact of another document or model"
+    if expect_model is not None and verified.model_fingerprint != expect_model:
+        raise ModelMismatch(
+            f"artifact {verified.cid.short()} is for model {verified.model_fingerprint[:16]}, "
+            f"this node runs {expect_model[:16]}"
+        )
+    if expect_dtype is not None and verified.dtype != expect_dtype:
+        raise ModelMismatch(f"artifact {verified.cid.short()} is {verified.dtype}, expected {expect_dtype}")
+    return None
 
 
 def _verify_and_put(target: FetchTarget, cid: Cid, data: bytes | bytearray, target_verifies: bool) -> None:

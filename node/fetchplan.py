@@ -14,7 +14,7 @@ Events (what happened): `Tick` (time passed), `PeersSeen` (connected peers, or p
 finished: cleanly, failed, or refused as a whole), `ChunkStored` / `ChunkCorrupt` (the bytes verified and
 written, or not), `LookupDone` (a DHT lookup for one chunk's providers finished), `Aborted` (a local failure
 the fetch cannot survive). Actions (what to do): `RequestChunks` (ask this peer for these blobs before this
-deadline), `FindProviders` (ask the DHT who holds this chunk), `ListPeers` (report the connected peers),
+deadline), `CancelRequest` (stop a late request), `FindProviders` (ask the DHT who holds this chunk), `ListPeers` (report the connected peers),
 `ProvideChunk` (tell the DHT we hold it now), `WaitUntil` (nothing more until then, or until an event),
 `Done`, `Failed`.
 
@@ -22,8 +22,9 @@ The rules (the numbers are protocol/limits.py's):
 - Chunks are asked for in a random order (fetchers that start together want different chunks first), at most
   FETCH_PARALLEL_CHUNKS requests in flight, each a batch of up to FETCH_BATCH_CHUNKS chunks, closed once it
   reaches FETCH_BATCH_BYTES, and smaller as the queue drains so the last requests still spread over peers.
-- The peer asked for a chunk: one a rationing peer named as holder of it first, then one not yet tried for
-  it, the least busy, the one with fewest failures, the one known longest.
+- The peer asked for a chunk: one a rationing peer named as holder of it first (while that holder neither
+  failed nor lagged), then one not yet tried for it, one that sends more than it rations, the least busy,
+  the one with fewest failures, the one known longest; slow or overdue peers only when no other may be.
 - A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
   be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
 - A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch.
@@ -31,11 +32,27 @@ The rules (the numbers are protocol/limits.py's):
   its CID costs the peer one failure; at MAX_PROVIDER_FAILURES it is dropped. Its chunks go back to the queue
   (a corrupt chunk to the front).
 - Peers join from the start list, connected peers (every FETCH_PEER_REFRESH_S), rationed answers and DHT
-  lookups, up to MAX_PEERS_PER_FETCH, never this node itself.
+  lookups, up to MAX_PEERS_PER_FETCH, never this node itself. A peer known only from rationed answers is
+  asked only for the chunks it was named for, until it is seen connected or as a provider.
 - When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
   (at most FETCH_PARALLEL_CHUNKS lookups at once); if that finds nobody new, the fetch fails with NotFound.
-- A request's deadline is CHUNK_TIMEOUT_S per chunk in it. Per-peer bytes and request time are measured
-  (`PeerState.throughput`) so deadlines can later follow each peer's measured rate.
+- Per-peer bytes and request time are measured (`PeerState.throughput`). A request's deadline is
+  LATE_FACTOR times the time its bytes take at the peer's own measured rate, at least REQUEST_MIN_TIMEOUT_S
+  and at most CHUNK_TIMEOUT_S per chunk (CHUNK_TIMEOUT_S per chunk before the peer is measured); past it
+  the request fails (one failure).
+- Slow and lying providers lose their share quickly. A request is late once it has run LATE_FACTOR times as
+  long as the fastest other measured peer would take for its unanswered bytes (at least LATE_MIN_S, unless
+  no other chunk waits to be asked for: the end game): if
+  another live peer may be asked for its chunks, it is cancelled (`CancelRequest`), its chunks go to the
+  front of the queue and the peer is marked slow (no failure: slowness is not a lie). Before that, from
+  LATE_FACTOR times that expected time on (overdue), the request no longer holds one of the `parallel`
+  slots (another request may start, at most 2 x parallel in flight) and its peer gets no new request. A
+  ChunkMissing that comes late marks the peer slow too. Slow peers are asked only when no other peer may
+  be; a named holder is preferred only while it has neither failed nor lagged.
+- A peer that answers `busy` is asked again after BUSY_RETRY_S (no penalty: it is shedding load).
+- A holder a rationing peer named that then fails, is late, or lacks the chunk for good (MAX_LACK_ASKS) is
+  a bad hint: it is no longer preferred for that chunk, and after MAX_BAD_HINTS the rationing peer's hints,
+  earlier ones included, are ignored.
 """
 
 from __future__ import annotations
@@ -111,11 +128,13 @@ class ChunkRationed:
 @dataclass(frozen=True)
 class RequestEnded:
     """Request `request` is over. `failure`: why it failed (the peer is penalised); `refused`: the peer refused
-    it as a whole (NotFound: it lacks every chunk it did not answer)."""
+    it as a whole (NotFound: it lacks every chunk it did not answer); `busy`: the peer refused it for now (it
+    is at capacity, or we are over our share there)."""
 
     request: int
     failure: str | None = None
     refused: bool = False
+    busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +185,14 @@ class RequestChunks:
 
 
 @dataclass(frozen=True)
+class CancelRequest:
+    """Stop request `request` now: it is late and its chunks were given to other peers (no RequestEnded is
+    expected; one that still comes is ignored)."""
+
+    request: int
+
+
+@dataclass(frozen=True)
 class FindProviders:
     """Ask the DHT for the providers of `cid` (answer with LookupDone)."""
 
@@ -203,7 +230,7 @@ class Failed:
     error: Exception
 
 
-Action = RequestChunks | FindProviders | ListPeers | ProvideChunk | WaitUntil | Done | Failed
+Action = RequestChunks | CancelRequest | FindProviders | ListPeers | ProvideChunk | WaitUntil | Done | Failed
 
 
 # --- state -------------------------------------------------------------------------------------------------
@@ -219,11 +246,18 @@ class PeerState:
     served: int = 0  # chunks stored from it
     bytes_received: int = 0
     request_seconds: float = 0.0  # summed duration of its finished requests
+    slow: int = 0  # requests of it that were late (cancelled for a faster peer, or a late ChunkMissing)
+    rationed: int = 0  # chunks it rationed (named holders instead of sending)
+    hinted_only: bool = False  # known only as a holder some peer named: asked only for the chunks it was named for
+    bad_hints: int = 0  # holders it named that did not have the chunk, failed or were late
 
     @property
     def throughput(self) -> float | None:
-        """Bytes per second over its finished requests (None before any): for deadlines by measured rate."""
-        return self.bytes_received / self.request_seconds if self.request_seconds > 0 else None
+        """Bytes per second over its finished requests (None before any, or before any byte): for deadlines
+        and lateness by measured rate."""
+        if self.request_seconds <= 0 or self.bytes_received <= 0:
+            return None
+        return self.bytes_received / self.request_seconds
 
 
 @dataclass
@@ -260,6 +294,8 @@ class FetchPlan:
         self._stored: set[Cid] = set()
         self._tried: dict[Cid, set[str]] = {cid: set() for cid in order}
         self._named: dict[Cid, list[str]] = {}  # chunk -> holders a rationing peer named
+        self._hinted_by: dict[tuple[Cid, str], str] = {}  # (chunk, named holder) -> the peer that named it
+        self._overdue_peers: set[str] = set()  # peers with an overdue request (as of the last decision)
         self._pacing = _Pacing()
         self._requests: dict[int, _Request] = {}
         self._request_ids = iter(range(1, 1 << 62))
@@ -297,9 +333,12 @@ class FetchPlan:
             self._received(event)
         elif isinstance(event, ChunkLacked):
             if self._owner.get(event.cid) == event.request:
-                self._lacked(self._requests[event.request].peer, event.cid, now)
+                self._late_answer(event.request, now)
+                if self._lacked(self._requests[event.request].peer, event.cid, now):
+                    self._bad_hint(event.cid, self._requests[event.request].peer)
         elif isinstance(event, ChunkRationed):
             if self._owner.get(event.cid) == event.request:
+                self._late_answer(event.request, now)
                 self._rationed(self._requests[event.request].peer, event.cid, event.holders, now)
         elif isinstance(event, RequestEnded):
             self._request_ended(event, now)
@@ -325,12 +364,14 @@ class FetchPlan:
             return [Failed(self._error)]
         if len(self._stored) == len(self.blobs) and not self._requests:
             return [Done()]
-        actions: list[Action] = []
+        actions: list[Action] = list(self._cancel_late(now))
         if now >= self._next_refresh:
             actions.append(ListPeers())
             self._next_refresh = now + limits.FETCH_PEER_REFRESH_S
         stuck = False
-        while len(self._requests) < self.parallel:
+        overdue = [rid for rid in self._requests if self._is_overdue(rid, now)]
+        self._overdue_peers = {self._requests[rid].peer for rid in overdue}
+        while len(self._requests) - len(overdue) < self.parallel and len(self._requests) < 2 * self.parallel:
             request = self._take_batch(now)
             if request is None:
                 stuck = bool(self._pending)
@@ -349,23 +390,125 @@ class FetchPlan:
                     running += 1
                     actions.append(FindProviders(cid))
         soonest = min((t for t in map(self._next_chance, self._pending) if now < t < math.inf), default=math.inf)
-        actions.append(WaitUntil(min(soonest, self._next_refresh)))
+        times = [t for rid in self._requests for t in (self._late_at(rid), self._overdue_at(rid))
+                 if t is not None and now < t]
+        actions.append(WaitUntil(min(soonest, min(times, default=math.inf), self._next_refresh)))
         return actions
+
+    # --- slow providers -------------------------------------------------------------------------------
+
+    def _unanswered(self, rid: int) -> list[Cid]:
+        return [cid for cid in self._requests[rid].cids if self._owner.get(cid) == rid]
+
+    def _best_rate(self, but: str) -> float | None:
+        """The fastest measured rate among the live, not slow peers other than `but` (bytes per second)."""
+        rates = [s.throughput for p, s in self.peers.items()
+                 if p != but and s.throughput is not None and s.slow == 0 and self._alive(p)]
+        return max(rates, default=None)
+
+    def _overdue_at(self, rid: int) -> float | None:
+        """When request `rid` has run LATE_FACTOR times as long as the fastest other measured peer would take
+        for its unanswered bytes (None: no peer to compare with). An overdue request no longer holds one of
+        the `parallel` request slots, and its peer gets no new request while it is overdue."""
+        request = self._requests[rid]
+        rate = self._best_rate(request.peer)
+        if rate is None:
+            return None
+        left = sum(self.blobs[cid].stored_size for cid in self._unanswered(rid))
+        return request.started + limits.LATE_FACTOR * left / rate
+
+    def _is_overdue(self, rid: int, now: float) -> bool:
+        at = self._overdue_at(rid)
+        return at is not None and now >= at
+
+    def _late_at(self, rid: int) -> float | None:
+        """When request `rid` becomes late: overdue, and at least LATE_MIN_S after it started, or as soon as
+        it is overdue once no chunk waits to be asked for (the end game: its chunks are all the fetch still
+        needs, so waiting out the margin would only add to the fetch's time). None: no peer to compare with.
+        A late request is cancelled when another peer may be asked for its chunks."""
+        at = self._overdue_at(rid)
+        if at is None or not self._pending:
+            return at
+        return max(at, self._requests[rid].started + limits.LATE_MIN_S)
+
+    def _late_answer(self, rid: int, now: float) -> None:
+        """A ChunkMissing (lacked or rationed) that arrives after its request was late marks the peer slow."""
+        late_at = self._late_at(rid)
+        if late_at is not None and now > late_at:
+            peer = self._requests[rid].peer
+            self.peers[peer].slow += 1
+            log.info("provider %s answered ChunkMissing late (%.2f s)", peer[:16], now - self._requests[rid].started)
+
+    def _cancel_late(self, now: float) -> list[Action]:
+        """Cancel the late requests whose chunks another live peer may be asked for now; their chunks go to
+        the front of the queue and the peer is marked slow."""
+        actions: list[Action] = []
+        for rid in list(self._requests):
+            late_at = self._late_at(rid)
+            if late_at is None or now < late_at:
+                continue
+            request = self._requests[rid]
+            left = self._unanswered(rid)
+            if not any(self._askable(p, cid, now) for cid in left for p in self.peers if p != request.peer):
+                continue  # nobody else to ask: let it run to its deadline
+            del self._requests[rid]
+            state = self.peers[request.peer]
+            state.busy -= 1
+            state.request_seconds += max(0.0, now - request.started)
+            state.slow += 1
+            log.info("provider %s late (%.2f s for %d chunks): its chunks go to faster peers", request.peer[:16],
+                     now - request.started, len(left))
+            for cid in reversed(left):
+                del self._owner[cid]
+                self._bad_hint(cid, request.peer)
+                self._pending.appendleft(cid)
+            actions.append(CancelRequest(rid))
+        return actions
+
+    def _bad_hint(self, cid: Cid, holder: str) -> None:
+        """`holder` did not deliver `cid` (lacked, failed, late): if a rationing peer named it for `cid`, that
+        was a bad hint; the holder is no longer preferred for the chunk."""
+        named_by = self._hinted_by.pop((cid, holder), None)
+        if named_by is None:
+            return
+        named = self._named.get(cid, [])
+        if holder in named:
+            named.remove(holder)
+        self.peers[named_by].bad_hints += 1
+        if self.peers[named_by].bad_hints == limits.MAX_BAD_HINTS:
+            log.info("provider %s named holders that did not deliver %d times: its hints are ignored",
+                     named_by[:16], limits.MAX_BAD_HINTS)
+            for (chunk, holder), by in list(self._hinted_by.items()):  # the hints it gave before, too
+                if by == named_by:
+                    del self._hinted_by[(chunk, holder)]
+                    if holder in self._named.get(chunk, ()):
+                        self._named[chunk].remove(holder)
 
     # --- peers ----------------------------------------------------------------------------------------
 
-    def _add_peer(self, peer: str) -> bool:
-        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added."""
-        if peer in self.peers or peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+    def _add_peer(self, peer: str, hinted: bool = False) -> bool:
+        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added. A peer
+        known only from holder hints (`hinted`) stays so until it is seen as a provider or connected peer."""
+        if peer in self.peers:
+            if not hinted:
+                self.peers[peer].hinted_only = False
             return False
-        self.peers[peer] = PeerState(rank=len(self.peers))
+        if peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+            return False
+        self.peers[peer] = PeerState(rank=len(self.peers), hinted_only=hinted)
         return True
 
     def _alive(self, peer: str) -> bool:
         return self.peers[peer].failures < limits.MAX_PROVIDER_FAILURES
 
+    def _may_ask(self, peer: str, cid: Cid) -> bool:
+        """Whether `peer` may ever be asked for `cid`: alive, and, if known only from hints, named for it (a
+        holder someone named for one chunk is no reason to ask it for every chunk)."""
+        state = self.peers[peer]
+        return self._alive(peer) and (not state.hinted_only or peer in self._named.get(cid, ()))
+
     def _askable(self, peer: str, cid: Cid, now: float) -> bool:
-        return self._alive(peer) and self._pacing.not_before.get((peer, cid), 0.0) <= now
+        return self._may_ask(peer, cid) and self._pacing.not_before.get((peer, cid), 0.0) <= now
 
     def _pick(self, cid: Cid, now: float) -> str | None:
         """The peer to ask for `cid` now, or None if no live peer may be asked for it right now."""
@@ -373,31 +516,44 @@ class FetchPlan:
         if not options:
             return None
         named, tried = self._named.get(cid, ()), self._tried[cid]
-        return min(options, key=lambda p: (p not in named, p in tried, self.peers[p].busy, self.peers[p].failures,
-                                           self.peers[p].rank))
+
+        def preference(p: str) -> tuple:
+            state = self.peers[p]
+            lagging = state.slow > 0 or p in self._overdue_peers
+            trusted_hint = p in named and not state.failures and not lagging  # a named holder that delivers
+            rationing = state.rationed > state.served  # it mostly points elsewhere: ask it after the others
+            return lagging, not trusted_hint, p in tried, rationing, state.busy, state.failures, state.rank
+
+        return min(options, key=preference)
 
     def _next_chance(self, cid: Cid) -> float:
         """When some live peer may next be asked for `cid` (inf: every live peer lacks it for good)."""
-        return min((self._pacing.not_before.get((p, cid), 0.0) for p in self.peers if self._alive(p)),
+        return min((self._pacing.not_before.get((p, cid), 0.0) for p in self.peers if self._may_ask(p, cid)),
                    default=math.inf)
 
     def _penalise(self, peer: str, why: str) -> None:
         self.peers[peer].failures += 1
         log.info("provider %s penalised (%d): %s", peer[:16], self.peers[peer].failures, why)
 
-    def _lacked(self, peer: str, cid: Cid, now: float) -> None:
+    def _lacked(self, peer: str, cid: Cid, now: float) -> bool:
+        """`peer` lacks `cid`: ask again later (doubling), or never after MAX_LACK_ASKS (then True)."""
         key = (peer, cid)
         asks = self._pacing.lack_asks.get(key, 0) + 1
         self._pacing.lack_asks[key] = asks
         wait = limits.LACK_RETRY_S * 2 ** (asks - 1)
         self._pacing.not_before[key] = math.inf if asks >= limits.MAX_LACK_ASKS else now + wait
+        return asks >= limits.MAX_LACK_ASKS
 
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
         self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        self.peers[peer].rationed += 1
+        if self.peers[peer].bad_hints >= limits.MAX_BAD_HINTS:
+            return  # its hints led nowhere before: ask it again after its retry, not whom it names
         named = self._named.setdefault(cid, [])
         for holder in holders:
-            if holder not in named and (self._add_peer(holder) or holder in self.peers):
+            if holder not in named and (self._add_peer(holder, hinted=True) or holder in self.peers):
                 named.append(holder)
+                self._hinted_by.setdefault((cid, holder), peer)
 
     # --- chunks and requests --------------------------------------------------------------------------
 
@@ -427,8 +583,18 @@ class FetchPlan:
             self._owner[cid] = rid
         self.peers[peer].busy += 1
         self._requests[rid] = _Request(peer, tuple(batch), now)
-        return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch),
-                             deadline=now + limits.CHUNK_TIMEOUT_S * len(batch))
+        return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch), deadline=now + self._timeout(peer, size,
+                                                                                                     len(batch)))
+
+    def _timeout(self, peer: str, nbytes: int, nchunks: int) -> float:
+        """Seconds a request of `nbytes` in `nchunks` chunks may take at `peer` before it fails: LATE_FACTOR
+        times its expected time at the peer's measured rate, at least REQUEST_MIN_TIMEOUT_S, at most
+        CHUNK_TIMEOUT_S per chunk (the whole of that before the peer is measured)."""
+        ceiling = limits.CHUNK_TIMEOUT_S * nchunks
+        rate = self.peers[peer].throughput
+        if rate is None:
+            return ceiling
+        return min(ceiling, max(limits.REQUEST_MIN_TIMEOUT_S, limits.LATE_FACTOR * nbytes / rate))
 
     def _received(self, event: ChunkReceived) -> None:
         if self._owner.get(event.cid) != event.request:
@@ -452,6 +618,10 @@ class FetchPlan:
             del self._owner[cid]
             if event.refused:
                 self._lacked(request.peer, cid, now)
+            elif event.busy:
+                self._pacing.not_before[(request.peer, cid)] = now + limits.BUSY_RETRY_S
+            if event.failure is not None:
+                self._bad_hint(cid, request.peer)
         self._pending.extend(back)  # behind the others: this peer said no, someone else may say yes
 
     def _stored_chunk(self, cid: Cid) -> bool:
@@ -465,7 +635,7 @@ class FetchPlan:
 
 
 __all__ = [
-    "Aborted", "Action", "ChunkCorrupt", "ChunkLacked", "ChunkRationed", "ChunkReceived", "ChunkStored", "Done",
+    "Aborted", "Action", "CancelRequest", "ChunkCorrupt", "ChunkLacked", "ChunkRationed", "ChunkReceived", "ChunkStored", "Done",
     "Event", "Failed", "FetchBlob", "FetchPlan", "FindProviders", "ListPeers", "LookupDone", "PeerState",
     "PeersSeen", "ProvideChunk", "RequestChunks", "RequestEnded", "Tick", "WaitUntil",
 ]

@@ -227,6 +227,11 @@ class Network:
                 "providing": len(node.p2p._provided),
                 "dataplane": f"{dp.host}:{dp.port}" if dp is not None else None,
                 "rejected_streams": node.exchange.rejected_streams,
+                "refused_streams": node.exchange.refused.total,
+                "busy_answers": sum(s.refused for s in node.exchange.slots.values()),
+                "dataplane_refused": dp.refusals.total if dp is not None else 0,
+                "dataplane_grants": dp.outstanding if dp is not None else 0,
+                "gossip_dropped": node.p2p.gossip_dropped.total,
             }
 
         return await self._bridge.call(read)
@@ -298,6 +303,16 @@ class Network:
             _fetch, node.fetcher, fkey, n_tokens, report, expect_model, expect_dtype,
             list(providers) if providers is not None else None, accept_any,
         )
+
+    async def other_models(self, document_hash: str, own_fingerprint: str) -> list[dict]:
+        """Peers holding this document for another model than `own_fingerprint`: [{"peer", "model_id",
+        "model_fingerprint", "cid"}] (node/fetch.py's Fetcher.other_models; empty when nobody says)."""
+        node = self._need()
+        if node.fetcher is None:
+            return []
+        found = await self._bridge.call(node.fetcher.other_models, document_hash, own_fingerprint)
+        return [{"peer": peer, "model_id": v.model_id, "model_fingerprint": v.model_fingerprint, "cid": str(v.cid)}
+                for peer, v in found]
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
         """Hosted generation on `peer` (a peer id, or a multiaddr ending in /p2p/<id>, dialled first)."""

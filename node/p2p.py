@@ -49,6 +49,8 @@ from libp2p.tools.anyio_service.exceptions import ServiceException
 from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
 
+from .quota import RateGate, RefusalLog
+
 log = logging.getLogger(__name__)
 
 # KadDHT logs a WARNING each time a peer closes a DHT stream normally ("Failed to read DHT message from
@@ -140,6 +142,9 @@ class P2PHost:
         self._nursery: trio.Nursery | None = None
         #: optional callable (run in a worker thread) -> iterable of DHT keys this node should provide
         self.provide_source: Callable[[], Iterable[str]] | None = None
+        #: gossip messages accepted per originator (node/quota.py); the rest are dropped and counted
+        self.gossip_gate = RateGate(limits.ANNOUNCE_BURST, limits.ANNOUNCE_RATE_PER_S, limits.MAX_ANNOUNCE_SENDERS)
+        self.gossip_dropped = RefusalLog(log, "dropped gossip over its publisher's rate")
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -407,12 +412,27 @@ class P2PHost:
     # --- gossipsub ----------------------------------------------------------------------------------------
 
     async def subscribe(self, topic: str, handler: GossipHandler) -> None:
-        """Call `handler(data, from_peer_id)` (on trio) for every message on `topic` from another peer."""
+        """Call `handler(data, from_peer_id)` (on trio) for every message on `topic` from another peer that
+        passes `_gossip_ok` (the others are neither handled nor forwarded)."""
         first = topic not in self._topics
         self._topics.setdefault(topic, []).append(handler)
         if first:
+            self.pubsub.set_topic_validator(topic, self._gossip_ok, False)
             sub = await self.pubsub.subscribe(topic)
             self._nursery.start_soon(self._topic_loop, topic, sub)
+
+    def _gossip_ok(self, forwarder: Any, msg: Any) -> bool:
+        """gossipsub's validator for our topics, run before a message is handled or forwarded: signed (an
+        originator), within MAX_ANNOUNCE_BYTES, and within its originator's rate (ANNOUNCE_BURST, then
+        ANNOUNCE_RATE_PER_S): a flood from one publisher is dropped here, not relayed to the whole mesh."""
+        if not msg.from_id or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
+            return False
+        if ID(msg.from_id) == self.host.get_id():
+            return True  # our own announcements
+        if self.gossip_gate.allow(bytes(msg.from_id)):
+            return True
+        self.gossip_dropped.note(f"{ID(msg.from_id).to_base58()[:16]} is over its announcement rate")
+        return False
 
     async def _topic_loop(self, topic: str, sub: Any) -> None:
         """Hand every message on `topic` from another peer to the topic's handlers (node/net.py's, which

@@ -38,6 +38,7 @@ def verified_from_manifest(manifest: Manifest, envelopes: Sequence[bytes] = ()) 
         manifest=manifest.canonical_bytes,
         envelopes=tuple(envelopes),
         model_fingerprint=manifest.model_fingerprint,
+        model_id=manifest.model_id,
         document_hash=manifest.document_hash,
         dtype=manifest.dtype,
         n_tokens=manifest.n_tokens,
@@ -72,8 +73,9 @@ class StoreArtifacts:
             return None
         return self._served(cid)
 
-    def manifest_by_document(self, model_fingerprint: str, document_hash: str) -> tuple[bytes, list[bytes]] | None:
-        found = self.store.find_by_document(model_fingerprint, document_hash)  # complete ones first
+    def manifest_by_document(self, model_fingerprint: str | None, document_hash: str
+                             ) -> tuple[bytes, list[bytes]] | None:
+        found = self.store.find_by_document(model_fingerprint, document_hash, complete_only=model_fingerprint is None)
         return self._served(found[0]) if found else None
 
     def read_chunk(self, cid: Cid) -> bytes | None:

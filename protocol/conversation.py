@@ -64,9 +64,10 @@ class Conversation:
         """The server's decoder: the one request frame, nothing else."""
         return Decoder(allowed=self.request_types)
 
-    def reply_decoder(self) -> Decoder:
-        """The client's decoder: only the frames a server may answer with."""
-        return Decoder(allowed=self.reply_types)
+    def reply_decoder(self, max_body: int | None = None) -> Decoder:
+        """The client's decoder: only the frames a server may answer with (none with a body over `max_body`,
+        when the client knows how big an honest answer can be)."""
+        return Decoder(allowed=self.reply_types, max_body=max_body)
 
 
 CONVERSATIONS: dict[str, Conversation] = {

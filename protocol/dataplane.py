@@ -1,4 +1,15 @@
-"""The data plane's framing, sans-I/O: what a fetcher reads after presenting a grant token.
+"""The data plane's framing, sans-I/O: the opening handshake, then what a fetcher reads after its grant token.
+
+A data-plane connection opens with a fixed handshake before any byte a peer chose crosses it:
+
+    fetcher -> server   DATAPLANE_HELLO   (fixed bytes: nothing the granting peer picked)
+    server  -> fetcher  DATAPLANE_ACK     (fixed, and different from the hello: an echo service fails it)
+    fetcher -> server   the grant token   (DATAPLANE_TOKEN_BYTES, only once the ack matched)
+    server  -> fetcher  the granted chunks, framed as below
+
+A grant names a host and port the fetcher dials; if a hostile peer names some other service on its own
+address (a database, a mail server), that service sees only the hello, never answers with the ack, and so
+never receives the token or anything else the peer could have chosen.
 
 The data plane (node/dataplane.py) moves chunk bytes over plain TCP at hundreds of MB/s, where every copy
 shows, so its reader does not buffer a stream like `codec.Decoder`. It says exactly how many bytes it needs
@@ -31,13 +42,20 @@ from .names import DATAPLANE_PROTOCOL
 
 _ALLOWED = CONVERSATIONS[DATAPLANE_PROTOCOL].reply_types
 
+#: What a fetcher sends first on a data-plane connection. Starts with a NUL byte, so no line-based text
+#: protocol (HTTP, SMTP, Redis inline commands) reads a command from it.
+DATAPLANE_HELLO = b"\x00kvswap-dataplane/1 hello\n"
+#: What a kvswap data plane answers to the hello, exactly; anything else and the fetcher sends nothing more.
+DATAPLANE_ACK = b"\x00kvswap-dataplane/1 ready\n"
+
 
 class DataPlaneReader:
     """Parses the frames answering one data-plane grant, in the order granted; never reads by itself."""
 
-    def __init__(self, cids: Sequence[Cid], who: str = "the data plane") -> None:
+    def __init__(self, cids: Sequence[Cid], who: str = "the data plane", max_body: int | None = None) -> None:
         self._answers = ChunkAnswers(cids, grant_allowed=False, who=who)
         self.who = who
+        self._max_body = max_body  # a fetcher that knows the chunks' sizes refuses bigger frames at the prefix
         self._stage = "prefix"
         self._need: int | None = PREFIX_BYTES
         self._length = 0
@@ -64,7 +82,7 @@ class DataPlaneReader:
 
     def _step(self, data: bytes | bytearray) -> Frame | None:
         if self._stage == "prefix":
-            mtype, self._length = parse_prefix(data, _ALLOWED)
+            mtype, self._length = parse_prefix(data, _ALLOWED, self._max_body)
             if mtype == ChunkMissing.TYPE:
                 self._stage, self._need = "missing", self._length
                 return self._missing(b"") if self._length == 0 else None
@@ -101,4 +119,4 @@ class DataPlaneReader:
         return frame
 
 
-__all__ = ["DataPlaneReader"]
+__all__ = ["DATAPLANE_ACK", "DATAPLANE_HELLO", "DataPlaneReader"]

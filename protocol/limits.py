@@ -72,6 +72,14 @@ MAX_HEX_CHARS = 128
 MAX_HOST_CHARS = 64
 #: Bytes asked of a libp2p stream per read call: several Yamux frames at once, and no more held per read.
 STREAM_READ_BYTES = 1 * MiB
+#: Largest request frame body (bytes): ManifestRequest, ChunkRequest, GenerateRequest. The largest valid one
+#: (1024 CIDs, or 4096 token ids) is ~40 KB; a serving node buffers and decodes no more than this per stream.
+MAX_REQUEST_FRAME_BYTES = 64 * KiB
+#: Most msgpack containers (maps + arrays) in one message body: a valid message has at most 3, so a frame of
+#: nested empty arrays cannot expand into millions of Python objects.
+MAX_MESSAGE_CONTAINERS = 8
+#: Longest msgpack array in a message (entries): the longest valid list is a GenerateRequest's suffix.
+MAX_MESSAGE_ARRAY = 4096
 
 # --- daemon ----------------------------------------------------------------------------------------
 #: Seconds between re-provides of everything the node holds.
@@ -109,6 +117,22 @@ DATAPLANE_TOKEN_BYTES = 32
 DATAPLANE_GRANT_TTL_S = 60.0
 #: Most concurrent inbound streams per protocol a node serves; the rest wait (bounds memory and threads).
 MAX_CONCURRENT_SERVES = 32
+#: Serve slots of one protocol one peer may hold at once; when slots free up, waiting peers take turns
+#: (round robin), so a flooding peer never holds more than this and honest peers are served meanwhile.
+MAX_SERVES_PER_PEER = 8
+#: Seconds a request may wait for a serve slot before it is answered `busy` (it never waits unbounded).
+SERVE_WAIT_TIMEOUT_S = 10.0
+#: Inbound kvswap streams (manifest, chunks, generate) one peer may have open at once, waiting or served;
+#: more are refused at once with `busy` (a fetcher keeps FETCH_PARALLEL_CHUNKS + 1 open).
+MAX_INBOUND_STREAMS_PER_PEER = 16
+#: Inbound kvswap streams open at once from all peers (bounds buffered requests: each holds at most
+#: MAX_REQUEST_FRAME_BYTES).
+MAX_INBOUND_STREAMS = 256
+#: Hosted generations one peer may have running or waiting at once (the engine runs one at a time and peers
+#: take turns, so one peer's queue of long generations never delays another peer's by more than one).
+MAX_GENERATE_PER_PEER = 1
+#: Seconds a fetcher waits before asking a peer that answered `busy` again.
+BUSY_RETRY_S = 0.5
 #: Parallel chunk requests a fetch keeps in flight (across all providers).
 FETCH_PARALLEL_CHUNKS = 4
 #: Failures (timeout, bad bytes, reset) after which a provider is dropped for the rest of a fetch.
@@ -131,8 +155,31 @@ ROUTING_SYNC_INTERVAL_S = 1.0
 PROVIDE_PACING_S = 0.01
 #: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
 PEERSTORE_ADDR_TTL_S = 3600
-#: Most data-plane grants outstanding at once (each is a few hundred bytes; stops a peer hoarding memory).
-MAX_DATAPLANE_GRANTS = 4096
+#: Most data-plane grants outstanding at once, all peers together; when full, the oldest grant of the peer
+#: holding the most is dropped for a new one (its fetcher falls back to libp2p streams).
+MAX_DATAPLANE_GRANTS = 1024
+#: Data-plane grants one peer may hold at once; a new one replaces its oldest (a fetcher uses each grant
+#: right away and has FETCH_PARALLEL_CHUNKS requests in flight).
+MAX_DATAPLANE_GRANTS_PER_PEER = 64
+#: Chunk CIDs held in outstanding grants, all peers together (36 bytes each, packed: ~2.4 MB at most);
+#: bounds grant memory however many CIDs each grant names.
+MAX_DATAPLANE_GRANTED_CHUNKS = 65_536
+#: Data-plane connections that have not yet presented a valid token; a new one makes the node drop the
+#: oldest (an honest fetcher presents its token within a round trip, an idle socket is the one dropped).
+MAX_DATAPLANE_PENDING = 64
+#: Seconds a data-plane connection has to send the protocol hello and its token.
+DATAPLANE_HELLO_TIMEOUT_S = 5.0
+#: Data-plane transfers one peer may run at once (one per request in flight); more are refused and the
+#: fetcher takes those chunks over libp2p streams.
+MAX_DATAPLANE_TRANSFERS_PER_PEER = 4
+#: Seconds a fetcher stops asking a peer for grants after that peer's data plane failed or refused it (the
+#: chunks come over libp2p streams meanwhile).
+DATAPLANE_BACKOFF_S = 30.0
+#: Lowest port a fetcher dials for a grant: a peer cannot aim it at a system service on its own address.
+DATAPLANE_MIN_PORT = 1024
+#: Seconds between two log lines of one kind of refusal (bad tokens, streams over quota): a flood is counted,
+#: not logged line by line.
+REFUSAL_LOG_INTERVAL_S = 10.0
 #: Socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk
 #: (+40% throughput under load, NETWORK.md); the kernel may cap it.
 DATAPLANE_SOCKET_BUFFER_BYTES = 4 * MiB
@@ -171,3 +218,37 @@ MAX_LACK_ASKS = 5
 FETCH_PEER_REFRESH_S = 1.0
 #: Most peers one fetch keeps track of (providers, holders named by rationed answers, connected peers).
 MAX_PEERS_PER_FETCH = 64
+
+# --- slow and lying providers (node/fetchplan.py, node/fetch.py) ----------------------------------------------
+#: A request is late, and its chunks go to a faster peer, once it has run this many times as long as the
+#: fastest peer of the fetch would take for its bytes (at that peer's measured rate).
+LATE_FACTOR = 4.0
+#: ...and at least this many seconds (scheduling noise on a loaded machine is not slowness).
+LATE_MIN_S = 0.1
+#: Shortest deadline of a request to a peer whose rate is measured (seconds): its deadline is LATE_FACTOR
+#: times its own expected time, at least this, at most CHUNK_TIMEOUT_S per chunk.
+REQUEST_MIN_TIMEOUT_S = 5.0
+#: Holder hints from one peer that led nowhere (the named holder lacked the chunk, failed or was late) after
+#: which the fetch ignores that peer's hints.
+MAX_BAD_HINTS = 2
+#: Seconds a fetch waits for a manifest from one provider before it asks the next one as well.
+MANIFEST_HEDGE_S = 1.0
+#: Peers asked which model they hold a document for, when it was not found for the asker's model (the answer
+#: only names the model in the error; no fetch follows).
+MAX_OTHER_MODEL_ASKS = 3
+#: Seconds that question may take in all (DHT lookup and the asks) before the error is reported without it.
+OTHER_MODEL_LOOKUP_S = 10.0
+
+# --- gossip announcements (node/net.py, node/announcements.py) ---------------------------------------------
+#: Announcements one publisher may send in a burst before its rate applies.
+ANNOUNCE_BURST = 32
+#: Announcements per second accepted from one publisher after its burst (the rest are dropped, not forwarded).
+ANNOUNCE_RATE_PER_S = 1.0
+#: Publishers whose announcement rate a node tracks at once (the least recently heard is forgotten first).
+MAX_ANNOUNCE_SENDERS = 1024
+#: Announcements a daemon keeps to show in its status, all publishers together (the oldest go first).
+MAX_ANNOUNCEMENTS = 1024
+#: Announcements kept per publisher (its oldest go first).
+MAX_ANNOUNCEMENTS_PER_PEER = 16
+#: Seconds an announcement is kept.
+ANNOUNCEMENT_TTL_S = 3600.0

@@ -74,11 +74,33 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return value
 
 
+class _ContainerBudget:
+    """Counts the maps and arrays msgpack builds for one body and stops it past MAX_MESSAGE_CONTAINERS: a frame
+    of nested empty arrays (one byte each) would otherwise become a million Python lists, 64 bytes and more
+    apiece, from one 1 MiB frame."""
+
+    def __init__(self) -> None:
+        self.left = limits.MAX_MESSAGE_CONTAINERS
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many nested maps and arrays")
+        return obj
+
+
 def _unpack(body: bytes | memoryview, what: str) -> dict:
+    """A message body as a dict, decoded within bounds that hold for every valid message: at most
+    MAX_MESSAGE_CONTAINERS maps and arrays, arrays of at most MAX_MESSAGE_ARRAY entries, maps of at most
+    MAX_TIMINGS keys (the largest valid map is a GenerateResponse's timings). What a peer sends therefore
+    decodes into at most a few times its own size, never into hundreds of megabytes."""
+    budget = _ContainerBudget()
     try:
-        obj = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(bytes(body), raw=False, strict_map_key=True, use_list=True, list_hook=budget,
+                              object_hook=budget, max_array_len=limits.MAX_MESSAGE_ARRAY,
+                              max_map_len=limits.MAX_TIMINGS)
     except (msgpack.UnpackException, ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise _bad(f"{what} body is not msgpack ({type(exc).__name__})") from exc
+        raise _bad(f"{what} body is not msgpack within the message bounds ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise _bad(f"{what} body is not a map")
     return obj
@@ -93,7 +115,10 @@ def _pack(obj: dict) -> bytes:
 
 @dataclass(frozen=True)
 class ManifestRequest:
-    """Ask for an artifact's manifest, by its CID or by (model fingerprint, document hash)."""
+    """Ask for an artifact's manifest: by its CID, by (model fingerprint, document hash), or by document hash
+    alone, meaning "an artifact of this document for any model" (asked only to name the model a peer has it
+    for when there is none for the asker's; a peer that predates this form refuses it, and the asker names
+    no model then)."""
 
     TYPE: ClassVar[int] = 1
     cid: Cid | None = None
@@ -101,13 +126,21 @@ class ManifestRequest:
     document_hash: str | None = None
 
     def __post_init__(self) -> None:
-        by_doc = self.model_fingerprint is not None and self.document_hash is not None
-        if (self.cid is None) == (not by_doc):
-            raise _bad("ManifestRequest names either a CID or (model fingerprint, document hash)")
+        if (self.cid is None) == (self.document_hash is None):
+            raise _bad("ManifestRequest names either a CID or a document hash (with or without a model fingerprint)")
+        if self.model_fingerprint is not None and self.document_hash is None:
+            raise _bad("ManifestRequest names a model fingerprint only with a document hash")
+
+    @property
+    def any_model(self) -> bool:
+        """True when this asks for the document's artifact for whichever model the peer holds it for."""
+        return self.cid is None and self.model_fingerprint is None
 
     def to_body(self) -> bytes:
         if self.cid is not None:
             return _pack({"c": self.cid.to_bytes()})
+        if self.model_fingerprint is None:
+            return _pack({"d": self.document_hash})
         return _pack({"m": self.model_fingerprint, "d": self.document_hash})
 
     @classmethod
@@ -115,8 +148,9 @@ class ManifestRequest:
         d = _unpack(body, "ManifestRequest")
         if "c" in d:
             return cls(cid=_cid(d["c"], "ManifestRequest.cid"))
+        model = d.get("m")
         return cls(
-            model_fingerprint=_hexstr(d.get("m"), "ManifestRequest.model_fingerprint"),
+            model_fingerprint=None if model is None else _hexstr(model, "ManifestRequest.model_fingerprint"),
             document_hash=_hexstr(d.get("d"), "ManifestRequest.document_hash"),
         )
 
@@ -448,10 +482,14 @@ MESSAGE_TYPES: dict[int, type] = {
     )
 }
 
-#: frame type byte -> largest body accepted (checked as soon as the length prefix is read)
+#: frame type byte -> largest body accepted (checked as soon as the length prefix is read). Requests are what
+#: any peer may send a serving node unasked, so they get the tight MAX_REQUEST_FRAME_BYTES.
 MAX_BODY_BYTES: dict[int, int] = {
     t: limits.MAX_FRAME_BYTES for t in MESSAGE_TYPES
 } | {
+    ManifestRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
+    ChunkRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
+    GenerateRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
     ManifestResponse.TYPE: limits.MAX_MANIFEST_FRAME_BYTES,
     ChunkData.TYPE: limits.MAX_DATA_FRAME_BYTES,
     Announce.TYPE: limits.MAX_ANNOUNCE_BYTES,

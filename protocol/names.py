@@ -24,6 +24,8 @@ DATAPLANE_PROTOCOL = CHUNKS_PROTOCOL + "+tcp"
 
 #: domain separator of document keys: a document key never collides with a CID's multihash
 _DOCUMENT_KEY_DOMAIN = "kvswap/document/1"
+#: domain separator of "this document, for any model" keys
+_ANY_MODEL_KEY_DOMAIN = "kvswap/document-any-model/1"
 
 
 def announce_topic(model_fingerprint: str) -> str:
@@ -43,12 +45,21 @@ def document_key(model_fingerprint: str, document_hash: str) -> str:
     return (b"\x12\x20" + digest).hex()
 
 
+def any_model_key(document_hash: str) -> str:
+    """DHT key for "an artifact of this document, for some model": what a node asks when the document is not
+    found for its own model, to tell its user which model a peer has it for (an artifact is bound to one
+    model, so this key is never used to fetch). Same construction as `document_key`, another domain."""
+    digest = hashlib.sha256(f"{_ANY_MODEL_KEY_DOMAIN}\0{document_hash}".encode()).digest()
+    return (b"\x12\x20" + digest).hex()
+
+
 def artifact_keys(cid: Cid, model_fingerprint: str, document_hash: str, chunk_cids: Iterable[Cid],
                   complete: bool) -> list[str]:
-    """The DHT keys a node provides for an artifact it holds: its CID and document key when it holds all of
-    it (a node holding a prefix must not claim the whole artifact), and every chunk it holds under the
-    chunk's own CID (other fetchers take chunks from whoever has them)."""
-    keys = [cid_key(cid), document_key(model_fingerprint, document_hash)] if complete else []
+    """The DHT keys a node provides for an artifact it holds: its CID, document key and any-model key when it
+    holds all of it (a node holding a prefix must not claim the whole artifact), and every chunk it holds
+    under the chunk's own CID (other fetchers take chunks from whoever has them)."""
+    keys = ([cid_key(cid), document_key(model_fingerprint, document_hash), any_model_key(document_hash)]
+            if complete else [])
     keys += [cid_key(c) for c in chunk_cids]
     return list(dict.fromkeys(keys))
 
@@ -59,6 +70,7 @@ __all__ = [
     "GENERATE_PROTOCOL",
     "MANIFEST_PROTOCOL",
     "announce_topic",
+    "any_model_key",
     "artifact_keys",
     "cid_key",
     "document_key",

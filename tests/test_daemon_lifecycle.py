@@ -1,5 +1,5 @@
-"""The daemon's life on its own: persistent identity, gossip announcements reach a peer, control-API auth,
-clean and bounded shutdown on SIGINT/SIGTERM."""
+"""The daemon's life on its own: persistent identity, a private log, gossip announcements reach a peer,
+control-API auth, clean and bounded shutdown on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def test_identity_announce_auth_and_shutdown(tmp_path, tiny_engine):
         # the libp2p peer id and the manifest signer are one key
         status = cli_json(a.home, "node", "status")
         assert status["public_key"] == cli_json(a.home, "id")["public_key"]
+        assert (a.home / "node.log").stat().st_mode & 0o777 == 0o600  # private, like the keys
 
         doc = tmp_path / "doc.txt"
         doc.write_text("A lamp already lit costs a few drops an hour; relighting costs a pint. " * 4)

@@ -7,6 +7,7 @@ import pytest
 
 from kvswap import errors
 from kvswap.errors import (
+    Busy,
     FormatError,
     IntegrityError,
     KvswapError,
@@ -49,9 +50,9 @@ def test_unknown_or_foreign_payload_types_become_a_plain_kvswap_error():
 
 def test_http_status_and_exit_code_per_class():
     assert {cls.__name__: cls.http_status for cls in ALL} == {
-        "KvswapError": 500, "FormatError": 400, "IntegrityError": 422, "UntrustedSigner": 422,
+        "KvswapError": 500, "FormatError": 400, "IntegrityError": 422, "UntrustedSigner": 422, "AuditFailed": 422,
         "ModelMismatch": 409, "NotFound": 404, "ProtocolError": 500, "LocalProtocolError": 500,
-        "RemoteProtocolError": 502, "LimitExceeded": 413, "UsageError": 400, "AuditFailed": 422,
+        "RemoteProtocolError": 502, "DataPlaneFailed": 502, "LimitExceeded": 413, "Busy": 503, "UsageError": 400, "AuditFailed": 422,
         "TestnetError": 500}
     assert {cls.__name__ for cls in ALL if cls.exit_code != 1} == {"UsageError"}
     assert UsageError.exit_code == 2
@@ -67,10 +68,11 @@ def test_wire_codes_map_back_only_to_the_class_that_declares_them():
     assert wire_code_of(NotFound("x")) == "not_found"
     assert wire_code_of(ModelMismatch("x")) == "model_mismatch"
     assert wire_code_of(LimitExceeded("x")) == "limit"
+    assert wire_code_of(Busy("x")) == "busy"
     assert wire_code_of(UntrustedSigner("x")) == wire_code_of(FormatError("x")) == "bad_request"
     assert wire_code_of(ValueError("a bug")) == "internal"
     for code, cls in (("not_found", NotFound), ("model_mismatch", ModelMismatch), ("limit", LimitExceeded),
-                      ("bad_request", RemoteProtocolError), ("busy", RemoteProtocolError),
+                      ("bad_request", RemoteProtocolError), ("busy", Busy),
                       ("internal", RemoteProtocolError)):
         err = error_from_wire(code, "peer x: why")
         assert type(err) is cls and str(err) == "peer x: why"

@@ -14,6 +14,7 @@ from kvswap.errors import ModelMismatch, NotFound
 from kvswap.node.fetch import FetchKey
 from kvswap.node.net import Network, TrioNode
 from kvswap.node.p2p import P2PConfig
+from kvswap.protocol.dataplane import DATAPLANE_ACK, DATAPLANE_HELLO
 from kvswap.protocol.messages import Announce, GenerateRequest
 from tests.netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact
 
@@ -209,10 +210,14 @@ def test_data_plane_tokens_are_single_use_and_unknown_ones_refused(tmp_path):
     manifest, chunks, _ = make_artifact(1, 4096)
 
     async def read_all(sock) -> bytes:
+        """Everything until the server closes (or resets: it closed with our bytes unread)."""
         data = b""
         with trio.fail_after(10):
-            while chunk := await sock.receive_some(1 << 16):
-                data += chunk
+            try:
+                while chunk := await sock.receive_some(1 << 16):
+                    data += chunk
+            except trio.BrokenResourceError:
+                pass
         return data
 
     async def main():
@@ -221,14 +226,18 @@ def test_data_plane_tokens_are_single_use_and_unknown_ones_refused(tmp_path):
             node.store.add(manifest, chunks)
             dp = node.dataplane
             sock = await trio.open_tcp_stream(dp.host, dp.port)
-            await sock.send_all(b"\x00" * 32)  # a token nobody granted
+            await sock.send_all(DATAPLANE_HELLO + b"\x00" * 32)  # a token nobody granted
+            assert await read_all(sock) == DATAPLANE_ACK
+            sock = await trio.open_tcp_stream(dp.host, dp.port)
+            await sock.send_all(b"\x00" * 64)  # no hello: not even the ack
             assert await read_all(sock) == b""
             grant = dp.grant("someone", [Cid.of(chunks[0])])
             for expect_data in (True, False):  # the second use of the same token gets nothing
                 sock = await trio.open_tcp_stream(dp.host, dp.port)
-                await sock.send_all(grant.token)
+                await sock.send_all(DATAPLANE_HELLO + grant.token)
                 data = await read_all(sock)
-                assert (chunks[0] in data) is expect_data
+                assert data.startswith(DATAPLANE_ACK) and (chunks[0] in data) is expect_data
+            assert dp.refusals.total == 3
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -1,4 +1,4 @@
-"""node/fetchplan.py: every retry, ration and provider rule of a fetch, alone (fake clock, no network)."""
+"""node/fetchplan.py: every retry, ration, provider and slow-provider rule of a fetch, alone (fake clock, no network)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from kvswap.cid import Cid
 from kvswap.errors import NotFound
 from kvswap.node.fetchplan import (
     Aborted,
+    CancelRequest,
     ChunkCorrupt,
     ChunkLacked,
     ChunkRationed,
@@ -378,3 +379,156 @@ def test_wait_until_is_the_soonest_retry_or_refresh():
     r = busy.only()
     out = busy.apply(ChunkReceived(r.request, r.blobs[0].cid, 100), 0.0)
     assert wait_of(out) == limits.FETCH_PEER_REFRESH_S < math.inf  # only the peer refresh is due
+
+
+# --- slow and lying providers (issue 15) ---------------------------------------------------------------------
+
+
+def _answer_all(sim: Sim, req: RequestChunks, now: float) -> list:
+    """`req`'s peer sends every chunk of it, which verifies; the request ends at `now`."""
+    for blob in req.blobs:
+        sim.apply(ChunkReceived(req.request, blob.cid, blob.stored_size), now)
+    out = sim.apply(RequestEnded(req.request), now)
+    for blob in req.blobs:
+        out = sim.apply(ChunkStored(blob.cid), now)
+    return out
+
+
+def _of(sim: Sim, peer: str) -> list[RequestChunks]:
+    return [r for r in sim.inflight.values() if r.peer == peer]
+
+
+def test_deadline_follows_the_peers_measured_rate_within_its_bounds():
+    size = 4 * MiB
+    sim = Sim(plan(40, peers=("A",), size=size, parallel=1))
+    sim.apply(Tick(), 0.0)
+    first = sim.only()
+    assert first.deadline == limits.CHUNK_TIMEOUT_S * len(first.blobs)  # unmeasured: the ceiling
+    _answer_all(sim, first, len(first.blobs) * 1.0)  # 1 chunk (4 MiB) per second: 4 MiB/s
+    nxt = sim.only()
+    expected = limits.LATE_FACTOR * len(nxt.blobs) * size / (4 * MiB)
+    assert nxt.deadline - len(first.blobs) * 1.0 == pytest.approx(
+        min(limits.CHUNK_TIMEOUT_S * len(nxt.blobs), max(limits.REQUEST_MIN_TIMEOUT_S, expected)))
+
+
+def _fast_and_stalling(n: int = 40, parallel: int = 2) -> tuple[Sim, RequestChunks]:
+    """A and S each get a request at 0; A answers at 0.01 (measured fast); S says nothing."""
+    sim = Sim(plan(n, peers=("A", "S"), parallel=parallel))
+    sim.apply(Tick(), 0.0)
+    (stalled,) = _of(sim, "S")
+    _answer_all(sim, _of(sim, "A")[0], 0.01)
+    return sim, stalled
+
+
+def test_an_overdue_request_frees_its_slot_and_its_peer_gets_no_new_work():
+    sim, stalled = _fast_and_stalling()
+    assert len(sim.inflight) == 2  # A's next request and S's stalled one
+    out = sim.apply(Tick(), 0.05)  # overdue (4 x what A would take), not yet late (LATE_MIN_S)
+    assert not [a for a in out if isinstance(a, CancelRequest)]
+    new = requests(out)
+    assert new and all(r.peer == "A" for r in new)  # S's slot went to A; S got nothing new
+    assert stalled.request in sim.inflight and len(sim.inflight) == 3
+
+
+def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_of_a_faster_peer_first():
+    sim, stalled = _fast_and_stalling()
+    sim.apply(Tick(), 0.05)
+    out = sim.apply(Tick(), limits.LATE_MIN_S)
+    assert CancelRequest(stalled.request) in out
+    assert sim.plan.peers["S"].slow == 1 and sim.plan.peers["S"].failures == 0  # slowness is no lie
+    sim.inflight.pop(stalled.request)
+    taken = {b.cid for r in requests(out) for b in r.blobs}
+    assert {b.cid for b in stalled.blobs} <= taken | set(sim.plan._pending)
+    assert all(r.peer == "A" for r in requests(out))
+    assert sim.apply(RequestEnded(stalled.request, failure="cancelled"), 0.3) and sim.plan.peers["S"].failures == 0
+    for req in list(sim.inflight.values()):  # from now on A serves, S is asked nothing
+        _answer_all(sim, req, 0.3)
+        assert all(r.peer == "A" for r in sim.inflight.values())
+
+
+def test_in_the_end_game_an_overdue_request_is_cancelled_at_once():
+    sim, stalled = _fast_and_stalling(n=2)  # one chunk each: after A's, only S's chunk is left
+    assert not sim.plan._pending
+    out = sim.apply(Tick(), 0.05)  # overdue, below LATE_MIN_S
+    assert CancelRequest(stalled.request) in out
+    assert only_request(out).peer == "A" and only_request(out).blobs == stalled.blobs
+
+
+def test_no_cancel_without_another_peer_to_ask():
+    sim = Sim(plan(4, peers=("S",), parallel=1))
+    sim.apply(Tick(), 0.0)
+    assert not [a for a in sim.apply(Tick(), 100.0) if isinstance(a, CancelRequest)]  # nobody measured, nobody else
+
+
+def test_a_late_chunk_missing_marks_the_peer_slow():
+    sim, stalled = _fast_and_stalling(parallel=2)
+    sim.apply(ChunkLacked(stalled.request, stalled.blobs[0].cid), 55.0)  # answered, but 55 s on
+    assert sim.plan.peers["S"].slow >= 1  # for the late answer (and the request is cancelled as late too)
+    quick = Sim(plan(2, peers=("A", "S"), parallel=2))
+    quick.apply(Tick(), 0.0)
+    req = _of(quick, "S")[0]
+    quick.apply(ChunkLacked(req.request, req.blobs[0].cid), 0.001)  # at once: no offence
+    assert quick.plan.peers["S"].slow == 0
+
+
+def test_a_busy_peer_is_asked_again_after_busy_retry_without_penalty():
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    out = sim.apply(RequestEnded(sim.only().request, busy=True), 0.0)
+    assert not requests(out) and wait_of(out) == pytest.approx(limits.BUSY_RETRY_S)
+    assert sim.plan.peers["A"].failures == 0
+    assert only_request(sim.apply(Tick(), limits.BUSY_RETRY_S)).peer == "A"
+
+
+def _rationing_round(sim: Sim, holders: dict[int, tuple[str, ...]], now: float) -> list:
+    """Every request in flight (one chunk each) is rationed, the i-th naming holders[i]; the last answer."""
+    out: list = []
+    for i, req in enumerate(sorted(sim.inflight.values(), key=lambda r: r.request)):
+        sim.apply(ChunkRationed(req.request, req.blobs[0].cid, holders.get(i, ())), now)
+        out = sim.apply(RequestEnded(req.request), now)
+    return out
+
+
+def test_holders_that_do_not_deliver_discredit_the_peer_that_named_them():
+    sim = Sim(plan(3, peers=("R",), parallel=3))
+    sim.apply(Tick(), 0.0)
+    assert [len(r.blobs) for r in sim.inflight.values()] == [1, 1, 1]
+    _rationing_round(sim, {0: ("H1",), 1: ("H2",), 2: ("H3",)}, 0.0)
+    assert sorted(r.peer for r in sim.inflight.values()) == ["H1", "H2", "H3"]  # each for the chunk it holds
+    for holder in ("H1", "H2"):  # two of them fail: two bad hints
+        (req,) = _of(sim, holder)
+        sim.apply(RequestEnded(req.request, failure="no such peer"), 0.1)
+    assert sim.plan.peers["R"].bad_hints == limits.MAX_BAD_HINTS
+    assert all(not sim.plan._named.get(b.cid) for b in blobs(3))  # its earlier hint (H3) is dropped too
+    (h3,) = _of(sim, "H3")
+    sim.apply(RequestEnded(h3.request, failure="no such peer"), 0.2)
+    assert sim.plan.peers["R"].bad_hints == limits.MAX_BAD_HINTS  # no hint of R's is followed any more
+    out = sim.apply(Tick(), limits.RATION_RETRY_S)
+    assert {r.peer for r in requests(out)} == {"R"}  # back to R itself, after its ration retry
+    _rationing_round(sim, {0: ("H9",)}, 0.6)
+    assert "H9" not in sim.plan.peers  # what it names now is not followed
+
+
+def test_a_holder_known_only_from_hints_is_asked_only_for_the_chunks_it_was_named_for():
+    sim = Sim(plan(3, peers=("A",), parallel=3))
+    sim.apply(Tick(), 0.0)
+    first = min(sim.inflight.values(), key=lambda r: r.request).blobs[0]
+    out = _rationing_round(sim, {0: ("H",)}, 0.0)
+    assert [(r.peer, r.blobs) for r in sim.inflight.values()] == [("H", (first,))]  # H, for its chunk only
+    sim.miss(0.01)  # H lacks it (for now: asked again after LACK_RETRY_S)
+    assert not requests(sim.apply(Tick(), 0.1))  # no other chunk goes to H; A rations them until 0.5
+    out = sim.apply(PeersSeen(("H",)), 0.15)  # H turns out to be a connected peer: an ordinary one now
+    assert requests(out) and all(r.peer == "H" and first not in r.blobs for r in requests(out))
+
+
+def test_a_peer_that_only_rations_is_asked_after_one_that_sends():
+    sim = Sim(plan(20, peers=("R", "B"), parallel=1))
+    sim.apply(Tick(), 0.0)
+    req = sim.only()
+    assert req.peer == "R"
+    for blob in req.blobs:
+        sim.apply(ChunkRationed(req.request, blob.cid, ()), 0.0)
+    out = sim.apply(RequestEnded(req.request), 0.0)
+    assert only_request(out).peer == "B"
+    _answer_all(sim, sim.only(), 0.1)
+    assert sim.only().peer == "B"  # R is idle and known first, but it only rations

@@ -173,7 +173,7 @@ def test_hosted_generation_round_trip_and_refusal(tmp_path):
 
 
 class _FailingArtifacts(DirArtifacts):
-    """Serves manifests, but reading any chunk fails: with a kvswap error, or with a bug."""
+    """Serves manifests, but finding or reading any chunk fails: with a kvswap error, or with a bug."""
 
     def __init__(self, root, bug: bool) -> None:
         super().__init__(root)
@@ -183,6 +183,8 @@ class _FailingArtifacts(DirArtifacts):
         if self.bug:
             raise ValueError("an unexpected failure inside the server")
         raise FormatError("the stored chunk does not parse")
+
+    chunk_path = read_chunk  # the first thing a chunk request asks
 
 
 def test_serving_failures_are_answered_with_their_wire_code_and_the_node_serves_on(tmp_path):

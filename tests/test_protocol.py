@@ -26,13 +26,14 @@ from kvswap.protocol.messages import (
     ManifestRequest,
     ManifestResponse,
 )
-from kvswap.protocol.names import announce_topic, artifact_keys, cid_key, document_key
+from kvswap.protocol.names import announce_topic, any_model_key, artifact_keys, cid_key, document_key
 
 C1, C2 = Cid.of(b"one"), Cid.of(b"two")
 
 SAMPLES = [
     ManifestRequest(cid=C1),
     ManifestRequest(model_fingerprint="ab" * 32, document_hash="cd" * 32),
+    ManifestRequest(document_hash="cd" * 32),
     ManifestResponse(manifest=b"\x81\xa1a\x01", envelopes=(b"sig1", b"sig2")),
     ChunkRequest(cids=(C1, C2), dataplane=True, artifact=C2),
     ChunkRequest(cids=(C1,)),
@@ -185,11 +186,21 @@ def test_dht_keys_are_pinned():
     assert cid_key(C1) == str(C1)
     assert document_key("ab" * 32, "cd" * 32) == "1220e43356fc0302854d82c0dfea64723d79adb05fc8bad42eabfff2015cb5d0a22d"
     assert document_key("ab" * 32, "cd" * 32) != document_key("cd" * 32, "ab" * 32)
+    assert any_model_key("cd" * 32) == "122043250ecbdc56cd13f73d6babc7e54916cc1771e7b6a699fb6370cdf0defce77e"
+    assert any_model_key("cd" * 32) not in {document_key("ab" * 32, "cd" * 32), document_key("", "cd" * 32)}
+
+
+def test_a_manifest_request_names_a_cid_or_a_document_and_a_model_only_with_a_document():
+    assert ManifestRequest(document_hash="cd" * 32).any_model
+    assert not ManifestRequest(model_fingerprint="ab" * 32, document_hash="cd" * 32).any_model
+    for bad in ({}, {"cid": C1, "document_hash": "cd" * 32}, {"model_fingerprint": "ab" * 32}):
+        with pytest.raises(RemoteProtocolError):
+            ManifestRequest(**bad)
 
 
 def test_a_complete_artifact_is_provided_whole_a_prefix_only_by_its_chunks():
-    doc = document_key("ab" * 32, "cd" * 32)
-    assert artifact_keys(C1, "ab" * 32, "cd" * 32, [C2, C2], complete=True) == [str(C1), doc, str(C2)]
+    doc, anymodel = document_key("ab" * 32, "cd" * 32), any_model_key("cd" * 32)
+    assert artifact_keys(C1, "ab" * 32, "cd" * 32, [C2, C2], complete=True) == [str(C1), doc, anymodel, str(C2)]
     assert artifact_keys(C1, "ab" * 32, "cd" * 32, [C2], complete=False) == [str(C2)]
 
 
@@ -198,6 +209,7 @@ hexes = st.text(alphabet="0123456789abcdef", min_size=1, max_size=64)
 messages = st.one_of(
     cids.map(lambda c: ManifestRequest(cid=c)),
     st.builds(lambda m, d: ManifestRequest(model_fingerprint=m, document_hash=d), hexes, hexes),
+    hexes.map(lambda d: ManifestRequest(document_hash=d)),
     st.builds(ManifestResponse, st.binary(max_size=2000), st.lists(st.binary(max_size=100), max_size=4).map(tuple)),
     st.builds(ChunkRequest, st.lists(cids, min_size=1, max_size=20).map(tuple), st.booleans(),
               st.none() | cids),
@@ -240,3 +252,28 @@ def test_random_bytes_never_raise_anything_but_protocol_errors(data):
     except RemoteProtocolError:
         pass
     assert PREFIX_BYTES == 5
+
+
+def test_requests_are_capped_at_max_request_frame_bytes_at_their_prefix():
+    for mtype in (ManifestRequest.TYPE, ChunkRequest.TYPE, GenerateRequest.TYPE):
+        assert Decoder().feed(struct.pack(">BI", mtype, limits.MAX_REQUEST_FRAME_BYTES)) == []
+        with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+            Decoder().feed(struct.pack(">BI", mtype, limits.MAX_REQUEST_FRAME_BYTES + 1))
+    largest = [ChunkRequest(tuple(Cid.of(str(i).encode()) for i in range(limits.MAX_CHUNKS_PER_REQUEST)), True, C1),
+               GenerateRequest(C1, (limits.MAX_TOKEN_ID,) * (limits.MAX_GENERATE_TOKENS - 1), 1,
+                               limits.MAX_GENERATE_SEED)]
+    for msg in largest:  # the largest valid requests fit, and decode
+        assert Decoder().feed(encode(msg)) == [msg]
+
+
+@pytest.mark.parametrize("body", [
+    b"\x81\xa1c" + b"\x91" * 20 + b"\x90",  # {"c": [[[...[]...]]]}: nesting past MAX_MESSAGE_CONTAINERS
+    b"\x81\xa1c\xdc" + struct.pack(">H", limits.MAX_MESSAGE_ARRAY + 1) + b"\x90" * (limits.MAX_MESSAGE_ARRAY + 1),
+    b"\x81\xa1c\xdc" + struct.pack(">H", 9) + b"\x90" * 9,  # nine empty arrays: containers past the bound
+    b"\xde" + struct.pack(">H", limits.MAX_TIMINGS + 1) + b"".join(
+        msgpack.packb(f"k{i}") + b"\x00" for i in range(limits.MAX_TIMINGS + 1)),  # a map past the bound
+])
+def test_message_bodies_decode_within_bounds(body):
+    """A body that would decode into many Python objects is refused while decoding, not after."""
+    with pytest.raises(RemoteProtocolError, match="within the message bounds"):
+        Decoder().feed(_frame(ChunkRequest.TYPE, body))

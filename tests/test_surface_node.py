@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -12,9 +13,10 @@ import urllib.request
 
 import pytest
 
+from kvswap.engine import catalog
 from kvswap.node.jobs import JobTable
 from kvswap.node.runfiles import api_token
-from tests.nodes import NodeProc, cli, cli_json
+from tests.nodes import NodeProc, cli, cli_json, error_lines
 
 DOC = ("A ferry crosses the strait twice a day. The captain logs the tide, the wind and the passengers; in fog "
        "she sounds the horn every two minutes and keeps to the buoys. ") * 4
@@ -42,6 +44,16 @@ def _metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def _other_tiny_model(folder) -> str:
+    """tiny-qwen3 with one weight bit flipped: the same architecture and tokenizer, another fingerprint."""
+    shutil.copytree(catalog.built_folder(catalog.TINY_FOLDER), folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # the last bytes are tensor data (safetensors: 8-byte length, JSON header, then data)
+    weights.write_bytes(bytes(data))
+    return str(folder)
+
+
 def test_node_surface_metrics_validation_and_errors(tmp_path, tiny_engine):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC, encoding="utf-8")
@@ -50,6 +62,8 @@ def test_node_surface_metrics_validation_and_errors(tmp_path, tiny_engine):
     try:
         b = NodeProc(tmp_path / "b", bootstrap=[a.addr])
         nodes.append(b)
+        c = NodeProc(tmp_path / "c-node", model=_other_tiny_model(tmp_path / "tiny-other"), bootstrap=[a.addr])
+        nodes.append(c)
         addr = cli(a.home, "node", "addr").stdout.strip()
         assert addr == a.addr and addr.endswith("/p2p/" + a.peer_id) and "\n" not in addr
 
@@ -80,6 +94,13 @@ def test_node_surface_metrics_validation_and_errors(tmp_path, tiny_engine):
         got = cli_json(b.home, "get", "--doc", str(doc), "--no-progress")
         assert got["cid"] == pub["cid"]
         cli_json(b.home, "generate", pub["cid"], "--prompt", " Next:", "--max-new-tokens", "4")
+
+        # a node running another model: `get` names the model its peers have the document for
+        c.wait_model()
+        other = cli(c.home, "get", "--doc", str(doc), "--no-progress", check=False)
+        lines = error_lines(other)
+        assert other.returncode != 0 and len(lines) == 1, other.stderr[-1500:]
+        assert "has it for tiny-qwen3" in lines[0] and "tiny-other" in lines[0], lines[0]
 
         status, text = _api(b, "GET", "/metrics")
         text = text.decode()

@@ -1,0 +1,476 @@
+"""Hand-written hostile peers for tests/test_hostile.py and bench/hostile.py: the attacks of issue 15.
+
+Each attacker is a real libp2p host (kvswap's own P2PHost, with a throwaway identity) that speaks the
+documented protocols with frames it builds itself, or a raw TCP socket to a node's data plane. Every attack
+is bounded: it stops after a count or a duration and closes what it opened.
+
+    async with hostile_host() as h:                  # on trio
+        await h.p2p.connect(target_addr)
+        stats = await silent_streams(h, target_peer, 100, hold_s=5)
+
+Hostile providers (`serve_stalling`, `serve_late_missing`, `serve_bogus_hints`, `serve_grant_to`) replace a
+host's chunk handler: connect such a host to a fetcher and it is one of the fetcher's candidate providers.
+`AttackThread` runs an attack on its own trio loop beside synchronous code (a test driving the CLI);
+`RssSampler` measures a process's peak resident memory from a thread while an attack runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import trio
+
+from kvswap.cid import Cid
+from kvswap.node.exchange import Exchange
+from kvswap.node.framed import FramedStream
+from kvswap.node.p2p import PEER_FAILURES, P2PConfig, P2PHost
+from kvswap.protocol.codec import encode
+from kvswap.protocol.conversation import CONVERSATIONS
+from kvswap.protocol.dataplane import DATAPLANE_HELLO
+from kvswap.protocol.messages import (
+    Announce,
+    ChunkMissing,
+    ChunkRequest,
+    DataGrant,
+    GenerateRequest,
+    ManifestRequest,
+    ManifestResponse,
+)
+from kvswap.protocol.names import CHUNKS_PROTOCOL, MANIFEST_PROTOCOL, announce_topic
+
+
+def random_cids(n: int) -> list[Cid]:
+    return [Cid.of(os.urandom(16)) for _ in range(n)]
+
+
+def random_peer_ids(n: int) -> list[str]:
+    from kvswap.node.p2p import peer_id_of_seed
+
+    return [peer_id_of_seed(os.urandom(32)) for _ in range(n)]
+
+
+@dataclass
+class Hostile:
+    """A running hostile libp2p host: `p2p` (P2PHost) and `exchange` (kvswap's client side, serving nothing)."""
+
+    p2p: P2PHost
+    exchange: Exchange
+    nursery: trio.Nursery
+
+
+@contextlib.asynccontextmanager
+async def hostile_host() -> AsyncIterator[Hostile]:
+    async with trio.open_nursery() as nursery:
+        p2p = P2PHost(P2PConfig(seed=os.urandom(32)))
+        exchange = Exchange(p2p, service=None)
+        await nursery.start(p2p.run)
+        p2p.gossipsub.spam_protection_enabled = False  # py-libp2p limits what it sends itself; an attacker does not
+        try:
+            yield Hostile(p2p, exchange, nursery)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _quiet_reset(stream: Any) -> None:
+    with contextlib.suppress(*PEER_FAILURES):
+        await stream.reset()
+
+
+# --- floods from a peer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    opened: int = 0  # streams whose protocol negotiation succeeded
+    refused: int = 0  # of those, the ones the target reset or closed before we did
+    failed_open: int = 0  # streams the target refused during negotiation
+
+
+async def _hold(hold_s: float, stop: trio.Event | None) -> None:
+    """Wait `hold_s`, or until `stop` is set if one is given (at most `hold_s` still)."""
+    with trio.move_on_after(hold_s):
+        await (stop.wait() if stop is not None else trio.sleep_forever())
+
+
+async def silent_streams(h: Hostile, target: str, n: int, hold_s: float, protocol: str = MANIFEST_PROTOCOL,
+                         stop: trio.Event | None = None, opened: trio.Event | None = None) -> StreamStats:
+    """Open `n` streams on `protocol` and say nothing for `hold_s` or until `stop` (the slowloris of the
+    issue's first row); `opened` is set once all were tried."""
+    stats = StreamStats()
+    streams: list[Any] = []
+    with trio.move_on_after(hold_s + 30):
+        for _ in range(n):
+            try:
+                streams.append(await h.p2p.open_stream(target, protocol))
+                stats.opened += 1
+            except Exception:  # the target refused the stream (a reset during negotiation): count it
+                stats.failed_open += 1
+        if opened is not None:
+            opened.set()
+        await _hold(hold_s, stop)
+
+        async def probe(stream: Any) -> None:
+            with trio.move_on_after(0.5):
+                try:
+                    await stream.read(1)
+                except Exception:  # reset or closed by the target
+                    stats.refused += 1
+
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+                nursery.start_soon(probe, stream)
+    for stream in streams:
+        await _quiet_reset(stream)
+    return stats
+
+
+async def oversized_requests(h: Hostile, target: str, n: int, body_bytes: int) -> int:
+    """`n` parallel ChunkRequest frames of `body_bytes` of empty msgpack arrays (0x90 each); the count the
+    target cut off (reset or closed without an answer)."""
+    cut = 0
+    frame = struct.pack(">BI", ChunkRequest.TYPE, body_bytes) + b"\x90" * body_bytes
+
+    async def one() -> None:
+        nonlocal cut
+        with trio.move_on_after(30):
+            try:
+                stream = await h.p2p.open_stream(target, CHUNKS_PROTOCOL)
+                await stream.write(frame)
+                data = await stream.read(1024)
+            except Exception:  # cut off mid-write or mid-read
+                cut += 1
+                return
+            if not data:
+                cut += 1
+            await _quiet_reset(stream)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return cut
+
+
+async def hoard_grants(h: Hostile, target: str, cids: list[Cid], n: int, parallel: int = 8) -> int:
+    """Ask `target` for `n` data-plane grants of `cids` and never use them; the count granted."""
+    granted = 0
+    todo = iter(range(n))
+
+    async def worker() -> None:
+        nonlocal granted
+        for _ in todo:
+            framed = await h.exchange._open(target, CHUNKS_PROTOCOL)
+            try:
+                async with framed:
+                    await framed.send(ChunkRequest(tuple(cids), dataplane=True))
+                    reply = await framed.recv()
+            except Exception:  # refused or reset: count only grants
+                continue
+            if isinstance(reply, DataGrant):
+                granted += 1
+
+    with trio.move_on_after(300):
+        async with trio.open_nursery() as nursery:
+            for _ in range(parallel):
+                nursery.start_soon(worker)
+    return granted
+
+
+async def dataplane_address(h: Hostile, target: str) -> tuple[str, int]:
+    """Where `target`'s data plane listens: any grant says (one for a random CID, never used)."""
+    framed = await h.exchange._open(target, CHUNKS_PROTOCOL)
+    async with framed:
+        await framed.send(ChunkRequest(tuple(random_cids(1)), dataplane=True))
+        grant = await framed.recv()
+    if not isinstance(grant, DataGrant):
+        raise RuntimeError(f"{target[:16]} granted no data plane: {grant!r:.200}")
+    return grant.host, grant.port
+
+
+async def dataplane_idle_sockets(host: str, port: int, n: int, hold_s: float, stop: trio.Event | None = None,
+                                 opened: trio.Event | None = None) -> int:
+    """`n` TCP connections to a data plane that send nothing, held `hold_s` (or until `stop`); how many the
+    node dropped meanwhile."""
+    socks = []
+    for _ in range(n):
+        with contextlib.suppress(OSError):
+            socks.append(await trio.open_tcp_stream(host, port))
+    if opened is not None:
+        opened.set()
+    await _hold(hold_s, stop)
+    dropped = 0
+    for sock in socks:
+        with trio.move_on_after(0.2):
+            try:
+                if await sock.receive_some(1) == b"":
+                    dropped += 1
+            except trio.BrokenResourceError:
+                dropped += 1
+        await sock.aclose()
+    return dropped
+
+
+async def dataplane_reconnect_flood(host: str, port: int, workers: int, duration_s: float) -> int:
+    """`workers` loops that connect, send a hello and a random token, and reconnect, for `duration_s`; the
+    number of connections made."""
+    made = 0
+
+    async def loop() -> None:
+        nonlocal made
+        while True:
+            try:
+                sock = await trio.open_tcp_stream(host, port)
+            except OSError:
+                await trio.sleep(0.01)
+                continue
+            made += 1
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await sock.send_all(DATAPLANE_HELLO + os.urandom(32))
+                with trio.move_on_after(1):
+                    while await sock.receive_some(4096):
+                        pass
+            await sock.aclose()
+
+    with trio.move_on_after(duration_s):
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(loop)
+    return made
+
+
+async def gossip_flood(h: Hostile, model_fingerprint: str, n: int, wait_mesh_s: float = 10.0) -> int:
+    """Publish `n` announcements of random CIDs on the model's topic as fast as the host can; how many were
+    published. Waits (bounded) until some peer is known on the topic first."""
+    topic = announce_topic(model_fingerprint)
+    await h.p2p.subscribe(topic, lambda data, sender: None)
+    with trio.move_on_after(wait_mesh_s):
+        while not h.p2p.topic_peers(topic):
+            await trio.sleep(0.1)
+    sent = 0
+    for cid in random_cids(n):
+        await h.p2p.publish(topic, encode(Announce(cid, model_fingerprint, "ee" * 32, 64, h.p2p.peer_id)))
+        sent += 1
+        if sent % 200 == 0:
+            await trio.sleep(0)
+    return sent
+
+
+async def long_generations(h: Hostile, target: str, cid: Cid, n: int, max_new_tokens: int) -> list[str]:
+    """`n` concurrent hosted generations of `max_new_tokens`; what each ended with ("ok" or the error type)."""
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await h.exchange.remote_generate(target, GenerateRequest(cid, (1, 2, 3), max_new_tokens, seed=1))
+            outcomes.append("ok")
+        except Exception as exc:  # Busy for the ones over the share
+            outcomes.append(type(exc).__name__)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+            await trio.sleep(0.05)  # in order: the first one runs, the others queue behind it
+    return outcomes
+
+
+# --- hostile providers --------------------------------------------------------------------------------------
+
+
+async def copy_manifest(h: Hostile, provider: str, cid: Cid) -> ManifestResponse:
+    """The real manifest of `cid` from an honest provider, to serve as if we held the artifact."""
+    return await h.exchange.request_manifest(provider, ManifestRequest(cid=cid))
+
+
+def serve_manifest(h: Hostile, reply: ManifestResponse) -> None:
+    """Answer every manifest request with `reply` (the hostile provider claims the artifact)."""
+
+    async def handler(stream: Any) -> None:
+        framed = FramedStream(stream, "x", MANIFEST_PROTOCOL, lambda e: None,
+                              CONVERSATIONS[MANIFEST_PROTOCOL].request_decoder())
+        with contextlib.suppress(Exception):
+            async with framed:
+                await framed.recv()
+                await framed.send(reply)
+
+    h.p2p.set_stream_handler(MANIFEST_PROTOCOL, handler)
+
+
+def _chunk_handler(answer) -> Any:
+    async def handler(stream: Any) -> None:
+        framed = FramedStream(stream, "x", CHUNKS_PROTOCOL, lambda e: None,
+                              CONVERSATIONS[CHUNKS_PROTOCOL].request_decoder(), idle_timeout=600)
+        with contextlib.suppress(Exception):
+            async with framed:
+                request = await framed.recv()
+                await answer(framed, request)
+
+    return handler
+
+
+def serve_stalling(h: Hostile) -> None:
+    """Chunk requests are read and never answered (the provider that stalls)."""
+
+    async def answer(framed: FramedStream, request: ChunkRequest) -> None:
+        await trio.sleep_forever()
+
+    h.p2p.set_stream_handler(CHUNKS_PROTOCOL, _chunk_handler(answer))
+
+
+def serve_late_missing(h: Hostile, delay_s: float) -> None:
+    """Every chunk is answered ChunkMissing, after `delay_s` (the provider that answers late)."""
+
+    async def answer(framed: FramedStream, request: ChunkRequest) -> None:
+        await trio.sleep(delay_s)
+        for cid in request.cids:
+            await framed.send(ChunkMissing(cid))
+
+    h.p2p.set_stream_handler(CHUNKS_PROTOCOL, _chunk_handler(answer))
+
+
+def serve_bogus_hints(h: Hostile, holders: list[str]) -> None:
+    """Every chunk is "rationed", naming `holders` that do not exist (or do not have it)."""
+
+    async def answer(framed: FramedStream, request: ChunkRequest) -> None:
+        for cid in request.cids:
+            await framed.send(ChunkMissing(cid, rationed=True, holders=tuple(holders[:4])))
+
+    h.p2p.set_stream_handler(CHUNKS_PROTOCOL, _chunk_handler(answer))
+
+
+def serve_grant_to(h: Hostile, host: str, port: int) -> None:
+    """Every data-plane chunk request is granted on `host:port` (another service on our address) with a token
+    of the attacker's choosing; requests without the data plane are answered "lacks it"."""
+
+    async def answer(framed: FramedStream, request: ChunkRequest) -> None:
+        if request.dataplane:
+            await framed.send(DataGrant(host, port, b"FLUSHALL\r\nQUIT\r\n" * 2, request.cids))
+        else:
+            for cid in request.cids:
+                await framed.send(ChunkMissing(cid))
+
+    h.p2p.set_stream_handler(CHUNKS_PROTOCOL, _chunk_handler(answer))
+
+
+@dataclass
+class Bystander:
+    """A TCP service that records every byte it is sent (the service a hostile grant aims at)."""
+
+    port: int = 0
+    received: bytearray = field(default_factory=bytearray)
+    connections: int = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._serve, listeners)
+
+    async def _serve(self, sock: trio.SocketStream) -> None:
+        self.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            with trio.move_on_after(30):
+                while data := await sock.receive_some(4096):
+                    self.received += data
+        await sock.aclose()
+
+
+class AttackThread:
+    """An attack on its own trio loop in a thread. `body(ready, stop)` is an async function that sets the trio
+    event `ready` once it is under way and ends when `stop` is set (or by itself); its return value is the
+    attack's stats."""
+
+    def __init__(self, body: Callable[[Any, Any], Awaitable[dict]]) -> None:
+        self.body = body
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self.result: dict = {}
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+
+        async def main() -> None:
+            ready, stop = trio.Event(), trio.Event()
+
+            async def relay() -> None:
+                await ready.wait()
+                self.ready.set()
+
+            async def watch_stop() -> None:
+                while not self._stop.is_set():
+                    await trio.sleep(0.05)
+                stop.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay)
+                nursery.start_soon(watch_stop)
+                self.result = await self.body(ready, stop) or {}
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+        finally:
+            self.ready.set()
+
+    def start(self, timeout: float = 120) -> "AttackThread":
+        self._thread.start()
+        self.ready.wait(timeout)
+        if self.error is not None:
+            raise RuntimeError(f"attack failed to start: {self.error!r}")
+        return self
+
+    def stop(self, timeout: float = 120) -> dict:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise RuntimeError(f"attack failed: {self.error!r}") from self.error
+        return self.result
+
+
+# --- memory of the attacked process ---------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples a process's resident memory every `every_s` in a thread: `with RssSampler(pid) as s: ...`,
+    then `s.peak` (bytes)."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.every_s = every_s
+        self.peak = 0
+        self.last = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.last = self.rss()
+            except Exception:  # the process is gone
+                return
+            self.peak = max(self.peak, self.last)
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = self.last = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(Exception):
+            self.last = self.rss()
+            self.peak = max(self.peak, self.last)

@@ -1,0 +1,166 @@
+"""node/quota.py and node/announcements.py alone: per-peer shares, fair slots, rate gates, counted refusals,
+the bounded announcement table (trio for the slots' waiting, fake clocks for the rest)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from kvswap.errors import Busy
+from kvswap.node.announcements import AnnouncementTable
+from kvswap.node.quota import FairSlots, PeerCounter, RateGate, RefusalLog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_peer_counter_refuses_a_peer_at_its_share_and_everyone_at_the_total():
+    c = PeerCounter(total=5, per_peer=2)
+    assert c.acquire("x") and c.acquire("x")
+    assert not c.acquire("x")  # x is at its share; others are not
+    assert c.acquire("y") and c.acquire("y") and c.acquire("z")
+    assert not c.acquire("w")  # the total is reached
+    c.release("x")
+    assert c.acquire("w") and c.count("x") == 1
+    for peer in ("x", "y", "y", "z", "w"):
+        c.release(peer)
+    assert c.held == {} and c.in_use == 0  # peers holding nothing are forgotten
+    with pytest.raises(RuntimeError):
+        c.release("x")
+
+
+def test_fair_slots_take_turns_between_peers_instead_of_first_come():
+    """A flooder queues 6 requests before an honest peer asks once; with one slot, the honest request is served
+    second, not seventh."""
+    order: list[str] = []
+
+    async def main():
+        slots = FairSlots(capacity=1, per_peer=1)
+
+        async def ask(peer: str, i: int) -> None:
+            async with slots.hold(peer, timeout=10):
+                order.append(f"{peer}{i}")
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(ask, "flood", i)
+                await trio.sleep(0)
+            await trio.sleep(0.001)
+            nursery.start_soon(ask, "honest", 0)
+        assert slots.in_use == 0 and slots.waiting() == 0
+
+    trio.run(main)
+    assert order[:3] == ["flood0", "flood1", "honest0"]  # flood0 held it; one turn each from then on
+    assert sorted(order) == sorted([f"flood{i}" for i in range(6)] + ["honest0"])
+
+
+def test_fair_slots_cap_what_one_peer_holds():
+    async def main():
+        slots = FairSlots(capacity=4, per_peer=2)
+        await slots.acquire("x")
+        await slots.acquire("x")
+        with pytest.raises(Busy):
+            await slots.acquire("x", timeout=0.05)  # slots are free, but x holds its share
+        await slots.acquire("y")  # another peer is not held up by x
+        assert slots.held == {"x": 2, "y": 1} and slots.refused == 1
+        slots.release("x")
+        await slots.acquire("x", timeout=0.05)
+
+    trio.run(main)
+
+
+def test_fair_slots_wait_times_out_with_busy_and_leaves_the_queue():
+    async def main():
+        slots = FairSlots(capacity=1, per_peer=1)
+        await slots.acquire("x")
+        with pytest.raises(Busy, match="no serve slot free within"):
+            await slots.acquire("y", timeout=0.05)
+        assert slots.waiting() == 0
+        slots.release("x")
+        await slots.acquire("y", timeout=0.05)  # the timed-out waiter did not keep a claim
+
+    trio.run(main)
+
+
+def test_fair_slots_max_pending_refuses_at_once():
+    async def main():
+        slots = FairSlots(capacity=1, per_peer=1, max_pending=1)
+        await slots.acquire("x")
+        with pytest.raises(Busy, match="already has 1"):
+            await slots.acquire("x", timeout=10)  # refused at once, not after 10 s
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slots.acquire, "y", 10)  # another peer waits its turn
+            await trio.sleep(0.01)
+            assert slots.waiting("y") == 1
+            slots.release("x")
+        assert slots.held == {"y": 1}
+
+    trio.run(main)
+
+
+def test_a_waiter_cancelled_before_or_after_its_grant_leaves_nothing_behind():
+    async def holder(slots: FairSlots, peer: str) -> None:
+        async with slots.hold(peer, timeout=10):
+            await trio.sleep_forever()
+
+    async def main():
+        slots = FairSlots(capacity=1, per_peer=1)
+        await slots.acquire("x")
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(holder, slots, "y")
+                nursery.start_soon(holder, slots, "z")
+                await trio.sleep(0.01)
+                slots.release("x")  # grants y's waiter...
+                scope.cancel()  # ...and both waiters are cancelled before they run
+        assert slots.in_use == 0 and slots.held == {} and slots.waiting() == 0
+
+    trio.run(main)
+
+
+def test_rate_gate_bursts_then_refills_per_key_and_forgets_the_least_recent():
+    clock = Clock()
+    gate = RateGate(burst=3, rate_per_s=1.0, max_keys=2, clock=clock)
+    assert [gate.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert gate.allow("b")  # another key has its own burst
+    clock.now = 1.0
+    assert gate.allow("a") and not gate.allow("a")  # one token back per second
+    gate.allow("c")  # a third key: "b", the least recently seen, is forgotten
+    assert len(gate) == 2 and gate.denied == 2
+
+
+def test_refusal_log_counts_a_flood_in_one_line_per_interval(caplog):
+    clock = Clock()
+    log = RefusalLog(logging.getLogger("test.refusals"), "refused", interval_s=10, clock=clock)
+    with caplog.at_level(logging.INFO, logger="test.refusals"):
+        assert log.note("first")
+        for i in range(999):
+            assert not log.note(f"n{i}")
+        clock.now = 10.0
+        assert log.note("later")
+    assert log.total == 1001
+    assert [r.getMessage() for r in caplog.records] == ["refused: first", "refused: later (999 more since the last line)"]
+
+
+def test_announcement_table_is_bounded_per_publisher_and_in_total_and_expires():
+    clock = Clock()
+    table = AnnouncementTable(max_entries=5, per_peer=2, ttl_s=100, clock=clock)
+    for i in range(10):  # a publisher flooding bogus CIDs keeps only its newest 2
+        table.add(f"cid{i}", "flooder", {"cid": f"cid{i}"})
+    assert [e["cid"] for e in table.recent(10)] == ["cid8", "cid9"]
+    for p in range(4):
+        table.add(f"x{p}", f"peer{p}", {"cid": f"x{p}"})
+    assert len(table) == 5  # the oldest went when the table was full
+    assert [e["cid"] for e in table.recent(3)] == ["x1", "x2", "x3"]
+    table.add("x3", "peer3", {"cid": "x3", "again": True})  # a repeat refreshes, it does not duplicate
+    assert len(table) == 5 and table.recent(1)[0].get("again")
+    clock.now = 150.0
+    assert len(table) == 0 and table.recent(5) == []  # expired
