@@ -14,7 +14,7 @@ every attack: the machine is shared, and its load drifts) (target: <= 3x); A's r
 peak over its idle level (target: <= the stated bound, NETWORK.md "Quotas": 200 MB); what the attack got
 (streams opened, grants held, connections dropped) and what A refused (its status counters). Slow
 providers: three hostile providers connected to B that serve the real manifest but stall, answer
-ChunkMissing after 55 s, or name bogus holders; B's get vs quiet (target: <= 2x). Hosted generation:
+ChunkMissing after 55 s, or name bogus holders; B's fetch vs quiet (target: <= 2x; the whole CLI get beside it). Hosted generation:
 three maximum-length generations from one peer, then an honest 8-token `kvswap generate --host A` from B.
 Writes bench/results/hostile.json.
 """
@@ -263,10 +263,11 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
                    "fetch_s": round(fetch, 3), "fetch_ratio": round(fetch / q_fetch, 2), "gets": gets,
                    "rss_peak_over_idle_mb": round((sampler.peak - idle_rss) / 1e6, 1),
                    "rss_after_over_idle_mb": round((after - idle_rss) / 1e6, 1),
-                   "rss_before_over_idle_mb": round((base - idle_rss) / 1e6, 1), "attack_stats": stats,
+                   "rss_before_over_idle_mb": round((base - idle_rss) / 1e6, 1),
+                   "rss_peak_over_before_mb": round((sampler.peak - base) / 1e6, 1), "attack_stats": stats,
                    "node_log_lines": _lines(a.home / "node.log")}
             print(f"  {name:<48} get {wall:6.2f} s ({row['get_ratio']:.2f}x)  fetch {fetch:6.3f} s "
-                  f"({row['fetch_ratio']:.2f}x)  RSS +{row['rss_peak_over_idle_mb']:.0f} MB  {stats}", flush=True)
+                  f"({row['fetch_ratio']:.2f}x)  RSS peak {_growth(row):+.0f} MB  {stats}", flush=True)
             return row
 
         rows = []
@@ -319,10 +320,17 @@ def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: boo
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _growth(row: dict) -> float:
+    """An attack's memory cost: the attacked node's peak RSS over its idle level or over its level just before
+    the attack, whichever is larger (Python's allocator gives memory back at its own pace, so the level when
+    an attack starts can sit above or below the idle one)."""
+    return max(row["rss_peak_over_idle_mb"], row.get("rss_peak_over_before_mb", row["rss_peak_over_idle_mb"]))
+
+
 def print_summary(r: dict) -> None:
     t = r["targets"]
     worst_get = max((x["get_ratio"] for x in r["floods"]), default=0.0)
-    worst_rss = max((x["rss_peak_over_idle_mb"] for x in r["floods"] + r["slow_providers"]), default=0.0)
+    worst_rss = max((_growth(x) for x in r["floods"] + r["slow_providers"]), default=0.0)
     worst_slow = max((x["get_ratio"] for x in r["slow_providers"]), default=0.0)
     worst_slow_fetch = max((x["fetch_ratio"] for x in r["slow_providers"]), default=0.0)
     print(f"hostile: quiet get {r['quiet']['get_wall_s']:.2f} s (fetch {r['quiet']['fetch_s']:.3f} s); "
@@ -331,8 +339,8 @@ def print_summary(r: dict) -> None:
           f"{'MET' if worst_get <= t['get_ratio'] else 'MISSED'}")
     print(f"  worst RSS over idle under attack: {worst_rss:.0f} MB (target <= {t['rss_mb']:.0f}) -> "
           f"{'MET' if worst_rss <= t['rss_mb'] else 'MISSED'}")
-    print(f"  worst get with slow providers: {worst_slow:.2f}x (fetch alone {worst_slow_fetch:.2f}x; target <= "
-          f"{t['slow_ratio']}) -> {'MET' if worst_slow <= t['slow_ratio'] else 'MISSED'}")
+    print(f"  worst fetch with slow providers: {worst_slow_fetch:.2f}x quiet (the whole CLI get {worst_slow:.2f}x; "
+          f"target <= {t['slow_ratio']}) -> {'MET' if worst_slow_fetch <= t['slow_ratio'] else 'MISSED'}")
 
 
 def main(argv: list[str] | None = None) -> None:
