@@ -27,7 +27,9 @@ The rules (the numbers are protocol/limits.py's):
   the one with fewest failures, the one known longest; slow or overdue peers only when no other may be.
 - A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
   be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
-- A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch.
+- A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch. One
+  that still rations it RATION_GIVE_UP_S after it first did (an honest node serves a fetcher it refused for
+  RATION_PATIENCE_S) counts as lacking it for good: liars that ration everything cannot hold a fetch open.
 - A request that fails (stall, reset, garbage, a chunk of the wrong size) or a chunk whose bytes do not match
   its CID costs the peer one failure; at MAX_PROVIDER_FAILURES it is dropped. Its chunks go back to the queue
   (a corrupt chunk to the front).
@@ -269,10 +271,12 @@ class _Request:
 
 @dataclass
 class _Pacing:
-    """Per (peer, chunk): when it may be asked next, and how often it said it lacks the chunk."""
+    """Per (peer, chunk): when it may be asked next, how often it said it lacks the chunk, and when it first
+    rationed it."""
 
     not_before: dict[tuple[str, Cid], float] = field(default_factory=dict)
     lack_asks: dict[tuple[str, Cid], int] = field(default_factory=dict)
+    rationed_since: dict[tuple[str, Cid], float] = field(default_factory=dict)
 
 
 class FetchPlan:
@@ -545,7 +549,15 @@ class FetchPlan:
         return asks >= limits.MAX_LACK_ASKS
 
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
-        self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+        """`peer` rationed `cid`: ask it again after RATION_RETRY_S, or never once it has rationed the chunk for
+        RATION_GIVE_UP_S (an honest node would have served it by then); follow the holders it names."""
+        since = self._pacing.rationed_since.setdefault((peer, cid), now)
+        if now - since >= limits.RATION_GIVE_UP_S:
+            self._pacing.not_before[(peer, cid)] = math.inf
+            log.info("provider %s still rations chunk %s after %.1f s: taken as lacking it", peer[:16], cid.short(),
+                     now - since)
+        else:
+            self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
         self.peers[peer].rationed += 1
         if self.peers[peer].bad_hints >= limits.MAX_BAD_HINTS:
             return  # its hints led nowhere before: ask it again after its retry, not whom it names

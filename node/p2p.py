@@ -9,6 +9,8 @@ peer id. Facts about py-libp2p 0.8.1 this module relies on (measured here):
   nodes accept more (limits.PROVIDER_RATE_MAX), and our re-provide loop paces itself.
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
+- A secure-channel write cut by a trio cancellation (after the frame was encrypted, or half sent) kills the
+  whole connection to that peer; node/securewrite.py makes each such write run to its end (installed here).
 
 The DHT keys themselves (CID strings, document keys) are defined in protocol/names.py: peers must agree on them.
 
@@ -49,6 +51,7 @@ from libp2p.tools.anyio_service.exceptions import ServiceException
 from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
 
+from . import securewrite
 from .quota import RateGate, RefusalLog
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 for _name, _level in (("libp2p.kad_dht.kad_dht", logging.ERROR), ("libp2p.network.auto_connector", logging.WARNING)):
     if logging.getLogger(_name).level < _level:
         logging.getLogger(_name).setLevel(_level)
+
+securewrite.install()  # before any host exists: our timeouts cancel libp2p work, which must not kill connections
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]

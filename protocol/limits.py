@@ -209,6 +209,11 @@ MAX_HOLDER_HINTS = 4
 MAX_PEER_ID_CHARS = 64
 #: Seconds before a fetcher asks again for a chunk a provider rationed.
 RATION_RETRY_S = 0.5
+#: Seconds after a peer first rationed a chunk to a fetch past which its further rationed answers for that chunk
+#: count as lacking it for good: an honest node serves a fetcher it has refused for RATION_PATIENCE_S, so one
+#: still rationing twice that long later (a margin for latency) is lying, and a fetch whose only live peers
+#: do so fails with NotFound instead of asking them every RATION_RETRY_S forever.
+RATION_GIVE_UP_S = 2 * RATION_PATIENCE_S
 #: Seconds before a fetcher asks a peer again for a chunk it lacked (doubling after each miss: the peer
 #: may be fetching it right now).
 LACK_RETRY_S = 0.2

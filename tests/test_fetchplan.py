@@ -532,3 +532,37 @@ def test_a_peer_that_only_rations_is_asked_after_one_that_sends():
     assert only_request(out).peer == "B"
     _answer_all(sim, sim.only(), 0.1)
     assert sim.only().peer == "B"  # R is idle and known first, but it only rations
+
+
+def test_peers_that_ration_past_an_honest_nodes_patience_count_as_lacking_so_the_fetch_ends():
+    """Issue 15's flaky hints test: two liars answer every chunk "rationed" naming holders that do not exist,
+    and the honest provider is gone (its connection died). An honest node serves a fetcher it refused for
+    RATION_PATIENCE_S; a peer still rationing a chunk RATION_GIVE_UP_S after it first did counts as lacking it,
+    so the fetch looks the chunks up and fails with NotFound instead of asking the liars every RATION_RETRY_S
+    for ever (it spun until the test's 60 s timeout)."""
+    sim = Sim(plan(4, peers=("L1", "L2", "H"), parallel=2))
+    bogus = {"L1": ("X1", "X2", "X3", "X4"), "L2": ("X5", "X6", "X7", "X8")}
+    asked: dict[str, int] = {}
+    out, lookups, now = sim.apply(Tick(), 0.0), [], 0.0
+    while now < 120 and not any(isinstance(a, (Done, Failed)) for a in out):
+        lookups += [a.cid for a in out if isinstance(a, FindProviders)]
+        out = []
+        for req in sorted(sim.inflight.values(), key=lambda r: r.request):
+            asked[req.peer] = asked.get(req.peer, 0) + 1
+            if req.peer in bogus:
+                for blob in req.blobs:
+                    sim.apply(ChunkRationed(req.request, blob.cid, bogus[req.peer]), now)
+                out += sim.apply(RequestEnded(req.request), now)
+            else:  # H's connection is dead, the named holders do not exist
+                out += sim.apply(RequestEnded(req.request, failure="cannot open a stream"), now)
+        for cid in lookups:  # the DHT knows nobody else
+            out += sim.apply(LookupDone(cid, ()), now)
+        lookups = []
+        now += 0.1
+        out += sim.apply(Tick(), now)
+    failed = [a for a in out if isinstance(a, Failed)]
+    assert failed, f"still asking at {now:.1f} s: {asked}"
+    assert isinstance(failed[0].error, NotFound)
+    assert now < limits.RATION_GIVE_UP_S + 2  # not 120: the liars are given up chunk by chunk
+    assert asked["L1"] + asked["L2"] <= 2 * 4 * (limits.RATION_GIVE_UP_S / limits.RATION_RETRY_S + 2)
+    assert asked["H"] == limits.MAX_PROVIDER_FAILURES

@@ -172,6 +172,36 @@ def test_hosted_generation_round_trip_and_refusal(tmp_path):
     trio.run(main)
 
 
+def test_a_cancelled_write_leaves_the_connection_usable(tmp_path):
+    """Every stream to a peer shares one Noise session, and py-libp2p encrypts a frame (spending a nonce) before
+    it writes it, with checkpoints between. A cancellation landing there (any timeout of ours that interrupts
+    libp2p work, e.g. a late chunk request dialling a bogus holder) used to leave the frame unsent and the peer
+    unable to decrypt anything after it: the whole connection died (issue 15's flaky hints test). Here a Yamux
+    ping is written on the session in a scope cancelled before the write, as when the cancellation arrives
+    while the frame waits for the socket: the connection must carry requests afterwards."""
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                server, client = await start_nodes(nursery, tmp_path, 2)
+                manifest, chunks, _ = make_artifact(1, 1024)
+                v = server.store.add(manifest, chunks)
+                await client.p2p.connect(server.addrs[0])
+                (conn,) = client.p2p.host.get_network().get_connections(server.p2p.host.get_id())
+                ping = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, 7)
+                for _ in range(3):
+                    with trio.CancelScope() as scope:
+                        scope.cancel()
+                        await conn.muxed_conn.secured_conn.write(ping)
+                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                    assert reply.manifest == manifest
+                assert client.p2p.host.get_network().get_connections(server.p2p.host.get_id()) == [conn]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 class _FailingArtifacts(DirArtifacts):
     """Serves manifests, but finding or reading any chunk fails: with a kvswap error, or with a bug."""
 
