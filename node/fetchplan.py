@@ -22,8 +22,9 @@ The rules (the numbers are protocol/limits.py's):
 - Chunks are asked for in a random order (fetchers that start together want different chunks first), at most
   FETCH_PARALLEL_CHUNKS requests in flight, each a batch of up to FETCH_BATCH_CHUNKS chunks, closed once it
   reaches FETCH_BATCH_BYTES, and smaller as the queue drains so the last requests still spread over peers.
-- The peer asked for a chunk: one a rationing peer named as holder of it first (while that holder neither
-  failed nor lagged), then one not yet tried for it, one that sends more than it rations, the least busy,
+- The peer asked for a chunk: one a rationing peer named as holder of it, or one that has already delivered
+  chunks to this fetch and sends more than it rations, first (while it neither failed nor lagged: a hint
+  names a holder nobody has vouched for yet), then one not yet tried for it, one that sends more than it rations, the least busy,
   the one with fewest failures, the one known longest; slow or overdue peers only when no other may be.
 - A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
   be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
@@ -526,7 +527,11 @@ class FetchPlan:
             lagging = state.slow > 0 or p in self._overdue_peers
             trusted_hint = p in named and not state.failures and not lagging  # a named holder that delivers
             rationing = state.rationed > state.served  # it mostly points elsewhere: ask it after the others
-            return lagging, not trusted_hint, p in tried, rationing, state.busy, state.failures, state.rank
+            # a peer that has delivered chunks to this fetch ranks with a named holder: a hint names a holder
+            # nobody has vouched for yet, and hints from a liar must not steer chunks away from a proven source
+            proven = state.served > 0 and not rationing and not state.failures and not lagging
+            return (lagging, not (trusted_hint or proven), p in tried, rationing, state.busy, state.failures,
+                    state.rank)
 
         return min(options, key=preference)
 

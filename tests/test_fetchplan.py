@@ -521,6 +521,26 @@ def test_a_holder_known_only_from_hints_is_asked_only_for_the_chunks_it_was_name
     assert requests(out) and all(r.peer == "H" and first not in r.blobs for r in requests(out))
 
 
+def test_a_peer_that_has_delivered_ranks_with_a_named_holder_so_a_liars_hint_does_not_steer_a_chunk_away():
+    """A rationing peer names a holder nobody has vouched for; a peer that has already delivered chunks to this
+    fetch is asked for the chunk first (issue 15: three providers naming bogus holders held chunks away from
+    the honest one for the length of a failed dial each)."""
+    sim = Sim(plan(3, peers=("L", "A"), parallel=1))
+    sim.apply(Tick(), 0.0)
+    first = sim.only()
+    assert first.peer == "L"
+    rationed = first.blobs[0].cid
+    sim.apply(ChunkRationed(first.request, rationed, ("X",)), 0.0)
+    sim.apply(RequestEnded(first.request), 0.0)
+    while sim.inflight:
+        req = sim.only()
+        if rationed in {b.cid for b in req.blobs}:
+            break
+        assert req.peer == "A"
+        _answer_all(sim, req, 0.0)
+    assert req.peer == "A"  # not X, named by L for this chunk: A has delivered, X is a stranger
+
+
 def test_a_peer_that_only_rations_is_asked_after_one_that_sends():
     sim = Sim(plan(20, peers=("R", "B"), parallel=1))
     sim.apply(Tick(), 0.0)
