@@ -188,13 +188,14 @@ class Store:
         with self._write_lock:
             db = self._db()
             db.execute("BEGIN IMMEDIATE")
+            committed = False
             try:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            else:
                 db.execute("COMMIT")
+                committed = True
+            finally:
+                if not committed:  # the body failed or was interrupted: nothing of it stays
+                    db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._conns_lock:
@@ -762,6 +763,7 @@ class Store:
         envelopes = decode_envelopes(_read_record(fh, REC_ENVELOPES, MAX_ENVELOPES_BYTES, "envelopes"))
         verify_envelopes(envelopes, manifest.cid, policy, model_fingerprint=manifest.model_fingerprint)
         new = self.put_manifest(manifest, envelopes)
+        imported = False
         try:
             for blob in manifest.blobs():
                 data = _read_record(fh, REC_BLOB, MAX_CHUNK_STORED_BYTES, "blob", exact=blob.stored_size)
@@ -769,10 +771,10 @@ class Store:
             _read_record(fh, REC_END, 0, "end")
             if fh.read(1):
                 raise FormatError("export file has trailing bytes after its end record")
-        except BaseException:
-            if new:
+            imported = True
+        finally:
+            if new and not imported:  # a bad file, or an interrupt: the half-imported artifact goes
                 self.remove(manifest.cid, force=True)
-            raise
         return manifest
 
 

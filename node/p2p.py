@@ -110,7 +110,7 @@ def advertised(candidates: Iterable[Any], interfaces: Callable[[int], list[Any]]
     for addr in candidates:
         try:
             wildcard = addr.value_for_protocol("ip4") == "0.0.0.0"
-        except Exception:  # no ip4 component (ip6, dns...): as it is
+        except LookupError:  # no ip4 component (ip6, dns...): as it is (multiaddr's ProtocolLookupError)
             wildcard = False
         if not wildcard:
             out.append(addr)

@@ -349,11 +349,13 @@ class Testnet:
     def __enter__(self) -> "Testnet":
         if threading.current_thread() is threading.main_thread():
             self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+        created = False
         try:
             self.create()
-        except BaseException:
-            self.destroy()
-            raise
+            created = True
+        finally:
+            if not created:  # a failed or interrupted create leaves no namespaces or links behind
+                self.destroy()
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:

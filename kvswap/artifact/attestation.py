@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..cid import Cid
 from ..errors import FormatError, IntegrityError, LimitExceeded
 from ..protocol.limits import MAX_ATTESTATIONS_BYTES, MAX_CHUNKS
+from .manifest import MSGPACK_DECODE_ERRORS
 
 DOMAIN = b"kvswap/audit-attestation/v1\n"
 _TIME = struct.Struct(">Q")
@@ -68,7 +69,7 @@ def parse_statement(data: bytes) -> dict:
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0,
                               max_array_len=MAX_CHUNKS, max_str_len=256, max_bin_len=0)
-    except Exception as exc:  # noqa: BLE001 - msgpack's many exception types: one boundary
+    except MSGPACK_DECODE_ERRORS as exc:
         raise FormatError(f"attestation statement is not msgpack ({type(exc).__name__})") from None
     if type(obj) is not dict or set(obj) != _STATEMENT_KEYS:
         raise FormatError("attestation statement has unexpected or missing fields")
@@ -138,7 +139,7 @@ def decode_attestations(data: bytes) -> list[Attestation]:
         raise LimitExceeded(f"attestation list is {len(data)} bytes, over MAX_ATTESTATIONS_BYTES ({MAX_ATTESTATIONS_BYTES})")
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0)
-    except Exception as exc:  # noqa: BLE001 - msgpack's many exception types: one boundary
+    except MSGPACK_DECODE_ERRORS as exc:
         raise FormatError(f"attestations: not valid msgpack ({type(exc).__name__})") from None
     if type(obj) is not list:
         raise FormatError("attestations: expected a list")

@@ -34,6 +34,10 @@ from ..protocol.limits import (
 )
 from . import chunking, codecs
 
+#: what msgpack raises on bytes that are not valid msgpack within the given bounds (ExtraData, StackError and
+#: its FormatError are ValueErrors; unhashable map keys are TypeErrors): the one decode boundary of the format
+MSGPACK_DECODE_ERRORS = (msgpack.UnpackException, ValueError, TypeError)
+
 #: bumped on any change to the manifest fields or the chunk byte layout
 FORMAT_VERSION = 1
 #: the "format" field: tells a kvswap manifest from any other msgpack map
@@ -267,7 +271,7 @@ def decode_manifest(data: bytes | memoryview, expected_cid: Cid | None = None) -
             max_bin_len=MAX_MANIFEST_BYTES, max_str_len=4096, max_array_len=MAX_CHUNKS, max_map_len=64,
             max_ext_len=0,
         )
-    except Exception as exc:  # msgpack raises ValueError, ExtraData, StackError, TypeError...: one boundary
+    except MSGPACK_DECODE_ERRORS as exc:
         raise FormatError(f"manifest: not valid msgpack ({type(exc).__name__}: {exc})"[:300]) from None
     d = _map(obj, _TOP_KEYS, "manifest")
     if d.get("format") != FORMAT_NAME:

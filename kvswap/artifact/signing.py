@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from ..cid import Cid
 from ..errors import FormatError, IntegrityError, LimitExceeded, UntrustedSigner
 from ..protocol.limits import MAX_ENVELOPES_BYTES
+from .manifest import MSGPACK_DECODE_ERRORS
 
 DOMAIN = b"kvswap/manifest-signature/v1\n"
 SEED_BYTES = 32
@@ -135,7 +136,7 @@ def decode_envelopes(data: bytes) -> list[Envelope]:
         raise LimitExceeded(f"envelope list is {len(data)} bytes, over MAX_ENVELOPES_BYTES ({MAX_ENVELOPES_BYTES})")
     try:
         obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0)
-    except Exception as exc:  # msgpack's many exception types: one boundary
+    except MSGPACK_DECODE_ERRORS as exc:
         raise FormatError(f"envelopes: not valid msgpack ({type(exc).__name__})") from None
     if type(obj) is not list:
         raise FormatError("envelopes: expected a list")

@@ -48,7 +48,7 @@ def hub_snapshot(repo_id: str) -> Path | None:
         return None
     try:
         hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # invalid repo id strings raise; treat as "not here"
+    except (ValueError, OSError):  # an invalid repo id (HFValidationError), an unreadable cache: "not here"
         return None
     if not isinstance(hit, str):
         return None
