@@ -40,9 +40,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..cid import Cid
-from ..errors import FormatError, IntegrityError, LimitExceeded
+from ..errors import FormatError, IntegrityError
 from ..protocol.limits import MAX_ATTESTATIONS_BYTES, MAX_CHUNKS
-from .manifest import MSGPACK_DECODE_ERRORS
+from .manifest import MSGPACK_DECODE_ERRORS, pack_list, unpack_list
 
 DOMAIN = b"kvswap/audit-attestation/v1\n"
 _TIME = struct.Struct(">Q")
@@ -127,22 +127,12 @@ def sign_attestation(key, cid: Cid, statement: bytes, when: int | None = None) -
 def encode_attestations(attestations: list[Attestation]) -> bytes:
     """msgpack array of attestation maps (sorted keys), sorted by (auditor, time, signature)."""
     ordered = sorted(attestations, key=lambda a: (a.auditor, a.time, a.signature))
-    data = msgpack.packb([a.to_dict() for a in ordered], use_bin_type=True)
-    if len(data) > MAX_ATTESTATIONS_BYTES:
-        raise LimitExceeded(f"{len(attestations)} attestations take {len(data)} bytes, over MAX_ATTESTATIONS_BYTES")
-    return data
+    return pack_list([a.to_dict() for a in ordered], MAX_ATTESTATIONS_BYTES, "MAX_ATTESTATIONS_BYTES", "attestation")
 
 
 def decode_attestations(data: bytes) -> list[Attestation]:
     """Parse an attestation list (signatures NOT verified here: Attestation.verify)."""
-    if len(data) > MAX_ATTESTATIONS_BYTES:
-        raise LimitExceeded(f"attestation list is {len(data)} bytes, over MAX_ATTESTATIONS_BYTES ({MAX_ATTESTATIONS_BYTES})")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0)
-    except MSGPACK_DECODE_ERRORS as exc:
-        raise FormatError(f"attestations: not valid msgpack ({type(exc).__name__})") from None
-    if type(obj) is not list:
-        raise FormatError("attestations: expected a list")
+    obj = unpack_list(data, MAX_ATTESTATIONS_BYTES, "MAX_ATTESTATIONS_BYTES", "attestation")
     out = []
     for a in obj:
         if type(a) is not dict or set(a) != _KEYS:

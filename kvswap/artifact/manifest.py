@@ -38,6 +38,27 @@ from . import chunking, codecs
 #: its FormatError are ValueErrors; unhashable map keys are TypeErrors): the one decode boundary of the format
 MSGPACK_DECODE_ERRORS = (msgpack.UnpackException, ValueError, TypeError)
 
+
+def pack_list(items: list[dict], max_bytes: int, limit_name: str, noun: str) -> bytes:
+    """A signature-side list (envelopes, attestations) as one msgpack array, within its byte limit."""
+    data = msgpack.packb(items, use_bin_type=True)
+    if len(data) > max_bytes:
+        raise LimitExceeded(f"{len(items)} {noun}s take {len(data)} bytes, over {limit_name}")
+    return data
+
+
+def unpack_list(data: bytes, max_bytes: int, limit_name: str, noun: str) -> list:
+    """The msgpack array `pack_list` wrote, checked for size and shape (its items are the caller's to check)."""
+    if len(data) > max_bytes:
+        raise LimitExceeded(f"{noun} list is {len(data)} bytes, over {limit_name} ({max_bytes})")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0)
+    except MSGPACK_DECODE_ERRORS as exc:
+        raise FormatError(f"{noun}s: not valid msgpack ({type(exc).__name__})") from None
+    if type(obj) is not list:
+        raise FormatError(f"{noun}s: expected a list")
+    return obj
+
 #: bumped on any change to the manifest fields or the chunk byte layout
 FORMAT_VERSION = 1
 #: the "format" field: tells a kvswap manifest from any other msgpack map

@@ -21,15 +21,14 @@ import time as _time
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..cid import Cid
-from ..errors import FormatError, IntegrityError, LimitExceeded, UntrustedSigner
+from ..errors import FormatError, IntegrityError, UntrustedSigner
 from ..protocol.limits import MAX_ENVELOPES_BYTES
-from .manifest import MSGPACK_DECODE_ERRORS
+from .manifest import pack_list, unpack_list
 
 DOMAIN = b"kvswap/manifest-signature/v1\n"
 SEED_BYTES = 32
@@ -124,22 +123,12 @@ class Envelope:
 def encode_envelopes(envelopes: list[Envelope]) -> bytes:
     """msgpack array of maps {cid, signature, signer, time} (sorted keys), sorted by signer then time."""
     ordered = sorted(envelopes, key=lambda e: (e.signer, e.time, e.signature))
-    data = msgpack.packb([e.to_dict() for e in ordered], use_bin_type=True)
-    if len(data) > MAX_ENVELOPES_BYTES:
-        raise LimitExceeded(f"{len(envelopes)} envelopes take {len(data)} bytes, over MAX_ENVELOPES_BYTES")
-    return data
+    return pack_list([e.to_dict() for e in ordered], MAX_ENVELOPES_BYTES, "MAX_ENVELOPES_BYTES", "envelope")
 
 
 def decode_envelopes(data: bytes) -> list[Envelope]:
     """Parse an envelope list (signatures are NOT verified here; see verify_envelopes)."""
-    if len(data) > MAX_ENVELOPES_BYTES:
-        raise LimitExceeded(f"envelope list is {len(data)} bytes, over MAX_ENVELOPES_BYTES ({MAX_ENVELOPES_BYTES})")
-    try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_ext_len=0)
-    except MSGPACK_DECODE_ERRORS as exc:
-        raise FormatError(f"envelopes: not valid msgpack ({type(exc).__name__})") from None
-    if type(obj) is not list:
-        raise FormatError("envelopes: expected a list")
+    obj = unpack_list(data, MAX_ENVELOPES_BYTES, "MAX_ENVELOPES_BYTES", "envelope")
     out = []
     for e in obj:
         if type(e) is not dict or set(e) != {"cid", "signature", "signer", "time"}:
