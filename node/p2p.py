@@ -28,6 +28,7 @@ import functools
 import logging
 import math
 import sqlite3
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -35,6 +36,7 @@ import multiaddr
 import multiaddr.exceptions
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
@@ -130,6 +132,33 @@ class P2PConfig:
     reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S
 
 
+
+class _ConnectionTracker(INotifee):
+    """Every connection the host opened or accepted, held weakly: what `_close_connections` closes when the
+    host stops (py-libp2p's own table has forgotten most of them by then)."""
+
+    def __init__(self) -> None:
+        self.conns: weakref.WeakSet = weakref.WeakSet()
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self.conns.add(conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass  # kept until garbage: a connection "disconnected" by a cancellation may still hold its socket
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
 class P2PHost:
     """A running libp2p host with DHT and gossipsub. Use `async with P2PHost(cfg).running():` on trio."""
 
@@ -165,6 +194,8 @@ class P2PHost:
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns,
                              addrs_factory=advertised)
+        self._connections = _ConnectionTracker()
+        self.host.get_network().register_notifee(self._connections)
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
@@ -180,18 +211,35 @@ class P2PHost:
         )
         self.pubsub = Pubsub(self.host, self.gossipsub, max_inbound_rpc_size=limits.MAX_GOSSIP_RPC_BYTES)
         async with self.host.run(listen_addrs=listen):
-            async with background_trio_service(self.dht):
-                async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
-                    await self.pubsub.wait_until_ready()
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        nursery.start_soon(self._routing_sync_loop)
-                        nursery.start_soon(self._provide_worker)
-                        nursery.start_soon(self._reprovide_loop)
-                        for addr in self.config.bootstrap:
-                            nursery.start_soon(self._bootstrap, addr)
-                        task_status.started()
-                        await trio.sleep_forever()
+            try:
+                async with background_trio_service(self.dht):
+                    async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
+                        await self.pubsub.wait_until_ready()
+                        async with trio.open_nursery() as nursery:
+                            self._nursery = nursery
+                            nursery.start_soon(self._routing_sync_loop)
+                            nursery.start_soon(self._provide_worker)
+                            nursery.start_soon(self._reprovide_loop)
+                            for addr in self.config.bootstrap:
+                                nursery.start_soon(self._bootstrap, addr)
+                            task_status.started()
+                            await trio.sleep_forever()
+            finally:
+                await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        """Close every connection when the host stops. py-libp2p leaves them to task cancellation, which does
+        not close the sockets: a host stopped inside a longer-lived process (a test, a benchmark, an embedding
+        application) stayed connected, its peers kept sending it requests nobody answered, and each waited for
+        its deadline (bench hostile's slow mode). Peers see the connection end at once instead."""
+        with trio.CancelScope(shield=True), trio.move_on_after(limits.CONNECTION_CLOSE_TIMEOUT_S):
+            await self.host.get_network().close()
+            # the cancellation that stopped the host has already dropped most connections from the swarm's
+            # table (its clean-up marks them closed) without closing their muxers or sockets: close those too
+            for conn in list(self._connections.conns):
+                if not conn.muxed_conn.is_closed:
+                    with contextlib.suppress(*PEER_FAILURES):
+                        await conn.muxed_conn.close()
 
     async def _bootstrap(self, addr: str) -> None:
         """Dial a bootstrap peer until it answers (backing off to limits.BOOTSTRAP_RETRY_MAX_S): it may start after

@@ -86,6 +86,8 @@ MAX_MESSAGE_ARRAY = 4096
 REPROVIDE_INTERVAL_S = 300.0
 #: Seconds the daemon waits for its tasks on SIGINT/SIGTERM before it exits anyway.
 SHUTDOWN_TIMEOUT_S = 10.0
+#: Seconds a stopping libp2p host spends closing its connections (peers then see them end at once).
+CONNECTION_CLOSE_TIMEOUT_S = 2.0
 #: Largest control-API request body (bytes): a document to publish.
 MAX_API_BODY_BYTES = 64 * MiB
 #: Seconds the CLI waits for one control-API answer (long operations are jobs it polls instead).

@@ -273,3 +273,27 @@ def test_network_start_failures_are_clear(tmp_path):
             await net.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_stopped_host_closes_its_connections_so_peers_stop_asking_it(tmp_path):
+    """A host stopped inside a longer-lived process (a test, a benchmark, an embedding application) closes
+    its connections: its peers see it leave at once instead of sending requests nobody answers."""
+
+    async def main():
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                (a,) = await start_nodes(nursery, tmp_path, 1)
+                async with trio.open_nursery() as inner:
+                    store = DirArtifacts(tmp_path / "leaver")
+                    b = TrioNode(P2PConfig(seed=seed(9)), service=store, target=store)
+                    await inner.start(b.run)
+                    await b.p2p.connect(a.addrs[0])
+                    assert b.peer_id in a.p2p.connected_peers()
+                    inner.cancel_scope.cancel()  # B stops; the process (and A) go on
+                with trio.move_on_after(5):
+                    while b.peer_id in a.p2p.connected_peers():
+                        await trio.sleep(0.05)
+                assert b.peer_id not in a.p2p.connected_peers()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
