@@ -168,7 +168,10 @@ class Fetcher:
 
     async def resolve(self, key: FetchKey) -> list[str]:
         """Candidate providers: DHT providers first, then connected peers."""
-        found = await self.p2p.find_providers(key.dht_key)
+        return await self._providers_then_peers(key.dht_key)
+
+    async def _providers_then_peers(self, dht_key: str) -> list[str]:
+        found = await self.p2p.find_providers(dht_key)
         me = self.p2p.peer_id
         return [p for p in dict.fromkeys(found + self.p2p.connected_peers()) if p != me]
 
@@ -195,9 +198,7 @@ class Fetcher:
                 found.append((peer, verified))
 
         with trio.move_on_after(limits.OTHER_MODEL_LOOKUP_S):
-            holders = await self.p2p.find_providers(any_model_key(document_hash))
-            me = self.p2p.peer_id
-            peers = [p for p in dict.fromkeys(holders + self.p2p.connected_peers()) if p != me]
+            peers = await self._providers_then_peers(any_model_key(document_hash))
             async with trio.open_nursery() as nursery:
                 for peer in peers[:limits.MAX_OTHER_MODEL_ASKS]:
                     nursery.start_soon(ask, peer)
