@@ -8,9 +8,12 @@ Part 1, separation (for each model and dtype, the demo document, 64-token blocks
   honest, block-aligned   kvswap's own artifact audited on this machine (exact: 0 by design)
   honest, monolithic      the same document prefilled in ONE forward (another engine's or a plain transformers
                           publisher's bytes): the honest difference a tolerance audit must accept
-  each poisoning          tests/poison.py's six, block-aligned: the largest relative difference the audit
-                          measures, its factor over the honest monolithic difference, and whether the tolerance
-                          audit and the exact audit catch it
+  each poisoning          bench/harness/poison.py's, block-aligned, published with this machine's compute
+                          identity (as an honest publisher here would): among them one layer's V in one block
+                          scaled by 1+e, e in {0.5%, 1%, 2%, 5%}. The largest relative difference the audit
+                          measures, its factor over the honest monolithic difference, and whether the default
+                          audit (which picks exact here: the same computation), the tolerance audit and the
+                          exact audit catch it
 
 Part 2, cost (--cost-model at --cost-tokens, bf16): the publisher's block-aligned prefill and one monolithic
 forward, against `kvswap audit --fraction F` (load with every chunk verified + recompute of the drawn blocks
@@ -44,13 +47,14 @@ def _demo_text() -> str:
 
 
 def separation(model: str, dtype: str) -> dict:
+    from bench.harness.poison import POISONINGS, make_poisoned, publish
+    from kvswap.artifact.audit import TOLERANCE
     from kvswap.artifact.signing import NodeKey
-    from kvswap.audit import TOLERANCE
-    from kvswap.artifact.service import audit_stored
     from kvswap.engine import load_engine
-    from kvswap.errors import AuditFailed
-    from kvswap.store import Store
-    from tests.poison import POISONINGS, make_poisoned, publish
+    from kvswap.home import Home
+    from kvswap.modes import AuditMode
+    from kvswap.ops import audit_here
+    from kvswap.protocol.errors import AuditFailed
 
     engine = load_engine(model, dtype=dtype, device="cpu")
     text = _demo_text()
@@ -58,44 +62,50 @@ def separation(model: str, dtype: str) -> dict:
     key = NodeKey.generate()
     rows = {}
     try:
-        store = Store(work / "store", local_key=os.urandom(32))
+        home = Home(work / "auditor")
+        store = home.store
 
-        def audit(manifest, exact: bool) -> tuple[bool, float]:
+        def audit(manifest, mode: AuditMode) -> tuple[bool, float, str]:
+            """(passed, the largest difference measured, the mode the audit used)"""
             try:
-                r = audit_stored(engine, store, manifest.cid, full=True, require_exact=exact)
-                return True, r["max_rel"]
+                r = audit_here(home, engine, manifest.cid, full=True, mode=mode, sign=False)
+                return True, r["max_rel"], r["mode"]
             except AuditFailed as exc:
                 checks = exc.result.checks
-                return False, max(max(c["max_rel"], c["tail_rel"] or 0.0) for c in checks)
+                return False, max(max(c["max_rel"], c["tail_rel"] or 0.0) for c in checks), exc.result.mode
 
         ids = engine.tokenize(text)
         for name, step in (("honest_aligned", BLOCK), ("honest_monolithic", 0)):
             kv = engine.prefill(ids, step=step)
             manifest = publish(store, key, engine, kv, text, BLOCK)
-            passed, rel = audit(manifest, exact=False)
-            rows[name] = {"max_rel": rel, "tolerance_pass": passed, "exact_pass": audit(manifest, exact=True)[0]}
+            default_pass, _, used = audit(manifest, AuditMode.AUTO)
+            passed, rel, _ = audit(manifest, AuditMode.TOLERANCE)
+            rows[name] = {"max_rel": rel, "default_pass": default_pass, "default_mode": used, "tolerance_pass": passed,
+                          "exact_pass": audit(manifest, AuditMode.EXACT)[0]}
         honest = rows["honest_monolithic"]["max_rel"]
         for kind in POISONINGS:
             manifest = publish(store, key, engine, make_poisoned(engine, kind, text, OTHER, BLOCK), text, BLOCK)
-            tol_pass, rel = audit(manifest, exact=False)
-            exact_pass, _ = audit(manifest, exact=True)
+            default_pass, _, used = audit(manifest, AuditMode.AUTO)
+            tol_pass, rel, _ = audit(manifest, AuditMode.TOLERANCE)
+            exact_pass, _, _ = audit(manifest, AuditMode.EXACT)
             rows[kind] = {"max_rel": rel, "over_honest": (rel / honest) if honest else None,
-                          "over_tolerance": rel / TOLERANCE[dtype], "tolerance_caught": not tol_pass,
-                          "exact_caught": not exact_pass}
-        store.close()
+                          "over_tolerance": rel / TOLERANCE[dtype], "default_caught": not default_pass,
+                          "default_mode": used, "tolerance_caught": not tol_pass, "exact_caught": not exact_pass}
+        home.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": model, "dtype": dtype, "tokens": len(ids), "tolerance": TOLERANCE[dtype], "rows": rows}
+    return {"model": model, "dtype": dtype, "tokens": len(ids), "tolerance": TOLERANCE[dtype],
+            "compute": engine.compute_identity(), "rows": rows}
 
 
 def cost(model: str, n_tokens: int, fraction: float, repeats: int) -> dict:
-    from kvswap.artifact.pipeline import publish_kv
-    from kvswap.artifact.service import audit_stored
-    from kvswap.artifact.signing import NodeKey
-    from kvswap.cid import sha256_hex
-    from kvswap.engine import load_engine
-    from kvswap.store import Store
     from bench.reuse import document_ids
+    from kvswap.artifact.pipeline import publish_kv
+    from kvswap.artifact.signing import NodeKey
+    from kvswap.engine import load_engine
+    from kvswap.home import Home
+    from kvswap.ops import audit_here
+    from kvswap.protocol.cid import sha256_hex
 
     engine = load_engine(model, dtype="bf16")
     ids = document_ids(engine, n_tokens)
@@ -110,19 +120,20 @@ def cost(model: str, n_tokens: int, fraction: float, repeats: int) -> dict:
         mono_runs.append(time.perf_counter() - t0)
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-audit-cost-"))
     try:
-        store = Store(work / "store", local_key=os.urandom(32))
+        home = Home(work / "auditor")
         manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                       tokenizer_fingerprint=engine.tokenizer_fingerprint,
-                                      document_hash=sha256_hex(b"audit cost"), block_tokens=BLOCK)
-        store.put_artifact(manifest, [NodeKey.generate().sign_manifest(manifest.cid)], chunks)
+                                      document_hash=sha256_hex(b"audit cost"), block_tokens=BLOCK,
+                                      compute=engine.compute_identity())
+        home.store.put_artifact(manifest, [NodeKey.generate().sign_manifest(manifest.cid)], chunks)
         del kv
         audits = []
         for seed in range(repeats):
             t0 = time.perf_counter()
-            r = audit_stored(engine, store, manifest.cid, fraction=fraction, seed=seed)
+            r = audit_here(home, engine, manifest.cid, fraction=fraction, seed=seed, sign=False)
             audits.append({"total_s": time.perf_counter() - t0, "load_s": r["load_s"], "recompute_s": r["seconds"],
-                           "blocks": r["blocks"], "exact": r["exact"]})
-        store.close()
+                           "blocks": r["blocks"], "exact": r["exact"], "mode": r["mode"]})
+        home.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     aligned, mono = statistics.median(aligned_runs), statistics.median(mono_runs)
@@ -141,18 +152,21 @@ def render(result: dict) -> str:
     lines = []
     for sep in result["separation"]:
         lines.append(f"separation: {sep['model']} {sep['dtype']}, {sep['tokens']} tokens, tolerance {sep['tolerance']:g}")
-        lines.append(f"  {'artifact':<20} {'max rel diff':>12} {'x honest':>9} {'x tolerance':>11} {'tolerance audit':>16} "
-                     f"{'exact audit':>12}")
+        lines.append(f"  {'artifact':<20} {'max rel diff':>12} {'x honest':>9} {'x tolerance':>11} "
+                     f"{'default audit':>22} {'tolerance audit':>16} {'exact audit':>17}")
         for name, r in sep["rows"].items():
             if name.startswith("honest"):
                 verdict = lambda ok: "passes" if ok else "FALSE ALARM"  # noqa: E731
-                lines.append(f"  {name:<20} {r['max_rel']:>12.3g} {'':>9} {'':>11} {verdict(r['tolerance_pass']):>16} "
-                             f"{('passes' if r['exact_pass'] else 'fails (not exact)'):>12}")
+                default = f"{'passes' if r['default_pass'] else 'fails'} ({r['default_mode']})"
+                lines.append(f"  {name:<20} {r['max_rel']:>12.3g} {'':>9} {'':>11} {default:>22} "
+                             f"{verdict(r['tolerance_pass']):>16} "
+                             f"{('passes' if r['exact_pass'] else 'fails (not exact)'):>17}")
             else:
                 over = f"{r['over_honest']:.0f}x" if r["over_honest"] else "inf"
-                lines.append(f"  {name:<20} {r['max_rel']:>12.3g} {over:>9} {r['over_tolerance']:>10.1f}x "
-                             f"{('caught' if r['tolerance_caught'] else 'missed'):>16} "
-                             f"{('caught' if r['exact_caught'] else 'MISSED'):>12}")
+                default = f"{'caught' if r['default_caught'] else 'MISSED'} ({r['default_mode']})"
+                lines.append(f"  {name:<20} {r['max_rel']:>12.3g} {over:>9} {r['over_tolerance']:>10.2f}x "
+                             f"{default:>22} {('caught' if r['tolerance_caught'] else 'missed'):>16} "
+                             f"{('caught' if r['exact_caught'] else 'MISSED'):>17}")
     c = result.get("cost")
     if c:
         lines.append(f"cost: {c['model']} bf16 on {c['device']}, {c['tokens']} tokens ({c['blocks']} blocks), "

@@ -51,7 +51,7 @@ def document_text(engine, n_tokens: int) -> tuple[str, list[int]]:
 
 
 def timed_cli(home: Path, *args: str) -> tuple[dict, float]:
-    from tests.nodes import cli_json
+    from bench.harness.nodes import cli_json
 
     t0 = time.perf_counter()
     out = cli_json(home, *args, timeout=900)
@@ -60,7 +60,7 @@ def timed_cli(home: Path, *args: str) -> tuple[dict, float]:
 
 def run(model: str = "smollm2-135m", n_tokens: int = 1024) -> dict:
     from kvswap.engine import load_engine
-    from tests.nodes import NodeProc
+    from bench.harness.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-e2e-"))
     started: list[NodeProc] = []

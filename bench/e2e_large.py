@@ -11,7 +11,7 @@ verify bytes) and the model work of both ways happens in this process:
 (a) prefill locally: prefill the document, then the question over it, first token (wall clock);
 (b) ship: the document's KV (from (a)) is published into a publisher daemon's store before it starts; a
     consumer daemon runs `kvswap get CID` (libp2p + data plane, every chunk verified into its store; wall
-    clock around the CLI), then this process reads its store (`generate_from_store`: read + sha256 of every
+    clock around the CLI), then this process reads its store (`ops.generate_here`: read + sha256 of every
     chunk + decode + cache + the question's forward + first token).
 TTFT(b) = the `kvswap get` wall time + the load-and-generate time. Both ways must give the same token.
 Writes bench/results/e2e-large.json.
@@ -36,13 +36,13 @@ TARGET_RATIO = 20.0
 
 
 def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-arch") -> dict:
-    from tests.nodes import NodeProc
+    from bench.harness.nodes import NodeProc
 
     from kvswap.artifact.pipeline import publish_kv
-    from kvswap.artifact.service import generate_from_store, home_key
+    from kvswap.home import Home
+    from kvswap.ops import generate_here
     from kvswap.document import document_hash
     from kvswap.engine import load_engine
-    from kvswap.store import Store
 
     t0 = time.perf_counter()
     engine = load_engine(model, dtype=dtype, device=device)
@@ -58,15 +58,13 @@ def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-ar
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-e2e-large-"))
     nodes: list = []
     try:
-        store = Store.for_home(work / "pub")
-        try:
+        with Home(work / "pub") as pub:
             manifest, chunks = publish_kv(
                 kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                 tokenizer_fingerprint=engine.tokenizer_fingerprint,
-                document_hash=document_hash(_PROSE + f" ({n_tokens} tokens)"), codec="auto")
-            store.put_artifact(manifest, [home_key(work / "pub").sign_manifest(manifest.cid)], chunks)
-        finally:
-            store.close()
+                document_hash=document_hash(_PROSE + f" ({n_tokens} tokens)"), codec="auto",
+                compute=engine.compute_identity())
+            pub.store.put_artifact(manifest, [pub.key.sign_manifest(manifest.cid)], chunks)
         del kv, chunks
         cid = str(manifest.cid)
         print(f"  published {len(manifest.chunks)} chunks, {manifest.stored_size / 1e6:.0f} MB stored "
@@ -90,13 +88,10 @@ def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-ar
             node.stop()
         nodes.clear()
 
-        store = Store.for_home(work / "me")
-        try:
+        with Home(work / "me") as me:
             t0 = time.perf_counter()
-            shipped = generate_from_store(engine, store, manifest.cid, QUESTION, max_new_tokens=1)
+            shipped = generate_here(me, engine, manifest.cid, QUESTION, max_new_tokens=1)
             load_gen_s = time.perf_counter() - t0
-        finally:
-            store.close()
         ttft_b = get_s + load_gen_s
         print(f"  (b) kvswap get {get_s:.1f} s + load and first token {load_gen_s:.1f} s", flush=True)
         if shipped["tokens"] != local.tokens:

@@ -4,7 +4,7 @@
 
 Two `kvswap node start` daemons on 127.0.0.1 (tiny-qwen3): A publishes a 1,553-token document (26 blobs of
 64-token blocks plus the logits tail, as in the issue), B bootstraps to A and trusts it. Hand-written
-hostile peers (tests/hostile.py: libp2p hosts with throwaway identities speaking the documented protocols,
+hostile peers (bench/harness/hostile.py: libp2p hosts with throwaway identities speaking the documented protocols,
 raw TCP sockets to the data plane) attack A one attack at a time, each from a single peer, while B runs the
 honest user's `kvswap get CID` (then `kvswap rm`, so every get fetches all 26 blobs from A).
 
@@ -66,8 +66,8 @@ def cli(home: Path, *args: str, timeout: float = 300) -> tuple[float, dict]:
 
 def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, Callable]:
     """name -> body(ready, stop) for AttackThread; `a` is the attacked daemon (ChildNode)."""
-    from kvswap.protocol import limits
-    from tests import hostile
+    from kvswap.node.tuning import DEFAULT_TUNING as T
+    from bench.harness import hostile
 
     async def find_dataplane() -> tuple[str, int]:
         async with hostile.hostile_host() as h:
@@ -85,8 +85,8 @@ def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, C
 
     async def silent(h, ready, stop) -> dict:
         total = hostile.StreamStats()
-        while not stop.is_set():  # 255 streams, held until the node cuts them (STREAM_IDLE_TIMEOUT_S), again
-            s = await hostile.silent_streams(h, a.peer_id, 255, hold_s=limits.STREAM_IDLE_TIMEOUT_S - 1, stop=stop,
+        while not stop.is_set():  # 255 streams, held until the node cuts them (serve.stream_idle_timeout_s), again
+            s = await hostile.silent_streams(h, a.peer_id, 255, hold_s=T.serve.stream_idle_timeout_s - 1, stop=stop,
                                              opened=ready)
             total.opened += s.opened
             total.failed_open += s.failed_open
@@ -145,7 +145,7 @@ def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, C
 
 def slow_providers(a: Any, b: Any, cid: Any, mode: str) -> Callable:
     """Three hostile providers of `cid` connected to B: they serve A's manifest, then misbehave on chunks."""
-    from tests import hostile
+    from bench.harness import hostile
 
     async def body(ready, stop) -> dict:
         bystander = hostile.Bystander()
@@ -175,7 +175,7 @@ def slow_providers(a: Any, b: Any, cid: Any, mode: str) -> Callable:
 
 
 async def _host(task_status=trio.TASK_STATUS_IGNORED):
-    from tests import hostile
+    from bench.harness import hostile
 
     async with hostile.hostile_host() as h:
         task_status.started(h)
@@ -183,7 +183,7 @@ async def _host(task_status=trio.TASK_STATUS_IGNORED):
 
 
 def generation_flood(a: Any, cid: Any, max_new: int) -> Callable:
-    from tests import hostile
+    from bench.harness import hostile
 
     async def body(ready, stop) -> dict:
         async with hostile.hostile_host() as h:
@@ -211,10 +211,10 @@ def _lines(path: Path) -> int:
 
 
 def run(rounds: int = 3, quick: bool = False, only: str | None = None, keep: bool = False) -> dict:
-    from kvswap.cid import Cid
-    from tests import hostile
-    from tests.hostile import RssSampler
-    from tests.nodes import NodeProc
+    from kvswap.protocol.cid import Cid
+    from bench.harness import hostile
+    from bench.harness.hostile import RssSampler
+    from bench.harness.nodes import NodeProc
 
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # the attackers' own libp2p complaints
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-hostile-"))

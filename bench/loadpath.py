@@ -74,7 +74,7 @@ def publish_synthetic(store, kv, codec: str, key=None, block_tokens: int = 64, d
     """Publish `kv` into `store` with a signature; returns the manifest. Model fingerprint is synthetic."""
     from kvswap.artifact.pipeline import publish_kv
     from kvswap.artifact.signing import NodeKey
-    from kvswap.cid import sha256_hex
+    from kvswap.protocol.cid import sha256_hex
 
     key = key or NodeKey.generate()
     manifest, chunks = publish_kv(
@@ -110,7 +110,7 @@ def previous_cache(engine, kv):
 
 
 def current_loaded(engine, store, manifest, **kw):
-    """The current path: kvswap.artifact.service.load_artifact minus its model checks (the stub has no model)."""
+    """The current path: kvswap.ops.load_artifact minus its model checks (the stub has no model)."""
     from kvswap.artifact import loader
     from kvswap.engine.kvload import load_from_chunks
 

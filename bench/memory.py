@@ -68,7 +68,7 @@ class Sampler(threading.Thread):
 
 
 def run(n_tokens: int = 3774, codec: str = "auto", model: str = "tiny-qwen3") -> dict:
-    from tests.nodes import NodeProc
+    from bench.harness.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-memory-"))
     started: list[NodeProc] = []

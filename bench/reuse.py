@@ -15,7 +15,7 @@ For each length L (a document of exactly L real-vocabulary tokens), median of --
   step (eager)     ONE single-token forward over the KV resident in a DynamicCache (the paper's reuse step)
   step (fast)      the same step with the engine's fast decode (compiled CUDA graphs on CUDA, static cache on
                    the CPU), after a warm-up generation that pays the compile (kvswap/engine/decoding.py)
-  load             kvswap.artifact.service.load_artifact from a real Store (codec auto, 64-token blocks, as
+  load             kvswap.ops.load_artifact from a real Store (codec auto, 64-token blocks, as
                    `kvswap publish`): every chunk read and sha256-verified against its CID (raw local forms of
                    compressed chunks after the first load), onto the device, in cache layout; checked bit for
                    bit against the prefilled KV
@@ -127,9 +127,9 @@ def measure(engine, n_tokens: int, repeats: int, suffix: list[int], fast_mode: s
 
     from kvswap.artifact.loader import LOAD_THREADS
     from kvswap.artifact.pipeline import assemble_kv, publish_kv
-    from kvswap.artifact.service import load_artifact
+    from kvswap.ops import load_artifact
     from kvswap.artifact.signing import NodeKey
-    from kvswap.cid import sha256_hex
+    from kvswap.protocol.cid import sha256_hex
     from kvswap.engine.kvload import cache_from_loaded
     from kvswap.engine.rawbits import tensor_to_bits
     from kvswap.store import Store

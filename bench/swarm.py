@@ -39,16 +39,12 @@ FETCH_TIMEOUT_S = 900
 def seed_home(home: Path, n_tokens: int, codec: str = "auto", seed: int = 0, block_tokens: int = 64) -> dict:
     """Put a signed synthetic Qwen3-4B-layout artifact into `home`'s store (before its daemon starts)."""
     from bench.loadpath import publish_synthetic, qwen3_4b_layout, synthetic_kv
-    from kvswap.artifact.service import home_key
-    from kvswap.store import Store
+    from kvswap.home import Home
 
     kv = synthetic_kv(qwen3_4b_layout(), n_tokens, seed=seed)
-    store = Store.for_home(home)
-    try:
-        manifest = publish_synthetic(store, kv, codec, key=home_key(home), doc_tag=f"seed={seed}",
+    with Home(home) as h:
+        manifest = publish_synthetic(h.store, kv, codec, key=h.key, doc_tag=f"seed={seed}",
                                      block_tokens=block_tokens)
-    finally:
-        store.close()
     return {"cid": str(manifest.cid), "tokens": n_tokens, "raw_size": manifest.raw_size,
             "stored_size": manifest.stored_size, "chunks": len(manifest.chunks), "codec": codec,
             "block_tokens": block_tokens}
@@ -90,7 +86,7 @@ def start_get(home: Path, cid: str) -> subprocess.Popen:
 
 def run(consumers: int = 8, n_tokens: int = 512, codec: str = "auto", model: str = "tiny-qwen3",
         block_tokens: int = 64) -> dict:
-    from tests.nodes import NodeProc
+    from bench.harness.nodes import NodeProc
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-swarm-"))
     started: list[NodeProc] = []

@@ -1,5 +1,5 @@
 """A testnet of real hosts on this machine (root): kvswap nodes in their own network namespaces behind
-rate-limited links (node/testnet.py). It stays up until `down`.
+rate-limited links (bench/harness/netns.py). It stays up until `down`.
 
     python -m bench testnet up [--nodes 3] [--rate 100mbit] [--link 0=1gbit --link 2=20mbit/100mbit]
     python -m bench testnet status
@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvswap.errors import KvswapError
+from kvswap.protocol.errors import KvswapError
 
 
 def _links(args: argparse.Namespace) -> list[str]:
@@ -34,7 +34,7 @@ def _links(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from kvswap.node.testnet import Testnet
+    from bench.harness.netns import Testnet
 
     net = Testnet(_links(args), root=args.root, subnet=args.subnet, model=args.model, owner_pid=None)
     net.create()
@@ -49,8 +49,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def print_run(state: dict, folder: Path | str) -> None:
-    from kvswap.node.runfiles import pid_alive
-    from kvswap.node.testnet import format_rate
+    from kvswap.control.runfiles import pid_alive
+    from bench.harness.netns import format_rate
 
     owner = state.get("owner_pid")
     print(f"testnet {state['run']}  ({len(state['hosts'])} nodes, {state['subnet']}, model {state['model']}, "
@@ -69,7 +69,7 @@ def print_run(state: dict, folder: Path | str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kvswap.node.testnet import is_stale, netns_names, runs
+    from bench.harness.netns import is_stale, netns_names, runs
 
     known = runs(args.root)
     for state in known:
@@ -88,7 +88,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_kvswap(args: argparse.Namespace) -> int:
     import subprocess
 
-    from kvswap.node.testnet import Testnet
+    from bench.harness.netns import Testnet
 
     host = _host(args, Testnet.load(args.run, args.root))
     argv = [*host.prefix, sys.executable, "-m", "kvswap", *args.args, "--home", str(host.home)]
@@ -96,7 +96,7 @@ def cmd_kvswap(args: argparse.Namespace) -> int:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from kvswap.node.testnet import Testnet
+    from bench.harness.netns import Testnet
 
     net = Testnet.load(args.run, args.root)
     host = _host(args, net)
@@ -111,7 +111,7 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from kvswap.node.testnet import down
+    from bench.harness.netns import down
 
     removed = down(args.run, root=args.root, all_runs=args.all)
     print(f"removed {len(removed)} namespaces{': ' + ' '.join(removed) if removed else ''}")
@@ -125,7 +125,7 @@ def _host(args: argparse.Namespace, net):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvswap.node.testnet import DEFAULT_MODEL, DEFAULT_ROOT, DEFAULT_SUBNET
+    from bench.harness.netns import DEFAULT_MODEL, DEFAULT_ROOT, DEFAULT_SUBNET
 
     parser = argparse.ArgumentParser(prog="python -m bench testnet", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None,
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from kvswap.node.testnet import unavailable
+    from bench.harness.netns import unavailable
 
     parser = build_parser()
     args = parser.parse_args(argv or ["status"])

@@ -2,7 +2,7 @@
 
     python -m bench testnet_fetch [--tokens 3774] [--rates 100mbit,1gbit] [--repeats 3] [--codec auto] [--quick]
 
-Two hosts in their own network namespaces (node/testnet.py), each a real `kvswap node start` (tiny-qwen3 as
+Two hosts in their own network namespaces (bench/harness/netns.py), each a real `kvswap node start` (tiny-qwen3 as
 its model; a fetch by CID needs none): node0 holds a signed synthetic artifact with the Qwen3-4B KV layout
 (bench/swarm.py `seed_home`; 3774 tokens: 556.5 MB raw, ~381 MB stored with the auto codec), node1 fetches
 it with `kvswap get CID`. Both nodes' links are set to the rate under test, both directions (tbf).
@@ -74,7 +74,7 @@ def fetch_once(reader, cid: str) -> dict:
 def run(n_tokens: int = 3774, rates: list[str] = ("100mbit", "1gbit"), repeats: int = 3,
         codec: str = "auto") -> dict:
     from bench.swarm import seed_home
-    from kvswap.node import testnet as tn
+    from bench.harness import netns as tn
 
     reason = tn.unavailable()
     if reason:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", default="auto", choices=("raw", "auto", "planes", "zstd"))
     parser.add_argument("--quick", action="store_true", help="512 tokens, one repeat")
     args = parser.parse_args(argv)
-    from kvswap.node.testnet import unavailable
+    from bench.harness.netns import unavailable
 
     if unavailable():
         print(f"testnet_fetch: skipped: {unavailable()}")

@@ -3,7 +3,7 @@
     python -m bench testnet_ship [--model smollm2-135m] [--tokens 1024] [--rates 100mbit,1gbit]
                                  [--repeats 2] [--new-tokens 8] [--quick]
 
-Two hosts in their own network namespaces (node/testnet.py), both real `kvswap node start` daemons with
+Two hosts in their own network namespaces (bench/harness/netns.py), both real `kvswap node start` daemons with
 the model: node0 publishes an English document of exactly --tokens tokens (`kvswap publish`: its daemon
 prefills, chunks, signs and stores it, and keeps hosting it); node1 is the reader. For each link rate (both
 nodes, both directions) and repeat, node1 answers the same question over the document both ways:
@@ -52,7 +52,7 @@ def run(model: str = "smollm2-135m", n_tokens: int = 1024, rates: list[str] = ("
         repeats: int = 2, new_tokens: int = 8) -> dict:
     from bench.e2e import QUESTION, document_text
     from kvswap.engine import load_engine
-    from kvswap.node import testnet as tn
+    from bench.harness import netns as tn
 
     reason = tn.unavailable()
     if reason:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny-qwen3, one repeat")
     args = parser.parse_args(argv)
-    from kvswap.node.testnet import unavailable
+    from bench.harness.netns import unavailable
 
     if unavailable():
         print(f"testnet_ship: skipped: {unavailable()}")

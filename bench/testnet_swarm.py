@@ -4,7 +4,7 @@ one artifact at once, with and without upload rationing.
     python -m bench testnet_swarm [--consumers 8] [--tokens 3774] [--publisher-rate 100mbit]
                                   [--consumer-rate 100mbit] [--ration 2,0] [--codec auto] [--quick]
 
-The namespace testnet (node/testnet.py): node0 is the publisher (and bootstrap peer) behind a
+The namespace testnet (bench/harness/netns.py): node0 is the publisher (and bootstrap peer) behind a
 --publisher-rate link, nodes 1..N are consumers behind --consumer-rate links (both directions, tbf). Every
 node is a real `kvswap node start` (tiny-qwen3 as its model; a fetch by CID needs none) started with
 `--ration-copies R`. node0's store holds a signed synthetic artifact with the Qwen3-4B KV layout
@@ -56,7 +56,7 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
               root: Path, report: bool) -> dict:
     from bench.swarm import egress, ingress_by_peer
     from bench.testnet_fetch import cpu_sample, cpu_used
-    from kvswap.node import testnet as tn
+    from bench.harness import netns as tn
 
     with tn.Testnet([pub_rate] + [cons_rate] * consumers, root=root) as net:
         pub, cons = net.hosts[0], net.hosts[1:]
@@ -163,7 +163,7 @@ def ledgers_and_cost_model(net, art: dict, readers: int) -> dict:
 def run(consumers: int = 8, n_tokens: int = 3774, pub_rate: str = "100mbit", cons_rate: str = "100mbit",
         rations: list[int] = (2, 0), codec: str = "auto") -> dict:
     from bench.swarm import seed_home
-    from kvswap.node import testnet as tn
+    from bench.harness import netns as tn
 
     reason = tn.unavailable()
     if reason:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", default="auto", choices=("raw", "auto", "planes", "zstd"))
     parser.add_argument("--quick", action="store_true", help="512 tokens, 4 consumers")
     args = parser.parse_args(argv)
-    from kvswap.node.testnet import unavailable
+    from bench.harness.netns import unavailable
 
     if unavailable():
         print(f"testnet_swarm: skipped: {unavailable()}")

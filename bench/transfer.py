@@ -63,7 +63,7 @@ def _serve_http(folder: str) -> None:
 async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into=None) -> float:
     import aiohttp
 
-    from kvswap.cid import Cid
+    from kvswap.protocol.cid import Cid
 
     queue = list(cids)
     total = 0
@@ -93,7 +93,7 @@ async def _aiohttp_fetch(port: int, cids: list[str], parallel: int, verify_into=
 
 def _write_verified(folder: Path, cid: str, data: bytes) -> None:
     """sha256 against the CID, temp file, rename: Store.put_chunk minus its fsyncs and index update."""
-    from kvswap.cid import Cid
+    from kvswap.protocol.cid import Cid
 
     Cid.parse(cid).verify(data)
     path = folder / cid
@@ -131,8 +131,7 @@ def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, paral
     import trio
 
     from kvswap.artifact.signing import TrustPolicy
-    from kvswap.cid import Cid
-    from kvswap.node.fetch import FetchKey
+    from kvswap.protocol.cid import Cid
     from kvswap.node.net import TrioNode
     from kvswap.node.p2p import P2PConfig
     from kvswap.node.storeadapter import StoreArtifacts
@@ -148,7 +147,7 @@ def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, paral
             await nursery.start(node.run)
             node.fetcher.parallel = parallel
             peer = await node.p2p.connect(node_addr)
-            result = await node.fetcher.fetch(FetchKey(cid=Cid.parse(cid)), providers=[peer])
+            result = await node.fetcher.fetch(Cid.parse(cid), providers=[peer])
             nursery.cancel_scope.cancel()
             return result
 
@@ -161,15 +160,15 @@ def _kvswap_fetch(node_addr: str, cid: str, folder: Path, dataplane: bool, paral
 
 def run(chunks: int = 32, chunk_mib: int = 8, parallel: int = 4, repeat: int = 3,
         libp2p_every_run: bool = False) -> dict:
-    from kvswap.cid import Cid
+    from kvswap.protocol.cid import Cid
     from kvswap.store import Store
-    from tests.netharness import SubprocessNode
+    from bench.harness.netharness import SubprocessNode
 
     work = Path(tempfile.mkdtemp(prefix="kvswap-bench-transfer-"))
     provider = http = None
     try:
         # no rationing: every run fetches the same artifact from this one provider, and from the third run on a
-        # rationing provider would name the earlier (gone) fetchers and serve only after RATION_PATIENCE_S
+        # rationing provider would name the earlier (gone) fetchers and serve only after ration.patience_s
         provider = SubprocessNode(work / "provider", 7, n_chunks=chunks, chunk_bytes=chunk_mib << 20, real_store=True,
                                   ration=False)
         http = subprocess.Popen([sys.executable, "-m", "bench.transfer", "serve-http", str(work / "provider")],

@@ -150,10 +150,11 @@ def run(model: str, lengths: list[int], repeats: int) -> dict:
 
 
 def wait_artifact(home: Path, doc_hash: str, timeout_s: float = 120) -> str:
-    from kvswap.store import Store
+    from kvswap.home import Home
 
     deadline = time.monotonic() + timeout_s
-    with Store.for_home(home) as store:
+    with Home(home) as h:
+        store = h.store
         while time.monotonic() < deadline:
             for row in store.list_artifacts():
                 if row["document_hash"] == doc_hash and row["complete"]:
@@ -165,18 +166,17 @@ def wait_artifact(home: Path, doc_hash: str, timeout_s: float = 120) -> str:
 def publish_with_transformers(model: str, home: Path, doc_ids: list[int], tok) -> str:
     """The same tokens through kvswap's transformers engine, stored (signed by the home's key) beside."""
     from kvswap.artifact.pipeline import publish_kv
-    from kvswap.artifact.service import home_key
     from kvswap.engine import load_engine
     from kvswap.integrations.vllm import document_hash
-    from kvswap.store import Store
+    from kvswap.home import Home
 
     engine = load_engine(model, dtype="bf16", device="cpu")
     kv = engine.prefill(doc_ids)
     manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                   tokenizer_fingerprint=engine.tokenizer_fingerprint,
-                                  document_hash=document_hash(tok.decode(doc_ids)))
-    with Store.for_home(home) as store:
-        store.put_artifact(manifest, [home_key(home).sign_manifest(manifest.cid)], chunks)
+                                  document_hash=document_hash(tok.decode(doc_ids)), compute=engine.compute_identity())
+    with Home(home) as h:
+        h.store.put_artifact(manifest, [h.key.sign_manifest(manifest.cid)], chunks)
     del engine
     gc.collect()
     return str(manifest.cid)

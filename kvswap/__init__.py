@@ -7,13 +7,13 @@
 
 The package is layered so data flows one way (ARCHITECTURE.md):
 engine (torch) -> kvtensors -> artifact (chunks, manifest, signatures) -> store -> node (libp2p) and back;
-`Home` and the operations (kvswap/ops.py) sit on top, shared by the CLI, the daemon and Python callers.
+`Home` and the operations (kvswap/ops/) sit on top, shared by the CLI, the daemon and Python callers.
 Importing `kvswap` is cheap: torch and transformers load only when the engine is used.
 """
 
-from .cid import Cid
+from .protocol.cid import Cid
 from .document import Document
-from .errors import (
+from .protocol.errors import (
     AuditFailed,
     FormatError,
     IntegrityError,
@@ -29,9 +29,10 @@ from .errors import (
 )
 from .home import Home
 from .kvtensors import KvLayout, KvTensors
-from .ops import LoadedCache, audit, generate, get, load_cache, publish, report
+from .engine.loaded import LoadedCache
+from .ops import audit, generate, get, load_cache, publish, report
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = sorted(
     [

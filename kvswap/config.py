@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, UsageError
-from .protocol.limits import RATION_COPIES
+from .protocol.errors import FormatError, UsageError
+from .artifact.audit import DEFAULT_AUDIT_FRACTION
+from .modes import DecodeMode, Dtype
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 #: the default libp2p port: fixed, so a node's address (and so every other node's --bootstrap) survives a
@@ -56,10 +57,6 @@ class HomeLayout:
     @property
     def store_dir(self) -> Path:
         return self.root / "store"
-
-    @property
-    def ledger_file(self) -> Path:
-        return self.root / "ledger.sqlite"
 
     def ensure(self) -> "HomeLayout":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -113,12 +110,20 @@ def check_key(key: str) -> str:
 # --- the settings --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
+    """One setting, declared once: its table and key in config.toml, its kind, its default, the environment
+    variable that overrides it, and (for the node's settings) the `kvswap node start` flag that overrides it
+    for one run, with that flag's argparse options. The CLI builds the flags from here (kvswap/cli/node_cmds.py)
+    and the daemon reads the effective values from the same table (`Config`)."""
+
     table: str
     key: str
     default: Any
-    kind: str  # str | int | float | bool | size | list | keys
+    kind: str  # str | int | float | bool | size | list | keys | choice
     env: str | None
     help: str
+    flag: str | None = None
+    choices: tuple[str, ...] = ()
+    flag_args: tuple[tuple[str, Any], ...] = ()  # extra argparse options of the flag (action, nargs, metavar)
 
     @property
     def name(self) -> str:
@@ -127,18 +132,31 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("node", "listen", [f"/ip4/127.0.0.1/tcp/{DEFAULT_PORT}"], "list", "KVSWAP_LISTEN",
-            "libp2p listen multiaddrs (a fixed port keeps the address across restarts)"),
+            "libp2p listen multiaddrs (a fixed port keeps the address across restarts)",
+            flag="--listen", flag_args=(("action", "append"), ("metavar", "MULTIADDR"))),
     Setting("node", "bootstrap", [], "list", "KVSWAP_BOOTSTRAP",
-            "peers to join through (`kvswap node addr` on a running node prints one)"),
-    Setting("node", "api", "127.0.0.1:0", "str", "KVSWAP_API", "control API host:port (loopback only; 0 = any port)"),
-    Setting("node", "model", "", "str", "KVSWAP_MODEL", "model name, hub id or folder ('' = the default model)"),
-    Setting("node", "dtype", "bf16", "str", "KVSWAP_DTYPE", "bf16 | fp16 | fp32"),
-    Setting("node", "decode", "", "str", "KVSWAP_DECODE", "eager | static | compiled ('' = compiled on CUDA, else eager)"),
-    Setting("node", "audit_fraction", 0.05, "float", "KVSWAP_AUDIT_FRACTION",
-            "blocks of each fetched artifact audited before use (0 = off)"),
-    Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)"),
-    Setting("node", "ration_copies", RATION_COPIES, "int", None,
-            "copies of each chunk of an artifact sent before naming holders instead (0 = no rationing)"),
+            "peers to join through (`kvswap node addr` on a running node prints one)",
+            flag="--bootstrap", flag_args=(("nargs", "*"), ("metavar", "MULTIADDR"))),
+    Setting("node", "api", "127.0.0.1:0", "str", "KVSWAP_API", "control API host:port (loopback only; 0 = any port)",
+            flag="--api", flag_args=(("metavar", "HOST:PORT"),)),
+    Setting("node", "model", "", "str", "KVSWAP_MODEL",
+            "model name, hub id or folder ('' = the default model; `kvswap models` lists them)", flag="--model", flag_args=(("metavar", "NAME"),)),
+    Setting("node", "no_model", False, "bool", None,
+            "run without a model: store, forward, serve and provide only (torch is never imported; hosted and "
+            "local generation answer 'no model here')", flag="--no-model"),
+    Setting("node", "dtype", Dtype.BF16.value, "choice", "KVSWAP_DTYPE", "KV dtype of the node's engine",
+            flag="--dtype", choices=Dtype.choices()),
+    Setting("node", "decode", "", "choice", "KVSWAP_DECODE",
+            "decode step ('' = compiled with CUDA graphs on a GPU, paid once at start; eager on the CPU)",
+            flag="--decode", choices=("",) + DecodeMode.choices()),
+    Setting("node", "audit_fraction", DEFAULT_AUDIT_FRACTION, "float", "KVSWAP_AUDIT_FRACTION",
+            "fraction of the blocks of each fetched artifact audited before use, signing an attestation when it "
+            "passes (0 = off)", flag="--audit-fraction", flag_args=(("metavar", "F"),)),
+    Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)",
+            flag="--accept-any"),
+    Setting("node", "ration_copies", 2, "int", None,
+            "copies of each chunk of an artifact sent before further fetchers are pointed at holders "
+            "(0 = no rationing)", flag="--ration-copies", flag_args=(("metavar", "N"),)),
     Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
     Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),
     Setting("trust", "trusted", [], "keys", None, "publisher keys whose artifacts this node accepts"),
@@ -149,7 +167,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("trust", "exact_audits", False, "bool", None, "count only bit-exact audits"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-#: tables config.toml may hold; [prices] belongs to the report (kvswap/report/prices.py checks its keys)
+#: tables config.toml may hold; [prices] belongs to the report (kvswap/reporting/prices.py checks its keys)
 TABLES = sorted({s.table for s in SETTINGS} | {"prices"})
 
 
@@ -185,6 +203,11 @@ def coerce(s: Setting, value: Any, origin: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise TypeError("a number from 0 to 1")
             return float(value)
+        if s.kind == "choice":
+            value = str(value)
+            if value not in s.choices:
+                raise TypeError(f"one of {', '.join(repr(c) for c in s.choices)}")
+            return value
         if s.kind == "size":
             try:
                 parse_size(value)
@@ -279,7 +302,7 @@ def load_config(home: Path, flags: dict[str, Any] | None = None, environ: dict[s
         if s.env and environ.get(s.env):
             value, source = coerce(s, environ[s.env], f"${s.env}"), f"env {s.env}"
         if flags and flags.get(s.name) is not None:
-            value, source = coerce(s, flags[s.name], "flag"), "flag"
+            value, source = coerce(s, flags[s.name], s.flag or "flag"), "flag"
         cfg.values[s.name], cfg.sources[s.name] = value, source
     return cfg
 

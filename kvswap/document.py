@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .errors import UsageError
+from .protocol.errors import UsageError
 
 #: the one message for an empty document (the engine, the CLI and the API all raise it)
 EMPTY_DOCUMENT = "the document is empty (nothing to prefill)"

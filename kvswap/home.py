@@ -6,7 +6,7 @@
     home.policy()                              # the trust policy as config.toml says now
     home.node()                                # a client of the daemon running in this home, or None
 
-The CLI, the daemon and Python callers all reach a home through this one object (kvswap/ops.py uses it), so
+The CLI, the daemon and Python callers all reach a home through this one object (kvswap/ops/ uses it), so
 paths, keys and settings are decided once instead of by each command.
 """
 
@@ -88,7 +88,7 @@ class Home:
 
     def node(self):
         """A client of the daemon running in this home, or None when none runs."""
-        from .node.client import maybe_client
+        from .control.client import maybe_client
 
         return maybe_client(self.path)
 

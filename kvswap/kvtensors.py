@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FormatError, ModelMismatch
+from .protocol.errors import FormatError, ModelMismatch
 
 #: dtype name -> (bytes per element, numpy container for the raw bits)
 DTYPES: dict[str, tuple[int, np.dtype]] = {
@@ -64,14 +64,6 @@ class KvLayout:
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KvLayout":
-        try:
-            return cls(int(d["layers"]), int(d["kv_heads"]), int(d["head_dim"]), str(d["dtype"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"bad layout: {exc}") from exc
-
 
 @dataclass
 class KvTensors:

@@ -1,6 +1,6 @@
 """The node's ledger: every byte that crosses the wire and every second of compute, one SQLite row each.
 
-Why: the report (kvswap/report/) answers "does shipping KV beat re-prefill?" with this node's own
+Why: the report (kvswap/reporting/) answers "does shipping KV beat re-prefill?" with this node's own
 numbers, so the daemon records events as they happen, from its worker threads:
 
     ledger = Ledger(home / "ledger.sqlite")
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import FormatError, KvswapError, UsageError
+from .protocol.errors import FormatError, KvswapError, UsageError
 
 #: the file name inside a node's home
 LEDGER_FILE = "ledger.sqlite"

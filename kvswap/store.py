@@ -22,7 +22,8 @@ would make local loads slower than a raw chunk; kvswap/artifact/loader.py): the 
 written by the loader from bytes it had just verified against the CID, with their sha256 and a MAC of
 (CID, size, sha256) under a key derived from the node's identity seed. A raw form is a cache: gc drops raw
 forms before it evicts any artifact, a raw form whose MAC or digest does not check is dropped and the chunk
-is loaded from its stored bytes, and only a store opened with a local key (Store.for_home) keeps them.
+is loaded from its stored bytes, and only a store opened with a local key (kvswap.Home's, unless the home's
+`store.keep_raw` is off) keeps them.
 
 Policy (who is trusted) is not the store's business: it keeps valid signatures, callers apply the trust
 policy (artifact/signing.py). One SQLite connection per thread plus a process lock around writes make it
@@ -47,9 +48,9 @@ from typing import BinaryIO
 from .artifact.attestation import Attestation
 from .artifact.manifest import Manifest, decode_manifest
 from .artifact.signing import Envelope, TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
-from .cid import Cid
-from .errors import FormatError, IntegrityError, KvswapError, LimitExceeded, NotFound, UsageError
-from .protocol.limits import (
+from .protocol.cid import Cid
+from .protocol.errors import FormatError, IntegrityError, KvswapError, LimitExceeded, NotFound, UsageError
+from .artifact.limits import (
     MAX_ATTESTATIONS_PER_ARTIFACT,
     MAX_CHUNK_STORED_BYTES,
     MAX_ENVELOPES_BYTES,
@@ -156,19 +157,6 @@ class Store:
         if row[0] != str(_SCHEMA_VERSION):
             raise FormatError(f"{self.db_path}: store schema {row[0]}, this build reads {_SCHEMA_VERSION}")
 
-    @classmethod
-    def for_home(cls, home: Path) -> "Store":
-        """The store of a node home, keyed for raw local forms by the home's identity (when it has one)."""
-        from .config import HomeLayout
-
-        layout = HomeLayout(Path(home))
-        key = None
-        if layout.identity_key.is_file():
-            from .artifact.signing import NodeKey
-
-            key = local_key_from_seed(NodeKey.load_or_create(layout.identity_key).seed)
-        return cls(layout.store_dir, local_key=key)
-
     # --- connections and transactions ---------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -272,17 +260,6 @@ class Store:
             if not exists and not any(not self.has_chunk(b.cid) for b in blobs):
                 db.execute("UPDATE artifacts SET complete = 1 WHERE cid = ?", (key,))
         return not exists
-
-    def add_envelopes(self, cid: Cid, envelopes: Iterable[Envelope]) -> None:
-        envelopes = list(envelopes)
-        for env in envelopes:
-            env.verify(cid)
-        with self._tx() as db:
-            self._row(cid, db)
-            db.executemany(
-                "INSERT OR IGNORE INTO envelopes(artifact_cid, signer, time, signature) VALUES (?,?,?,?)",
-                [(str(cid), e.signer, e.time, e.signature) for e in envelopes],
-            )
 
     def add_attestations(self, cid: Cid, attestations: Iterable[Attestation], prefer: set[bytes] = frozenset()
                          ) -> int:

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 
 #: The conversation the current trio task belongs to: one fetch, one hosted generation, one served stream.
 current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar("kvswap_request", default=None)

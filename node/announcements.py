@@ -2,8 +2,8 @@
 
 Peers announce artifacts on gossipsub (node/net.py); anyone may announce anything, and the CIDs are not
 checked until someone fetches them, so this table is a view, not a source of truth: it keeps at most
-MAX_ANNOUNCEMENTS entries, at most MAX_ANNOUNCEMENTS_PER_PEER per publisher (a publisher flooding bogus CIDs
-only replaces its own), each for ANNOUNCEMENT_TTL_S. A repeated announcement refreshes its entry. Pure
+gossip.max_kept entries, at most gossip.max_kept_per_peer per publisher (a publisher flooding bogus CIDs
+only replaces its own), each for gossip.ttl_s. A repeated announcement refreshes its entry. Pure
 bookkeeping with an injected clock (tests/test_quota.py).
 """
 
@@ -13,14 +13,14 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from kvswap.protocol import limits
+from .tuning import GossipTuning
 
 
 class AnnouncementTable:
     """(artifact CID, publisher) -> what was announced, oldest first."""
 
-    def __init__(self, max_entries: int = limits.MAX_ANNOUNCEMENTS, per_peer: int = limits.MAX_ANNOUNCEMENTS_PER_PEER,
-                 ttl_s: float = limits.ANNOUNCEMENT_TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, tuning: GossipTuning = GossipTuning(), clock: Callable[[], float] = time.monotonic) -> None:
+        max_entries, per_peer, ttl_s = tuning.max_kept, tuning.max_kept_per_peer, tuning.ttl_s
         self.max_entries = max_entries
         self.per_peer = per_peer
         self.ttl_s = ttl_s

@@ -10,7 +10,7 @@ The other direction (trio -> asyncio): `call_soon_in_asyncio(fn, *args)` schedul
 asyncio loop (gossip arrivals, ledger rows), so daemon callbacks always run on the daemon's own thread.
 
 The trio side also gets a private `trio.CapacityLimiter` (`worker_limiter`) for `trio.to_thread.run_sync`,
-sized by `limits.WORKER_THREADS`, so store/engine work in handlers is bounded and independent of asyncio's
+sized by `ServeTuning.worker_threads` (node/tuning.py), so store/engine work in handlers is bounded and independent of asyncio's
 default executor.
 """
 
@@ -23,8 +23,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import trio
 
-from kvswap.errors import LocalProtocolError
-from kvswap.protocol import limits
+from kvswap.protocol.errors import LocalProtocolError
+from .tuning import DaemonTuning, ServeTuning
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,7 +38,8 @@ class TrioBridge:
     `await fn(*args)` on the trio loop. `await bridge.stop()` cancels everything trio-side and joins the thread.
     """
 
-    def __init__(self, name: str = "kvswap-trio") -> None:
+    def __init__(self, name: str = "kvswap-trio", worker_threads: int = ServeTuning.worker_threads) -> None:
+        self.worker_threads = worker_threads
         self._name = name
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -72,7 +73,7 @@ class TrioBridge:
         async def trio_main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._stop_event = trio.Event()
-            self.worker_limiter = trio.CapacityLimiter(limits.WORKER_THREADS)
+            self.worker_limiter = trio.CapacityLimiter(self.worker_threads)
 
             def ready() -> None:
                 self._loop.call_soon_threadsafe(resolve, started, None)
@@ -187,7 +188,7 @@ class TrioBridge:
             except trio.RunFinishedError:
                 pass
 
-    async def stop(self, timeout: float = limits.SHUTDOWN_TIMEOUT_S) -> None:
+    async def stop(self, timeout: float = DaemonTuning.shutdown_timeout_s) -> None:
         """Cancel all trio work and join the thread (waits at most `timeout` seconds)."""
         if self._thread is None:
             return

@@ -2,10 +2,15 @@
 libp2p network, and answers the CLI on a loopback control API.
 
 Lifecycle (aiohttp web_runner style): `setup()` opens everything and starts listening, `serve()` waits for
-a stop request (SIGINT, SIGTERM or POST /stop), `cleanup()` closes in reverse order within
-SHUTDOWN_TIMEOUT_S. Background work (engine loading, publish and fetch jobs) lives in one TaskGroup so its
-errors surface. Engine work runs in worker threads behind one lock: the model is not re-entrant, and a
-hosted generation for a peer and a local one must not interleave.
+a stop request (SIGINT, SIGTERM or POST /stop), `cleanup()` closes in reverse order within the shutdown
+timeout. Background work (engine loading, publish and fetch jobs) lives in one TaskGroup so its errors
+surface. Engine work runs in worker threads behind one lock: the model is not re-entrant, and a hosted
+generation for a peer and a local one must not interleave.
+
+The control-API handlers are the `api_<route>` methods (kvswap/control/routes.py names the routes; node/api.py
+registers them); each does its work through the operations layer (kvswap/ops/), as the CLI and Python do.
+A node started with `--no-model` never imports torch: it stores, forwards, serves and provides, and answers
+generation requests with "no model here".
 """
 
 from __future__ import annotations
@@ -17,52 +22,42 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from .. import ops
-from ..artifact.pipeline import check_compatible
-from ..artifact.service import audit_stored, check_document, generate_from_store, load_artifact
-from ..audit import DEFAULT_AUDIT_FRACTION
-from ..cid import Cid
+from ..config import Config
+from ..control import routes, runfiles
 from ..document import Document
-from ..errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
 from ..home import Home
-from ..protocol.limits import ENGINE_WAIT_S, RATION_COPIES, RESIDENT_KV_SLOTS, SHUTDOWN_TIMEOUT_S
+from ..modes import AuditMode, DecodeMode
+from ..protocol.cid import Cid
+from ..protocol.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
+from ..protocol.keys import DocumentKey
 from ..protocol.messages import GenerateRequest, GenerateResponse
-from . import runfiles
 from .announcements import AnnouncementTable
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
 from .metrics import NodeMetrics
 from .net import Network
 from .storeadapter import StoreArtifacts
+from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger("kvswap.node")
 
-
-@dataclass
-class NodeConfig:
-    home: Path
-    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    bootstrap: list[str] = field(default_factory=list)
-    api: str = "127.0.0.1:0"
-    model: str | None = None
-    dtype: str = "bf16"
-    accept_any: bool = False
-    decode: str | None = None  # eager | static | compiled; None: compiled on CUDA, eager on the CPU
-    audit_fraction: float = DEFAULT_AUDIT_FRACTION  # blocks of each fetched artifact audited before use; 0: off
-    ration_copies: int = RATION_COPIES
+#: what a node without a model answers generation requests with
+NO_MODEL = "this node runs without a model (--no-model): it stores and serves artifacts but generates nothing"
 
 
 class Daemon:
-    def __init__(self, config: NodeConfig, on_ready=None):
+    def __init__(self, home: Path, config: Config, tuning: NodeTuning = DEFAULT_TUNING, on_ready=None):
+        self.home = Path(home)
         self.config = config
+        self.tuning = replace(tuning, ration=replace(tuning.ration, copies=config["node.ration_copies"]))
         self._on_ready = on_ready
-        self.home = Path(config.home)
         self.started = time.time()
         self._stop = asyncio.Event()
         self._engine_lock = threading.Lock()
@@ -70,46 +65,53 @@ class Daemon:
         self._engine_error: str | None = None
         self.engine: Any = None
         self._resident: OrderedDict[Cid, Any] = OrderedDict()
-        self.announcements = AnnouncementTable()  # bounded and expiring: peers may announce anything
+        self.announcements = AnnouncementTable(self.tuning.gossip)  # bounded and expiring: peers announce anything
+
+    @property
+    def light(self) -> bool:
+        return bool(self.config["node.no_model"])
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def setup(self, group: asyncio.TaskGroup) -> None:
-        host, _, port = self.config.api.rpartition(":")
+        host, _, port = self.config["node.api"].rpartition(":")
         check_loopback(host)
         self.h = Home(self.home)  # the one object that opens the home's key, store, ledger and trust policy
         self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
-        self.policy = self.h.policy(self.config.accept_any)
-        self.jobs = JobTable(group)
+        self.policy = self.h.policy(self.config["node.accept_any"])
+        self.jobs = JobTable(group, self.tuning.daemon.max_finished_jobs)
         self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate)
         self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage)
         self.artifacts.on_chunk = self.metrics.on_chunk
         self.net = Network()
         await self.net.start(
-            seed=self.key.seed, listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
-            service=self.artifacts, target=self.artifacts,
-            on_transfer=self._on_transfer,
-            on_announce=self._on_announce, ration_copies=self.config.ration_copies,
+            seed=self.key.seed, listen_addrs=self.config["node.listen"], bootstrap=self.config["node.bootstrap"],
+            service=self.artifacts, target=self.artifacts, on_transfer=self._on_transfer,
+            on_announce=self._on_announce, tuning=self.tuning,
         )
         token = runfiles.api_token(self.home, create=True)
         self._runner = web.AppRunner(build_app(self, token), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, int(port or 0))
         await site.start()
-        sock = site._server.sockets[0]  # the real port when 0 was asked for
-        self.api_url = f"http://{host}:{sock.getsockname()[1]}"
-        self._engine_task = group.create_task(self._load_engine())
+        bound = self._runner.addresses[0]  # the real port when 0 was asked for
+        self.api_url = f"http://{host}:{bound[1]}"
+        if self.light:
+            self._engine_ready.set()
+        else:
+            self._engine_task = group.create_task(self._load_engine())
         runfiles.write_node_file(self.home, {
             "pid": os.getpid(), "api": self.api_url, "peer_id": self.net.peer_id, "addrs": self.net.addrs,
             "public_key": self.key.public_hex, "started": self.started,
         })
-        log.info("node %s listening on %s, control API %s", self.net.peer_id, " ".join(self.net.addrs), self.api_url)
+        log.info("node %s listening on %s, control API %s%s", self.net.peer_id, " ".join(self.net.addrs),
+                 self.api_url, " (no model)" if self.light else "")
 
     async def cleanup(self) -> None:
         runfiles.remove_node_file(self.home)
         for step in (self._runner.cleanup, self.net.stop):
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(step(), SHUTDOWN_TIMEOUT_S / 2)
+                await asyncio.wait_for(step(), self.tuning.daemon.shutdown_timeout_s / 2)
             except (asyncio.TimeoutError, KvswapError) as exc:
                 log.warning("shutdown step %s: %r", getattr(step, "__qualname__", step), exc)
             log.info("shutdown step %s took %.2f s", getattr(step, "__qualname__", step), time.perf_counter() - t0)
@@ -152,10 +154,11 @@ class Daemon:
         from ..engine import load_engine  # torch loads here, in a worker thread, not at import
 
         try:
-            engine = await asyncio.to_thread(load_engine, self.config.model, self.config.dtype)
-            mode = self.config.decode or ("compiled" if engine.device.startswith("cuda") else "eager")
+            engine = await asyncio.to_thread(load_engine, self.config["node.model"] or None, self.config["node.dtype"])
+            mode = DecodeMode(self.config["node.decode"] or (
+                DecodeMode.COMPILED if engine.device.startswith("cuda") else DecodeMode.EAGER))
             engine.set_decode_mode(mode)
-            if mode != "eager":  # compile (or warm) the decode step now, not on the first request
+            if mode is not DecodeMode.EAGER:  # compile (or warm) the decode step now, not on the first request
                 warm_s = await asyncio.to_thread(self._with_engine, engine.warm_up)
                 log.info("decode step %s warmed up in %.1f s", mode, warm_s)
             self.engine = engine
@@ -169,8 +172,10 @@ class Daemon:
             self._engine_ready.set()
 
     async def engine_ready(self) -> Any:
+        if self.light:
+            raise NotFound(NO_MODEL)
         try:
-            await asyncio.wait_for(self._engine_ready.wait(), ENGINE_WAIT_S)
+            await asyncio.wait_for(self._engine_ready.wait(), self.tuning.daemon.engine_wait_s)
         except asyncio.TimeoutError:
             raise NotFound("the node's model is still loading") from None
         if self.engine is None:
@@ -181,36 +186,50 @@ class Daemon:
         with self._engine_lock:
             return fn(*args, **kw)
 
-    # --- control API operations --------------------------------------------------------------------------
-    async def status(self) -> dict:
+    # --- control API: status and listings ------------------------------------------------------------------
+    async def api_status(self) -> dict:
         info = await self.net.info()
         eng = self.engine
         return {
             "peer_id": self.net.peer_id, "addrs": self.net.addrs, "api": self.api_url, "pid": os.getpid(),
-            "public_key": self.key.public_hex,
+            "public_key": self.key.public_hex, "light": self.light,
             "model": eng.model_id if eng else None, "model_fingerprint": eng.fingerprint if eng else None,
-            "dtype": eng.dtype if eng else self.config.dtype, "model_error": self._engine_error,
+            "dtype": eng.dtype if eng else self.config["node.dtype"],
+            "model_error": NO_MODEL if self.light else self._engine_error,
             "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"), "dataplane": info.get("dataplane"),
             "providing": info.get("providing"), "announcements": self.announcements.recent(20),
-            "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config.accept_any,
+            "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config["node.accept_any"],
         }
 
-    async def peers(self) -> list[dict]:
+    async def api_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    async def api_peers(self) -> list[dict]:
         return await self.net.peers()
 
-    async def list_artifacts(self) -> list[dict]:
+    async def api_artifacts(self) -> list[dict]:
         return self.store.list_artifacts()
 
-    def start_publish(self, req: dict) -> dict:
-        """POST /publish (fields checked by node/apibody.py): a job that prefills (progress per block), stores,
-        then provides and announces the artifact."""
-        document = Document(req["text"])
+    async def api_job(self, job_id: str) -> routes.JobView:
+        return self.jobs.get(job_id).view()
+
+    async def api_cancel_job(self, job_id: str) -> routes.JobView:
+        return self.jobs.cancel(job_id).view()
+
+    async def api_stop(self) -> dict:
+        self.request_stop("control API")
+        return {"stopping": True}
+
+    # --- control API: publish and fetch (jobs) ---------------------------------------------------------------
+    async def api_publish(self, req: routes.PublishBody) -> routes.JobView:
+        """A job that prefills (progress per block), stores, then provides and announces the artifact."""
+        document = Document(req.text)
 
         async def work(job: Job) -> dict:
             engine = await self.engine_ready()
             job.progress.update(stage="prefill", tokens=0)
             result = await asyncio.to_thread(self._with_engine, ops.publish_here, self.h, engine, document,
-                                             codec=req["codec"], block_tokens=req["block_tokens"],
+                                             codec=req.codec, block_tokens=req.block_tokens,
                                              progress=job.progress.update)  # a dict update, from the worker thread
             self.metrics.prefill_seconds.inc(result["prefill_s"])
             self.metrics.prefill_tokens.inc(result["n_tokens"])
@@ -224,19 +243,18 @@ class Daemon:
 
         return self.jobs.start("publish", work).view()
 
-    def start_fetch(self, req: dict) -> dict:
-        """POST /get: a job that fetches (by CID or document hash), then checks the artifact before first use."""
-        if (req["cid"] is None) == (req["document_hash"] is None):
+    async def api_get(self, req: routes.GetBody) -> routes.JobView:
+        """A job that fetches (by CID, or a document for this node's model), then checks the artifact before
+        first use."""
+        if req.key is None:
             raise UsageError("get: give either cid or document_hash")
 
         async def work(job: Job) -> dict:
             self._reload_trust()
-            if req["cid"] is not None:
-                key: Any = req["cid"]
-                expect_model = None
-            else:
+            key, expect_model = req.key, None
+            if isinstance(key, DocumentKey):
                 engine = await self.engine_ready()
-                key = (engine.fingerprint, req["document_hash"])
+                key = key.for_model(engine.fingerprint)
                 expect_model = engine.fingerprint
 
             def progress(p) -> None:
@@ -244,11 +262,12 @@ class Daemon:
                                     peers=len(p.peers), chunks=p.chunks_done, chunks_total=p.chunks_total)
 
             try:
-                r = await self.net.fetch(key, n_tokens=req["tokens"], progress=progress, expect_model=expect_model,
-                                         accept_any=req["accept_any"])
+                r = await self.net.fetch(key, n_tokens=req.tokens, progress=progress, expect_model=expect_model,
+                                         accept_any=req.accept_any)
             except NotFound as exc:
                 self.metrics.fetches.labels("failed").inc()
-                raise NotFound(f"{exc}{await self._other_models(req['document_hash'])}") from None
+                doc = key.document_hash if isinstance(key, DocumentKey) else None
+                raise NotFound(f"{exc}{await self._other_models(doc)}") from None
             except asyncio.CancelledError:
                 self.metrics.fetches.labels("cancelled").inc()
                 raise
@@ -261,7 +280,7 @@ class Daemon:
                    "peers": len(r.providers), "providers": r.providers,
                    "complete": self.store.is_complete(r.cid)}
             job.progress["stage"] = "audit"
-            out["audit"] = await self._check_fetched(r.cid, req["document"])
+            out["audit"] = await self._check_fetched(r.cid, req.document)
             return out
 
         return self.jobs.start("get", work).view()
@@ -285,28 +304,6 @@ class Daemon:
         return (f"; peer {first['peer'][:16]} has it for {named} ({first['model_fingerprint'][:12]}), but this node "
                 f"runs {self.engine.model_id} ({own[:12]}): an artifact is bound to one model")
 
-    async def generate(self, req: dict) -> dict:
-        """POST /generate: ship (from this node's store, with its model) or host (ask another node)."""
-        engine = await self.engine_ready()
-        cid = self._resolve(req, engine)
-        self._reload_trust()
-        if req["host"]:
-            suffix = engine.tokenize(req["prompt"]) if req["prompt"] else []
-            t0 = time.perf_counter()
-            resp = await self.net.remote_generate(
-                req["host"], GenerateRequest(cid, tuple(suffix), req["max_new_tokens"], req["seed"]))
-            self.metrics.generations.labels("remote").inc()
-            return {"cid": str(cid), "host": req["host"], "tokens": list(resp.tokens), "text": resp.text,
-                    "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
-                    "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
-        document = Document(req["document"]) if req["document"] else None
-        out = await asyncio.to_thread(self._with_engine, generate_from_store, engine, self.store, cid, req["prompt"],
-                                      req["max_new_tokens"], self.policy, req["seed"], document, req["temperature"])
-        ops._log_generation(self.h, engine, cid, out)
-        self.metrics.generations.labels("local").inc()
-        out["mode"] = "local"
-        return out
-
     async def _check_fetched(self, cid: Cid, document_text: str | None) -> dict | None:
         """Before a fetched artifact's first use: bind it to the document the user holds (when given), and audit
         `audit_fraction` of its blocks with this node's model, signing an attestation when it passes. A failed
@@ -315,61 +312,89 @@ class Daemon:
         complete = self.store.is_complete(cid)
         manifest = self.store.get_manifest(cid)
         if engine is None or manifest.model_fingerprint != engine.fingerprint or not complete:
-            return None  # another model's artifact, or a prefix fetch: nothing this node can check now
+            return None  # another model's artifact, a prefix fetch, or a node without a model: nothing to check
         document = Document(document_text) if document_text else None
-        if not self.config.audit_fraction and document is None:
+        fraction = self.config["node.audit_fraction"]
+        if not fraction and document is None:
             return None
         try:
-            if not self.config.audit_fraction:
-                await asyncio.to_thread(check_document, engine, manifest, document)
+            if not fraction:
+                await asyncio.to_thread(ops.check_document, engine, manifest, document)
                 return None
-            result = await asyncio.to_thread(
-                self._with_engine, audit_stored, engine, self.store, cid, fraction=self.config.audit_fraction,
-                key=self.key, document=document, prefer=self.policy.auditors)
+            result = await asyncio.to_thread(self._with_engine, ops.audit_here, self.h, engine, cid,
+                                             fraction=fraction, document=document)
         except (IntegrityError, ModelMismatch) as exc:  # AuditFailed is an IntegrityError
             self.metrics.audits.labels("failed").inc()
             await asyncio.to_thread(self.store.remove, cid, True)
             raise type(exc)(f"{exc} (artifact {cid.short()} removed)") from None
         self.metrics.audits.labels("passed").inc()
-        self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=sum(
-            manifest.chunks[i].n_tokens for i in result["blocks"]), model=engine.model_id, dtype=engine.dtype,
-            device=engine.device, artifact=str(cid), extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
-        return {k: result[k] for k in ("blocks", "n_blocks", "drawn", "mode", "max_rel", "seconds", "bounds")}
+        return {k: result[k] for k in ("blocks", "n_blocks", "drawn", "mode", "why", "max_rel", "seconds", "bounds")}
 
-    async def audit(self, req: dict) -> dict:
-        """POST /audit: audit a stored artifact with this node's model (kvswap audit through the node)."""
+    # --- control API: generate and audit ---------------------------------------------------------------------
+    async def api_generate(self, req: routes.GenerateBody) -> dict:
+        """Ship (from this node's store, with its model) or host (ask another node)."""
+        if req.host:
+            return await self._generate_remote(req)
         engine = await self.engine_ready()
-        cid = req["cid"]
-        document = Document(req["document"]) if req["document"] else None
+        cid = self._resolve(req.key, engine)
+        self._reload_trust()
+        document = Document(req.document) if req.document else None
+        out = await asyncio.to_thread(self._with_engine, ops.generate_here, self.h, engine, cid, req.prompt,
+                                      req.max_new_tokens, policy=self.policy, seed=req.seed, document=document,
+                                      temperature=req.temperature)
+        self.metrics.generations.labels("local").inc()
+        return out
+
+    async def _generate_remote(self, req: routes.GenerateBody) -> dict:
+        """Hosted mode: the prompt's tokens go to the host, its tokens come back. The prompt is tokenized with
+        this node's model (a node without one can name the artifact by CID and send an empty prompt)."""
+        engine = None if self.light else await self.engine_ready()
+        if isinstance(req.key, Cid):
+            cid = req.key
+        elif engine is not None:
+            cid = self._resolve(req.key, engine)
+        else:
+            raise UsageError("a node without a model names a hosted artifact by its CID")
+        if req.prompt and engine is None:
+            raise UsageError(f"{NO_MODEL}: it cannot tokenize a prompt")
+        suffix = engine.tokenize(req.prompt) if req.prompt else []
+        t0 = time.perf_counter()
+        resp = await self.net.remote_generate(req.host, GenerateRequest(cid, tuple(suffix), req.max_new_tokens, req.seed))
+        self.metrics.generations.labels("remote").inc()
+        return {"cid": str(cid), "host": req.host, "tokens": list(resp.tokens), "text": resp.text,
+                "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
+                "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
+
+    async def api_audit(self, req: routes.AuditBody) -> dict:
+        """Audit a stored artifact with this node's model (kvswap audit through the node)."""
+        engine = await self.engine_ready()
+        cid = self._resolve(req.key, engine)
+        document = Document(req.document) if req.document else None
         self._reload_trust()
         try:
             result = await asyncio.to_thread(
-                self._with_engine, audit_stored, engine, self.store, cid, fraction=req["fraction"],
-                blocks=req["blocks"], full=req["full"], seed=req["seed"], require_exact=req["exact"],
-                key=self.key if req["sign"] else None, document=document, prefer=self.policy.auditors)
+                self._with_engine, ops.audit_here, self.h, engine, cid, fraction=req.fraction, blocks=req.blocks,
+                full=req.full, seed=req.seed, mode=AuditMode(req.mode), sign=req.sign, document=document)
         except IntegrityError:  # AuditFailed, or a document that is not the artifact's
             self.metrics.audits.labels("failed").inc()
             raise
         self.metrics.audits.labels("passed").inc()
-        self.ledger.compute(kind="audit", seconds=result["seconds"], tokens=0, model=engine.model_id,
-                            dtype=engine.dtype, device=engine.device, artifact=str(cid),
-                            extra={"blocks": len(result["blocks"]), "mode": result["mode"]})
         return result
 
     def _reload_trust(self) -> None:
         """Pick up `kvswap trust add/rm` made while the daemon runs (config.toml [trust] is the source of truth)."""
-        self.policy = self.h.policy(self.config.accept_any)
+        self.policy = self.h.policy(self.config["node.accept_any"])
         self.artifacts.policy = self.policy
 
-    def _resolve(self, req: dict, engine: Any) -> Cid:
-        if req["cid"] is not None:
-            return req["cid"]
-        if req["document_hash"] is not None:
-            return ops.resolve(self.h, engine, ops.Source(document_hash=req["document_hash"]))
-        raise UsageError("give an artifact CID or a document")
+    def _resolve(self, key, engine: Any) -> Cid:
+        if key is None:
+            raise UsageError("give an artifact CID or a document")
+        return ops.resolve(self.h, engine, ops.Source(key))
 
     # --- hosting (runs in a network worker thread) -------------------------------------------------------
     def _hosted_generate(self, request: GenerateRequest) -> GenerateResponse:
+        if self.light:
+            raise NotFound(NO_MODEL)
         engine = self.engine
         if engine is None:
             raise NotFound("the hosting node's model is not loaded")
@@ -379,12 +404,10 @@ class Daemon:
             kv = self._resident.get(cid)
             if kv is None:
                 manifest = self.store.get_manifest(cid)
-                check_compatible(manifest, engine)
-                if self.store.missing_chunks(cid):
-                    raise NotFound(f"artifact {cid.short()} is not complete here")
-                kv = load_artifact(engine, self.store, manifest)  # every chunk verified, on the engine's device
+                ops.check_complete(self.store, cid)
+                kv = ops.load_artifact(engine, self.store, manifest)  # every chunk verified, on the engine's device
                 self._resident[cid] = kv
-                while len(self._resident) > RESIDENT_KV_SLOTS:
+                while len(self._resident) > self.tuning.daemon.resident_kv_slots:
                     self._resident.popitem(last=False)
             self._resident.move_to_end(cid)
             load_s = time.perf_counter() - t0
@@ -392,7 +415,7 @@ class Daemon:
                                                  max_new_tokens=request.max_new_tokens, seed=request.seed)
         out = result.to_dict()
         out.update(read_verify_s=load_s, document_tokens=kv.n_tokens, suffix_tokens=len(request.suffix_ids))
-        ops._log_generation(self.h, engine, cid, out, kind="hosted_generate")
+        ops.log_generation(self.h, engine, cid, out, kind="hosted_generate")
         self.metrics.generations.labels("hosted").inc()
         timings = (("load_s", load_s), ("prefill_s", float(out.get("prefill_s", 0.0))),
                    ("decode_s", float(out.get("decode_s", 0.0))))
@@ -402,7 +425,7 @@ class Daemon:
         self.announcements.add(str(announce.artifact_cid), sender, {
             "cid": str(announce.artifact_cid), "from": sender, "document_hash": announce.document_hash,
             "n_tokens": announce.n_tokens, "model_fingerprint": announce.model_fingerprint})
-        log.info("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
+        log.debug("announced by %s: %s (%d tokens)", sender, announce.artifact_cid, announce.n_tokens)
 
 
 def check_ports_free(listen: list[str]) -> None:
@@ -440,19 +463,27 @@ def _setup_logging(home: Path) -> None:
     logging.getLogger().addHandler(handler)
 
 
-def run_daemon(config: NodeConfig, on_ready=None) -> int:
+def run_daemon(home: Path, config: Config, tuning: NodeTuning = DEFAULT_TUNING, on_ready=None) -> int:
     """`kvswap node start`: run in the foreground until SIGINT/SIGTERM or `kvswap node stop`. `on_ready(info)`
-    is called once the node listens, with {peer_id, addrs, api, pid} (the CLI prints it)."""
-    home = Path(config.home)
+    is called once the node listens, with {peer_id, addrs, api, pid} (the CLI prints it). Everything a user can
+    get wrong (a node already running, a taken port, an unknown model) fails here with one line, before
+    anything starts."""
+    from ..engine.catalog import check_name
+
+    home = Path(home)
     try:
         info = runfiles.read_node_file(home)
         raise UsageError(f"a node (pid {info['pid']}) already runs in {home}")
     except NotFound:
         pass
-    check_ports_free(config.listen)  # before anything binds: a taken fixed port is one clear line
+    if config["node.no_model"] and config["node.model"]:
+        raise UsageError("--no-model runs a node without a model: leave out --model")
+    if not config["node.no_model"]:
+        check_name(config["node.model"] or None)  # a mistyped --model is one line, not a node without a model
+    check_ports_free(config["node.listen"])  # before anything binds: a taken fixed port is one clear line
     _setup_logging(home)
     try:
-        return _run_bounded(Daemon(config, on_ready).main())
+        return _run_bounded(Daemon(home, config, tuning, on_ready).main(), tuning.daemon.shutdown_timeout_s)
     except ExceptionGroup as group:  # a failure while starting (inside the task group): its one clear line
         first = _first_kvswap_error(group)
         if first is None:
@@ -460,10 +491,10 @@ def run_daemon(config: NodeConfig, on_ready=None) -> int:
         raise first from None
 
 
-def _run_bounded(main) -> int:
+def _run_bounded(main, shutdown_timeout_s: float) -> int:
     """asyncio.run, with the end bounded: tasks still pending after the daemon's own cleanup are cancelled and
-    given SHUTDOWN_TIMEOUT_S / 2 (asyncio.run would wait for them, and for every worker thread, forever), and
-    any that still run are named in the log."""
+    given half the shutdown timeout (asyncio.run would wait for them, and for every worker thread, forever),
+    and any that still run are named in the log."""
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(main)
@@ -472,7 +503,7 @@ def _run_bounded(main) -> int:
         for task in pending:
             task.cancel()
         if pending:
-            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=SHUTDOWN_TIMEOUT_S / 2))
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=shutdown_timeout_s / 2))
             for task in stuck:
                 log.warning("shutdown: %r did not end", task)
         loop.run_until_complete(loop.shutdown_asyncgens())

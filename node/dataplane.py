@@ -9,13 +9,13 @@ How: a ChunkRequest with `dataplane=True` may be answered with a DataGrant (host
 token, the granted CIDs) inside the authenticated, encrypted libp2p stream. The fetcher connects to
 host:port, exchanges the fixed hello and ack (protocol/dataplane.py), sends the token, and reads ChunkData /
 ChunkMissing frames for the granted CIDs in order. A token is single-use, bound to the requesting peer's
-grant, and expires after DATAPLANE_GRANT_TTL_S. The fetcher only dials an IP at which it already knows the
+grant, and expires after dataplane.grant_ttl_s. The fetcher only dials an IP at which it already knows the
 granting peer and an unprivileged port, and sends the token only after the ack, so a peer cannot aim it at
 another host, nor make it write anything the peer chose to another service on its own host. Bytes are not
 encrypted on this path (artifacts are public content).
 
 An optimisation, never a single point of failure: a node grants only within its quotas (grants per peer
-and in total, chunks named by grants, transfers per peer; protocol/limits.py) and otherwise answers on the
+and in total, chunks named by grants, transfers per peer; node/tuning.py) and otherwise answers on the
 libp2p stream itself; connections that do not present a valid token in time are dropped, the oldest first
 when too many wait, and counted rather than logged one by one; a fetcher whose data-plane connection is
 refused, reset or not a kvswap data plane raises DataPlaneFailed, and node/exchange.py takes the remaining
@@ -41,8 +41,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import DataPlaneFailed, LocalProtocolError, RemoteProtocolError, map_exceptions
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import DataPlaneFailed, LocalProtocolError, RemoteProtocolError, map_exceptions
 from kvswap.protocol import limits
 from kvswap.protocol.codec import chunk_data_header, encode_parts, payload_size
 from kvswap.protocol.dataplane import DATAPLANE_ACK, DATAPLANE_HELLO, DataPlaneReader
@@ -52,6 +52,7 @@ from kvswap.protocol.names import DATAPLANE_PROTOCOL
 from .accounting import TransferEvent, TransferHook, current_request
 from .quota import PeerCounter, RefusalLog
 from .ration import UploadRation
+from .tuning import DEFAULT_TUNING, DataPlaneTuning, NodeTuning
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _UNSPECIFIED = frozenset({"0.0.0.0", "::", ""})
 @dataclass
 class _Grant:
     """One outstanding grant. The CIDs are kept packed (36 bytes each), never as a tuple of objects: a grant
-    naming 1024 chunks holds 36 KB, and all grants together at most MAX_DATAPLANE_GRANTED_CHUNKS of them."""
+    naming 1024 chunks holds 36 KB, and all grants together at most dataplane.max_granted_chunks of them."""
 
     peer: str
     packed: bytes
@@ -90,9 +91,11 @@ class DataPlane:
         limiter: trio.CapacityLimiter,
         chunk_path: Callable[[Cid], Any] | None = None,
         ration: UploadRation | None = None,
+        tuning: NodeTuning = DEFAULT_TUNING,
     ) -> None:
         self.host = host
-        self.ration = ration or UploadRation()
+        self.tuning = tuning
+        self.ration = ration or UploadRation(tuning.ration)
         self.port = 0
         self._read_chunk = read_chunk
         self._hook = on_transfer
@@ -101,11 +104,11 @@ class DataPlane:
         self._grants: OrderedDict[bytes, _Grant] = OrderedDict()  # token -> grant, oldest (= expiring) first
         self._peer_grants: dict[str, dict[bytes, None]] = {}  # peer -> its tokens, oldest first
         self.granted_chunks = 0  # CIDs named by outstanding grants
-        self.transfers = PeerCounter(limits.MAX_CONCURRENT_SERVES, limits.MAX_DATAPLANE_TRANSFERS_PER_PEER)
+        self.transfers = PeerCounter(self.tuning.serve.max_concurrent, self.tuning.dataplane.max_transfers_per_peer)
         self._pending: OrderedDict[int, trio.CancelScope] = OrderedDict()  # connections before a valid token
         self._ids = itertools.count()
-        self.hello_timeout = limits.DATAPLANE_HELLO_TIMEOUT_S  # tests lower it
-        self.refusals = RefusalLog(log, "data plane refused connections")
+        self.hello_timeout = self.tuning.dataplane.hello_timeout_s  # tests lower it
+        self.refusals = RefusalLog(log, "data plane refused connections", tuning.serve.refusal_log_interval_s)
         self.grants_dropped = 0  # grants dropped for quota before use (their fetchers fall back to libp2p)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -129,18 +132,18 @@ class DataPlane:
         the most loses its oldest: a hoarder pays for its hoard, everyone else is still granted."""
         now = time.monotonic()
         self._expire(now)
-        if not cids or len(cids) > limits.MAX_DATAPLANE_GRANTED_CHUNKS:
+        if not cids or len(cids) > self.tuning.dataplane.max_granted_chunks:
             return None
         mine = self._peer_grants.get(peer, {})
-        while len(mine) >= limits.MAX_DATAPLANE_GRANTS_PER_PEER:
+        while len(mine) >= self.tuning.dataplane.max_grants_per_peer:
             self._drop(next(iter(mine)))
-        while (len(self._grants) >= limits.MAX_DATAPLANE_GRANTS
-               or self.granted_chunks + len(cids) > limits.MAX_DATAPLANE_GRANTED_CHUNKS):
+        while (len(self._grants) >= self.tuning.dataplane.max_grants
+               or self.granted_chunks + len(cids) > self.tuning.dataplane.max_granted_chunks):
             hoarder = max(self._peer_grants, key=lambda p: len(self._peer_grants[p]))
             self._drop(next(iter(self._peer_grants[hoarder])))
         token = secrets.token_bytes(limits.DATAPLANE_TOKEN_BYTES)
         self._grants[token] = _Grant(peer, b"".join(c.to_bytes() for c in cids), artifact,
-                                     now + limits.DATAPLANE_GRANT_TTL_S)
+                                     now + self.tuning.dataplane.grant_ttl_s)
         self._peer_grants.setdefault(peer, {})[token] = None
         self.granted_chunks += len(cids)
         return DataGrant(host=self.host, port=self.port, token=token, cids=tuple(cids))
@@ -177,7 +180,7 @@ class DataPlane:
     async def _expire_loop(self) -> None:
         """Return the memory of unused grants once they expire, even when no new grant comes to sweep them."""
         while True:
-            await trio.sleep(limits.DATAPLANE_GRANT_TTL_S / 4)
+            await trio.sleep(self.tuning.dataplane.grant_ttl_s / 4)
             self._expire(time.monotonic())
 
     # --- connections --------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class DataPlane:
                 self.refusals.note(f"{grant.peer[:16]} is at its share of transfers")
                 return
             try:
-                _grow_buffers(sock)
+                _grow_buffers(sock, self.tuning.dataplane.socket_buffer_bytes)
                 current_request.set(grant.request)  # ledger rows join the libp2p request that granted them
                 self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "in", len(DATAPLANE_HELLO) +
                                          limits.DATAPLANE_TOKEN_BYTES, 0, grant.artifact))
@@ -206,9 +209,9 @@ class DataPlane:
 
     async def _admit(self, sock: trio.SocketStream) -> _Grant | None:
         """The hello, our ack, then a valid token: the connection's grant, or None (dropped, counted). While it
-        has not shown a token it is pending; past MAX_DATAPLANE_PENDING the oldest pending one is dropped."""
+        has not shown a token it is pending; past dataplane.max_pending the oldest pending one is dropped."""
         conn = next(self._ids)
-        while len(self._pending) >= limits.MAX_DATAPLANE_PENDING:
+        while len(self._pending) >= self.tuning.dataplane.max_pending:
             _, oldest = self._pending.popitem(last=False)
             oldest.cancel()
         token = b""
@@ -263,7 +266,7 @@ class DataPlane:
                 header = chunk_data_header(cid, size)
             except LocalProtocolError:  # larger than any frame may be: let read_chunk's path refuse it
                 return False
-            with trio.fail_after(limits.CHUNK_TIMEOUT_S):
+            with trio.fail_after(self.tuning.fetch.chunk_timeout_s):
                 await sock.send_all(header)
                 raw = sock.socket
                 offset = 0
@@ -285,7 +288,7 @@ class DataPlane:
     async def _send_msg(self, sock: trio.SocketStream, msg: ChunkData | ChunkMissing, grant: _Grant) -> None:
         """One ChunkData / ChunkMissing frame, header and payload written separately (no join of megabytes)."""
         parts = encode_parts(msg)
-        with trio.fail_after(limits.CHUNK_TIMEOUT_S):
+        with trio.fail_after(self.tuning.fetch.chunk_timeout_s):
             if len(parts) == 3:
                 await sock.send_all(parts[0] + parts[1])
                 await sock.send_all(parts[2])
@@ -306,20 +309,19 @@ async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
     return data
 
 
-def _grow_buffers(sock: trio.SocketStream) -> None:
+def _grow_buffers(sock: trio.SocketStream, nbytes: int) -> None:
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
-            sock.socket.setsockopt(socket.SOL_SOCKET, opt, limits.DATAPLANE_SOCKET_BUFFER_BYTES)
+            sock.socket.setsockopt(socket.SOL_SOCKET, opt, nbytes)
         except OSError:  # capped or refused by the kernel: the default works, only slower
             pass
 
 
-async def _recv_exact(sock: trio.SocketStream, n: int, peer: str,
-                      idle_s: float = limits.STREAM_IDLE_TIMEOUT_S) -> bytearray:
+async def _recv_exact(sock: trio.SocketStream, n: int, peer: str, idle_s: float) -> bytearray:
     """Exactly n bytes, received straight into one buffer (no intermediate copies: this path is the fast one).
     DataPlaneFailed if the connection fails or closes first. A peer that sends nothing for `idle_s` is given up
     (its link may be cut: no FIN or RST ever comes), so the fetcher hands its chunks to another holder instead
-    of waiting out CHUNK_TIMEOUT_S per chunk."""
+    of waiting out `chunk_timeout_s` per chunk."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -339,16 +341,17 @@ async def _recv_exact(sock: trio.SocketStream, n: int, peer: str,
     return buf
 
 
-def grant_address(grant: DataGrant, peer: str, known_ips: set[str], reached_ip: str | None) -> tuple[str, int]:
+def grant_address(grant: DataGrant, peer: str, known_ips: set[str], reached_ip: str | None,
+                  min_port: int = DataPlaneTuning.min_port) -> tuple[str, int]:
     """The (host, port) a fetcher may dial for `grant`, or RemoteProtocolError: the host must be an IP at which
     we know `peer` (`known_ips`, or `reached_ip`, the IP its libp2p connection came from; a server listening
     on every interface grants an unspecified host, and then `reached_ip` is dialled), and the port an
-    unprivileged one (>= DATAPLANE_MIN_PORT). A grant outside these is a lie the peer is penalised for."""
+    unprivileged one (>= `min_port`). A grant outside these is a lie the peer is penalised for."""
     allowed = known_ips | ({reached_ip} if reached_ip else set())
     host = reached_ip if grant.host in _UNSPECIFIED and reached_ip else grant.host
     if host not in allowed:
         raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on a foreign host {grant.host}")
-    if grant.port < limits.DATAPLANE_MIN_PORT:
+    if grant.port < min_port:
         raise RemoteProtocolError(f"peer {peer[:16]} granted a data plane on privileged port {grant.port}")
     return host, grant.port
 
@@ -362,6 +365,7 @@ async def fetch_granted(
     known_ips: set[str],
     reached_ip: str | None = None,
     max_body: int | None = None,
+    tuning: NodeTuning = DEFAULT_TUNING,
 ) -> None:
     """The fetching side: connect, hello and ack, present the token, hand each granted chunk (unverified) to
     on_chunk, in the granted order. `max_body`: the largest frame body to accept (the fetcher knows how big
@@ -373,16 +377,16 @@ async def fetch_granted(
     breaks the rules raises RemoteProtocolError. Each frame is parsed by protocol/dataplane.py's reader and
     received with recv_into into one exact-size buffer per piece: at hundreds of MB/s every extra copy shows.
     """
-    host, port = grant_address(grant, peer, known_ips, reached_ip)
+    host, port = grant_address(grant, peer, known_ips, reached_ip, tuning.dataplane.min_port)
     try:
-        with trio.fail_after(limits.DIAL_TIMEOUT_S):
+        with trio.fail_after(tuning.serve.dial_timeout_s):
             sock = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise DataPlaneFailed(f"cannot reach the data plane of {peer[:16]}: {exc!r}") from exc
     reader = DataPlaneReader(grant.cids, who=f"data plane of {peer[:16]}", max_body=max_body)
     try:
-        await _handshake(sock, peer)
-        _grow_buffers(sock)
+        await _handshake(sock, peer, tuning.dataplane.hello_timeout_s)
+        _grow_buffers(sock, tuning.dataplane.socket_buffer_bytes)
         with map_exceptions({(trio.BrokenResourceError, OSError): DataPlaneFailed},
                             f"data plane of {peer[:16]} closed"):
             await sock.send_all(grant.token)
@@ -390,9 +394,10 @@ async def fetch_granted(
                                   artifact))
         while reader.need() is not None:
             frame = None
-            with trio.move_on_after(limits.CHUNK_TIMEOUT_S) as scope:
+            with trio.move_on_after(tuning.fetch.chunk_timeout_s) as scope:
                 while frame is None:
-                    frame = reader.feed(await _recv_exact(sock, reader.need(), peer))
+                    frame = reader.feed(await _recv_exact(sock, reader.need(), peer,
+                                                          tuning.serve.stream_idle_timeout_s))
             if scope.cancelled_caught:
                 raise DataPlaneFailed(f"data plane of {peer[:16]} stalled")
             msg = frame.message
@@ -403,10 +408,10 @@ async def fetch_granted(
         await sock.aclose()
 
 
-async def _handshake(sock: trio.SocketStream, peer: str) -> None:
+async def _handshake(sock: trio.SocketStream, peer: str, timeout_s: float) -> None:
     """Send the fixed hello and check the answer is exactly the data plane's ack (DataPlaneFailed if not)."""
     answer = b""
-    with trio.move_on_after(limits.DATAPLANE_HELLO_TIMEOUT_S):
+    with trio.move_on_after(timeout_s):
         with map_exceptions({(trio.BrokenResourceError, OSError): DataPlaneFailed},
                             f"data plane of {peer[:16]} closed"):
             await sock.send_all(DATAPLANE_HELLO)

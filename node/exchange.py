@@ -3,22 +3,22 @@ requests. Framing, the per-protocol rules and the order of chunk answers are pro
 (protocol/conversation.py); node/framed.py moves the bytes; this module decides what to say.
 
 One request per stream: the client writes one request frame, the server answers with one or more frames and
-closes. Every read has an idle timeout (STREAM_IDLE_TIMEOUT_S); a peer that sends garbage, an oversized
+closes. Every read has an idle timeout (serve.stream_idle_timeout_s); a peer that sends garbage, an oversized
 frame or stalls has its stream reset, and nothing else changes: other streams and peers are served as before.
 Store and engine work runs in worker threads (bounded by a CapacityLimiter), never on the trio loop.
 
-Serving shares the node out per peer (node/quota.py, limits in protocol/limits.py): a peer may have
-MAX_INBOUND_STREAMS_PER_PEER streams open (more are reset at once); a request is read before it takes a
+Serving shares the node out per peer (node/quota.py, its `ServeTuning` from node/tuning.py): a peer may have
+serve.max_streams_per_peer streams open (more are reset at once); a request is read before it takes a
 serve slot (silent streams hold none); slots go round robin to the waiting peers, at most
-MAX_SERVES_PER_PEER each, and a request that waits SERVE_WAIT_TIMEOUT_S is answered `busy`; a peer has at
-most MAX_GENERATE_PER_PEER hosted generations running or waiting. While a request is served the stream is
+serve.max_per_peer each, and a request that waits serve.wait_timeout_s is answered `busy`; a peer has at
+most serve.max_generate_per_peer hosted generations running or waiting. While a request is served the stream is
 watched: a peer that sends more after its request is cut off, one that resets stops costing its slot.
 Chunks are sent from their files piece by piece, never whole in memory.
 
 A chunk request with `dataplane=True` may be answered by a DataGrant; the chunks then come over the node's
 data plane (node/dataplane.py) through the same callback. When the data plane fails (refused, reset, not a
 kvswap data plane), the client takes the rest of the chunks over a libp2p stream from the same peer and
-asks that peer for no grant for DATAPLANE_BACKOFF_S. Every frame is accounted (node/accounting.py).
+asks that peer for no grant for fetch.dataplane_backoff_s. Every frame is accounted (node/accounting.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import KvswapError, LocalProtocolError, RemoteProtocolError, error_from_wire, wire_code_of
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.keys import ArtifactKey
+from kvswap.protocol.errors import KvswapError, LocalProtocolError, RemoteProtocolError, error_from_wire, wire_code_of
 from kvswap.protocol import limits
 from kvswap.protocol.conversation import CONVERSATIONS, SERVED_PROTOCOLS, ChunkAnswers, Conversation
 from kvswap.protocol.messages import (
@@ -57,6 +58,7 @@ from .framed import FramedStream
 from .p2p import PEER_FAILURES
 from .quota import FairSlots, PeerCounter, RefusalLog
 from .ration import UploadRation
+from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,9 @@ log = logging.getLogger(__name__)
 class Service(Protocol):
     """What a node serves, supplied by the daemon. Methods are called from worker threads: be thread-safe."""
 
-    def manifest_by_cid(self, cid: Cid) -> tuple[bytes, list[bytes]] | None:
-        """(canonical manifest bytes, envelope bytes) of a complete local artifact, or None."""
-
-    def manifest_by_document(self, model_fingerprint: str | None, document_hash: str
-                             ) -> tuple[bytes, list[bytes]] | None:
-        """The same for the local artifact of this document for this model (a complete one for any model when
-        `model_fingerprint` is None), or None."""
+    def manifest(self, key: ArtifactKey) -> tuple[bytes, list[bytes]] | None:
+        """(canonical manifest bytes, envelope bytes) of the local artifact `key` names (by CID; a document's
+        for its model; a complete one for any model when the key names none), or None."""
 
     def read_chunk(self, cid: Cid) -> bytes | None:
         """A chunk's stored bytes, or None when this node does not hold it."""
@@ -89,13 +87,13 @@ ChunkCallback = Callable[[Cid, "bytes | bytearray | ChunkMissing"], Awaitable[No
 
 
 def _error_for(exc: BaseException) -> ErrorMessage:
-    """The refusal a peer gets when serving its request failed with `exc` (its code from kvswap/errors.py;
+    """The refusal a peer gets when serving its request failed with `exc` (its code from protocol/errors.py;
     what went wrong inside a bug is not the peer's business)."""
     return ErrorMessage(wire_code_of(exc), str(exc) if isinstance(exc, KvswapError) else "the server failed")
 
 
 def raise_for_error(msg: ErrorMessage, peer: str) -> None:
-    """Turn a peer's ErrorMessage into our exception type (kvswap/errors.py's error_from_wire)."""
+    """Turn a peer's ErrorMessage into our exception type (protocol/errors.py's error_from_wire)."""
     raise error_from_wire(msg.code, f"peer {peer[:16]}: {msg.text or msg.code}")
 
 
@@ -135,27 +133,29 @@ class Exchange:
         dataplane: Any = None,
         worker_limiter: trio.CapacityLimiter | None = None,
         ration: UploadRation | None = None,
+        tuning: NodeTuning = DEFAULT_TUNING,
     ) -> None:
         self.p2p = p2p
-        self.ration = ration or UploadRation()  # shared with the data plane: one count of copies sent
+        self.tuning = tuning
+        self.ration = ration or UploadRation(tuning.ration)  # shared with the data plane: one count of copies sent
         self.service = service
         self.on_transfer = on_transfer or no_hook
         self.dataplane = dataplane
-        self.limiter = worker_limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
-        self.inbound = PeerCounter(limits.MAX_INBOUND_STREAMS, limits.MAX_INBOUND_STREAMS_PER_PEER)
-        self.slots = {p: FairSlots(limits.MAX_CONCURRENT_SERVES, limits.MAX_SERVES_PER_PEER)
+        self.limiter = worker_limiter or trio.CapacityLimiter(self.tuning.serve.worker_threads)
+        self.inbound = PeerCounter(self.tuning.serve.max_streams, self.tuning.serve.max_streams_per_peer)
+        self.slots = {p: FairSlots(self.tuning.serve.max_concurrent, self.tuning.serve.max_per_peer)
                       for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL)}
         # one hosted generation at a time (the engine is not reentrant), peers taking turns
-        self.slots[GENERATE_PROTOCOL] = FairSlots(1, 1, max_pending=limits.MAX_GENERATE_PER_PEER)
+        self.slots[GENERATE_PROTOCOL] = FairSlots(1, 1, max_pending=self.tuning.serve.max_generate_per_peer)
         serve = {MANIFEST_PROTOCOL: self._serve_manifest, CHUNKS_PROTOCOL: self._serve_chunks,
                  GENERATE_PROTOCOL: self._serve_generate}
         for protocol in SERVED_PROTOCOLS:
             p2p.set_stream_handler(protocol, self._guard(CONVERSATIONS[protocol], serve[protocol]))
         self.rejected_streams = 0  # streams cut off for misbehaviour (garbage, oversize, stall)
-        self.refused = RefusalLog(log, "refused streams over quota")
-        self.cut_off = RefusalLog(log, "cut off misbehaving streams")
-        self.idle_timeout = limits.STREAM_IDLE_TIMEOUT_S  # for serving; tests lower it
-        self.serve_wait_timeout = limits.SERVE_WAIT_TIMEOUT_S  # tests lower it
+        self.refused = RefusalLog(log, "refused streams over quota", tuning.serve.refusal_log_interval_s)
+        self.cut_off = RefusalLog(log, "cut off misbehaving streams", tuning.serve.refusal_log_interval_s)
+        self.idle_timeout = self.tuning.serve.stream_idle_timeout_s  # for serving; tests lower it
+        self.serve_wait_timeout = self.tuning.serve.wait_timeout_s  # tests lower it
         self._dataplane_off: dict[str, float] = {}  # peer -> until when we ask it for no grant (client side)
         self.dataplane_fallbacks = 0  # requests whose chunks came over libp2p after the data plane failed
 
@@ -178,7 +178,8 @@ class Exchange:
             try:
                 framed = FramedStream(stream, peer, protocol, self.on_transfer, conversation.request_decoder(),
                                       idle_timeout=self.idle_timeout,
-                                      read_bytes=limits.MAX_REQUEST_FRAME_BYTES + limits.KiB)
+                                      read_bytes=limits.MAX_REQUEST_FRAME_BYTES + limits.KiB,
+                                      piece_bytes=self.tuning.serve.stream_read_bytes)
                 try:
                     async with framed:  # closed when served, reset when anything went wrong
                         await self._serve_one(framed, serve)
@@ -205,7 +206,7 @@ class Exchange:
         if self.service is None:
             await framed.send(ErrorMessage("not_found", "this node serves nothing"))
             return
-        wait = limits.GENERATE_TIMEOUT_S if framed.protocol == GENERATE_PROTOCOL else self.serve_wait_timeout
+        wait = self.tuning.serve.generate_timeout_s if framed.protocol == GENERATE_PROTOCOL else self.serve_wait_timeout
         try:
             await _watched(framed, self._serve_in_slot, framed, request, serve, wait)
         except (RemoteProtocolError, LocalProtocolError):
@@ -224,10 +225,7 @@ class Exchange:
 
     async def _serve_manifest(self, framed: FramedStream, request: ManifestRequest) -> None:
         svc = self.service
-        if request.cid is not None:
-            found = await self._in_thread(svc.manifest_by_cid, request.cid)
-        else:
-            found = await self._in_thread(svc.manifest_by_document, request.model_fingerprint, request.document_hash)
+        found = await self._in_thread(svc.manifest, request.key)
         if found is None:
             await framed.send(ErrorMessage("not_found", "no such artifact here"))
             return
@@ -266,7 +264,7 @@ class Exchange:
                 await framed.send(self.ration.refusal(request.artifact, cid, framed.peer) or ChunkData(cid, data))
 
     async def _send_stored(self, framed: FramedStream, cid: Cid, path: Any) -> bool:
-        """Send a stored chunk from its file, STREAM_READ_BYTES at a time; False if the file is gone or too big
+        """Send a stored chunk from its file, serve.stream_read_bytes at a time; False if the file is gone or too big
         for a frame (then it is read whole, or reported missing)."""
         try:
             handle = await self._in_thread(open, path, "rb")
@@ -291,16 +289,18 @@ class Exchange:
 
     # --- client side ------------------------------------------------------------------------------------
 
-    async def _open(self, peer: str, protocol: str, idle: float = limits.STREAM_IDLE_TIMEOUT_S,
+    async def _open(self, peer: str, protocol: str, idle: float | None = None,
                     max_body: int | None = None) -> FramedStream:
         stream = await self.p2p.open_stream(peer, protocol)
+        serve = self.tuning.serve
         return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(max_body),
-                            idle_timeout=idle)
+                            idle_timeout=serve.stream_idle_timeout_s if idle is None else idle,
+                            read_bytes=serve.stream_read_bytes, piece_bytes=serve.stream_read_bytes)
 
     async def request_manifest(self, peer: str, request: ManifestRequest) -> ManifestResponse:
         """Ask `peer` for a manifest. NotFound if it has none; RemoteProtocolError on any misbehaviour."""
         framed = await self._open(peer, MANIFEST_PROTOCOL)
-        framed.artifact = request.cid
+        framed.artifact = request.key if isinstance(request.key, Cid) else None
         async with framed:
             await framed.send(request)
             reply = await framed.recv()
@@ -315,7 +315,7 @@ class Exchange:
         The bytes are NOT verified here (node/fetch.py verifies). With `dataplane=True` the server may answer
         with a DataGrant; the chunks then come over its data plane (node/dataplane.py), same callback. When
         the data plane fails, the chunks not yet answered are asked again over a libp2p stream, and the peer
-        is asked for no grant for DATAPLANE_BACKOFF_S. `max_chunk_bytes` (the largest stored size asked for)
+        is asked for no grant for fetch.dataplane_backoff_s. `max_chunk_bytes` (the largest stored size asked for)
         bounds the frames accepted, so a lying peer cannot make us buffer more than an honest answer. Raises
         RemoteProtocolError on misbehaviour, NotFound / LimitExceeded / Busy on a refusal.
         """
@@ -333,7 +333,8 @@ class Exchange:
             return
         try:
             await fetch_granted(grant, peer, counted, self.on_transfer, artifact,
-                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip, max_body=max_body)
+                                known_ips=self.p2p.peer_ips(peer), reached_ip=reached_ip, max_body=max_body,
+                                tuning=self.tuning)
         except DataPlaneFailed as exc:
             self._dataplane_failed(peer, exc)
             rest = [c for c in cids if c not in answered]
@@ -345,7 +346,7 @@ class Exchange:
                             dataplane: bool, max_body: int | None = None) -> tuple[DataGrant | None, str | None]:
         """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
         (with the IP the stream reached the peer at) for the caller to use."""
-        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=limits.CHUNK_TIMEOUT_S, max_body=max_body)
+        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.chunk_timeout_s, max_body=max_body)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
         answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked
@@ -376,23 +377,23 @@ class Exchange:
 
     def _dataplane_failed(self, peer: str, exc: Exception) -> None:
         now = time.monotonic()
-        if len(self._dataplane_off) >= limits.MAX_PEERS_PER_FETCH:  # bounded: forget the expired ones
+        if len(self._dataplane_off) >= self.tuning.fetch.max_peers:  # bounded: forget the expired ones
             self._dataplane_off = {p: t for p, t in self._dataplane_off.items() if t > now}
         if peer not in self._dataplane_off:
             log.info("data plane of %s unusable, taking its chunks over libp2p for %g s: %s", peer[:16],
-                     limits.DATAPLANE_BACKOFF_S, exc)
-        self._dataplane_off[peer] = now + limits.DATAPLANE_BACKOFF_S
+                     self.tuning.fetch.dataplane_backoff_s, exc)
+        self._dataplane_off[peer] = now + self.tuning.fetch.dataplane_backoff_s
 
     async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
         new_request_id()
-        framed = await self._open(peer, GENERATE_PROTOCOL, idle=limits.GENERATE_TIMEOUT_S)
+        framed = await self._open(peer, GENERATE_PROTOCOL, idle=self.tuning.serve.generate_timeout_s)
         framed.artifact = request.artifact_cid
         async with framed:
             await framed.send(request)
-            with trio.move_on_after(limits.GENERATE_TIMEOUT_S) as scope:
+            with trio.move_on_after(self.tuning.serve.generate_timeout_s) as scope:
                 reply = await framed.recv()
             if scope.cancelled_caught:
-                raise RemoteProtocolError(f"peer {peer[:16]} did not answer within {limits.GENERATE_TIMEOUT_S:g} s")
+                raise RemoteProtocolError(f"peer {peer[:16]} did not answer within {self.tuning.serve.generate_timeout_s:g} s")
         return _only_reply(reply, GenerateResponse, peer, "closed without an answer")
 
 

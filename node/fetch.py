@@ -26,13 +26,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
-from kvswap.protocol import limits
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
-from kvswap.protocol.names import any_model_key, artifact_keys, cid_key, document_key
+from kvswap.protocol.keys import ArtifactKey, DocumentKey, describe, dht_key
+from kvswap.protocol.names import any_model_key, artifact_keys, cid_key
 
 from .accounting import new_request_id
+from .tuning import FetchTuning
 from .fetchplan import (
     Aborted,
     CancelRequest,
@@ -128,34 +129,13 @@ class FetchResult:
         return self.bytes_fetched / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class FetchKey:
-    """What to fetch: an artifact CID, or the artifact of (model fingerprint, document hash)."""
-
-    cid: Cid | None = None
-    model_fingerprint: str | None = None
-    document_hash: str | None = None
-
-    @property
-    def dht_key(self) -> str:
-        if self.cid is not None:
-            return cid_key(self.cid)
-        return document_key(self.model_fingerprint, self.document_hash)
-
-    def request(self) -> ManifestRequest:
-        return ManifestRequest(self.cid, self.model_fingerprint, self.document_hash)
-
-    def __str__(self) -> str:
-        return self.cid.short() if self.cid else f"document {self.document_hash[:12]} for {self.model_fingerprint[:12]}"
-
-
 class Fetcher:
     """Runs fetches for one node (trio side). `exchange` is node/exchange.py's Exchange."""
 
     def __init__(self, p2p: Any, exchange: Any, target: FetchTarget, limiter: trio.CapacityLimiter,
-                 use_dataplane: bool = True, parallel: int = limits.FETCH_PARALLEL_CHUNKS) -> None:
+                 use_dataplane: bool = True, tuning: FetchTuning = FetchTuning()) -> None:
         self.p2p = p2p
-        self.parallel = parallel
+        self.tuning = tuning
         self.exchange = exchange
         self.target = target
         self.limiter = limiter
@@ -166,9 +146,9 @@ class Fetcher:
     async def _thread(self, fn: Callable, *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    async def resolve(self, key: FetchKey) -> list[str]:
+    async def resolve(self, key: ArtifactKey) -> list[str]:
         """Candidate providers: DHT providers first, then connected peers."""
-        return await self._providers_then_peers(key.dht_key)
+        return await self._providers_then_peers(dht_key(key))
 
     async def _providers_then_peers(self, dht_key: str) -> list[str]:
         found = await self.p2p.find_providers(dht_key)
@@ -179,12 +159,12 @@ class Fetcher:
         """(peer, its manifest) for complete artifacts of this document that peers hold for models other than
         `own_fingerprint`: what the user is told when the document was not found for this node's model.
 
-        Asks up to MAX_OTHER_MODEL_ASKS providers of the document's any-model key (then connected peers) for
+        Asks up to fetch.max_other_model_asks providers of the document's any-model key (then connected peers) for
         the document's manifest for any model; each answer must verify (CID and valid signatures; an
         untrusted signer is accepted, since nothing is fetched or stored) and name this document. Bounded by
-        OTHER_MODEL_LOOKUP_S; peers that refuse or fail are skipped."""
+        fetch.other_model_lookup_s; peers that refuse or fail are skipped."""
         found: list[tuple[str, VerifiedManifest]] = []
-        request = ManifestRequest(document_hash=document_hash)
+        request = ManifestRequest(DocumentKey(document_hash))
 
         async def ask(peer: str) -> None:
             try:
@@ -197,22 +177,22 @@ class Fetcher:
             if verified.document_hash == document_hash and verified.model_fingerprint != own_fingerprint:
                 found.append((peer, verified))
 
-        with trio.move_on_after(limits.OTHER_MODEL_LOOKUP_S):
+        with trio.move_on_after(self.tuning.other_model_lookup_s):
             peers = await self._providers_then_peers(any_model_key(document_hash))
             async with trio.open_nursery() as nursery:
-                for peer in peers[:limits.MAX_OTHER_MODEL_ASKS]:
+                for peer in peers[:self.tuning.max_other_model_asks]:
                     nursery.start_soon(ask, peer)
         return found
 
-    async def fetch_manifest(self, key: FetchKey, providers: list[str],
+    async def fetch_manifest(self, key: ArtifactKey, providers: list[str],
                              expect_model: str | None = None, expect_dtype: str | None = None,
                              accept_any: bool = False) -> tuple[VerifiedManifest, list[str]]:
         """The first manifest a provider serves that verifies; returns it and the providers that may hold the
         artifact (the one that served it first).
 
-        Providers are asked in order, but one that has not answered within MANIFEST_HEDGE_S does not hold up
+        Providers are asked in order, but one that has not answered within fetch.manifest_hedge_s does not hold up
         the next: it is asked too, and the first valid answer wins (a stalling provider delays a fetch by
-        that, not by its stall). Providers that answered `busy` are asked again after BUSY_RETRY_S, a few
+        that, not by its stall). Providers that answered `busy` are asked again after fetch.busy_retry_s, a few
         times, when nobody else served the manifest."""
         errors: list[str] = []
         rejections: list[KvswapError] = []  # manifests that arrived but failed verification
@@ -229,13 +209,13 @@ class Fetcher:
             if not busy:
                 break
             round_of = busy
-            await trio.sleep(limits.BUSY_RETRY_S * (attempt + 1))
+            await trio.sleep(self.tuning.busy_retry_s * (attempt + 1))
         detail = f" ({'; '.join(errors[:3])})" if errors else ""
         if rejections:  # e.g. every provider served a manifest signed only by untrusted keys
-            raise type(rejections[0])(f"no acceptable manifest for {key}: {rejections[0]}")
-        raise NotFound(f"no provider served a valid manifest for {key}{detail}")
+            raise type(rejections[0])(f"no acceptable manifest for {describe(key)}: {rejections[0]}")
+        raise NotFound(f"no provider served a valid manifest for {describe(key)}{detail}")
 
-    async def _ask_manifests(self, key: FetchKey, providers: list[str], expect_model: str | None,
+    async def _ask_manifests(self, key: ArtifactKey, providers: list[str], expect_model: str | None,
                              expect_dtype: str | None, errors: list[str], rejections: list[KvswapError],
                              lacking: set[str], busy: list[str],
                              accept_any: bool = False) -> tuple[VerifiedManifest, str] | None:
@@ -246,7 +226,7 @@ class Fetcher:
 
         async def ask(peer: str, done: trio.Event, stop: trio.CancelScope) -> None:
             try:
-                reply = await self.exchange.request_manifest(peer, key.request())
+                reply = await self.exchange.request_manifest(peer, ManifestRequest(key))
                 verified = await self._thread(self.target.verify_manifest, reply.manifest, reply.envelopes,
                                               reply.attestations, accept_any)
                 problem = _manifest_problem(key, reply.manifest, verified, expect_model, expect_dtype)
@@ -275,7 +255,7 @@ class Fetcher:
             for peer in providers:
                 done = trio.Event()
                 nursery.start_soon(ask, peer, done, nursery.cancel_scope)
-                with trio.move_on_after(limits.MANIFEST_HEDGE_S):
+                with trio.move_on_after(self.tuning.manifest_hedge_s):
                     await done.wait()
         if mismatch:
             raise mismatch[0]
@@ -283,7 +263,7 @@ class Fetcher:
 
     async def fetch(
         self,
-        key: FetchKey,
+        key: ArtifactKey,
         *,
         n_tokens: int | None = None,
         progress: Callable[[FetchProgress], None] | None = None,
@@ -296,7 +276,7 @@ class Fetcher:
         new_request_id()  # every ledger row of this fetch shares one request id
         candidates = providers if providers is not None else await self.resolve(key)
         if not candidates:
-            raise NotFound(f"no provider found for {key}")
+            raise NotFound(f"no provider found for {describe(key)}")
         verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype, accept_any)
         await self._thread(self.target.put_manifest, verified)
         wanted = list({b.cid: b for b in verified.blobs
@@ -304,7 +284,7 @@ class Fetcher:
         present = [b for b in wanted if await self._thread(self.target.has_chunk, b.cid)]
         todo = [b for b in wanted if b not in present]
         plan = FetchPlan(todo, holders + [p for p in candidates if p not in holders], artifact=verified.cid,
-                         me=self.p2p.peer_id, parallel=self.parallel, rng=self.rng, start=trio.current_time())
+                         me=self.p2p.peer_id, tuning=self.tuning, rng=self.rng, start=trio.current_time())
 
         def report() -> None:
             if progress is not None:
@@ -442,17 +422,16 @@ class _ChunkRun:
         self.events.send_nowait(LookupDone(cid, tuple(peers)))
 
 
-def _manifest_problem(key: FetchKey, manifest: bytes, verified: VerifiedManifest, expect_model: str | None,
+def _manifest_problem(key: ArtifactKey, manifest: bytes, verified: VerifiedManifest, expect_model: str | None,
                       expect_dtype: str | None) -> str | None:
     """Why a verified manifest is not the one asked for (None if it is); ModelMismatch when it is the right
     artifact for another model or dtype than the caller expects."""
     if verified.cid != Cid.of(manifest):
         return "manifest CID does not match its bytes"
-    if key.cid is not None and verified.cid != key.cid:
-        return "served another artifact"
-    if key.cid is None and (verified.model_fingerprint, verified.document_hash) != (
-        key.model_fingerprint, key.document_hash
-    ):
+    if isinstance(key, Cid):
+        if verified.cid != key:
+            return "served another artifact"
+    elif (verified.model_fingerprint, verified.document_hash) != (key.model_fingerprint, key.document_hash):
         return "served an artifact of another document or model"
     if expect_model is not None and verified.model_fingerprint != expect_model:
         raise ModelMismatch(

@@ -18,43 +18,43 @@ deadline), `CancelRequest` (stop a late request), `FindProviders` (ask the DHT w
 `ProvideChunk` (tell the DHT we hold it now), `WaitUntil` (nothing more until then, or until an event),
 `Done`, `Failed`.
 
-The rules (the numbers are protocol/limits.py's):
+The rules (the numbers are the fields of the `FetchTuning` it is given, node/tuning.py):
 - Chunks are asked for in a random order (fetchers that start together want different chunks first), at most
-  FETCH_PARALLEL_CHUNKS requests in flight, each a batch of up to FETCH_BATCH_CHUNKS chunks, closed once it
-  reaches FETCH_BATCH_BYTES, and smaller as the queue drains so the last requests still spread over peers.
+  fetch.parallel_chunks requests in flight, each a batch of up to fetch.batch_chunks chunks, closed once it
+  reaches fetch.batch_bytes, and smaller as the queue drains so the last requests still spread over peers.
 - The peer asked for a chunk: one a rationing peer named as holder of it, or one that has already delivered
   chunks to this fetch and sends more than it rations, first (while it neither failed nor lagged: a hint
   names a holder nobody has vouched for yet), then one not yet tried for it, one that sends more than it rations, the least busy,
   the one with fewest failures, the one known longest; slow or overdue peers only when no other may be.
-- A peer that lacks a chunk is asked again after LACK_RETRY_S, doubling, at most MAX_LACK_ASKS times (it may
+- A peer that lacks a chunk is asked again after fetch.lack_retry_s, doubling, at most fetch.max_lack_asks times (it may
   be fetching the same artifact); a refusal of a whole request counts as lacking each chunk in it.
-- A peer that rations a chunk is asked again after RATION_RETRY_S; the holders it names join the fetch. One
-  that still rations it RATION_GIVE_UP_S after it first did (an honest node serves a fetcher it refused for
-  RATION_PATIENCE_S) counts as lacking it for good: liars that ration everything cannot hold a fetch open.
+- A peer that rations a chunk is asked again after fetch.ration_retry_s; the holders it names join the fetch. One
+  that still rations it fetch.ration_give_up_s after it first did (an honest node serves a fetcher it refused for
+  ration.patience_s) counts as lacking it for good: liars that ration everything cannot hold a fetch open.
 - A request that fails (stall, reset, garbage, a chunk of the wrong size) or a chunk whose bytes do not match
-  its CID costs the peer one failure; at MAX_PROVIDER_FAILURES it is dropped. Its chunks go back to the queue
+  its CID costs the peer one failure; at fetch.max_provider_failures it is dropped. Its chunks go back to the queue
   (a corrupt chunk to the front).
-- Peers join from the start list, connected peers (every FETCH_PEER_REFRESH_S), rationed answers and DHT
-  lookups, up to MAX_PEERS_PER_FETCH, never this node itself. A peer known only from rationed answers is
+- Peers join from the start list, connected peers (every fetch.peer_refresh_s), rationed answers and DHT
+  lookups, up to fetch.max_peers, never this node itself. A peer known only from rationed answers is
   asked only for the chunks it was named for, until it is seen connected or as a provider.
 - When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
-  (at most FETCH_PARALLEL_CHUNKS lookups at once); if that finds nobody new, the fetch fails with NotFound.
+  (at most fetch.parallel_chunks lookups at once); if that finds nobody new, the fetch fails with NotFound.
 - Per-peer bytes and request time are measured (`PeerState.throughput`). A request's deadline is
-  LATE_FACTOR times the time its bytes take at the peer's own measured rate, at least REQUEST_MIN_TIMEOUT_S
-  and at most CHUNK_TIMEOUT_S per chunk (CHUNK_TIMEOUT_S per chunk before the peer is measured); past it
+  fetch.late_factor times the time its bytes take at the peer's own measured rate, at least fetch.request_min_timeout_s
+  and at most fetch.chunk_timeout_s per chunk (fetch.chunk_timeout_s per chunk before the peer is measured); past it
   the request fails (one failure).
-- Slow and lying providers lose their share quickly. A request is late once it has run LATE_FACTOR times as
-  long as the fastest other measured peer would take for its unanswered bytes (at least LATE_MIN_S, unless
+- Slow and lying providers lose their share quickly. A request is late once it has run fetch.late_factor times as
+  long as the fastest other measured peer would take for its unanswered bytes (at least fetch.late_min_s, unless
   no other chunk waits to be asked for: the end game): if
   another live peer may be asked for its chunks, it is cancelled (`CancelRequest`), its chunks go to the
   front of the queue and the peer is marked slow (no failure: slowness is not a lie). Before that, from
-  LATE_FACTOR times that expected time on (overdue), the request no longer holds one of the `parallel`
+  fetch.late_factor times that expected time on (overdue), the request no longer holds one of the `parallel`
   slots (another request may start, at most 2 x parallel in flight) and its peer gets no new request. A
   ChunkMissing that comes late marks the peer slow too. Slow peers are asked only when no other peer may
   be; a named holder is preferred only while it has neither failed nor lagged.
-- A peer that answers `busy` is asked again after BUSY_RETRY_S (no penalty: it is shedding load).
-- A holder a rationing peer named that then fails, is late, or lacks the chunk for good (MAX_LACK_ASKS) is
-  a bad hint: it is no longer preferred for that chunk, and after MAX_BAD_HINTS the rationing peer's hints,
+- A peer that answers `busy` is asked again after fetch.busy_retry_s (no penalty: it is shedding load).
+- A holder a rationing peer named that then fails, is late, or lacks the chunk for good (fetch.max_lack_asks) is
+  a bad hint: it is no longer preferred for that chunk, and after fetch.max_bad_hints the rationing peer's hints,
   earlier ones included, are ignored.
 """
 
@@ -67,9 +67,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from kvswap.cid import Cid
-from kvswap.errors import NotFound
-from kvswap.protocol import limits
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import NotFound
+
+from .tuning import FetchTuning
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class FetchBlob:
     """One content-addressed blob a fetch needs: its CID, the tokens [token_start, token_end) it covers and its
     stored size. Deliberately not kvswap.artifact.manifest.ChunkRef: the network layer fetches whatever blobs a
     manifest lists (token blocks and the logits tail alike, which has an empty token range) and stays
-    independent of the artifact format (tests/netharness.py fetches a synthetic manifest format)."""
+    independent of the artifact format (bench/harness/netharness.py fetches a synthetic manifest format)."""
 
     cid: Cid
     token_start: int
@@ -284,11 +285,11 @@ class FetchPlan:
     """The scheduler of one fetch's chunks. Pure: no I/O, no clock of its own (every call is told `now`)."""
 
     def __init__(self, blobs: Sequence[FetchBlob], peers: Iterable[str], *, artifact: Cid, me: str | None = None,
-                 parallel: int = limits.FETCH_PARALLEL_CHUNKS, rng: random.Random | None = None,
-                 start: float = 0.0) -> None:
+                 tuning: FetchTuning = FetchTuning(), rng: random.Random | None = None, start: float = 0.0) -> None:
         self.artifact = artifact
         self.me = me
-        self.parallel = max(1, parallel)
+        self.tuning = tuning
+        self.parallel = max(1, tuning.parallel_chunks)
         self.blobs: dict[Cid, FetchBlob] = {b.cid: b for b in blobs}  # a CID listed twice is fetched once
         order = list(self.blobs)
         (rng or random.Random()).shuffle(order)
@@ -305,7 +306,7 @@ class FetchPlan:
         self._requests: dict[int, _Request] = {}
         self._request_ids = iter(range(1, 1 << 62))
         self._lookups: dict[Cid, bool] = {}  # chunk -> its DHT lookup finished (False while it runs)
-        self._next_refresh = start + limits.FETCH_PEER_REFRESH_S
+        self._next_refresh = start + self.tuning.peer_refresh_s
         self._error: Exception | None = None
         self.bytes_done = 0
         for peer in peers:
@@ -372,7 +373,7 @@ class FetchPlan:
         actions: list[Action] = list(self._cancel_late(now))
         if now >= self._next_refresh:
             actions.append(ListPeers())
-            self._next_refresh = now + limits.FETCH_PEER_REFRESH_S
+            self._next_refresh = now + self.tuning.peer_refresh_s
         stuck = False
         overdue = [rid for rid in self._requests if self._is_overdue(rid, now)]
         self._overdue_peers = {self._requests[rid].peer for rid in overdue}
@@ -412,7 +413,7 @@ class FetchPlan:
         return max(rates, default=None)
 
     def _overdue_at(self, rid: int) -> float | None:
-        """When request `rid` has run LATE_FACTOR times as long as the fastest other measured peer would take
+        """When request `rid` has run fetch.late_factor times as long as the fastest other measured peer would take
         for its unanswered bytes (None: no peer to compare with). An overdue request no longer holds one of
         the `parallel` request slots, and its peer gets no new request while it is overdue."""
         request = self._requests[rid]
@@ -420,21 +421,21 @@ class FetchPlan:
         if rate is None:
             return None
         left = sum(self.blobs[cid].stored_size for cid in self._unanswered(rid))
-        return request.started + limits.LATE_FACTOR * left / rate
+        return request.started + self.tuning.late_factor * left / rate
 
     def _is_overdue(self, rid: int, now: float) -> bool:
         at = self._overdue_at(rid)
         return at is not None and now >= at
 
     def _late_at(self, rid: int) -> float | None:
-        """When request `rid` becomes late: overdue, and at least LATE_MIN_S after it started, or as soon as
+        """When request `rid` becomes late: overdue, and at least fetch.late_min_s after it started, or as soon as
         it is overdue once no chunk waits to be asked for (the end game: its chunks are all the fetch still
         needs, so waiting out the margin would only add to the fetch's time). None: no peer to compare with.
         A late request is cancelled when another peer may be asked for its chunks."""
         at = self._overdue_at(rid)
         if at is None or not self._pending:
             return at
-        return max(at, self._requests[rid].started + limits.LATE_MIN_S)
+        return max(at, self._requests[rid].started + self.tuning.late_min_s)
 
     def _late_answer(self, rid: int, now: float) -> None:
         """A ChunkMissing (lacked or rationed) that arrives after its request was late marks the peer slow."""
@@ -480,9 +481,9 @@ class FetchPlan:
         if holder in named:
             named.remove(holder)
         self.peers[named_by].bad_hints += 1
-        if self.peers[named_by].bad_hints == limits.MAX_BAD_HINTS:
+        if self.peers[named_by].bad_hints == self.tuning.max_bad_hints:
             log.info("provider %s named holders that did not deliver %d times: its hints are ignored",
-                     named_by[:16], limits.MAX_BAD_HINTS)
+                     named_by[:16], self.tuning.max_bad_hints)
             for (chunk, holder), by in list(self._hinted_by.items()):  # the hints it gave before, too
                 if by == named_by:
                     del self._hinted_by[(chunk, holder)]
@@ -492,19 +493,19 @@ class FetchPlan:
     # --- peers ----------------------------------------------------------------------------------------
 
     def _add_peer(self, peer: str, hinted: bool = False) -> bool:
-        """Track a new peer (at most MAX_PEERS_PER_FETCH, never ourselves); False if it was not added. A peer
+        """Track a new peer (at most fetch.max_peers, never ourselves); False if it was not added. A peer
         known only from holder hints (`hinted`) stays so until it is seen as a provider or connected peer."""
         if peer in self.peers:
             if not hinted:
                 self.peers[peer].hinted_only = False
             return False
-        if peer == self.me or len(self.peers) >= limits.MAX_PEERS_PER_FETCH:
+        if peer == self.me or len(self.peers) >= self.tuning.max_peers:
             return False
         self.peers[peer] = PeerState(rank=len(self.peers), hinted_only=hinted)
         return True
 
     def _alive(self, peer: str) -> bool:
-        return self.peers[peer].failures < limits.MAX_PROVIDER_FAILURES
+        return self.peers[peer].failures < self.tuning.max_provider_failures
 
     def _may_ask(self, peer: str, cid: Cid) -> bool:
         """Whether `peer` may ever be asked for `cid`: alive, and, if known only from hints, named for it (a
@@ -545,26 +546,26 @@ class FetchPlan:
         log.info("provider %s penalised (%d): %s", peer[:16], self.peers[peer].failures, why)
 
     def _lacked(self, peer: str, cid: Cid, now: float) -> bool:
-        """`peer` lacks `cid`: ask again later (doubling), or never after MAX_LACK_ASKS (then True)."""
+        """`peer` lacks `cid`: ask again later (doubling), or never after fetch.max_lack_asks (then True)."""
         key = (peer, cid)
         asks = self._pacing.lack_asks.get(key, 0) + 1
         self._pacing.lack_asks[key] = asks
-        wait = limits.LACK_RETRY_S * 2 ** (asks - 1)
-        self._pacing.not_before[key] = math.inf if asks >= limits.MAX_LACK_ASKS else now + wait
-        return asks >= limits.MAX_LACK_ASKS
+        wait = self.tuning.lack_retry_s * 2 ** (asks - 1)
+        self._pacing.not_before[key] = math.inf if asks >= self.tuning.max_lack_asks else now + wait
+        return asks >= self.tuning.max_lack_asks
 
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
-        """`peer` rationed `cid`: ask it again after RATION_RETRY_S, or never once it has rationed the chunk for
-        RATION_GIVE_UP_S (an honest node would have served it by then); follow the holders it names."""
+        """`peer` rationed `cid`: ask it again after fetch.ration_retry_s, or never once it has rationed the chunk for
+        fetch.ration_give_up_s (an honest node would have served it by then); follow the holders it names."""
         since = self._pacing.rationed_since.setdefault((peer, cid), now)
-        if now - since >= limits.RATION_GIVE_UP_S:
+        if now - since >= self.tuning.ration_give_up_s:
             self._pacing.not_before[(peer, cid)] = math.inf
             log.info("provider %s still rations chunk %s after %.1f s: taken as lacking it", peer[:16], cid.short(),
                      now - since)
         else:
-            self._pacing.not_before[(peer, cid)] = now + limits.RATION_RETRY_S
+            self._pacing.not_before[(peer, cid)] = now + self.tuning.ration_retry_s
         self.peers[peer].rationed += 1
-        if self.peers[peer].bad_hints >= limits.MAX_BAD_HINTS:
+        if self.peers[peer].bad_hints >= self.tuning.max_bad_hints:
             return  # its hints led nowhere before: ask it again after its retry, not whom it names
         named = self._named.setdefault(cid, [])
         for holder in holders:
@@ -585,10 +586,10 @@ class FetchPlan:
         else:
             return None
         del self._pending[i]
-        batch_max = max(1, min(limits.FETCH_BATCH_CHUNKS, -(-len(self._pending) // (2 * self.parallel))))
+        batch_max = max(1, min(self.tuning.batch_chunks, -(-len(self._pending) // (2 * self.parallel))))
         batch, size = [first], self.blobs[first].stored_size
         for cid in list(self._pending):
-            if len(batch) >= batch_max or size >= limits.FETCH_BATCH_BYTES:
+            if len(batch) >= batch_max or size >= self.tuning.batch_bytes:
                 break
             if self._askable(peer, cid, now):
                 self._pending.remove(cid)
@@ -604,14 +605,14 @@ class FetchPlan:
                                                                                                      len(batch)))
 
     def _timeout(self, peer: str, nbytes: int, nchunks: int) -> float:
-        """Seconds a request of `nbytes` in `nchunks` chunks may take at `peer` before it fails: LATE_FACTOR
-        times its expected time at the peer's measured rate, at least REQUEST_MIN_TIMEOUT_S, at most
-        CHUNK_TIMEOUT_S per chunk (the whole of that before the peer is measured)."""
-        ceiling = limits.CHUNK_TIMEOUT_S * nchunks
+        """Seconds a request of `nbytes` in `nchunks` chunks may take at `peer` before it fails: fetch.late_factor
+        times its expected time at the peer's measured rate, at least fetch.request_min_timeout_s, at most
+        fetch.chunk_timeout_s per chunk (the whole of that before the peer is measured)."""
+        ceiling = self.tuning.chunk_timeout_s * nchunks
         rate = self.peers[peer].throughput
         if rate is None:
             return ceiling
-        return min(ceiling, max(limits.REQUEST_MIN_TIMEOUT_S, limits.LATE_FACTOR * nbytes / rate))
+        return min(ceiling, max(self.tuning.request_min_timeout_s, self.tuning.late_factor * nbytes / rate))
 
     def _received(self, event: ChunkReceived) -> None:
         if self._owner.get(event.cid) != event.request:
@@ -636,7 +637,7 @@ class FetchPlan:
             if event.refused:
                 self._lacked(request.peer, cid, now)
             elif event.busy:
-                self._pacing.not_before[(request.peer, cid)] = now + limits.BUSY_RETRY_S
+                self._pacing.not_before[(request.peer, cid)] = now + self.tuning.busy_retry_s
             if event.failure is not None:
                 self._bad_hint(cid, request.peer)
         self._pending.extend(back)  # behind the others: this peer said no, someone else may say yes

@@ -18,14 +18,14 @@ from typing import Any, Awaitable, Callable
 import trio
 from libp2p.network.stream.exceptions import StreamEOF
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError, map_exceptions
-from kvswap.protocol import limits
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import LocalProtocolError, RemoteProtocolError, map_exceptions
 from kvswap.protocol.codec import Decoder, chunk_data_header, encode_parts, payload_size
 from kvswap.protocol.messages import ChunkData, ChunkMissing, Message
 
 from .accounting import TransferEvent, TransferHook
 from .p2p import PEER_FAILURES
+from .tuning import ServeTuning
 
 #: frames up to this size are written in one call; larger ones part by part (no join of megabytes)
 _JOIN_BELOW_BYTES = 64 * 1024
@@ -35,7 +35,8 @@ class FramedStream:
     """`await recv()` / `await send(msg)` on one libp2p stream, with idle timeouts and accounting."""
 
     def __init__(self, stream: Any, peer: str, protocol: str, hook: TransferHook, decoder: Decoder,
-                 idle_timeout: float = limits.STREAM_IDLE_TIMEOUT_S, read_bytes: int = limits.STREAM_READ_BYTES
+                 idle_timeout: float = ServeTuning.stream_idle_timeout_s,
+                 read_bytes: int = ServeTuning.stream_read_bytes, piece_bytes: int = ServeTuning.stream_read_bytes
                  ) -> None:
         self.stream = stream
         self.peer = peer
@@ -44,6 +45,7 @@ class FramedStream:
         self.decoder = decoder
         self.idle_timeout = idle_timeout
         self.read_bytes = read_bytes  # asked per read: a server expecting one small request asks for little
+        self.piece_bytes = piece_bytes  # a served chunk is read from its file and written in pieces of this
         self._pending: list = []
         self._eof = False
         self.artifact: Cid | None = None  # attributed to every event of this stream when known
@@ -115,13 +117,13 @@ class FramedStream:
     async def send_chunk(self, cid: Cid, size: int, read_piece: Callable[[int, int], Awaitable[bytes]]) -> int:
         """One ChunkData frame of `size` payload bytes that `await read_piece(offset, n)` supplies piece by piece
         (a stored chunk read from its file): a served chunk is never whole in memory, only one piece of at most
-        STREAM_READ_BYTES. `read_piece` must return exactly n bytes (raise if it cannot: the stream is then
+        `piece_bytes`. `read_piece` must return exactly n bytes (raise if it cannot: the stream is then
         reset, since a half-sent frame cannot be taken back)."""
         header = chunk_data_header(cid, size)
         await self._write(header)
         offset = 0
         while offset < size:
-            n = min(limits.STREAM_READ_BYTES, size - offset)
+            n = min(self.piece_bytes, size - offset)
             piece = await read_piece(offset, n)
             if len(piece) != n:
                 raise LocalProtocolError(f"chunk {cid.short()} changed while it was being sent")

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from ..errors import KvswapError, NotFound, error_payload
-from ..protocol.limits import MAX_FINISHED_JOBS
+from ..control.routes import JobView
+from ..protocol.errors import KvswapError, NotFound, error_payload
+
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,15 @@ class Job:
     task: asyncio.Task | None = field(default=None, repr=False)
     cancel_requested: bool = False
 
-    def view(self) -> dict:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "progress": dict(self.progress),
-            "result": self.result,
-            "error": self.error,
-            "elapsed_s": round(time.time() - self.started, 3),
-        }
+    def view(self) -> JobView:
+        return JobView(self.id, self.kind, self.state, dict(self.progress), self.result, self.error,
+                       round(time.time() - self.started, 3))
 
 
 class JobTable:
-    def __init__(self, group: asyncio.TaskGroup):
+    def __init__(self, group: asyncio.TaskGroup, max_finished: int):
         self._group = group
+        self._max_finished = max_finished
         self._jobs: dict[str, Job] = {}
         self._tasks: set[asyncio.Task] = set()
         self._ids = itertools.count(1)
@@ -100,5 +95,5 @@ class JobTable:
 
     def _trim(self) -> None:
         done = [j for j in self._jobs.values() if j.state != "running"]
-        for job in done[: max(0, len(done) - MAX_FINISHED_JOBS)]:
+        for job in done[: max(0, len(done) - self._max_finished)]:
             del self._jobs[job.id]

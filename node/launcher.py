@@ -1,8 +1,8 @@
 """Start `kvswap node start` as a child process and drive it through the CLI: the one daemon starter, used by
-`kvswap demo`, the tests (tests/nodes.py), the benchmarks and the namespace testnet (node/testnet.py). Each node has its own home; nothing is shared.
+`kvswap demo`, the tests (bench/harness/nodes.py), the benchmarks and the namespace testnet (bench/harness/netns.py). Each node has its own home; nothing is shared.
 
 `prefix` puts a wrapper in front of every command line, e.g. `ip netns exec NS` for a node that lives in
-its own network namespace (node/testnet.py): the daemon and the CLI calls that reach its loopback control
+its own network namespace (bench/harness/netns.py): the daemon and the CLI calls that reach its loopback control
 API must run in the same namespace."""
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import KvswapError
-from ..protocol.limits import NODE_START_TIMEOUT_S, NODE_STOP_TIMEOUT_S
+from ..protocol.errors import KvswapError
+
+#: Seconds a child daemon may take to write its node.json, and again to load its model.
+NODE_START_TIMEOUT_S = 300.0
+#: Seconds a child daemon gets to exit after SIGTERM before it is killed (it cleans up within its shutdown timeout).
+NODE_STOP_TIMEOUT_S = 30.0
 
 
 def run_cli(home: Path, *args: str, timeout: float = 900, prefix: Sequence[str] = ()) -> dict:

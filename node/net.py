@@ -19,8 +19,9 @@ from typing import Any, Callable, Sequence
 
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError, UsageError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.keys import ArtifactKey, DocumentKey, dht_key
+from kvswap.protocol.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
 from kvswap.protocol.conversation import announce_decoder
@@ -31,23 +32,20 @@ from .bridge import TrioBridge
 from .dataplane import DataPlane
 from .accounting import TransferEvent, TransferHook, no_hook
 from .exchange import Exchange, Service
-from .fetch import FetchKey, Fetcher, FetchProgress, FetchResult, FetchTarget
+from .fetch import Fetcher, FetchProgress, FetchResult, FetchTarget
 from .p2p import P2PConfig, P2PHost
 from .ration import UploadRation
+from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
 
 
-def parse_fetch_key(key: Any) -> FetchKey:
-    """A Cid, a FetchKey, or (model fingerprint, document hash) -> FetchKey. A CID string is parsed where it
-    enters the process (CLI, JSON, wire), never here: inside, a CID is a Cid."""
-    if isinstance(key, FetchKey):
+def check_key(key: Any) -> ArtifactKey:
+    """The key a caller passed, when it is one (protocol/keys.py). A CID string or a bare hash is parsed where
+    it enters the process (CLI, JSON, wire), never here: inside, a key is a Cid or a DocumentKey."""
+    if isinstance(key, Cid) or isinstance(key, DocumentKey) and not key.any_model:
         return key
-    if isinstance(key, Cid):
-        return FetchKey(cid=key)
-    if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
-        return FetchKey(model_fingerprint=key[0], document_hash=key[1])
-    raise UsageError(f"cannot fetch {key!r:.80}: give a CID or (model fingerprint, document hash)")
+    raise UsageError(f"cannot fetch {key!r:.80}: give a Cid or a DocumentKey for one model")
 
 
 def provide_keys(holdings) -> list[str]:
@@ -70,15 +68,17 @@ class TrioNode:
         ration: UploadRation | None = None,
     ) -> None:
         self.config = config
-        self.ration = ration or UploadRation()  # copies sent per chunk, shared by both senders
+        self.tuning = tuning = config.tuning
+        self.ration = ration or UploadRation(tuning.ration)  # copies sent per chunk, shared by both senders
         self.p2p = P2PHost(config)
-        self.limiter = limiter or trio.CapacityLimiter(limits.WORKER_THREADS)
+        self.limiter = limiter or trio.CapacityLimiter(tuning.serve.worker_threads)
         self.on_transfer = on_transfer or no_hook
         self.service = service
         self.dataplane: DataPlane | None = None
         self.use_dataplane = use_dataplane
-        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration)
-        self.fetcher = Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane) if target else None
+        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration, tuning)
+        self.fetcher = (Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane, tuning.fetch)
+                        if target else None)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         holdings = getattr(self.service, "holdings", None)
@@ -88,7 +88,8 @@ class TrioNode:
             await nursery.start(self.p2p.run)
             if self.use_dataplane and self.service is not None:
                 self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
-                                           chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration)
+                                           chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration,
+                                           tuning=self.tuning)
                 await nursery.start(self.dataplane.run)
                 self.exchange.dataplane = self.dataplane
             task_status.started()
@@ -131,7 +132,7 @@ class Network:
     """The asyncio-facing network layer of a kvswap node. One instance per node; start() once, stop() once."""
 
     def __init__(self) -> None:
-        self._bridge = TrioBridge()
+        self._bridge = TrioBridge()  # its worker threads: ServeTuning.worker_threads
         self._node: TrioNode | None = None
         self._on_announce: Callable[[Announce, str], Any] | None = None
 
@@ -149,16 +150,16 @@ class Network:
         on_announce: Callable[[Announce, str], Any] | None = None,
         enable_mdns: bool = False,
         use_dataplane: bool = True,
-        reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S,
-        ration_copies: int = limits.RATION_COPIES,
+        tuning: NodeTuning = DEFAULT_TUNING,
     ) -> None:
-        """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers.
-        `ration_copies`: copies of a chunk sent before fetchers are pointed at holders (0: no rationing)."""
+        """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers. `tuning`:
+        the node's timeouts, quotas, rationing and fetch rules (node/tuning.py)."""
         if self._node is not None:
             raise LocalProtocolError("Network.start() called twice")
         config = P2PConfig(seed=seed, listen_addrs=list(listen_addrs), bootstrap=list(bootstrap),
-                           enable_mdns=enable_mdns, reprovide_interval_s=reprovide_interval_s)
+                           enable_mdns=enable_mdns, tuning=tuning)
         bridge = self._bridge
+        bridge.worker_threads = tuning.serve.worker_threads
         hook = (lambda event: bridge.call_soon_in_asyncio(on_transfer, event)) if on_transfer else None
         self._on_announce = on_announce
 
@@ -166,8 +167,7 @@ class Network:
 
         async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
             node = TrioNode(config, service=service, target=target, on_transfer=hook,
-                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter,
-                            ration=UploadRation(copies=ration_copies))
+                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
             await nursery.start(node.run)
             started.append(node)
             ready()
@@ -248,10 +248,10 @@ class Network:
 
         await self._bridge.call(provide)
 
-    async def find_providers(self, key: Cid | FetchKey | tuple[str, str]) -> list[str]:
-        """Peer ids providing a CID or (model fingerprint, document hash), from the DHT."""
+    async def find_providers(self, key: ArtifactKey) -> list[str]:
+        """Peer ids providing an artifact (by CID, or a document for one model), from the DHT."""
         node = self._need()
-        return await self._bridge.call(node.p2p.find_providers, parse_fetch_key(key).dht_key)
+        return await self._bridge.call(node.p2p.find_providers, dht_key(check_key(key)))
 
     # --- gossip -----------------------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class Network:
 
     async def fetch(
         self,
-        key: Cid | FetchKey | tuple[str, str],
+        key: ArtifactKey,
         *,
         n_tokens: int | None = None,
         progress: Callable[[FetchProgress], Any] | None = None,
@@ -285,7 +285,7 @@ class Network:
         providers: Sequence[str] | None = None,
         accept_any: bool = False,
     ) -> FetchResult:
-        """Fetch an artifact (a Cid, or (model fingerprint, document hash)) into the target store.
+        """Fetch an artifact (by Cid, or a DocumentKey for one model) into the target store.
 
         Verifies the manifest and every chunk, resumes from chunks already present, spreads chunks over
         providers, drops bad ones, then provides what it fetched. Raises NotFound, ModelMismatch,
@@ -294,9 +294,9 @@ class Network:
         node = self._need()
         if node.fetcher is None:
             raise UsageError("this node was started without a store (target) to fetch into")
-        fkey = parse_fetch_key(key)
-        if n_tokens is not None and not 0 < n_tokens <= limits.MAX_TOKENS:
-            raise UsageError(f"n_tokens must be in 1..{limits.MAX_TOKENS}")
+        fkey = check_key(key)
+        if n_tokens is not None and not 0 < n_tokens <= limits.MAX_WIRE_TOKENS:
+            raise UsageError(f"n_tokens must be in 1..{limits.MAX_WIRE_TOKENS}")
         bridge = self._bridge
         report = (lambda p: bridge.call_soon_in_asyncio(progress, p)) if progress else None
         return await bridge.call(
@@ -322,10 +322,10 @@ class Network:
         return await self._bridge.call(node.exchange.remote_generate, peer, request)
 
 
-async def _fetch(fetcher: Fetcher, key: FetchKey, n_tokens, report, expect_model, expect_dtype, providers,
+async def _fetch(fetcher: Fetcher, key: ArtifactKey, n_tokens, report, expect_model, expect_dtype, providers,
                  accept_any=False):
     return await fetcher.fetch(key, n_tokens=n_tokens, progress=report, expect_model=expect_model,
                                expect_dtype=expect_dtype, providers=providers, accept_any=accept_any)
 
 
-__all__ = ["FetchProgress", "FetchResult", "Network", "TrioNode", "parse_fetch_key", "provide_keys"]
+__all__ = ["FetchProgress", "FetchResult", "Network", "TrioNode", "check_key", "provide_keys"]

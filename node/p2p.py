@@ -6,17 +6,18 @@ peer id. Facts about py-libp2p 0.8.1 this module relies on (measured here):
 - KadDHT needs `max_peers_per_subnet=0`, or peers sharing a /24 (every loopback test node) are capped.
 - KadDHT only learns peers we add: we add every connected peer to the routing table on a short loop.
 - KadDHT rate-limits ADD_PROVIDER to 10 per 10 s per sender; kvswap provides every chunk CID, so our own
-  nodes accept more (limits.PROVIDER_RATE_MAX), and our re-provide loop paces itself.
+  nodes accept more (DhtTuning.provider_rate_max), and our re-provide loop paces itself.
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
 - A secure-channel write cut by a trio cancellation (after the frame was encrypted, or half sent) kills the
-  whole connection to that peer; node/securewrite.py makes each such write run to its end (installed here).
+  whole connection to that peer; node/libp2p_compat.py makes each such write run to its end (applied when a
+  host starts, as are the other uses of py-libp2p's private parts: all of them live in that module).
 
 The DHT keys themselves (CID strings, document keys) are defined in protocol/names.py: peers must agree on them.
 
 Errors: py-libp2p and the sockets under it fail in many exception types. Dials, streams and publishes map
 the ones a failing peer or network raises (`PEER_FAILURES`) to RemoteProtocolError / ProtocolError with
-kvswap.errors.map_exceptions; malformed addresses and peer ids given by a user are UsageError. DHT queries
+kvswap.protocol.errors.map_exceptions; malformed addresses and peer ids given by a user are UsageError. DHT queries
 go through `_dht_query`, the one place that catches everything: they run py-libp2p's Kademlia code against
 arbitrary peers' bytes, and a failed lookup or provide must be an empty answer, never a dead node.
 """
@@ -39,7 +40,7 @@ from libp2p import new_host
 from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT, _encode_key
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.exceptions import RateLimitError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -50,22 +51,14 @@ from libp2p.rcmgr.exceptions import ResourceManagerException
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.anyio_service.exceptions import ServiceException
 
-from kvswap.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
+from kvswap.protocol.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
 
-from . import securewrite
+from . import libp2p_compat
 from .quota import RateGate, RefusalLog
+from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
-
-# KadDHT logs a WARNING each time a peer closes a DHT stream normally ("Failed to read DHT message from
-# stream: "), several per lookup, and the auto-connector logs its state at INFO every cycle (it sets that
-# level itself when imported, above). Raise both to these levels; set them lower after import to debug.
-for _name, _level in (("libp2p.kad_dht.kad_dht", logging.ERROR), ("libp2p.network.auto_connector", logging.WARNING)):
-    if logging.getLogger(_name).level < _level:
-        logging.getLogger(_name).setLevel(_level)
-
-securewrite.install()  # before any host exists: our timeouts cancel libp2p work, which must not kill connections
 
 StreamHandler = Callable[[Any], Awaitable[None]]
 GossipHandler = Callable[[bytes, str], None]
@@ -129,8 +122,7 @@ class P2PConfig:
     listen_addrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     enable_mdns: bool = False
-    reprovide_interval_s: float = limits.REPROVIDE_INTERVAL_S
-
+    tuning: NodeTuning = DEFAULT_TUNING
 
 
 class _ConnectionTracker(INotifee):
@@ -164,6 +156,7 @@ class P2PHost:
 
     def __init__(self, config: P2PConfig) -> None:
         self.config = config
+        self.tuning = config.tuning
         self.host: Any = None
         self.dht: Any = None
         self.pubsub: Any = None
@@ -177,7 +170,7 @@ class P2PHost:
         #: optional callable (run in a worker thread) -> iterable of DHT keys this node should provide
         self.provide_source: Callable[[], Iterable[str]] | None = None
         #: gossip messages accepted per originator (node/quota.py); the rest are dropped and counted
-        self.gossip_gate = RateGate(limits.ANNOUNCE_BURST, limits.ANNOUNCE_RATE_PER_S, limits.MAX_ANNOUNCE_SENDERS)
+        self.gossip_gate = RateGate(self.tuning.gossip.burst, self.tuning.gossip.rate_per_s, self.tuning.gossip.max_senders)
         self.gossip_dropped = RefusalLog(log, "dropped gossip over its publisher's rate")
 
     # --- lifecycle ----------------------------------------------------------------------------------------
@@ -190,6 +183,7 @@ class P2PHost:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start everything, report started via task_status, and run until cancelled."""
+        libp2p_compat.apply(write_idle_s=self.tuning.serve.stream_idle_timeout_s)
         with map_exceptions({ADDRESS_ERRORS: UsageError}, f"bad listen multiaddr in {self.config.listen_addrs}"):
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns,
@@ -199,7 +193,7 @@ class P2PHost:
         for protocol, handler in self._handlers.items():
             self.host.set_stream_handler(protocol, handler)
         self.dht = KadDHT(self.host, DHTMode.SERVER, max_peers_per_subnet=0)
-        self.dht._provider_rate_max = limits.PROVIDER_RATE_MAX  # see module docstring
+        libp2p_compat.set_provider_rate(self.dht, self.tuning.dht.provider_rate_max)
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             degree=6,
@@ -232,7 +226,7 @@ class P2PHost:
         not close the sockets: a host stopped inside a longer-lived process (a test, a benchmark, an embedding
         application) stayed connected, its peers kept sending it requests nobody answered, and each waited for
         its deadline (bench hostile's slow mode). Peers see the connection end at once instead."""
-        with trio.CancelScope(shield=True), trio.move_on_after(limits.CONNECTION_CLOSE_TIMEOUT_S):
+        with trio.CancelScope(shield=True), trio.move_on_after(self.tuning.dht.connection_close_timeout_s):
             await self.host.get_network().close()
             # the cancellation that stopped the host has already dropped most connections from the swarm's
             # table (its clean-up marks them closed) without closing their muxers or sockets: close those too
@@ -242,10 +236,10 @@ class P2PHost:
                         await conn.muxed_conn.close()
 
     async def _bootstrap(self, addr: str) -> None:
-        """Dial a bootstrap peer until it answers (backing off to limits.BOOTSTRAP_RETRY_MAX_S): it may start after
+        """Dial a bootstrap peer until it answers (backing off to `bootstrap_retry_max_s`): it may start after
         us (a testnet or a compose file starting every node at once), and a node that missed its only
         bootstrap peer once would otherwise stay alone for good."""
-        delay = limits.BOOTSTRAP_RETRY_S
+        delay = self.tuning.dht.bootstrap_retry_s
         while True:
             try:
                 await self.connect(addr)
@@ -256,7 +250,7 @@ class P2PHost:
             except KvswapError as exc:
                 log.warning("bootstrap %s: %s (again in %g s)", addr, exc, delay)
             await trio.sleep(delay)
-            delay = min(2 * delay, limits.BOOTSTRAP_RETRY_MAX_S)
+            delay = min(2 * delay, self.tuning.dht.bootstrap_retry_max_s)
             network = self.host.get_network()
             if hasattr(network, "unblock_peer"):  # libp2p refuses a peer that failed in the last 60 s
                 network.unblock_peer(split_addr(addr)[1].peer_id)
@@ -284,11 +278,11 @@ class P2PHost:
     async def connect(self, addr: str) -> str:
         """Dial a peer multiaddr (.../p2p/<id>); returns its peer id. RemoteProtocolError on failure."""
         pid, info = split_addr(addr)
-        with trio.move_on_after(limits.DIAL_TIMEOUT_S) as scope:
+        with trio.move_on_after(self.tuning.serve.dial_timeout_s) as scope:
             with map_exceptions({PEER_FAILURES: RemoteProtocolError}, f"cannot dial {addr}"):
                 await self.host.connect(info)
         if scope.cancelled_caught:
-            raise RemoteProtocolError(f"dialing {addr} timed out after {limits.DIAL_TIMEOUT_S:g} s")
+            raise RemoteProtocolError(f"dialing {addr} timed out after {self.tuning.serve.dial_timeout_s:g} s")
         await self._add_to_routing(info.peer_id)
         return pid
 
@@ -324,7 +318,7 @@ class P2PHost:
         except UsageError as exc:  # ids come from peers too: a bad one is their fault, not the user's
             raise RemoteProtocolError(str(exc)) from None
         stream = None
-        with trio.move_on_after(limits.DIAL_TIMEOUT_S) as scope:
+        with trio.move_on_after(self.tuning.serve.dial_timeout_s) as scope:
             if not self._known_addrs(pid):
                 await self._find_addrs(pid)
             with map_exceptions({PEER_FAILURES: RemoteProtocolError}, f"cannot open {protocol} to {peer_id[:16]}"):
@@ -354,7 +348,7 @@ class P2PHost:
         """Put the addresses of `pid` in the peerstore via a DHT peer lookup (no-op if nobody knows it)."""
         info = await self._dht_query(f"find_peer {pid}", self.dht.find_peer, pid)
         if info is not None and info.addrs:
-            self.host.get_peerstore().add_addrs(pid, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
+            self.host.get_peerstore().add_addrs(pid, info.addrs, self.tuning.dht.peerstore_addr_ttl_s)
 
     async def _add_to_routing(self, pid: Any) -> None:
         """Routing-table bookkeeping: a failure is logged, it must not break a dial."""
@@ -368,7 +362,7 @@ class P2PHost:
                     known.add(pid)
                     await self._add_to_routing(pid)
             known &= set(self.host.get_connected_peers())
-            await trio.sleep(limits.ROUTING_SYNC_INTERVAL_S)
+            await trio.sleep(self.tuning.dht.routing_sync_interval_s)
 
     # --- DHT ----------------------------------------------------------------------------------------------
 
@@ -379,29 +373,25 @@ class P2PHost:
                 self._provided[key] = None
             self._provide_queue_send.send_nowait(key)
 
-    def forget(self, keys: Iterable[str]) -> None:
-        """Stop re-providing `keys` (the records expire on their own)."""
-        for key in keys:
-            self._provided.pop(key, None)
-
     async def provide(self, key: str) -> bool:
         """Provide one key now; False if no peer accepted the record (it stays local and is retried later)."""
         self._provided.setdefault(key, None)
-        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):  # a failed provide is retried by the re-provide loop
+        with trio.move_on_after(self.tuning.dht.query_timeout_s):  # a failed provide is retried by the re-provide loop
             return bool(await self._dht_query(f"provide {key[:20]}", self.dht.provide, key, default=False))
         return False
 
-    async def find_providers(self, key: str, count: int = limits.MAX_PROVIDERS_PER_FETCH) -> list[str]:
+    async def find_providers(self, key: str, count: int | None = None) -> list[str]:
         """Peer ids that provide `key` (never ourselves). Their addresses land in the peerstore."""
         infos: list = []
-        with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):  # a failed lookup is an empty answer; callers fall back
-            infos = await self._dht_query(f"find_providers {key[:20]}", self.dht.find_providers, key, count,
+        with trio.move_on_after(self.tuning.dht.query_timeout_s):  # a failed lookup is an empty answer; callers fall back
+            infos = await self._dht_query(f"find_providers {key[:20]}", self.dht.find_providers, key,
+                                          count or self.tuning.fetch.max_providers,
                                           default=[]) or []
         me = self.host.get_id()
         if infos and all(info.peer_id == me for info in infos):
             # py-libp2p answers from the local record store first, and a node that provides a key holds a
             # record of itself: ask the peers closest to the key directly instead
-            with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S):
+            with trio.move_on_after(self.tuning.dht.query_timeout_s):
                 infos = await self._network_providers(key)
         out: list[str] = []
         store = self.host.get_peerstore()
@@ -409,7 +399,7 @@ class P2PHost:
             if info.peer_id == me:
                 continue
             if info.addrs:
-                store.add_addrs(info.peer_id, info.addrs, limits.PEERSTORE_ADDR_TTL_S)
+                store.add_addrs(info.peer_id, info.addrs, self.tuning.dht.peerstore_addr_ttl_s)
             text = info.peer_id.to_base58()
             if text not in out:
                 out.append(text)
@@ -417,17 +407,16 @@ class P2PHost:
 
     async def _network_providers(self, key: str) -> list:
         """Provider records held by the peers closest to `key` (one round of GET_PROVIDERS, local store skipped)."""
-        key_bytes = _encode_key(key)
+        key_bytes = libp2p_compat.encode_dht_key(key)
         found: list = []
         closest = await self._dht_query(f"closest peers for {key[:20]}",
                                         self.dht.peer_routing.find_closest_peers_network, key_bytes, default=[])
         me = self.host.get_id()
 
         async def ask(peer: Any) -> None:  # one unhelpful peer does not fail the lookup
-            with trio.move_on_after(limits.DHT_QUERY_TIMEOUT_S / 3):
-                answer = await self._dht_query(f"GET_PROVIDERS from {peer}",
-                                               self.dht.provider_store._get_providers_from_peer_with_closers,
-                                               peer, key_bytes, default=([], []))
+            with trio.move_on_after(self.tuning.dht.query_timeout_s / 3):
+                answer = await self._dht_query(f"GET_PROVIDERS from {peer}", libp2p_compat.providers_from_peer,
+                                               self.dht, peer, key_bytes, default=([], []))
                 found.extend(answer[0])
 
         async with trio.open_nursery() as nursery:
@@ -440,7 +429,7 @@ class P2PHost:
         async for key in self._provide_queue_recv:
             if key in self._provided:
                 await self.provide(key)
-                await trio.sleep(limits.PROVIDE_PACING_S)
+                await trio.sleep(self.tuning.dht.provide_pacing_s)
 
     async def _reprovide_loop(self) -> None:
         """Provide everything the node holds at start and every reprovide_interval_s.
@@ -450,7 +439,7 @@ class P2PHost:
         first = True
         while True:
             if not first:
-                await trio.sleep(self.config.reprovide_interval_s)
+                await trio.sleep(self.tuning.dht.reprovide_interval_s)
             first = False
             if self.provide_source is not None:
                 try:
@@ -476,8 +465,8 @@ class P2PHost:
 
     def _gossip_ok(self, forwarder: Any, msg: Any) -> bool:
         """gossipsub's validator for our topics, run before a message is handled or forwarded: signed (an
-        originator), within MAX_ANNOUNCE_BYTES, and within its originator's rate (ANNOUNCE_BURST, then
-        ANNOUNCE_RATE_PER_S): a flood from one publisher is dropped here, not relayed to the whole mesh."""
+        originator), within MAX_ANNOUNCE_BYTES, and within its originator's rate (gossip.burst, then
+        gossip.rate_per_s): a flood from one publisher is dropped here, not relayed to the whole mesh."""
         if not msg.from_id or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
             return False
         if ID(msg.from_id) == self.host.get_id():

@@ -3,7 +3,7 @@
 A node serves peers it does not know. Without shares, the first peer to ask for many things gets them all
 (first come, first served), and everyone else waits behind it: 100 silent streams held every manifest slot
 for 45 s, three long hosted generations queued an 8-token one for 10 s. Each resource therefore has a limit
-per peer and in total (protocol/limits.py), and a peer over its own share is the one refused:
+per peer and in total (`ServeTuning`, node/tuning.py), and a peer over its own share is the one refused:
 
 - `PeerCounter`: how many of something each peer holds (open streams, data-plane transfers); a peer at its
   share, or everyone at the total, is refused at once.
@@ -30,8 +30,9 @@ from typing import AsyncIterator, Callable, Hashable
 
 import trio
 
-from kvswap.errors import Busy
-from kvswap.protocol import limits
+from kvswap.protocol.errors import Busy
+
+from .tuning import ServeTuning
 
 
 def _give_back(held: dict[str, int], peer: str) -> None:
@@ -79,7 +80,7 @@ class _Waiter:
 class FairSlots:
     """`capacity` slots of work in progress shared fairly among peers (trio).
 
-        async with slots.hold(peer, timeout=limits.SERVE_WAIT_TIMEOUT_S):   # Busy if no slot in time
+        async with slots.hold(peer, timeout=tuning.serve.wait_timeout_s):   # Busy if no slot in time
             ... serve ...
 
     A peer holds at most `per_peer` slots; `max_pending` (if set) bounds what one peer may hold and wait
@@ -210,7 +211,7 @@ class RefusalLog:
     """Log refusals of one kind at most once per `interval_s`, counting the rest: `note(text)` logs the first
     refusal, then one line per interval saying how many more there were (and the latest's text)."""
 
-    def __init__(self, logger: logging.Logger, what: str, interval_s: float = limits.REFUSAL_LOG_INTERVAL_S,
+    def __init__(self, logger: logging.Logger, what: str, interval_s: float = ServeTuning.refusal_log_interval_s,
                  clock: Callable[[], float] = time.monotonic, level: int = logging.INFO) -> None:
         self.logger = logger
         self.what = what

@@ -5,13 +5,13 @@ everyone sends the artifact eight times. BitTorrent's answer is super-seeding: t
 about once and lets the downloaders trade. kvswap does the same by counting, per artifact and chunk, which
 peers this node has sent the chunk to:
 
-- the first RATION_COPIES fetchers of a chunk get it;
+- the first ration.copies fetchers of a chunk get it;
 - a later fetcher gets `ChunkMissing(rationed=True, holders=...)` naming some of those peers, asks them,
   and by the time they are asked they usually have it (they are fetching at the same time);
-- a fetcher refused for RATION_PATIENCE_S is served anyway, so a chunk is delayed, never withheld (the
+- a fetcher refused for ration.patience_s is served anyway, so a chunk is delayed, never withheld (the
   holders may have gone away or be slow);
 - a peer that already got a chunk from us gets it again (a retry after a failed write);
-- after RATION_IDLE_RESET_S without sending any chunk of an artifact, its counts are forgotten.
+- after ration.idle_reset_s without sending any chunk of an artifact, its counts are forgotten.
 
 Chunk requests that name no artifact are never rationed. Pure bookkeeping: no I/O, the clock is injected,
 so the policy is tested alone (tests/test_ration.py) and shared by the libp2p and data-plane senders.
@@ -25,9 +25,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 from kvswap.protocol import limits
 from kvswap.protocol.messages import ChunkMissing
+
+from .tuning import RationTuning
 
 
 @dataclass
@@ -40,12 +42,12 @@ class _ArtifactCopies:
 class UploadRation:
     """Decides, chunk by chunk, whether to send now or to point the fetcher at peers that already have it."""
 
-    def __init__(self, copies: int = limits.RATION_COPIES, patience_s: float = limits.RATION_PATIENCE_S,
-                 idle_reset_s: float = limits.RATION_IDLE_RESET_S, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, tuning: RationTuning = RationTuning(), clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
-        self.copies = copies
-        self.patience_s = patience_s
-        self.idle_reset_s = idle_reset_s
+        self.tuning = tuning
+        self.copies = tuning.copies
+        self.patience_s = tuning.patience_s
+        self.idle_reset_s = tuning.idle_reset_s
         self.clock = clock
         self.rng = rng or random.Random()
         self._artifacts: OrderedDict[Cid, _ArtifactCopies] = OrderedDict()
@@ -91,7 +93,7 @@ class UploadRation:
         state = self._artifacts.get(artifact)
         if state is None:
             state = self._artifacts[artifact] = _ArtifactCopies(last_sent=now)
-            while len(self._artifacts) > limits.MAX_RATIONED_ARTIFACTS:
+            while len(self._artifacts) > self.tuning.max_artifacts:
                 self._artifacts.popitem(last=False)
         self._artifacts.move_to_end(artifact)
         return state

@@ -19,8 +19,9 @@ from typing import Callable, Sequence
 from kvswap.artifact.attestation import decode_attestations, encode_attestations
 from kvswap.artifact.manifest import Manifest, decode_manifest
 from kvswap.artifact.signing import TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
-from kvswap.cid import Cid
-from kvswap.errors import IntegrityError, NotFound
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.keys import ArtifactKey
+from kvswap.protocol.errors import IntegrityError, NotFound
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 from kvswap.store import Store
 
@@ -68,14 +69,10 @@ class StoreArtifacts:
         envelopes = self.store.get_envelopes(cid)
         return self.store.get_manifest_bytes(cid), [encode_envelopes([e]) for e in envelopes]
 
-    def manifest_by_cid(self, cid: Cid) -> tuple[bytes, list[bytes]] | None:
-        if not self.store.has_artifact(cid):
-            return None
-        return self._served(cid)
-
-    def manifest_by_document(self, model_fingerprint: str | None, document_hash: str
-                             ) -> tuple[bytes, list[bytes]] | None:
-        found = self.store.find_by_document(model_fingerprint, document_hash, complete_only=model_fingerprint is None)
+    def manifest(self, key: ArtifactKey) -> tuple[bytes, list[bytes]] | None:
+        if isinstance(key, Cid):
+            return self._served(key) if self.store.has_artifact(key) else None
+        found = self.store.find_by_document(key.model_fingerprint, key.document_hash, complete_only=key.any_model)
         return self._served(found[0]) if found else None
 
     def read_chunk(self, cid: Cid) -> bytes | None:

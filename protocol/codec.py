@@ -24,8 +24,8 @@ import struct
 from dataclasses import dataclass
 from typing import Collection
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError
+from .cid import Cid
+from .errors import LocalProtocolError, RemoteProtocolError
 
 from .messages import CHUNK_HEADER_BYTES, MAX_BODY_BYTES, MESSAGE_TYPES, ChunkData, Message
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError
+from .cid import Cid
+from .errors import LocalProtocolError, RemoteProtocolError
 
 from .codec import Decoder
 from .messages import (

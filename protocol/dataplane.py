@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, LocalProtocolError, RemoteProtocolError
+from .cid import Cid
+from .errors import FormatError, LocalProtocolError, RemoteProtocolError
 
 from .codec import PREFIX_BYTES, Frame, parse_prefix
 from .conversation import CONVERSATIONS, ChunkAnswers

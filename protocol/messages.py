@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from kvswap.cid import Cid
-from kvswap.errors import KvswapError, RemoteProtocolError
+from .cid import Cid
+from .errors import KvswapError, RemoteProtocolError, UsageError
+from .keys import ArtifactKey, DocumentKey
 
 from . import limits
 
@@ -115,44 +116,42 @@ def _pack(obj: dict) -> bytes:
 
 @dataclass(frozen=True)
 class ManifestRequest:
-    """Ask for an artifact's manifest: by its CID, by (model fingerprint, document hash), or by document hash
-    alone, meaning "an artifact of this document for any model" (asked only to name the model a peer has it
-    for when there is none for the asker's; a peer that predates this form refuses it, and the asker names
-    no model then)."""
+    """Ask for an artifact's manifest: by its CID, by a document for one model, or by a document alone, meaning
+    "an artifact of this document for any model" (asked only to name the model a peer has it for when there
+    is none for the asker's; a peer that predates this form refuses it, and the asker names no model then).
+    The key is protocol/keys.py's, the same one the CLI and the fetch name."""
 
     TYPE: ClassVar[int] = 1
-    cid: Cid | None = None
-    model_fingerprint: str | None = None
-    document_hash: str | None = None
+    key: ArtifactKey
 
     def __post_init__(self) -> None:
-        if (self.cid is None) == (self.document_hash is None):
-            raise _bad("ManifestRequest names either a CID or a document hash (with or without a model fingerprint)")
-        if self.model_fingerprint is not None and self.document_hash is None:
-            raise _bad("ManifestRequest names a model fingerprint only with a document hash")
+        if not isinstance(self.key, (Cid, DocumentKey)):
+            raise _bad("ManifestRequest names a CID or a document")
 
     @property
     def any_model(self) -> bool:
         """True when this asks for the document's artifact for whichever model the peer holds it for."""
-        return self.cid is None and self.model_fingerprint is None
+        return isinstance(self.key, DocumentKey) and self.key.any_model
 
     def to_body(self) -> bytes:
-        if self.cid is not None:
-            return _pack({"c": self.cid.to_bytes()})
-        if self.model_fingerprint is None:
-            return _pack({"d": self.document_hash})
-        return _pack({"m": self.model_fingerprint, "d": self.document_hash})
+        if isinstance(self.key, Cid):
+            return _pack({"c": self.key.to_bytes()})
+        if self.key.model_fingerprint is None:
+            return _pack({"d": self.key.document_hash})
+        return _pack({"m": self.key.model_fingerprint, "d": self.key.document_hash})
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "ManifestRequest":
         d = _unpack(body, "ManifestRequest")
         if "c" in d:
-            return cls(cid=_cid(d["c"], "ManifestRequest.cid"))
+            return cls(_cid(d["c"], "ManifestRequest.cid"))
         model = d.get("m")
-        return cls(
-            model_fingerprint=None if model is None else _hexstr(model, "ManifestRequest.model_fingerprint"),
-            document_hash=_hexstr(d.get("d"), "ManifestRequest.document_hash"),
-        )
+        doc = _hexstr(d.get("d"), "ManifestRequest.document_hash")
+        model = None if model is None else _hexstr(model, "ManifestRequest.model_fingerprint")
+        try:
+            return cls(DocumentKey(doc, model))
+        except UsageError as exc:
+            raise _bad(f"ManifestRequest: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -177,15 +176,15 @@ class ManifestResponse:
         d = _unpack(body, "ManifestResponse")
         manifest = _req(d, "m", bytes, "ManifestResponse")
         envelopes = _req(d, "e", list, "ManifestResponse")
-        if len(manifest) > limits.MAX_MANIFEST_BYTES:
-            raise _bad("manifest larger than MAX_MANIFEST_BYTES")
+        if len(manifest) > limits.MAX_WIRE_MANIFEST_BYTES:
+            raise _bad("manifest larger than MAX_WIRE_MANIFEST_BYTES")
         if not all(isinstance(e, bytes) for e in envelopes):
             raise _bad("ManifestResponse.envelopes must be a list of bytes")
-        if sum(len(e) for e in envelopes) > limits.MAX_ENVELOPES_BYTES:
-            raise _bad("envelopes larger than MAX_ENVELOPES_BYTES")
+        if sum(len(e) for e in envelopes) > limits.MAX_WIRE_SIGNATURES_BYTES:
+            raise _bad("envelopes larger than MAX_WIRE_SIGNATURES_BYTES")
         attestations = d.get("a", b"")
-        if not isinstance(attestations, bytes) or len(attestations) > limits.MAX_ATTESTATIONS_BYTES:
-            raise _bad("ManifestResponse.attestations must be bytes of at most MAX_ATTESTATIONS_BYTES")
+        if not isinstance(attestations, bytes) or len(attestations) > limits.MAX_WIRE_SIGNATURES_BYTES:
+            raise _bad("ManifestResponse.attestations must be bytes of at most MAX_WIRE_SIGNATURES_BYTES")
         return cls(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations)
 
 
@@ -256,7 +255,7 @@ class ChunkMissing:
     """No bytes for this chunk now. Either the server does not hold it (`rationed` False: ask another
     provider), or it holds it but has already sent its share of copies to other fetchers of the same
     artifact (`rationed` True, node/ration.py): `holders` names peers it sent the chunk to, which the client
-    should ask first. A rationed chunk is served anyway once the client has waited RATION_PATIENCE_S."""
+    should ask first. A rationed chunk is served anyway once the client has waited ration.patience_s."""
 
     TYPE: ClassVar[int] = 5
     cid: Cid
@@ -388,11 +387,6 @@ class GenerateResponse:
             timings=tuple(sorted((k, float(v)) for k, v in timings.items())),
         )
 
-    @property
-    def timings_dict(self) -> dict[str, float]:
-        return dict(self.timings)
-
-
 @dataclass(frozen=True)
 class ErrorMessage:
     """A refusal with a code from ERROR_CODES and one line of text."""
@@ -447,7 +441,7 @@ class Announce:
             artifact_cid=_cid(d.get("a"), "Announce.artifact_cid"),
             model_fingerprint=_hexstr(d.get("m"), "Announce.model_fingerprint"),
             document_hash=_hexstr(d.get("d"), "Announce.document_hash"),
-            n_tokens=_int(d.get("n"), "Announce.n_tokens", 0, limits.MAX_TOKENS),
+            n_tokens=_int(d.get("n"), "Announce.n_tokens", 0, limits.MAX_WIRE_TOKENS),
             publisher=publisher,
         )
 

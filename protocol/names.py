@@ -2,7 +2,7 @@
 
 A node that spelled any of these differently would silently stop finding or talking to the others, so they
 live here, beside the messages, and nowhere else: node/ uses them to register handlers, provide and look up
-records; the ledger and the report (kvswap/ledger.py, kvswap/report/) match rows on the same protocol ids.
+records; the ledger and the report (kvswap/ledger.py, kvswap/reporting/) match rows on the same protocol ids.
 Pure functions of their inputs, no I/O.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable
 
-from kvswap.cid import Cid
+from .cid import Cid
 
 #: libp2p protocol ids (multistream-select strings), one per conversation kind. Versioned: a breaking change
 #: to any message bumps the id, never silently reinterprets bytes.

@@ -1,2 +1,2 @@
-"""kvswap's tests, a package so tests and benchmarks import the shared helpers (tests/nodes.py,
-tests/netharness.py) by name, e.g. `from tests.nodes import NodeProc`, without touching sys.path."""
+"""kvswap's tests. The harness they share with the benchmarks (real daemons, synthetic networks, hostile peers,
+poisoned artifacts, the namespace testnet) is bench/harness/, imported as `bench.harness`."""

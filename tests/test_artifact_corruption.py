@@ -15,8 +15,8 @@ import pytest
 
 from kvswap.artifact.manifest import decode_manifest
 from kvswap.artifact.pipeline import assemble_kv
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, IntegrityError, LimitExceeded
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import FormatError, IntegrityError, LimitExceeded
 
 VECTOR_DIR = Path(__file__).parent / "vectors"
 _spec = importlib.util.spec_from_file_location("kv_vectors", VECTOR_DIR / "generate_vectors.py")

@@ -1,6 +1,7 @@
-"""End to end with a real (tiny, seeded) Qwen3: publish a document into a store, get the same CID again,
+"""End to end with a real (tiny, seeded) Qwen3: publish a document into a home, get the same CID again,
 share leading chunks with an extended document, generate from the store exactly as a fresh prefill would,
-and refuse corrupted, untrusted or mismatched artifacts before the model sees them. Also the CLI."""
+and refuse corrupted, untrusted or mismatched artifacts before the model sees them. Also the CLI, each
+command in a fresh interpreter as a user runs it."""
 
 from __future__ import annotations
 
@@ -8,33 +9,38 @@ import json
 
 import pytest
 
+from bench.harness.nodes import cli
+from bench.harness.poison import publish_text
 from kvswap.artifact.pipeline import assemble_kv
-from kvswap.artifact.service import generate_from_store, publish_document, verify_artifact
-from kvswap.document import document_hash
 from kvswap.artifact.signing import NodeKey, TrustPolicy
-from kvswap.cid import Cid
-from kvswap.cli import main as cli_main
-from kvswap.errors import IntegrityError, ModelMismatch, UntrustedSigner
-from kvswap.store import Store
+from kvswap.document import Document, document_hash
+from kvswap.home import Home
+from kvswap.ops import generate_here, publish_here, verify_artifact
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import IntegrityError, ModelMismatch, UntrustedSigner
 
 #: also run under a second torch thread count by `make test` (kernel blocking differs)
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "store") as s:
-        yield s
+def home(tmp_path):
+    with Home(tmp_path / "home") as h:
+        yield h
 
 
-def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, store, doc_text):
-    key = NodeKey.generate()
-    first = publish_document(tiny_engine, store, key, doc_text, block_tokens=16)
-    again = publish_document(tiny_engine, store, NodeKey.generate(), doc_text, block_tokens=16)
-    assert first["cid"] == again["cid"]  # nothing signer- or time-dependent in the manifest
-    assert len(store.get_envelopes(Cid.parse(first["cid"]))) == 2  # but both attestations are kept
+@pytest.fixture
+def store(home):
+    return home.store
+
+
+def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, home, store, doc_text):
+    first = publish_here(home, tiny_engine, Document(doc_text), block_tokens=16)
+    again = publish_text(store, NodeKey.generate(), tiny_engine, doc_text, 16)  # another publisher, same machine
+    assert first["cid"] == str(again.cid)  # nothing signer- or time-dependent in the manifest
+    assert len(store.get_envelopes(again.cid)) == 2  # but both signatures are kept
     longer = doc_text + " Printing also standardised spelling and made maps, music and pamphlets common."
-    ext = publish_document(tiny_engine, store, key, longer, block_tokens=16)
+    ext = publish_here(home, tiny_engine, Document(longer), block_tokens=16)
     m1, m2 = store.get_manifest(Cid.parse(first["cid"])), store.get_manifest(Cid.parse(ext["cid"]))
     full_blocks = m1.n_tokens // 16
     assert m2.token_ids[: m1.n_tokens] == m1.token_ids  # the extension keeps the document's tokens
@@ -45,12 +51,11 @@ def test_same_document_same_cid_and_extension_shares_chunks(tiny_engine, store, 
     assert store.fsck()["ok"]
 
 
-def test_generate_from_store_matches_fresh_prefill(tiny_engine, store, doc_text, question_text):
+def test_generate_here_matches_fresh_prefill(tiny_engine, home, store, doc_text, question_text):
     key = NodeKey.generate()
-    res = publish_document(tiny_engine, store, key, doc_text)
-    cid = Cid.parse(res["cid"])
+    cid = publish_text(store, key, tiny_engine, doc_text).cid
     policy = TrustPolicy(frozenset({key.public_bytes}))
-    out = generate_from_store(tiny_engine, store, cid, question_text, max_new_tokens=12, policy=policy)
+    out = generate_here(home, tiny_engine, cid, question_text, max_new_tokens=12, policy=policy)
     doc_ids = tiny_engine.tokenize(doc_text)
     q_ids = tiny_engine.tokenize(question_text)
     ref = tiny_engine.generate_two_phase(doc_ids, q_ids, max_new_tokens=12)
@@ -64,37 +69,42 @@ def test_generate_from_store_matches_fresh_prefill(tiny_engine, store, doc_text,
     assert store.find_by_document(tiny_engine.fingerprint, document_hash(doc_text)) == [cid]
 
 
-def test_corrupted_untrusted_and_mismatched_artifacts_are_refused(tiny_engine, tiny_engine_fp32, store, doc_text):
+def test_corrupted_untrusted_and_mismatched_artifacts_are_refused(tiny_engine, tiny_engine_fp32, home, store,
+                                                                   doc_text):
     key = NodeKey.generate()
-    cid = Cid.parse(publish_document(tiny_engine, store, key, doc_text)["cid"])
+    cid = publish_text(store, key, tiny_engine, doc_text).cid
     manifest = store.get_manifest(cid)
     stranger_only = TrustPolicy(frozenset({NodeKey.generate().public_bytes}))
     with pytest.raises(UntrustedSigner):
-        generate_from_store(tiny_engine, store, cid, "Q", policy=stranger_only)
+        generate_here(home, tiny_engine, cid, "Q", policy=stranger_only)
     with pytest.raises(UntrustedSigner):
         verify_artifact(store, cid, stranger_only)
     with pytest.raises(ModelMismatch):
-        generate_from_store(tiny_engine_fp32, store, cid, "Q")
+        generate_here(home, tiny_engine_fp32, cid, "Q")
     path = store.chunk_path(manifest.chunks[1].cid)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError):
-        generate_from_store(tiny_engine, store, cid, "Q")
+        generate_here(home, tiny_engine, cid, "Q")
     with pytest.raises(IntegrityError):
         verify_artifact(store, cid, TrustPolicy(frozenset({key.public_bytes})))
 
 
 def _cli(capsys, *argv) -> tuple[int, dict | str, str]:
-    code = cli_main(list(argv))
-    captured = capsys.readouterr()
+    """One `kvswap` command in a fresh interpreter (the way a user meets it); its exit code, output, stderr."""
+    home = argv[argv.index("--home") + 1]
+    rest = list(argv[:argv.index("--home")]) + list(argv[argv.index("--home") + 2:])
+    proc = cli(home, *rest, check=False)
+    assert "Traceback" not in proc.stderr
     try:
-        return code, json.loads(captured.out), captured.err
+        return proc.returncode, json.loads(proc.stdout), proc.stderr
     except ValueError:
-        return code, captured.out, captured.err
+        return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_cli_publish_inspect_verify_export_import_generate(tmp_path, capsys, tiny_engine, doc_text):
+def test_cli_publish_inspect_verify_export_import_generate(tmp_path, tiny_engine, doc_text):
+    capsys = None
     doc = tmp_path / "doc.txt"
     doc.write_text(doc_text)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

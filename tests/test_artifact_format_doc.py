@@ -8,7 +8,7 @@ from pathlib import Path
 from kvswap.artifact import codecs
 from kvswap.artifact.manifest import FORMAT_NAME, FORMAT_VERSION
 from kvswap.artifact.signing import DOMAIN
-from kvswap.protocol import limits
+from kvswap.artifact import limits
 from kvswap.store import EXPORT_MAGIC
 
 FORMAT_MD = (Path(__file__).resolve().parent.parent / "FORMAT.md").read_text()
@@ -39,11 +39,12 @@ def _section(title: str) -> str:
 
 
 def test_manifest_key_table_is_in_canonical_order_and_complete():
-    from kvswap.artifact.manifest import _TOP_KEYS
+    from kvswap.artifact.manifest import _TOP_KEYS, MAX_COMPUTE_CHARS, MAX_COMPUTE_ENTRIES
 
     table = _section("## Manifest")
     keys = re.findall(r"^\| `([a-z_]+)` \| (?:int|str|bin|map|array|map or nil)", table, flags=re.M)
-    assert set(keys) == _TOP_KEYS
+    assert set(keys) == _TOP_KEYS | {"compute"}  # `compute`: version 2
+    assert f"`MAX_COMPUTE_ENTRIES` ({MAX_COMPUTE_ENTRIES})" in table and f"`MAX_COMPUTE_CHARS` ({MAX_COMPUTE_CHARS})" in table
     assert keys == sorted(keys, key=lambda k: k.encode("utf-8"))  # the order the encoder writes
 
 

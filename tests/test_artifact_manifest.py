@@ -12,9 +12,9 @@ import pytest
 from kvswap.artifact import chunking
 from kvswap.artifact.manifest import FORMAT_VERSION, _pack, decode_manifest
 from kvswap.artifact.pipeline import assemble_kv, check_compatible, publish_kv
-from kvswap.errors import FormatError, LimitExceeded, ModelMismatch, UsageError
+from kvswap.protocol.errors import FormatError, LimitExceeded, ModelMismatch, UsageError
 from kvswap.kvtensors import KvLayout, KvTensors
-from kvswap.protocol import limits
+from kvswap.artifact import limits
 
 LAYOUT = KvLayout(layers=2, kv_heads=2, head_dim=8, dtype="bf16")
 
@@ -222,7 +222,7 @@ def test_publish_decode_assemble_round_trip(n_tokens, block, codec, prefix, seed
 
 from kvswap.artifact import codecs  # noqa: E402
 from kvswap.artifact.signing import decode_envelopes  # noqa: E402
-from kvswap.errors import KvswapError  # noqa: E402
+from kvswap.protocol.errors import KvswapError  # noqa: E402
 
 
 def _mutations_of(data: bytes):

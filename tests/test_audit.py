@@ -1,21 +1,22 @@
 """Audits on the real tiny Qwen3: honest artifacts pass (bit-exact here, in every dtype), every poisoning of
-tests/poison.py is caught by a full audit, a sampled audit catches at the rate its bound predicts, token
-binding refuses KV of other tokens, and attestations are signed, kept, verified and counted by the trust
-policy."""
+bench/harness/poison.py is caught by a full audit in the mode the rule picks (exact on the machine that made
+it), a sampled audit catches at the rate its bound predicts, token binding refuses KV of other tokens, and
+attestations are signed, kept, verified and counted by the trust policy."""
 
 from __future__ import annotations
 
 import pytest
 
+from bench.harness.nodes import cli
+from bench.harness.poison import POISONINGS, consistent_after, make_poisoned, publish, publish_text
 from kvswap.artifact.attestation import decode_attestations, encode_attestations, make_statement, sign_attestation
-from kvswap.artifact.service import audit_stored, check_document, check_trust, publish_document
+from kvswap.artifact.audit import choose_blocks, choose_mode, detection_bound
 from kvswap.artifact.signing import NodeKey, TrustPolicy
-from kvswap.audit import choose_blocks, detection_bound
-from kvswap.cid import Cid
 from kvswap.document import Document
-from kvswap.errors import AuditFailed, IntegrityError, UntrustedSigner, UsageError
-from kvswap.store import Store
-from tests.poison import POISONINGS, consistent_after, make_poisoned, publish
+from kvswap.home import Home
+from kvswap.modes import AuditMode
+from kvswap.ops import audit_here, check_document, check_trust
+from kvswap.protocol.errors import AuditFailed, IntegrityError, UntrustedSigner, UsageError
 
 pytestmark = pytest.mark.engine
 
@@ -25,33 +26,43 @@ OTHER = ("Tide tables list the hours of high and low water for each harbour. Fis
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "store", local_key=b"k" * 32) as s:
-        yield s
+def home(tmp_path):
+    with Home(tmp_path / "auditor") as h:  # the auditing node: its key signs the attestations
+        yield h
+
+
+@pytest.fixture
+def store(home):
+    return home.store
+
+
+def audit(home, engine, cid, **kw):
+    return audit_here(home, engine, cid, sign=kw.pop("sign", False), **kw)
 
 
 @pytest.mark.parametrize("which", ["tiny_engine", "tiny_engine_fp32", "tiny_engine_fp16"])
-def test_honest_artifacts_pass_bit_exactly(request, which, store, doc_text, question_text):
+def test_honest_artifacts_pass_bit_exactly(request, which, home, store, doc_text, question_text):
     engine = request.getfixturevalue(which)
     key = NodeKey.generate()
     for text in (doc_text, doc_text + question_text):  # a document, and a document with a question after it
-        pub = publish_document(engine, store, key, text, block_tokens=BLOCK)
-        result = audit_stored(engine, store, Cid.parse(pub["cid"]), full=True, require_exact=True)
+        manifest = publish_text(store, key, engine, text, BLOCK)
+        result = audit(home, engine, manifest.cid, full=True)  # the default: exact, the same computation made it
         assert result["passed"] and result["exact"] and result["max_rel"] == 0.0
-        assert result["blocks"] == list(range(pub["chunks"])) and result["mode"] == "exact"
+        assert result["blocks"] == list(range(len(manifest.chunks))) and result["mode"] == "exact"
+        assert "same computation" in result["why"]
 
 
 @pytest.mark.parametrize("kind", sorted(POISONINGS))
-def test_every_poisoning_is_caught_by_a_full_audit(kind, tiny_engine, store, doc_text):
+def test_every_poisoning_is_caught_by_a_full_audit(kind, tiny_engine, home, store, doc_text):
     key = NodeKey.generate()
     kv = make_poisoned(tiny_engine, kind, doc_text, OTHER, BLOCK)
     manifest = publish(store, key, tiny_engine, kv, doc_text, BLOCK)
     assert check_trust(store, manifest, TrustPolicy(frozenset({key.public_bytes})))  # signed and trusted...
-    for require_exact in (True, False):
-        if kind.startswith("noise_") and not require_exact:
-            continue  # below the bf16 tolerance: only an exact audit catches noise (SECURITY.md)
+    for mode in (AuditMode.AUTO, AuditMode.TOLERANCE):  # auto is exact here: the publisher's computation
+        if kind.startswith(("noise_", "scale_")) and mode is AuditMode.TOLERANCE:
+            continue  # below the bf16 tolerance: only an exact audit catches these (SECURITY.md)
         with pytest.raises(AuditFailed) as info:
-            audit_stored(tiny_engine, store, manifest.cid, full=True, require_exact=require_exact)
+            audit(home, tiny_engine, manifest.cid, full=True, mode=mode)
         message = str(info.value)
         assert "\n" not in message and message.startswith("block ")
         failing = info.value.result.checks[-1]
@@ -63,7 +74,7 @@ def test_every_poisoning_is_caught_by_a_full_audit(kind, tiny_engine, store, doc
     assert not store.get_attestations(manifest.cid)  # a failed audit is never attested
 
 
-def test_edited_tokens_are_caught_by_token_binding_too(tiny_engine, store, doc_text):
+def test_edited_tokens_are_caught_by_token_binding_too(tiny_engine, home, store, doc_text):
     kv = make_poisoned(tiny_engine, "edited_tokens", doc_text, OTHER, BLOCK)
     manifest = publish(store, NodeKey.generate(), tiny_engine, kv, doc_text, BLOCK)
     with pytest.raises(IntegrityError, match="other tokens than this document's: they differ from token 33"):
@@ -72,14 +83,14 @@ def test_edited_tokens_are_caught_by_token_binding_too(tiny_engine, store, doc_t
         check_document(tiny_engine, manifest, Document(OTHER))
 
 
-def test_sampled_audit_catches_at_the_rate_its_bound_predicts(tiny_engine, store, doc_text):
+def test_sampled_audit_catches_at_the_rate_its_bound_predicts(tiny_engine, home, store, doc_text):
     kv = make_poisoned(tiny_engine, "swapped_block", doc_text, OTHER, BLOCK, block=2)
     manifest = publish(store, NodeKey.generate(), tiny_engine, kv, doc_text, BLOCK)
     n = len(manifest.chunks)
     caught, seeds = 0, range(60)
     for seed in seeds:
         try:
-            audit_stored(tiny_engine, store, manifest.cid, blocks=2, seed=seed)
+            audit(home, tiny_engine, manifest.cid, blocks=2, seed=seed, mode=AuditMode.TOLERANCE)
         except AuditFailed:
             caught += 1
     # the swapped block (2) poisons block 2 and every later block (they were computed over the original block
@@ -95,9 +106,9 @@ def test_sampled_audit_catches_at_the_rate_its_bound_predicts(tiny_engine, store
         drawn = choose_blocks(n, blocks=2, seed=seed)[0]
         if 2 in drawn:
             with pytest.raises(AuditFailed):
-                audit_stored(tiny_engine, store, manifest.cid, blocks=2, seed=seed, require_exact=True)
+                audit(home, tiny_engine, manifest.cid, blocks=2, seed=seed)
         else:
-            assert audit_stored(tiny_engine, store, manifest.cid, blocks=2, seed=seed, require_exact=True)["passed"]
+            assert audit(home, tiny_engine, manifest.cid, blocks=2, seed=seed)["passed"]
     p = detection_bound(n, 2, 1)
     assert abs(caught / len(seeds) - p) < 3 * (p * (1 - p) / len(seeds)) ** 0.5  # the bound is the rate
 
@@ -115,12 +126,11 @@ def test_choose_blocks_and_bounds():
             choose_blocks(10, **bad)
 
 
-def test_attestations_are_signed_kept_and_admit_artifacts_by_policy(tiny_engine, store, doc_text):
-    publisher, auditor, stranger = NodeKey.generate(), NodeKey.generate(), NodeKey.generate()
-    pub = publish_document(tiny_engine, store, publisher, doc_text, block_tokens=BLOCK)
-    cid = Cid.parse(pub["cid"])
-    manifest = store.get_manifest(cid)
-    result = audit_stored(tiny_engine, store, cid, blocks=2, seed=3, key=auditor)
+def test_attestations_are_signed_kept_and_admit_artifacts_by_policy(tiny_engine, home, store, doc_text):
+    publisher, auditor, stranger = NodeKey.generate(), home.key, NodeKey.generate()
+    manifest = publish_text(store, publisher, tiny_engine, doc_text, BLOCK)
+    cid = manifest.cid
+    result = audit(home, tiny_engine, cid, blocks=2, seed=3, sign=True)
     assert result["attestation"]["mode"] == "exact" and result["attestation"]["auditor"] == auditor.public_hex
     [att] = store.get_attestations(cid)
     claims = att.verify(cid)
@@ -151,26 +161,40 @@ def test_attestations_are_signed_kept_and_admit_artifacts_by_policy(tiny_engine,
         store.add_attestations(cid, [forged])
 
 
-def test_cli_audit_inspect_and_one_line_failure(tmp_path, tiny_engine, doc_text):
-    from kvswap.cli import main as cli_main
-
+def test_cli_audit_picks_exact_on_this_machine_and_fails_in_one_line(tmp_path, tiny_engine, doc_text):
+    """The commands a user runs, each in a fresh interpreter: publish, audit (default, --exact, --tolerance),
+    inspect. The default audit of an artifact made here is exact: it catches a 1e-2 noise on one block that
+    the bf16 tolerance lets through."""
     home = tmp_path / "home"
     doc = tmp_path / "doc.txt"
     doc.write_text(doc_text, encoding="utf-8")
-    assert cli_main(["publish", str(doc), "--model", "tiny-qwen3", "--block-tokens", str(BLOCK), "--home",
-                     str(home), "--json"]) == 0
-    with Store.for_home(home) as store:
-        [row] = store.list_artifacts()
+    cli(home, "publish", str(doc), "--model", "tiny-qwen3", "--block-tokens", str(BLOCK), "--json")
+    with Home(home) as h:
+        [row] = h.store.list_artifacts()
         cid = row["cid"]
-    assert cli_main(["audit", cid, "--full", "--exact", "--doc", str(doc), "--home", str(home)]) == 0
-    assert cli_main(["inspect", cid, "--home", str(home)]) == 0
-    # poison one stored block on disk with a valid CID: rewrite the store as a hostile publisher would
-    with Store.for_home(home) as store:
-        key = NodeKey.load_or_create(home / "identity.key")
         kv = make_poisoned(tiny_engine, "noise_1e-2", doc_text, OTHER, BLOCK, block=1)
-        noisy = publish(store, key, tiny_engine, kv, doc_text, BLOCK)
+        noisy = publish(h.store, h.key, tiny_engine, kv, doc_text, BLOCK)  # a trusted key poisons its own store
         kv = make_poisoned(tiny_engine, "swapped_block", doc_text, OTHER, BLOCK, block=1)
-        swapped = publish(store, key, tiny_engine, kv, doc_text, BLOCK)
-    assert cli_main(["audit", str(swapped.cid), "--full", "--home", str(home)]) == 1  # over any tolerance
-    assert cli_main(["audit", str(noisy.cid), "--full", "--no-sign", "--home", str(home)]) == 0  # within bf16's
-    assert cli_main(["audit", str(noisy.cid), "--full", "--exact", "--home", str(home)]) == 1  # not exact
+        swapped = publish(h.store, h.key, tiny_engine, kv, doc_text, BLOCK)
+    out = cli(home, "audit", cid, "--full", "--doc", str(doc))
+    assert "passed" in out.stdout and "mode      exact" in out.stdout
+    assert "attested" in cli(home, "inspect", cid).stdout or "audited by" in cli(home, "inspect", cid).stdout
+    for args, fails in ((["--full"], True), (["--full", "--tolerance", "--no-sign"], False), (["--full", "--exact"], True)):
+        proc = cli(home, "audit", str(noisy.cid), *args, check=False)
+        assert (proc.returncode != 0) == fails, (args, proc.stderr)
+        if fails:
+            assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: block 1 ")
+    proc = cli(home, "audit", str(swapped.cid), "--full", "--tolerance", check=False)  # over any tolerance
+    assert proc.returncode == 1 and proc.stderr.startswith("error: block 1 ") and "Traceback" not in proc.stderr
+    proc = cli(home, "audit", cid, "--exact", "--tolerance", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: give --exact or --tolerance, not both\n"
+
+
+def test_the_mode_rule():
+    here = {"device": "cpu", "isa": "AVX512", "torch": "2.13.0+cpu", "attn": "sdpa", "threads": "2"}
+    assert choose_mode(AuditMode.AUTO, dict(here), here)[0] is AuditMode.EXACT
+    mode, why = choose_mode(AuditMode.AUTO, {**here, "isa": "AVX2"}, here)
+    assert mode is AuditMode.TOLERANCE and "isa AVX2 vs AVX512 here" in why
+    assert choose_mode(AuditMode.AUTO, None, here) == (AuditMode.TOLERANCE, "the artifact declares no compute identity")
+    assert choose_mode(AuditMode.EXACT, None, here)[0] is AuditMode.EXACT
+    assert choose_mode(AuditMode.TOLERANCE, dict(here), here)[0] is AuditMode.TOLERANCE

@@ -5,9 +5,9 @@ not trust the publisher but trusts the auditor accepts the artifact because of i
 from __future__ import annotations
 
 from kvswap.artifact.signing import NodeKey
-from kvswap.store import Store
-from tests.nodes import NodeProc, cli, cli_json
-from tests.poison import make_poisoned, publish
+from kvswap.home import Home
+from bench.harness.nodes import NodeProc, cli, cli_json
+from bench.harness.poison import make_poisoned, publish
 
 DOC = ("The lighthouse keeper logged every ship that passed the point, the wind, and the oil he burned. "
        "In winter the entries grew short, and in one storm the log went blank for three days. ") * 3
@@ -27,7 +27,8 @@ def test_fetched_artifacts_are_audited_attested_and_attestations_admit(tmp_path,
         pub = cli_json(a.home, "publish", str(doc))
         a_key = cli_json(a.home, "id")["public_key"]
         # a poisoned artifact of the same document, signed by A (a trusted publisher gone bad)
-        with Store.for_home(a.home) as store:
+        with Home(a.home) as _home:
+            store = _home.store
             bad = publish(store, NodeKey.load_or_create(a.home / "identity.key"), tiny_engine,
                           make_poisoned(tiny_engine, "other_document", DOC, OTHER, 64), DOC, 64)
         cli(b.home, "trust", "add", a_key)
@@ -37,9 +38,11 @@ def test_fetched_artifacts_are_audited_attested_and_attestations_admit(tmp_path,
         errors = [line for line in got.stderr.splitlines() if line.startswith("error:")]
         assert got.returncode != 0 and len(errors) == 1, got.stderr[-2000:]
         assert "does not follow from its tokens" in errors[0] and "removed" in errors[0]
-        with Store.for_home(b.home) as store:
+        with Home(b.home) as _home:
+            store = _home.store
             assert not store.has_artifact(bad.cid)
-        with Store.for_home(a.home) as store:  # A serves one artifact per document: withdraw the bad one
+        with Home(a.home) as _home:  # A serves one artifact per document: withdraw the bad one
+            store = _home.store
             store.remove(bad.cid)
 
         got = cli_json(b.home, "get", "--doc", str(doc), "--no-progress")  # the honest one, bound to the file

@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-from kvswap.errors import LocalProtocolError, NotFound
+from kvswap.protocol.errors import LocalProtocolError, NotFound
 from kvswap.node.bridge import TrioBridge
 
 

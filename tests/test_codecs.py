@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kvswap.artifact import codecs
-from kvswap.errors import IntegrityError, UsageError
+from kvswap.protocol.errors import IntegrityError, UsageError
 
 MiB = 1 << 20
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kvswap.report import costmodel as cm
+from kvswap.reporting import costmodel as cm
 
 # The paper's worked example (PAPER.md, "Cost model"): inputs only; the figures below are its outputs.
 TOKENS = 3774

@@ -10,9 +10,11 @@ import urllib.request
 
 import pytest
 
-from kvswap.protocol.limits import SHUTDOWN_TIMEOUT_S
+from kvswap.node.tuning import DaemonTuning
 
-from tests.nodes import NodeProc, cli, cli_json
+SHUTDOWN_TIMEOUT_S = DaemonTuning.shutdown_timeout_s
+
+from bench.harness.nodes import NodeProc, cli, cli_json
 
 
 def _wait_for(predicate, timeout: float = 60.0, every: float = 0.3):

@@ -1,6 +1,6 @@
 """No Docker engine runs here, so check what can be checked: every compose command parses with the real
 CLI, ports and addresses agree, the bootstrap peer id is the one node1's fixed seed derives, and each node is
-started exactly as the namespace testnet (node/testnet.py) starts the node at the same position."""
+started exactly as the namespace testnet (bench/harness/netns.py) starts the node at the same position."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 
 from kvswap.cli import build_parser
 from kvswap.node.p2p import peer_id_of_seed
-from kvswap.node.testnet import node_options
+from bench.harness.netns import node_options
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
@@ -35,10 +35,10 @@ def test_every_service_command_is_a_valid_node_start():
         args = parser.parse_args(svc["command"])
         assert args.func.__name__ == "cmd_start", name
         assert str(args.home) == "/data"
-        host, _, port = args.api.rpartition(":")
+        host, _, port = args.node_api.rpartition(":")
         assert host == "127.0.0.1", "the control API must stay on the container's loopback"
         ip = svc["networks"]["testnet"]["ipv4_address"]
-        assert args.listen == [f"/ip4/{ip}/tcp/4001"], "listen on the container's own address (advertised as is)"
+        assert args.node_listen == [f"/ip4/{ip}/tcp/4001"], "listen on the container's own address (advertised as is)"
         assert "4001" in DOCKERFILE.split("EXPOSE", 1)[1].split()[0]
 
 
@@ -52,7 +52,7 @@ def test_compose_commands_follow_the_namespace_testnet_rules():
         args = parser.parse_args(svc["command"])
         rules = node_options(index, subnet=subnet, bootstrap_peer=boot_peer)
         assert svc["networks"]["testnet"]["ipv4_address"] == rules.listen.split("/")[2], name
-        assert (args.listen, args.api, tuple(args.bootstrap or ()), bool(args.accept_any)) == (
+        assert (args.node_listen, args.node_api, tuple(args.node_bootstrap or ()), bool(args.node_accept_any)) == (
             [rules.listen], rules.api, rules.bootstrap, rules.accept_any), name
 
 

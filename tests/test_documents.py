@@ -9,9 +9,9 @@ import hashlib
 import pytest
 
 from kvswap.document import EMPTY_DOCUMENT, Document
-from kvswap.errors import UsageError
+from kvswap.protocol.errors import UsageError
 
-from tests.nodes import NodeProc, cli, cli_json
+from bench.harness.nodes import NodeProc, cli, cli_json
 
 CRLF_TEXT = "First line of a Windows file.\r\nSecond line, still CRLF.\r\nThe end.\r\n" * 8
 BOM = b"\xef\xbb\xbf"

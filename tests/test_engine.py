@@ -7,7 +7,7 @@ import pytest
 
 from kvswap.engine import GenerationResult
 from kvswap.engine.exact import check_prefix, kv_bit_identical, read_kv_raw, run_exact, write_kv_raw
-from kvswap.errors import FormatError, ModelMismatch, UsageError
+from kvswap.protocol.errors import FormatError, ModelMismatch, UsageError
 from kvswap.kvtensors import KvLayout, KvTensors
 
 #: also run under a second torch thread count by `make test` (kernel blocking differs)
@@ -204,7 +204,7 @@ def test_loaded_read_only_arrays_work(tiny_engine, tiny_doc_kv):
 
 def test_bad_model_folders_are_clean_errors(tmp_path):
     from kvswap.engine import load_engine
-    from kvswap.errors import NotFound
+    from kvswap.protocol.errors import NotFound
 
     with pytest.raises(NotFound, match="config.json"):
         load_engine(str(tmp_path), dtype="bf16", device="cpu")

@@ -16,7 +16,7 @@ import pytest
 from kvswap.engine import catalog
 from kvswap.engine.fingerprint import canonical_config, folder_fingerprint
 from kvswap.engine.rawbits import bits_to_tensor, tensor_to_bits
-from kvswap.errors import ModelMismatch
+from kvswap.protocol.errors import ModelMismatch
 
 _PRINT_FP = (
     "from kvswap.engine import load_engine; import json; e = load_engine('tiny-qwen3', dtype='fp32'); "

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.nodes import NodeProc, chunk_files, cli, cli_json, error_lines, finish_cli, spawn_cli
+from bench.harness.nodes import NodeProc, chunk_files, cli, cli_json, error_lines, finish_cli, spawn_cli
 
 DOC = "The keeper walked the cliff path at dusk, counting the gulls and the lamps of the boats below. " * 80
 #: tokens per chunk at publish: small, so a fetch has hundreds of chunks and lasts long enough to interrupt

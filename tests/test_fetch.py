@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import ModelMismatch, NotFound
-from kvswap.node.fetch import FetchKey
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import ModelMismatch, NotFound
+from kvswap.protocol.keys import DocumentKey
 from kvswap.node.net import Network, TrioNode
 from kvswap.node.p2p import P2PConfig
+from kvswap.node.tuning import RationTuning
 from kvswap.protocol.dataplane import DATAPLANE_ACK, DATAPLANE_HELLO
 from kvswap.protocol.messages import Announce, GenerateRequest
-from tests.netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact
+from bench.harness.netharness import DirArtifacts, SubprocessNode, chunks_of, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +45,7 @@ def test_corrupt_provider_rejected_chunks_taken_from_the_honest_one(tmp_path, da
                 honest.store.add(manifest, chunks)
                 for p in (liar, honest):
                     await me.p2p.connect(p.addrs[0])
-                result = await me.fetcher.fetch(FetchKey(cid=v.cid), providers=[liar.peer_id, honest.peer_id])
+                result = await me.fetcher.fetch(v.cid, providers=[liar.peer_id, honest.peer_id])
                 assert result.cid == v.cid
                 assert result.providers == {honest.peer_id: 8}
                 assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
@@ -68,21 +69,21 @@ def test_by_document_resume_prefix_and_model_check(tmp_path):
                 await me.p2p.connect(pub.addrs[0])
 
                 with pytest.raises(ModelMismatch):
-                    await me.fetcher.fetch(FetchKey(cid=v.cid), expect_model="ff" * 32)
+                    await me.fetcher.fetch(v.cid, expect_model="ff" * 32)
 
                 # a prefix: tokens 0..20 need chunks 0 and 1 only
-                first = await me.fetcher.fetch(FetchKey(cid=v.cid), n_tokens=20)
+                first = await me.fetcher.fetch(v.cid, n_tokens=20)
                 assert (first.chunks_fetched, first.chunks_present) == (2, 0)
                 assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks[:2]}
 
                 # the rest, by document: the two chunks already present are not fetched again (resume)
-                key = FetchKey(model_fingerprint=v.model_fingerprint, document_hash=doc)
+                key = DocumentKey(doc, v.model_fingerprint)
                 rest = await me.fetcher.fetch(key, expect_model=v.model_fingerprint, expect_dtype="bf16")
                 assert (rest.cid, rest.chunks_fetched, rest.chunks_present) == (v.cid, 4, 2)
                 assert chunks_of(tmp_path / "me") == {str(Cid.of(c)) for c in chunks}
 
                 with pytest.raises(NotFound):
-                    await me.fetcher.fetch(FetchKey(cid=Cid.of(b"no such artifact")))
+                    await me.fetcher.fetch(Cid.of(b"no such artifact"))
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -100,7 +101,7 @@ def test_fetched_artifact_is_provided_onwards(tmp_path):
                 c = await start(nursery, tmp_path / "c", 3)
                 v = a.store.add(manifest, chunks)
                 await b.p2p.connect(a.addrs[0])
-                await b.fetcher.fetch(FetchKey(cid=v.cid))
+                await b.fetcher.fetch(v.cid)
                 await c.p2p.connect(b.addrs[0])
                 found: list[str] = []
                 for _ in range(40):
@@ -109,7 +110,7 @@ def test_fetched_artifact_is_provided_onwards(tmp_path):
                         break
                     await trio.sleep(0.25)
                 assert b.peer_id in found
-                result = await c.fetcher.fetch(FetchKey(cid=v.cid))
+                result = await c.fetcher.fetch(v.cid)
                 # c may have learnt a's address from the DHT lookup as well: both may serve
                 assert sum(result.providers.values()) == 3 and set(result.providers) <= {a.peer_id, b.peer_id}
                 nursery.cancel_scope.cancel()
@@ -134,7 +135,7 @@ def test_provider_process_dies_mid_transfer(tmp_path, dataplane):
                     me = await start(nursery, tmp_path / "me", 13, use_dataplane=dataplane)
                     await me.p2p.connect(dying.addrs[0])
                     await me.p2p.connect(steady.addrs[0])
-                    result = await me.fetcher.fetch(FetchKey(cid=Cid.parse(dying.cid)),
+                    result = await me.fetcher.fetch(Cid.parse(dying.cid),
                                                     providers=[dying.peer_id, steady.peer_id])
                     nursery.cancel_scope.cancel()
                     return result
@@ -197,7 +198,7 @@ def test_network_facade_from_asyncio(tmp_path):
 
             reply = await me.remote_generate(pub.addrs[0], GenerateRequest(v.cid, (1, 1), max_new_tokens=3))
             assert reply.tokens == (2, 3, 4)
-            assert pub.peer_id in await me.find_providers((v.model_fingerprint, v.document_hash))
+            assert pub.peer_id in await me.find_providers(DocumentKey(v.document_hash, v.model_fingerprint))
         finally:
             await me.stop()
             await pub.stop()
@@ -256,7 +257,7 @@ def test_chunks_are_spread_over_honest_providers(tmp_path):
                 p2.store.add(manifest, chunks)
                 for p in (p1, p2):
                     await me.p2p.connect(p.addrs[0])
-                result = await me.fetcher.fetch(FetchKey(cid=v.cid), providers=[p1.peer_id, p2.peer_id])
+                result = await me.fetcher.fetch(v.cid, providers=[p1.peer_id, p2.peer_id])
                 assert set(result.providers) == {p1.peer_id, p2.peer_id}
                 assert sum(result.providers.values()) == 8
                 nursery.cancel_scope.cancel()
@@ -318,7 +319,7 @@ def test_simultaneous_fetchers_trade_chunks_instead_of_all_downloading_from_the_
     async def main():
         with trio.fail_after(90):
             async with trio.open_nursery() as nursery:
-                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(copies=1))
+                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(RationTuning(copies=1)))
                 v = pub.store.add(manifest, chunks)
                 fetchers = [await start(nursery, tmp_path / f"f{i}", 2 + i) for i in range(n_fetchers)]
                 for f in fetchers:
@@ -326,7 +327,7 @@ def test_simultaneous_fetchers_trade_chunks_instead_of_all_downloading_from_the_
                 results: dict[str, object] = {}
 
                 async def fetch(f):
-                    results[f.peer_id] = await f.fetcher.fetch(FetchKey(cid=v.cid))
+                    results[f.peer_id] = await f.fetcher.fetch(v.cid)
 
                 async with trio.open_nursery() as swarm:
                     for f in fetchers:
@@ -336,7 +337,7 @@ def test_simultaneous_fetchers_trade_chunks_instead_of_all_downloading_from_the_
                 assert from_pub + from_peers == n_chunks * n_fetchers
                 assert pub.ration.refusals > 0
                 # everyone from the publisher would be 4 copies; rationing at 1 copy leaves room for the copies
-                # served after RATION_PATIENCE_S on a slow machine, but most must come from peers
+                # served after ration.patience_s on a slow machine, but most must come from peers
                 assert from_pub <= 2 * n_chunks, (from_pub, from_peers)
                 for i in range(n_fetchers):
                     assert chunks_of(tmp_path / f"f{i}") == {str(Cid.of(c)) for c in chunks}
@@ -357,17 +358,17 @@ def test_rationed_fetcher_is_served_when_the_named_holder_is_gone(tmp_path):
     async def main():
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(copies=1, patience_s=1.0))
+                pub = await start(nursery, tmp_path / "pub", 1, ration=UploadRation(RationTuning(copies=1, patience_s=1.0)))
                 v = pub.store.add(manifest, chunks)
                 async with trio.open_nursery() as first_nursery:
                     first = await start(first_nursery, tmp_path / "first", 2)
                     await first.p2p.connect(pub.addrs[0])
-                    await first.fetcher.fetch(FetchKey(cid=v.cid))
+                    await first.fetcher.fetch(v.cid)
                     first_nursery.cancel_scope.cancel()  # the only other holder leaves
                 late = await start(nursery, tmp_path / "late", 3)
                 await late.p2p.connect(pub.addrs[0])
                 t0 = trio.current_time()
-                result = await late.fetcher.fetch(FetchKey(cid=v.cid))
+                result = await late.fetcher.fetch(v.cid)
                 assert result.providers == {pub.peer_id: 3}
                 assert pub.ration.refusals >= 3  # each chunk was rationed before the patience ran out
                 assert trio.current_time() - t0 >= 1.0

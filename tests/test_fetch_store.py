@@ -8,10 +8,10 @@ import trio
 
 from kvswap.artifact.pipeline import assemble_kv, publish_kv
 from kvswap.artifact.signing import NodeKey, TrustPolicy
-from kvswap.cid import sha256_hex
-from kvswap.errors import UntrustedSigner
+from kvswap.protocol.cid import sha256_hex
+from kvswap.protocol.errors import UntrustedSigner
 from kvswap.kvtensors import KvLayout, KvTensors
-from kvswap.node.fetch import FetchKey
+from kvswap.protocol.keys import DocumentKey
 from kvswap.node.net import TrioNode
 from kvswap.node.p2p import P2PConfig, peer_id_of_seed
 from kvswap.node.storeadapter import StoreArtifacts
@@ -64,9 +64,9 @@ def test_signed_artifact_fetched_into_a_real_store_and_reassembled(tmp_path):
                 await me.p2p.connect(pub.addrs[0])
 
                 # a prefix first (tokens 0..40 -> 3 blocks of 16), then the rest resumes from it
-                part = await me.fetcher.fetch(FetchKey(cid=manifest.cid), n_tokens=40)
+                part = await me.fetcher.fetch(manifest.cid, n_tokens=40)
                 assert part.chunks_fetched == 3 and not my_store.is_complete(manifest.cid)
-                full = await me.fetcher.fetch(FetchKey(model_fingerprint=MODEL, document_hash=manifest.document_hash),
+                full = await me.fetcher.fetch(DocumentKey(manifest.document_hash, MODEL),
                                               expect_model=MODEL, expect_dtype="bf16")
                 assert full.cid == manifest.cid
                 assert full.chunks_present == 3 and full.chunks_fetched == len(manifest.blobs()) - 3
@@ -96,7 +96,7 @@ def test_untrusted_signer_is_refused_before_any_chunk(tmp_path):
                 await nursery.start(me.run)
                 await me.p2p.connect(pub.addrs[0])
                 with pytest.raises(UntrustedSigner):
-                    await me.fetcher.fetch(FetchKey(cid=manifest.cid))
+                    await me.fetcher.fetch(manifest.cid)
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -155,7 +155,7 @@ def test_facade_with_real_store_and_ledger(tmp_path):
         await me.start(seed=ME_SEED, target=StoreArtifacts(my_store, policy), bootstrap=[pub.addrs[0]],
                        on_transfer=lambda e: my_ledger.transfer(**e.as_ledger_kwargs()))
         try:
-            result = await me.fetch((MODEL, manifest.document_hash), expect_model=MODEL)
+            result = await me.fetch(DocumentKey(manifest.document_hash, MODEL), expect_model=MODEL)
             assert result.cid == manifest.cid and my_store.is_complete(manifest.cid)
             reply = await me.remote_generate(pub.peer_id, GenerateRequest(manifest.cid, (1, 2, 3), 3))
             assert reply.tokens == (3, 2, 1)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
-from kvswap.cid import Cid
-from kvswap.errors import NotFound
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import NotFound
 from kvswap.node.fetchplan import (
     Aborted,
     CancelRequest,
@@ -31,7 +32,9 @@ from kvswap.node.fetchplan import (
     Tick,
     WaitUntil,
 )
-from kvswap.protocol import limits
+from kvswap.node.tuning import FetchTuning
+
+T = FetchTuning()  # the defaults; a test varies one with plan(tuning={...})
 
 ART = Cid.of(b"artifact")
 MiB = 1 << 20
@@ -42,7 +45,8 @@ def blobs(n: int, size: int = 100) -> list[FetchBlob]:
 
 
 def plan(n: int = 1, peers=("A",), size: int = 100, parallel: int = 1, **kw) -> FetchPlan:
-    return FetchPlan(blobs(n, size), peers, artifact=ART, parallel=parallel, rng=random.Random(0), **kw)
+    tuning = replace(T, parallel_chunks=parallel, **kw.pop("tuning", {}))
+    return FetchPlan(blobs(n, size), peers, artifact=ART, tuning=tuning, rng=random.Random(0), **kw)
 
 
 def requests(actions) -> list[RequestChunks]:
@@ -146,7 +150,7 @@ def test_requests_in_flight_are_capped_and_spread_over_the_least_busy_peers():
 
 def test_batches_hold_at_most_fetch_batch_chunks_and_shrink_as_the_queue_drains():
     p = plan(200, peers=("A",), parallel=1)
-    assert len(only_request(p.apply(Tick(), 0.0)).blobs) == limits.FETCH_BATCH_CHUNKS
+    assert len(only_request(p.apply(Tick(), 0.0)).blobs) == T.batch_chunks
     small = plan(6, peers=("A",), parallel=4)
     # after the first chunk 5 wait: ceil(5 / (2 x 4)) = 1 chunk per request, so the four slots share them
     assert [len(r.blobs) for r in requests(small.apply(Tick(), 0.0))] == [1, 1, 1, 1]
@@ -156,15 +160,15 @@ def test_batches_hold_at_most_fetch_batch_chunks_and_shrink_as_the_queue_drains(
 
 
 def test_a_batch_closes_once_it_reaches_fetch_batch_bytes():
-    p = plan(40, peers=("A",), size=limits.FETCH_BATCH_BYTES // 2, parallel=1)
+    p = plan(40, peers=("A",), size=T.batch_bytes // 2, parallel=1)
     assert len(only_request(p.apply(Tick(), 0.0)).blobs) == 2  # 2 x half the cap reaches it: no third
-    huge = plan(10, peers=("A",), size=limits.FETCH_BATCH_BYTES + 1, parallel=1)
+    huge = plan(10, peers=("A",), size=T.batch_bytes + 1, parallel=1)
     assert len(only_request(huge.apply(Tick(), 0.0)).blobs) == 1  # a chunk over the cap goes alone
 
 
 def test_deadline_is_chunk_timeout_per_chunk():
     req = only_request(plan(40, peers=("A",), parallel=1).apply(Tick(), 10.0))
-    assert req.deadline == 10.0 + limits.CHUNK_TIMEOUT_S * len(req.blobs)
+    assert req.deadline == 10.0 + T.chunk_timeout_s * len(req.blobs)
 
 
 def test_lacking_peer_is_asked_again_after_lack_retry_doubling_then_given_up_for_that_chunk():
@@ -172,13 +176,13 @@ def test_lacking_peer_is_asked_again_after_lack_retry_doubling_then_given_up_for
     sim.apply(Tick(), 0.0)
     cid = sim.only().blobs[0].cid
     now = 0.0
-    for ask in range(1, limits.MAX_LACK_ASKS):
+    for ask in range(1, T.max_lack_asks):
         assert not requests(sim.miss(now))
-        retry = limits.LACK_RETRY_S * 2 ** (ask - 1)
+        retry = T.lack_retry_s * 2 ** (ask - 1)
         assert not requests(sim.apply(Tick(), now + retry - 1e-6))  # not before its time
         now += retry
         assert only_request(sim.apply(Tick(), now)).peer == "A"
-    # the MAX_LACK_ASKS-th miss: A is never asked for it again; nobody else can serve it -> DHT lookup
+    # the fetch.max_lack_asks-th miss: A is never asked for it again; nobody else can serve it -> DHT lookup
     out = sim.miss(now)
     assert FindProviders(cid) in out and not requests(out)
     assert not requests(sim.apply(Tick(), now + 1000.0))
@@ -203,7 +207,7 @@ def test_refused_request_counts_as_lacking_every_unanswered_chunk():
     out = sim.apply(RequestEnded(sim.only().request, refused=True), 0.0)
     assert sim.plan.peers["A"].failures == 0  # lacking is no offence
     assert not requests(out)
-    assert wait_of(out) == pytest.approx(limits.LACK_RETRY_S)
+    assert wait_of(out) == pytest.approx(T.lack_retry_s)
 
 
 def test_lacked_chunk_goes_to_another_peer_first():
@@ -223,14 +227,14 @@ def test_named_holders_first_and_a_rationing_peer_again_after_ration_retry():
     assert only_request(sim.miss(0.1)).peer == "B"  # H lacks it (until 0.3), A rations it (until 0.5)
     out = sim.miss(0.2)  # B lacks it until 0.4
     assert not requests(out)
-    assert wait_of(out) == pytest.approx(0.1 + limits.LACK_RETRY_S)  # the soonest: H
+    assert wait_of(out) == pytest.approx(0.1 + T.lack_retry_s)  # the soonest: H
     assert only_request(sim.apply(Tick(), 0.31)).peer == "H"
-    sim.miss(0.31)  # H lacks it again: until 0.31 + 2 x LACK_RETRY_S
+    sim.miss(0.31)  # H lacks it again: until 0.31 + 2 x fetch.lack_retry_s
     assert not requests(sim.apply(Tick(), 0.39))
     assert only_request(sim.apply(Tick(), 0.41)).peer == "B"
     sim.miss(0.41)  # B lacks it again: until 0.81
-    assert not requests(sim.apply(Tick(), limits.RATION_RETRY_S - 0.01))
-    assert only_request(sim.apply(Tick(), limits.RATION_RETRY_S)).peer == "A"  # A's ration retry is due
+    assert not requests(sim.apply(Tick(), T.ration_retry_s - 0.01))
+    assert only_request(sim.apply(Tick(), T.ration_retry_s)).peer == "A"  # A's ration retry is due
     assert sim.plan.peers["A"].failures == 0
 
 
@@ -238,9 +242,9 @@ def test_rationing_peer_without_holders_is_retried_after_ration_retry():
     sim = Sim(plan(1, peers=("A",)))
     sim.apply(Tick(), 0.0)
     out = sim.miss(0.0, rationed=())
-    assert wait_of(out) == pytest.approx(limits.RATION_RETRY_S)
-    assert not requests(sim.apply(Tick(), limits.RATION_RETRY_S - 0.01))
-    assert only_request(sim.apply(Tick(), limits.RATION_RETRY_S)).peer == "A"
+    assert wait_of(out) == pytest.approx(T.ration_retry_s)
+    assert not requests(sim.apply(Tick(), T.ration_retry_s - 0.01))
+    assert only_request(sim.apply(Tick(), T.ration_retry_s)).peer == "A"
     assert sim.plan.peers["A"].failures == 0
 
 
@@ -252,7 +256,7 @@ def test_failed_requests_penalise_and_drop_a_peer_after_max_provider_failures():
     assert only_request(sim.fail(1.0)).peer == "A"  # both tried and failed once: the earlier known
     assert (sim.plan.peers["A"].failures, sim.plan.peers["B"].failures) == (1, 1)
     assert only_request(sim.fail(2.0)).peer == "B"
-    assert sim.plan.peers["A"].failures == limits.MAX_PROVIDER_FAILURES  # A is dropped
+    assert sim.plan.peers["A"].failures == T.max_provider_failures  # A is dropped
     out = sim.fail(3.0)  # B is dropped too: nobody can serve the chunk -> look it up in the DHT
     assert FindProviders(sim.plan.blobs and next(iter(sim.plan.blobs))) in out and not requests(out)
     assert not requests(sim.apply(Tick(), 100.0))  # dropped peers are not asked again, however long
@@ -312,27 +316,27 @@ def test_lookups_in_flight_are_capped():
     sim = Sim(plan(10, peers=("A",), parallel=2))
     sim.apply(Tick(), 0.0)
     finds = []
-    while sim.inflight:  # A fails every request: dropped after MAX_PROVIDER_FAILURES
+    while sim.inflight:  # A fails every request: dropped after fetch.max_provider_failures
         request = next(iter(sim.inflight))
         finds += [a for a in sim.apply(RequestEnded(request, failure="x"), 0.0) if isinstance(a, FindProviders)]
     finds += [a for a in sim.apply(Tick(), 0.0) if isinstance(a, FindProviders)]
-    assert len(finds) == 2  # FETCH_PARALLEL_CHUNKS of this plan, not one per chunk
+    assert len(finds) == 2  # fetch.parallel_chunks of this plan, not one per chunk
 
 
 def test_connected_peers_join_every_refresh_interval():
     sim = Sim(plan(1, peers=("A",)))
     out = sim.apply(Tick(), 0.0)
     assert ListPeers() not in out
-    assert wait_of(out) == limits.FETCH_PEER_REFRESH_S
-    assert ListPeers() in sim.apply(Tick(), limits.FETCH_PEER_REFRESH_S)
-    assert ListPeers() not in sim.apply(Tick(), limits.FETCH_PEER_REFRESH_S + 0.5)
+    assert wait_of(out) == T.peer_refresh_s
+    assert ListPeers() in sim.apply(Tick(), T.peer_refresh_s)
+    assert ListPeers() not in sim.apply(Tick(), T.peer_refresh_s + 0.5)
     sim.apply(PeersSeen(("B", "C", "A")), 1.5)
     assert list(sim.plan.peers) == ["A", "B", "C"]
 
 
 def test_peers_tracked_are_bounded_and_never_include_this_node():
-    sim = Sim(plan(1, peers=["me", *(f"P{i}" for i in range(limits.MAX_PEERS_PER_FETCH + 10))], me="me"))
-    assert "me" not in sim.plan.peers and len(sim.plan.peers) == limits.MAX_PEERS_PER_FETCH
+    sim = Sim(plan(1, peers=["me", *(f"P{i}" for i in range(T.max_peers + 10))], me="me"))
+    assert "me" not in sim.plan.peers and len(sim.plan.peers) == T.max_peers
     sim.apply(Tick(), 0.0)
     sim.miss(0.0, rationed=("me", "new"))
     assert "me" not in sim.plan.peers and "new" not in sim.plan.peers  # full
@@ -373,12 +377,12 @@ def test_throughput_is_measured_per_peer():
 def test_wait_until_is_the_soonest_retry_or_refresh():
     sim = Sim(plan(1, peers=("A",)))
     sim.apply(Tick(), 0.0)
-    assert wait_of(sim.miss(0.0)) == pytest.approx(limits.LACK_RETRY_S)
+    assert wait_of(sim.miss(0.0)) == pytest.approx(T.lack_retry_s)
     busy = Sim(plan(1, peers=("A",)))
     busy.apply(Tick(), 0.0)
     r = busy.only()
     out = busy.apply(ChunkReceived(r.request, r.blobs[0].cid, 100), 0.0)
-    assert wait_of(out) == limits.FETCH_PEER_REFRESH_S < math.inf  # only the peer refresh is due
+    assert wait_of(out) == T.peer_refresh_s < math.inf  # only the peer refresh is due
 
 
 # --- slow and lying providers (issue 15) ---------------------------------------------------------------------
@@ -403,12 +407,12 @@ def test_deadline_follows_the_peers_measured_rate_within_its_bounds():
     sim = Sim(plan(40, peers=("A",), size=size, parallel=1))
     sim.apply(Tick(), 0.0)
     first = sim.only()
-    assert first.deadline == limits.CHUNK_TIMEOUT_S * len(first.blobs)  # unmeasured: the ceiling
+    assert first.deadline == T.chunk_timeout_s * len(first.blobs)  # unmeasured: the ceiling
     _answer_all(sim, first, len(first.blobs) * 1.0)  # 1 chunk (4 MiB) per second: 4 MiB/s
     nxt = sim.only()
-    expected = limits.LATE_FACTOR * len(nxt.blobs) * size / (4 * MiB)
+    expected = T.late_factor * len(nxt.blobs) * size / (4 * MiB)
     assert nxt.deadline - len(first.blobs) * 1.0 == pytest.approx(
-        min(limits.CHUNK_TIMEOUT_S * len(nxt.blobs), max(limits.REQUEST_MIN_TIMEOUT_S, expected)))
+        min(T.chunk_timeout_s * len(nxt.blobs), max(T.request_min_timeout_s, expected)))
 
 
 def _fast_and_stalling(n: int = 40, parallel: int = 2) -> tuple[Sim, RequestChunks]:
@@ -423,7 +427,7 @@ def _fast_and_stalling(n: int = 40, parallel: int = 2) -> tuple[Sim, RequestChun
 def test_an_overdue_request_frees_its_slot_and_its_peer_gets_no_new_work():
     sim, stalled = _fast_and_stalling()
     assert len(sim.inflight) == 2  # A's next request and S's stalled one
-    out = sim.apply(Tick(), 0.05)  # overdue (4 x what A would take), not yet late (LATE_MIN_S)
+    out = sim.apply(Tick(), 0.05)  # overdue (4 x what A would take), not yet late (fetch.late_min_s)
     assert not [a for a in out if isinstance(a, CancelRequest)]
     new = requests(out)
     assert new and all(r.peer == "A" for r in new)  # S's slot went to A; S got nothing new
@@ -433,7 +437,7 @@ def test_an_overdue_request_frees_its_slot_and_its_peer_gets_no_new_work():
 def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_of_a_faster_peer_first():
     sim, stalled = _fast_and_stalling()
     sim.apply(Tick(), 0.05)
-    out = sim.apply(Tick(), limits.LATE_MIN_S)
+    out = sim.apply(Tick(), T.late_min_s)
     assert CancelRequest(stalled.request) in out
     assert sim.plan.peers["S"].slow == 1 and sim.plan.peers["S"].failures == 0  # slowness is no lie
     sim.inflight.pop(stalled.request)
@@ -449,7 +453,7 @@ def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_o
 def test_in_the_end_game_an_overdue_request_is_cancelled_at_once():
     sim, stalled = _fast_and_stalling(n=2)  # one chunk each: after A's, only S's chunk is left
     assert not sim.plan._pending
-    out = sim.apply(Tick(), 0.05)  # overdue, below LATE_MIN_S
+    out = sim.apply(Tick(), 0.05)  # overdue, below fetch.late_min_s
     assert CancelRequest(stalled.request) in out
     assert only_request(out).peer == "A" and only_request(out).blobs == stalled.blobs
 
@@ -475,9 +479,9 @@ def test_a_busy_peer_is_asked_again_after_busy_retry_without_penalty():
     sim = Sim(plan(1, peers=("A",)))
     sim.apply(Tick(), 0.0)
     out = sim.apply(RequestEnded(sim.only().request, busy=True), 0.0)
-    assert not requests(out) and wait_of(out) == pytest.approx(limits.BUSY_RETRY_S)
+    assert not requests(out) and wait_of(out) == pytest.approx(T.busy_retry_s)
     assert sim.plan.peers["A"].failures == 0
-    assert only_request(sim.apply(Tick(), limits.BUSY_RETRY_S)).peer == "A"
+    assert only_request(sim.apply(Tick(), T.busy_retry_s)).peer == "A"
 
 
 def _rationing_round(sim: Sim, holders: dict[int, tuple[str, ...]], now: float) -> list:
@@ -498,12 +502,12 @@ def test_holders_that_do_not_deliver_discredit_the_peer_that_named_them():
     for holder in ("H1", "H2"):  # two of them fail: two bad hints
         (req,) = _of(sim, holder)
         sim.apply(RequestEnded(req.request, failure="no such peer"), 0.1)
-    assert sim.plan.peers["R"].bad_hints == limits.MAX_BAD_HINTS
+    assert sim.plan.peers["R"].bad_hints == T.max_bad_hints
     assert all(not sim.plan._named.get(b.cid) for b in blobs(3))  # its earlier hint (H3) is dropped too
     (h3,) = _of(sim, "H3")
     sim.apply(RequestEnded(h3.request, failure="no such peer"), 0.2)
-    assert sim.plan.peers["R"].bad_hints == limits.MAX_BAD_HINTS  # no hint of R's is followed any more
-    out = sim.apply(Tick(), limits.RATION_RETRY_S)
+    assert sim.plan.peers["R"].bad_hints == T.max_bad_hints  # no hint of R's is followed any more
+    out = sim.apply(Tick(), T.ration_retry_s)
     assert {r.peer for r in requests(out)} == {"R"}  # back to R itself, after its ration retry
     _rationing_round(sim, {0: ("H9",)}, 0.6)
     assert "H9" not in sim.plan.peers  # what it names now is not followed
@@ -515,7 +519,7 @@ def test_a_holder_known_only_from_hints_is_asked_only_for_the_chunks_it_was_name
     first = min(sim.inflight.values(), key=lambda r: r.request).blobs[0]
     out = _rationing_round(sim, {0: ("H",)}, 0.0)
     assert [(r.peer, r.blobs) for r in sim.inflight.values()] == [("H", (first,))]  # H, for its chunk only
-    sim.miss(0.01)  # H lacks it (for now: asked again after LACK_RETRY_S)
+    sim.miss(0.01)  # H lacks it (for now: asked again after fetch.lack_retry_s)
     assert not requests(sim.apply(Tick(), 0.1))  # no other chunk goes to H; A rations them until 0.5
     out = sim.apply(PeersSeen(("H",)), 0.15)  # H turns out to be a connected peer: an ordinary one now
     assert requests(out) and all(r.peer == "H" and first not in r.blobs for r in requests(out))
@@ -557,8 +561,8 @@ def test_a_peer_that_only_rations_is_asked_after_one_that_sends():
 def test_peers_that_ration_past_an_honest_nodes_patience_count_as_lacking_so_the_fetch_ends():
     """Issue 15's flaky hints test: two liars answer every chunk "rationed" naming holders that do not exist,
     and the honest provider is gone (its connection died). An honest node serves a fetcher it refused for
-    RATION_PATIENCE_S; a peer still rationing a chunk RATION_GIVE_UP_S after it first did counts as lacking it,
-    so the fetch looks the chunks up and fails with NotFound instead of asking the liars every RATION_RETRY_S
+    ration.patience_s; a peer still rationing a chunk fetch.ration_give_up_s after it first did counts as lacking it,
+    so the fetch looks the chunks up and fails with NotFound instead of asking the liars every fetch.ration_retry_s
     for ever (it spun until the test's 60 s timeout)."""
     sim = Sim(plan(4, peers=("L1", "L2", "H"), parallel=2))
     bogus = {"L1": ("X1", "X2", "X3", "X4"), "L2": ("X5", "X6", "X7", "X8")}
@@ -583,6 +587,6 @@ def test_peers_that_ration_past_an_honest_nodes_patience_count_as_lacking_so_the
     failed = [a for a in out if isinstance(a, Failed)]
     assert failed, f"still asking at {now:.1f} s: {asked}"
     assert isinstance(failed[0].error, NotFound)
-    assert now < limits.RATION_GIVE_UP_S + 2  # not 120: the liars are given up chunk by chunk
-    assert asked["L1"] + asked["L2"] <= 2 * 4 * (limits.RATION_GIVE_UP_S / limits.RATION_RETRY_S + 2)
-    assert asked["H"] == limits.MAX_PROVIDER_FAILURES
+    assert now < T.ration_give_up_s + 2  # not 120: the liars are given up chunk by chunk
+    assert asked["L1"] + asked["L2"] <= 2 * 4 * (T.ration_give_up_s / T.ration_retry_s + 2)
+    assert asked["H"] == T.max_provider_failures

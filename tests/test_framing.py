@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import LocalProtocolError, RemoteProtocolError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import (
     PREFIX_BYTES,
@@ -121,7 +121,7 @@ def test_every_message_belongs_to_a_conversation_or_the_gossip_topic():
 
 
 @pytest.mark.parametrize("protocol, request_msg, reply", [
-    (MANIFEST_PROTOCOL, ManifestRequest(cid=C[0]), ManifestResponse(b"m")),
+    (MANIFEST_PROTOCOL, ManifestRequest(C[0]), ManifestResponse(b"m")),
     (CHUNKS_PROTOCOL, ChunkRequest((C[0],)), ChunkData(C[0], b"x")),
     (GENERATE_PROTOCOL, GenerateRequest(C[0], (1,)), GenerateResponse((2,))),
 ])

@@ -1,8 +1,8 @@
 """Hostile peers (issue 15): every attack of the issue's table that the network layer answers, each from one
-hand-written peer (tests/hostile.py), while an honest peer is served.
+hand-written peer (bench/harness/hostile.py), while an honest peer is served.
 
 First on in-process nodes (real libp2p hosts on 127.0.0.1 in this process, the synthetic store of
-tests/netharness.py): each quota and fallback on its own. Then on two real daemons (`kvswap node start`,
+bench/harness/netharness.py): each quota and fallback on its own. Then on two real daemons (`kvswap node start`,
 tiny-qwen3, the issue's 26-blob artifact): the honest `kvswap get` succeeds during each flood, and the
 attacked daemon's resident memory (psutil) stays within the bound NETWORK.md states. Timings are the
 benchmark's (`python -m bench hostile`); these tests assert behaviour only.
@@ -16,19 +16,20 @@ import socket
 import pytest
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import Busy, RemoteProtocolError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import Busy, RemoteProtocolError
 from kvswap.node.dataplane import grant_address
-from kvswap.node.fetch import FetchKey
+from kvswap.protocol.keys import DocumentKey
 from kvswap.node.net import TrioNode
 from kvswap.node.p2p import P2PConfig
+from kvswap.node.tuning import DEFAULT_TUNING as T
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
 from kvswap.protocol.dataplane import DATAPLANE_HELLO
 from kvswap.protocol.messages import DataGrant, GenerateRequest, ManifestRequest
 from kvswap.protocol.names import MANIFEST_PROTOCOL
-from tests import hostile
-from tests.netharness import DirArtifacts, chunks_of, make_artifact
+from bench.harness import hostile
+from bench.harness.netharness import DirArtifacts, chunks_of, make_artifact
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,7 +46,7 @@ async def start(nursery, root, i: int, store_cls=DirArtifacts, **kw) -> TrioNode
 
 
 async def fetch_all(node: TrioNode, cid: Cid, providers: list[str] | None = None) -> None:
-    result = await node.fetcher.fetch(FetchKey(cid=cid), providers=providers)
+    result = await node.fetcher.fetch(cid, providers=providers)
     assert result.chunks_fetched + result.chunks_present == 26
 
 
@@ -72,14 +73,14 @@ def test_streams_over_a_peers_share_are_refused_silent_ones_hold_no_slot_and_oth
 
                     nursery.start_soon(flood)
                     await opened.wait()
-                    assert server.exchange.inbound.count(h.p2p.peer_id) == limits.MAX_INBOUND_STREAMS_PER_PEER
-                    assert server.exchange.refused.total >= 40 - limits.MAX_INBOUND_STREAMS_PER_PEER
+                    assert server.exchange.inbound.count(h.p2p.peer_id) == T.serve.max_streams_per_peer
+                    assert server.exchange.refused.total >= 40 - T.serve.max_streams_per_peer
                     assert server.exchange.slots[MANIFEST_PROTOCOL].in_use == 0  # silent streams hold no slot
                     await fetch_all(honest, v.cid, [server.peer_id])  # served while the flood holds its streams
                     stop.set()
                     while not stats:
                         await trio.sleep(0.05)
-                    assert stats[0].opened - stats[0].refused <= limits.MAX_INBOUND_STREAMS_PER_PEER
+                    assert stats[0].opened - stats[0].refused <= T.serve.max_streams_per_peer
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -88,11 +89,11 @@ def test_streams_over_a_peers_share_are_refused_silent_ones_hold_no_slot_and_oth
 class _SlowManifests(DirArtifacts):
     """Serves manifests after a pause (in its worker thread), so a serve slot stays taken."""
 
-    def manifest_by_cid(self, cid):
+    def manifest(self, key):
         import time
 
         time.sleep(0.6)
-        return super().manifest_by_cid(cid)
+        return super().manifest(key)
 
 
 def test_a_request_waiting_for_a_slot_is_answered_busy_and_peers_take_turns(tmp_path):
@@ -114,7 +115,7 @@ def test_a_request_waiting_for_a_slot_is_answered_busy_and_peers_take_turns(tmp_
 
                 async def ask(client, name):
                     try:
-                        await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                        await client.exchange.request_manifest(server.peer_id, ManifestRequest(v.cid))
                         outcomes[name] = "served"
                     except Busy:
                         outcomes[name] = "busy"
@@ -141,7 +142,7 @@ def test_bytes_after_the_one_request_cut_the_stream_off(tmp_path):
                 async with hostile.hostile_host() as h:
                     await h.p2p.connect(server.addrs[0])
                     stream = await h.p2p.open_stream(server.peer_id, MANIFEST_PROTOCOL)
-                    await stream.write(encode(ManifestRequest(cid=v.cid)))
+                    await stream.write(encode(ManifestRequest(v.cid)))
                     await trio.sleep(0.2)  # the server reads the request and starts serving it
                     await stream.write(b"x" * 100_000)  # ... and the peer goes on sending
                     with pytest.raises(Exception):  # reset: no manifest for a peer that broke the conversation
@@ -178,7 +179,7 @@ def test_data_plane_drops_the_oldest_pending_connections_and_counts_refusals_not
                 manifest, chunks, _ = ARTIFACT
                 v = server.store.add(manifest, chunks)
                 dp = server.dataplane
-                idle = [await trio.open_tcp_stream(dp.host, dp.port) for _ in range(limits.MAX_DATAPLANE_PENDING + 8)]
+                idle = [await trio.open_tcp_stream(dp.host, dp.port) for _ in range(T.dataplane.max_pending + 8)]
                 await trio.sleep(0.3)
                 dropped = 0
                 for sock in idle[:8]:  # the oldest were dropped for the newer ones
@@ -211,12 +212,12 @@ def test_grants_are_bounded_per_peer_and_in_total_and_a_hoarder_loses_its_own(tm
                 dp = server.dataplane
                 cids = hostile.random_cids(limits.MAX_CHUNKS_PER_REQUEST)
                 first = dp.grant("hoarder", cids)
-                for _ in range(3 * limits.MAX_DATAPLANE_GRANTS_PER_PEER):
+                for _ in range(3 * T.dataplane.max_grants_per_peer):
                     assert dp.grant("hoarder", cids) is not None
-                assert dp.outstanding == limits.MAX_DATAPLANE_GRANTS_PER_PEER
-                assert dp.granted_chunks <= limits.MAX_DATAPLANE_GRANTED_CHUNKS
+                assert dp.outstanding == T.dataplane.max_grants_per_peer
+                assert dp.granted_chunks <= T.dataplane.max_granted_chunks
                 assert dp.grant("honest", cids[:4]) is not None  # the total is full: the hoarder pays
-                assert dp.outstanding == limits.MAX_DATAPLANE_GRANTS_PER_PEER
+                assert dp.outstanding == T.dataplane.max_grants_per_peer
                 assert dp.grant("x", hostile.random_cids(1)) is not None
                 assert dp.grant("x", []) is None
                 sock = await trio.open_tcp_stream(dp.host, dp.port)  # the hoarder's first grant is gone
@@ -253,7 +254,7 @@ def test_a_refused_data_plane_falls_back_to_libp2p_streams_from_the_same_provide
                 await me.p2p.connect(server.addrs[0])
                 await fetch_all(me, v.cid, [server.peer_id])
                 # the first requests (in flight together) fell back; then no grant was asked of it any more
-                assert 1 <= me.exchange.dataplane_fallbacks <= limits.FETCH_PARALLEL_CHUNKS
+                assert 1 <= me.exchange.dataplane_fallbacks <= T.fetch.parallel_chunks
                 assert me.exchange._dataplane_backed_off(server.peer_id)
                 assert chunks_of(tmp_path / "n2") == {str(Cid.of(c)) for c in chunks}
                 nursery.cancel_scope.cancel()
@@ -304,7 +305,7 @@ def test_slow_and_lying_providers_lose_their_share_and_the_fetch_completes(tmp_p
     manifest, chunks, _ = ARTIFACT
 
     async def main():
-        with trio.fail_after(60):  # a stalling provider alone would hold a chunk for CHUNK_TIMEOUT_S
+        with trio.fail_after(60):  # a stalling provider alone would hold a chunk for fetch.chunk_timeout_s
             async with trio.open_nursery() as nursery:
                 honest = await start(nursery, tmp_path, 1)
                 v = honest.store.add(manifest, chunks)
@@ -321,7 +322,7 @@ def test_slow_and_lying_providers_lose_their_share_and_the_fetch_completes(tmp_p
                             hostile.serve_bogus_hints(h, hostile.random_peer_ids(4))
                         await me.p2p.connect(h.p2p.addrs[0])
                     await me.p2p.connect(honest.addrs[0])
-                    result = await me.fetcher.fetch(FetchKey(cid=v.cid),
+                    result = await me.fetcher.fetch(v.cid,
                                                     providers=[h1.p2p.peer_id, h2.p2p.peer_id, honest.peer_id])
                 assert result.providers == {honest.peer_id: 26}
                 nursery.cancel_scope.cancel()
@@ -332,7 +333,7 @@ def test_slow_and_lying_providers_lose_their_share_and_the_fetch_completes(tmp_p
 def test_a_publishers_gossip_over_its_rate_is_dropped_not_forwarded(tmp_path):
     """py-libp2p's own score gate already drops most of a flood (about 30 messages pass here); the node's
     validator holds each publisher to its rate whatever passes that gate, before any handler or relay. A
-    smaller burst than ANNOUNCE_BURST makes the validator's share visible."""
+    smaller burst than gossip.burst makes the validator's share visible."""
     from kvswap.node.quota import RateGate
 
     model = "ab" * 32
@@ -342,7 +343,7 @@ def test_a_publishers_gossip_over_its_rate_is_dropped_not_forwarded(tmp_path):
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 me = await start(nursery, tmp_path, 1)
-                me.p2p.gossip_gate = RateGate(burst, limits.ANNOUNCE_RATE_PER_S, limits.MAX_ANNOUNCE_SENDERS)
+                me.p2p.gossip_gate = RateGate(burst, T.gossip.rate_per_s, T.gossip.max_senders)
                 heard: list = []
                 await me.subscribe(model, lambda msg, sender: heard.append(msg))
                 async with hostile.hostile_host() as h:
@@ -351,7 +352,7 @@ def test_a_publishers_gossip_over_its_rate_is_dropped_not_forwarded(tmp_path):
                     assert await hostile.gossip_flood(h, model, 400) == 400
                     await trio.sleep(0.5)
                     elapsed = trio.current_time() - t0
-                assert 0 < len(heard) <= burst + elapsed * limits.ANNOUNCE_RATE_PER_S + 1
+                assert 0 < len(heard) <= burst + elapsed * T.gossip.rate_per_s + 1
                 assert me.p2p.gossip_dropped.total > 0  # dropped by the validator: not handled, not relayed
                 nursery.cancel_scope.cancel()
 
@@ -403,7 +404,7 @@ def pair(tmp_path_factory):
     """Daemon A holds the issue's artifact (1,553 tiny-qwen3 tokens: 25 chunks + the logits tail); daemon B
     bootstraps to A and trusts it. B's `get` is the honest user; A is attacked."""
     from bench.hostile import document_text
-    from tests.nodes import NodeProc, cli, cli_json
+    from bench.harness.nodes import NodeProc, cli, cli_json
 
     root = tmp_path_factory.mktemp("hostile")
     nodes = []
@@ -441,7 +442,7 @@ def _flood(name: str, a, cid: str, fingerprint: str):
             await h.p2p.connect(a.addr)
             if name == "silent streams":
                 s = await hostile.silent_streams(h, a.peer_id, 100, 120, stop=stop, opened=ready)
-                assert s.opened - s.refused <= limits.MAX_INBOUND_STREAMS_PER_PEER  # the rest were reset
+                assert s.opened - s.refused <= T.serve.max_streams_per_peer  # the rest were reset
             elif name == "data-plane sockets":
                 host, port = await hostile.dataplane_address(h, a.peer_id)
                 async with trio.open_nursery() as nursery:
@@ -480,16 +481,16 @@ def test_an_honest_get_succeeds_during_each_flood_and_memory_stays_bounded(pair,
     assert got["complete"] and got["chunks"] == 26
     assert (rss.peak - pair["idle_rss"]) / 1e6 <= RSS_BOUND_MB, f"RSS {rss.peak / 1e6:.0f} MB"
     if name == "gossip":
-        from tests.nodes import cli_json
+        from bench.harness.nodes import cli_json
 
         shown = cli_json(a.home, "node", "status")["announcements"]
-        assert len([x for x in shown if x["cid"] != pair["cid"]]) <= limits.MAX_ANNOUNCEMENTS_PER_PEER
+        assert len([x for x in shown if x["cid"] != pair["cid"]]) <= T.gossip.max_kept_per_peer
 
 
 def test_hostile_providers_beside_an_honest_one_do_not_stop_a_get(pair):
     """Two providers stall every chunk request, a third grants its chunks on a bystander's port; all serve A's
     real manifest. B's get completes from A, and the bystander sees the data-plane hello, nothing else."""
-    from kvswap.cid import Cid
+    from kvswap.protocol.cid import Cid
 
     a, b = pair["a"], pair["b"]
     cid = Cid.parse(pair["cid"])
@@ -524,8 +525,8 @@ def test_hostile_providers_beside_an_honest_one_do_not_stop_a_get(pair):
 def test_a_peers_long_generations_queue_behind_each_other_not_in_front_of_others(pair):
     """Three long hosted generations from one peer: one runs, two are refused at once (busy); an honest peer's
     8-token hosted generation is served meanwhile."""
-    from kvswap.cid import Cid
-    from tests.nodes import cli_json
+    from kvswap.protocol.cid import Cid
+    from bench.harness.nodes import cli_json
 
     a = pair["a"]
     outcomes: list[str] = []

@@ -11,7 +11,7 @@ import pytest
 
 from kvswap.ledger import Ledger
 
-from tests.nodes import NodeProc, cli, cli_json
+from bench.harness.nodes import NodeProc, cli, cli_json
 
 DOC = (
     "The harbour board paid for every gallon of oil carried up the cliff path. Relighting a cold lamp cost a pint; "

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, UsageError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import FormatError, UsageError
 from kvswap.ledger import Ledger, ledger_path
 from kvswap.protocol.names import CHUNKS_PROTOCOL as PROTOCOL_CHUNKS
 from kvswap.protocol.names import GENERATE_PROTOCOL as PROTOCOL_GENERATE

@@ -14,7 +14,7 @@ import pytest
 from kvswap.artifact import loader
 from kvswap.artifact.pipeline import assemble_kv, publish_kv
 from kvswap.artifact.signing import NodeKey
-from kvswap.errors import IntegrityError, NotFound, UsageError
+from kvswap.protocol.errors import IntegrityError, NotFound, UsageError
 from kvswap.kvtensors import KvLayout, KvTensors
 from kvswap.store import Store, local_key_from_seed
 
@@ -95,7 +95,7 @@ def test_every_damaged_chunk_is_refused(keyed_store, tmp_path):
     path.unlink()
     with pytest.raises(NotFound):
         loader.load_all(plan, keyed_store)
-    with pytest.raises(UsageError, match="verify mode"):
+    with pytest.raises(UsageError, match="verify: unknown value"):
         loader.load_all(plan, keyed_store, verify="crc")
 
 
@@ -161,13 +161,12 @@ def test_raw_forms_need_a_key_and_follow_the_artifact_out(tmp_path):
 def test_engine_gather_and_generation_match_the_reference_path(tiny_engine, tmp_path, doc_text, question_text):
     """Through the real engine: LoadedKv tensors are the stored bits, and generating from them is the same
     computation as generating from assemble_kv's arrays (two-phase oracle, bitwise)."""
-    from kvswap.artifact.service import load_artifact, publish_document
+    from bench.harness.poison import publish_text
     from kvswap.engine.rawbits import tensor_to_bits
-    from kvswap.cid import Cid
+    from kvswap.ops import load_artifact
 
     with Store(tmp_path / "s", local_key=b"k" * 32) as store:
-        pub = publish_document(tiny_engine, store, NodeKey.generate(), doc_text, block_tokens=16)
-        manifest = store.get_manifest(Cid.parse(pub["cid"]))
+        manifest = publish_text(store, NodeKey.generate(), tiny_engine, doc_text, 16)
         q_ids = tiny_engine.tokenize(question_text)
         oracle = tiny_engine.generate_two_phase(list(manifest.token_ids), q_ids, 8, stop_at_eos=False)
         for n in (None, 16, manifest.n_tokens - 3):

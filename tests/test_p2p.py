@@ -7,15 +7,15 @@ import struct
 import pytest
 import trio
 
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, NotFound, RemoteProtocolError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import FormatError, NotFound, RemoteProtocolError
 from kvswap.node.net import TrioNode
 from kvswap.node.p2p import P2PConfig, peer_id_of_seed
 from kvswap.protocol import limits
 from kvswap.protocol.codec import encode
 from kvswap.protocol.messages import Announce, GenerateRequest, ManifestRequest
 from kvswap.protocol.names import MANIFEST_PROTOCOL, announce_topic, document_key
-from tests.netharness import DirArtifacts, make_artifact
+from bench.harness.netharness import DirArtifacts, make_artifact
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,17 +132,17 @@ def test_garbage_oversized_and_stalling_peers_are_cut_off_others_still_served(tm
                 assert await _raw_stream_is_cut_off(bad, server, b"\xee\x00\x00\x00\x01x", close=False)
                 oversized = struct.pack(">BI", ManifestRequest.TYPE, limits.MAX_FRAME_BYTES + 1)
                 assert await _raw_stream_is_cut_off(bad, server, oversized, close=False)
-                assert await _raw_stream_is_cut_off(bad, server, encode(ManifestRequest(cid=v.cid))[:4],
+                assert await _raw_stream_is_cut_off(bad, server, encode(ManifestRequest(v.cid))[:4],
                                                     close=False)  # stalls mid-frame
                 assert await _raw_stream_is_cut_off(bad, server, b"", close=True)  # no request at all
                 assert server.exchange.rejected_streams >= 4
 
                 # the server keeps serving everybody, including the peer that misbehaved
                 for client in (good, bad):
-                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(v.cid))
                     assert reply.manifest == manifest
                 with pytest.raises(NotFound):
-                    await good.exchange.request_manifest(server.peer_id, ManifestRequest(cid=Cid.of(b"none")))
+                    await good.exchange.request_manifest(server.peer_id, ManifestRequest(Cid.of(b"none")))
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -194,7 +194,7 @@ def test_a_cancelled_write_leaves_the_connection_usable(tmp_path):
                     with trio.CancelScope() as scope:
                         scope.cancel()
                         await conn.muxed_conn.secured_conn.write(ping)
-                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                    reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(v.cid))
                     assert reply.manifest == manifest
                 assert client.p2p.host.get_network().get_connections(server.p2p.host.get_id()) == [conn]
                 nursery.cancel_scope.cancel()
@@ -238,7 +238,7 @@ def test_serving_failures_are_answered_with_their_wire_code_and_the_node_serves_
                     await client.exchange.request_chunks(server.peer_id, [cid], on_chunk)
                 assert "unexpected" not in str(info.value)
                 assert server.exchange.rejected_streams == 0  # refusals, not misbehaving peers
-                reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(cid=v.cid))
+                reply = await client.exchange.request_manifest(server.peer_id, ManifestRequest(v.cid))
                 assert reply.manifest == manifest  # the node serves on
                 nursery.cancel_scope.cancel()
 
@@ -248,7 +248,7 @@ def test_serving_failures_are_answered_with_their_wire_code_and_the_node_serves_
 def test_network_start_failures_are_clear(tmp_path):
     import asyncio
 
-    from kvswap.errors import KvswapError, LocalProtocolError
+    from kvswap.protocol.errors import KvswapError, LocalProtocolError
     from kvswap.node.net import Network
 
     async def main():

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvswap.cid import Cid
-from kvswap.errors import LocalProtocolError, RemoteProtocolError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import LocalProtocolError, RemoteProtocolError, UsageError
 from kvswap.protocol import limits
 from kvswap.protocol.codec import NEED_DATA, PREFIX_BYTES, Decoder, encode, frame_size
 from kvswap.protocol.messages import (
@@ -26,14 +26,15 @@ from kvswap.protocol.messages import (
     ManifestRequest,
     ManifestResponse,
 )
+from kvswap.protocol.keys import DocumentKey
 from kvswap.protocol.names import announce_topic, any_model_key, artifact_keys, cid_key, document_key
 
 C1, C2 = Cid.of(b"one"), Cid.of(b"two")
 
 SAMPLES = [
-    ManifestRequest(cid=C1),
-    ManifestRequest(model_fingerprint="ab" * 32, document_hash="cd" * 32),
-    ManifestRequest(document_hash="cd" * 32),
+    ManifestRequest(C1),
+    ManifestRequest(DocumentKey("cd" * 32, "ab" * 32)),
+    ManifestRequest(DocumentKey("cd" * 32)),
     ManifestResponse(manifest=b"\x81\xa1a\x01", envelopes=(b"sig1", b"sig2")),
     ChunkRequest(cids=(C1, C2), dataplane=True, artifact=C2),
     ChunkRequest(cids=(C1,)),
@@ -116,7 +117,7 @@ def test_per_type_limits():
 def test_allowed_types_enforced():
     dec = Decoder(allowed={ChunkRequest.TYPE})
     with pytest.raises(RemoteProtocolError, match="unexpected frame type"):
-        dec.feed(encode(ManifestRequest(cid=C1)))
+        dec.feed(encode(ManifestRequest(C1)))
 
 
 def _frame(mtype: int, body: bytes) -> bytes:
@@ -155,7 +156,7 @@ def test_encode_refuses_oversized_local_messages():
 
 def test_request_constructors_validate():
     with pytest.raises(RemoteProtocolError):
-        ManifestRequest()
+        ManifestRequest("not a key")  # type: ignore[arg-type]
     with pytest.raises(RemoteProtocolError):
         ChunkRequest(cids=())
     with pytest.raises(RemoteProtocolError):
@@ -190,12 +191,21 @@ def test_dht_keys_are_pinned():
     assert any_model_key("cd" * 32) not in {document_key("ab" * 32, "cd" * 32), document_key("", "cd" * 32)}
 
 
-def test_a_manifest_request_names_a_cid_or_a_document_and_a_model_only_with_a_document():
-    assert ManifestRequest(document_hash="cd" * 32).any_model
-    assert not ManifestRequest(model_fingerprint="ab" * 32, document_hash="cd" * 32).any_model
-    for bad in ({}, {"cid": C1, "document_hash": "cd" * 32}, {"model_fingerprint": "ab" * 32}):
+def test_a_manifest_request_names_a_cid_or_a_document_for_a_model_or_any():
+    assert ManifestRequest(DocumentKey("cd" * 32)).any_model
+    assert not ManifestRequest(DocumentKey("cd" * 32, "ab" * 32)).any_model
+    assert not ManifestRequest(C1).any_model
+    for bad in ("cd" * 32, None, ("ab" * 32, "cd" * 32)):
         with pytest.raises(RemoteProtocolError):
-            ManifestRequest(**bad)
+            ManifestRequest(bad)  # type: ignore[arg-type]
+    # a document hash or fingerprint that is not 64 lowercase hex digits is refused where it enters
+    from kvswap.protocol.messages import _pack
+
+    for body in ({"d": "CD" * 32}, {"d": "cd" * 31}, {"m": "ab" * 33, "d": "cd" * 32}):
+        with pytest.raises(RemoteProtocolError):
+            ManifestRequest.from_body(_pack(body))
+    with pytest.raises(UsageError):
+        DocumentKey("cd" * 31)
 
 
 def test_a_complete_artifact_is_provided_whole_a_prefix_only_by_its_chunks():
@@ -206,10 +216,11 @@ def test_a_complete_artifact_is_provided_whole_a_prefix_only_by_its_chunks():
 
 cids = st.binary(min_size=32, max_size=32).map(Cid)
 hexes = st.text(alphabet="0123456789abcdef", min_size=1, max_size=64)
+hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 messages = st.one_of(
-    cids.map(lambda c: ManifestRequest(cid=c)),
-    st.builds(lambda m, d: ManifestRequest(model_fingerprint=m, document_hash=d), hexes, hexes),
-    hexes.map(lambda d: ManifestRequest(document_hash=d)),
+    cids.map(lambda c: ManifestRequest(c)),
+    st.builds(lambda m, d: ManifestRequest(DocumentKey(d, m)), hex64, hex64),
+    hex64.map(lambda d: ManifestRequest(DocumentKey(d))),
     st.builds(ManifestResponse, st.binary(max_size=2000), st.lists(st.binary(max_size=100), max_size=4).map(tuple)),
     st.builds(ChunkRequest, st.lists(cids, min_size=1, max_size=20).map(tuple), st.booleans(),
               st.none() | cids),
@@ -226,7 +237,7 @@ messages = st.one_of(
     st.builds(ErrorMessage, st.sampled_from(sorted(__import__("kvswap.protocol.messages",
                                                                fromlist=["ERROR_CODES"]).ERROR_CODES)),
               st.text(max_size=200)),
-    st.builds(Announce, cids, hexes, hexes, st.integers(0, limits.MAX_TOKENS), st.text(min_size=1, max_size=60)),
+    st.builds(Announce, cids, hexes, hexes, st.integers(0, limits.MAX_WIRE_TOKENS), st.text(min_size=1, max_size=60)),
 )
 
 

@@ -8,9 +8,10 @@ import logging
 import pytest
 import trio
 
-from kvswap.errors import Busy
+from kvswap.protocol.errors import Busy
 from kvswap.node.announcements import AnnouncementTable
 from kvswap.node.quota import FairSlots, PeerCounter, RateGate, RefusalLog
+from kvswap.node.tuning import GossipTuning
 
 
 class Clock:
@@ -152,7 +153,7 @@ def test_refusal_log_counts_a_flood_in_one_line_per_interval(caplog):
 
 def test_announcement_table_is_bounded_per_publisher_and_in_total_and_expires():
     clock = Clock()
-    table = AnnouncementTable(max_entries=5, per_peer=2, ttl_s=100, clock=clock)
+    table = AnnouncementTable(GossipTuning(max_kept=5, max_kept_per_peer=2, ttl_s=100), clock=clock)
     for i in range(10):  # a publisher flooding bogus CIDs keeps only its newest 2
         table.add(f"cid{i}", "flooder", {"cid": f"cid{i}"})
     assert [e["cid"] for e in table.recent(10)] == ["cid8", "cid9"]

@@ -2,8 +2,9 @@
 
 import random
 
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 from kvswap.node.ration import UploadRation
+from kvswap.node.tuning import RationTuning
 from kvswap.protocol import limits
 
 ART = Cid.of(b"artifact")
@@ -20,7 +21,7 @@ class Clock:
 
 def make(**kw):
     clock = Clock()
-    return UploadRation(clock=clock, rng=random.Random(0), **kw), clock
+    return UploadRation(RationTuning(**kw), clock=clock, rng=random.Random(0)), clock
 
 
 def test_first_copies_are_sent_then_later_fetchers_are_pointed_at_the_holders():
@@ -83,8 +84,8 @@ def test_holders_named_are_bounded():
 
 def test_tracked_artifacts_are_bounded():
     ration, _ = make(copies=1)
-    for i in range(limits.MAX_RATIONED_ARTIFACTS + 10):
+    for i in range(RationTuning().max_artifacts + 10):
         ration.decide(Cid.of(f"artifact-{i}".encode()), C1, "A")
-    assert len(ration._artifacts) == limits.MAX_RATIONED_ARTIFACTS
+    assert len(ration._artifacts) == RationTuning().max_artifacts
     # the oldest were forgotten: a new fetcher of artifact-0 is served as if it were the first
     assert ration.decide(Cid.of(b"artifact-0"), C1, "B") is None

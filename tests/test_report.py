@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvswap.cid import Cid
-from kvswap.errors import UsageError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import UsageError
 from kvswap.ledger import Ledger, ledger_path
 from kvswap.protocol.names import CHUNKS_PROTOCOL as PROTOCOL_CHUNKS
 from kvswap.protocol.names import GENERATE_PROTOCOL as PROTOCOL_GENERATE
 from kvswap.protocol.names import MANIFEST_PROTOCOL as PROTOCOL_MANIFEST
-from kvswap.report import ReportOptions, make_report, resolve_prices
-from kvswap.report.costmodel import BYTES_PER_GB
-from kvswap.report.measured import measure
-from kvswap.report.render import render_terminal
+from kvswap.reporting import ReportOptions, make_report, resolve_prices
+from kvswap.reporting.costmodel import BYTES_PER_GB
+from kvswap.reporting.measured import measure
+from kvswap.reporting.render import render_terminal
 
 ART = str(Cid.of(b"the document's artifact"))
 CHUNKS = [str(Cid.of(b"chunk%d" % i)) for i in range(4)]
@@ -356,7 +356,7 @@ def test_bad_price_config_is_a_usage_error(tmp_path, text):
 def test_sizes_come_from_the_store_manifest_when_it_has_the_artifact(tmp_path):
     from kvswap.artifact.pipeline import publish_kv
     from kvswap.kvtensors import KvLayout, KvTensors
-    from kvswap.store import Store
+    from kvswap.home import Home
 
     rng = np.random.default_rng(0)
     lay = KvLayout(layers=2, kv_heads=2, head_dim=16, dtype="bf16")
@@ -365,7 +365,8 @@ def test_sizes_come_from_the_store_manifest_when_it_has_the_artifact(tmp_path):
     kv = KvTensors(layout=lay, token_ids=list(range(n)), keys=arrays(), values=arrays())
     manifest, chunks = publish_kv(kv, model_id="test", model_fingerprint="ab" * 32, tokenizer_fingerprint="cd" * 32,
                                   document_hash="ef" * 32, codec="auto", block_tokens=64)
-    with Store.for_home(tmp_path) as store:
+    with Home(tmp_path) as _home:
+        store = _home.store
         store.put_artifact(manifest, [], chunks)
     cid = str(manifest.cid)
     with Ledger(ledger_path(tmp_path)) as led:
@@ -478,14 +479,14 @@ def test_parse_since_forms():
 
 
 def test_money_never_uses_exponents():
-    from kvswap.report.render import money
+    from kvswap.reporting.render import money
 
     assert [money(v) for v in (1_509_600, 0.01887, 1.25e-5, 0.0, None)] == [
         "$1,509,600", "$0.01887", "$0.00001250", "$0", "-"]
 
 
 def test_timing_summary_counts_quartiles_and_names_the_slower_of_two():
-    from kvswap.report.stats import Sample, describe, spread_warning, summarize
+    from kvswap.reporting.stats import Sample, describe, spread_warning, summarize
 
     assert summarize([]) is None
     one = summarize([Sample(2.0, event=7)])

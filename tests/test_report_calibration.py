@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kvswap.artifact.service import publish_document
+from bench.harness.poison import publish_text
+from kvswap.home import Home
 from kvswap.artifact.signing import NodeKey
-from kvswap.errors import ModelMismatch, UsageError
+from kvswap.protocol.errors import ModelMismatch, UsageError
 from kvswap.ledger import Ledger, ledger_path
-from kvswap.report import calibrate, make_report
-from kvswap.report.render import render_terminal
+from kvswap.reporting import calibrate, make_report
+from kvswap.reporting.render import render_terminal
 from kvswap.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def publish(home: Path, engine, text: str) -> tuple[str, int]:
     """An artifact in the home's store, as a consumer holds it after a fetch (no prefill in its ledger)."""
-    with Store.for_home(home) as store:
-        result = publish_document(engine, store, NodeKey.generate(), text, block_tokens=16)
-    return result["cid"], result["n_tokens"]
+    with Home(home) as h:
+        manifest = publish_text(h.store, NodeKey.generate(), engine, text, 16)
+    return str(manifest.cid), manifest.n_tokens
 
 
 def consumer_generated(home: Path, cid: str, engine) -> None:
@@ -72,7 +73,7 @@ def test_calibration_prefills_the_artifacts_own_tokens_and_the_report_uses_it(tm
 
 
 def test_calibration_without_an_artifact_uses_real_vocabulary_tokens_and_times_a_reuse_step(tmp_path, tiny_engine):
-    from kvswap.report.calibration import _token_ids, synthetic_ids
+    from kvswap.reporting.calibration import _token_ids, synthetic_ids
 
     ids = synthetic_ids(tiny_engine, 300)
     assert len(ids) == 300 and tiny_engine.tokenize(tiny_engine.detokenize(ids[:40])) == ids[:40]

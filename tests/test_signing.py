@@ -17,9 +17,9 @@ from kvswap.artifact.signing import (
     signed_message,
     verify_envelopes,
 )
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 from kvswap.config import HomeLayout, read_trusted, trust_add, trust_rm
-from kvswap.errors import FormatError, IntegrityError, LimitExceeded, UntrustedSigner, UsageError
+from kvswap.protocol.errors import FormatError, IntegrityError, LimitExceeded, UntrustedSigner, UsageError
 
 CID = Cid.of(b"a manifest")
 OTHER = Cid.of(b"another manifest")

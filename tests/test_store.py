@@ -12,8 +12,8 @@ import pytest
 
 from kvswap.artifact.pipeline import assemble_kv, publish_kv
 from kvswap.artifact.signing import NodeKey, TrustPolicy
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, IntegrityError, NotFound, UntrustedSigner, UsageError
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import FormatError, IntegrityError, NotFound, UntrustedSigner, UsageError
 from kvswap.kvtensors import KvLayout, KvTensors
 from kvswap.store import EXPORT_MAGIC, Store
 

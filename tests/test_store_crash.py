@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 from kvswap.store import Store
 
 #: publishes a synthetic 400-chunk artifact through the real pipeline and store (no torch: starts fast)

@@ -14,7 +14,7 @@ import pytest
 import kvswap
 from kvswap.artifact.signing import NodeKey
 from kvswap.config import load_config, update_config
-from kvswap.errors import ModelMismatch, UntrustedSigner, UsageError
+from kvswap.protocol.errors import ModelMismatch, UntrustedSigner, UsageError
 from tests.conftest import DOC_TEXT, QUESTION_TEXT
 
 EXPORTED = sorted([
@@ -115,13 +115,12 @@ def test_publish_in_process_logs_its_prefill_and_load_cache_continues_like_kvswa
 
 
 def test_load_cache_checks_trust_binding_and_model(tmp_path, tiny_engine, tiny_engine_fp32):
-    from kvswap.artifact.service import publish_document
-    from kvswap.store import Store
+    from bench.harness.poison import publish_text
 
     home = kvswap.Home(tmp_path / "home")
     stranger = NodeKey.generate()
-    with Store.for_home(home.path) as store:
-        pub = publish_document(tiny_engine, store, stranger, DOC_TEXT, block_tokens=16)
+    manifest = publish_text(home.store, stranger, tiny_engine, DOC_TEXT, 16)
+    pub = {"cid": str(manifest.cid), "n_tokens": manifest.n_tokens}
     with pytest.raises(UntrustedSigner):
         kvswap.load_cache(pub["cid"], model="tiny-qwen3", home=home)
     assert kvswap.load_cache(pub["cid"], model="tiny-qwen3", home=home, accept_any=True).n_tokens == pub["n_tokens"]

@@ -15,8 +15,8 @@ import pytest
 
 from kvswap.engine import catalog
 from kvswap.node.jobs import JobTable
-from kvswap.node.runfiles import api_token
-from tests.nodes import NodeProc, cli, cli_json, error_lines
+from kvswap.control.runfiles import api_token
+from bench.harness.nodes import NodeProc, cli, cli_json, error_lines
 
 DOC = ("A ferry crosses the strait twice a day. The captain logs the tide, the wind and the passengers; in fog "
        "she sounds the horn every two minutes and keeps to the buoys. ") * 4
@@ -139,7 +139,7 @@ def test_node_start_json_prints_its_addresses(tmp_path):
 def test_a_cancelled_job_ends_cancelled_and_the_daemon_goes_on():
     async def main() -> None:
         async with asyncio.TaskGroup() as group:
-            jobs = JobTable(group)
+            jobs = JobTable(group, max_finished=256)
             started = asyncio.Event()
 
             async def slow(job) -> dict:

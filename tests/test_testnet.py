@@ -1,4 +1,4 @@
-"""The namespace testnet (node/testnet.py): real daemons in their own network namespaces behind rate-limited
+"""The namespace testnet (bench/harness/netns.py): real daemons in their own network namespaces behind rate-limited
 links. The rules and pure helpers are tested everywhere; the network tests need root, `ip netns` and `tc`
 (CI runs as root) and skip with the reason otherwise.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kvswap.errors import UsageError
-from kvswap.node import testnet as tn
+from kvswap.protocol.errors import UsageError
+from bench.harness import netns as tn
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is not installed; its artifact seeder is shared with the benchmarks

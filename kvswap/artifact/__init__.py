@@ -6,7 +6,12 @@ and back, verifying every byte before a tensor reaches a model. FORMAT.md is the
     manifest.py   Manifest, canonical msgpack, the validator             (msgpack errors mapped here)
     signing.py    node key, envelopes, trust policy                      (cryptography errors mapped here)
     pipeline.py   publish_kv, assemble_kv, check_compatible
-    service.py    publish_document, generate_from_store, verify_artifact (shared by CLI and daemon)
+    loader.py     the load path: chunks into an engine's buffers, every chunk verified, on many threads
+    attestation.py  signed audit verdicts (their own signature domain)
+    audit.py      audit rules: which blocks, which mode (exact or tolerance), the verdict, the bound
+    limits.py     the format's limits (FORMAT.md "Limits")
+
+The operations over a home that use these (publish, generate, audit, verify) are kvswap/ops/.
 
 Submodules are imported explicitly (`from kvswap.artifact.pipeline import ...`) so that importing one does
 not pull in the others; nothing here imports torch.

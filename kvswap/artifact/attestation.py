@@ -39,9 +39,9 @@ import msgpack
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..cid import Cid
-from ..errors import FormatError, IntegrityError
-from ..protocol.limits import MAX_ATTESTATIONS_BYTES, MAX_CHUNKS
+from ..protocol.cid import Cid
+from ..protocol.errors import FormatError, IntegrityError
+from .limits import MAX_ATTESTATIONS_BYTES, MAX_CHUNKS
 from .manifest import MSGPACK_DECODE_ERRORS, pack_list, unpack_list
 
 DOMAIN = b"kvswap/audit-attestation/v1\n"

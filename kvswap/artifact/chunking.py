@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import FormatError, UsageError
+from ..protocol.errors import FormatError, UsageError
 from ..kvtensors import KvLayout, KvTensors
-from ..protocol.limits import MAX_CHUNK_RAW_BYTES, MAX_TOKENS
+from .limits import MAX_CHUNK_RAW_BYTES, MAX_TOKENS
 
 #: the chain's starting value (the "key" of the empty prefix)
 PREFIX_ROOT = bytes(32)

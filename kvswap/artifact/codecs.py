@@ -3,7 +3,7 @@
 Why byte planes: a bf16/fp16 value's high byte (sign + exponent) is highly repetitive across a KV tensor
 while its low byte (mantissa) is close to random. Interleaved, zstd sees noise every other byte; split
 into a high-byte plane and a low-byte plane, the high plane compresses 2.6-3.6x and the whole chunk ~1.5x
-on real bf16 KV (DESIGN.md). fp32 splits into 4 planes the same way.
+on real bf16 KV (BENCHMARKS.md "Codecs"). fp32 splits into 4 planes the same way.
 
 Every decoder is bounded by the raw size the manifest declares (already checked against
 MAX_CHUNK_RAW_BYTES): a zstd frame must announce exactly that content size before a byte is
@@ -18,8 +18,8 @@ import struct
 import numpy as np
 import zstandard
 
-from ..errors import IntegrityError, UsageError
-from ..protocol.limits import MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES
+from ..protocol.errors import IntegrityError, UsageError
+from .limits import MAX_CHUNK_RAW_BYTES, MAX_CHUNK_STORED_BYTES
 
 #: codecs a manifest may name (what a chunk's stored bytes are)
 CODECS = ("raw", "zstd", "planes")
@@ -69,6 +69,7 @@ def split_planes(raw: bytes | memoryview, itemsize: int) -> list[bytes]:
     return [np.ascontiguousarray(table[:, j]).tobytes() for j in range(itemsize)]
 
 
+
 def join_planes(planes: list[bytes], itemsize: int) -> bytes:
     """Inverse of split_planes."""
     n = len(planes[0])
@@ -76,7 +77,6 @@ def join_planes(planes: list[bytes], itemsize: int) -> bytes:
     for j, plane in enumerate(planes):
         table[:, j] = np.frombuffer(plane, dtype=np.uint8)
     return table.tobytes()
-
 
 def _zstd(data: bytes | memoryview, level: int) -> bytes:
     # a fresh compressor per call: zstandard objects are not thread-safe, and creating one costs microseconds

@@ -40,13 +40,14 @@ from typing import Protocol
 
 import numpy as np
 
-from ..cid import Cid
-from ..errors import IntegrityError, NotFound, UsageError
+from ..modes import Verify
+from ..protocol.cid import Cid
+from ..protocol.errors import IntegrityError, NotFound, UsageError
 from .codecs import decode_into
 from .manifest import ChunkRef, Manifest
 
-#: what a local load checks (module docstring): every byte's sha256, or nothing beyond arrival checks
-LOCAL_VERIFY = ("sha256", "none")
+#: what a local load checks when the caller does not say (module docstring)
+DEFAULT_VERIFY = Verify.SHA256
 #: threads that read, hash and decode chunks at once: one per core, at most 16 (an H100 host's core count)
 LOAD_THREADS = max(1, min(16, os.cpu_count() or 1))
 #: most buffers one preadv call takes (POSIX guarantees 16, Linux takes 1024)
@@ -140,7 +141,7 @@ def _copy_runs(src: memoryview, runs: list[memoryview]) -> None:
         offset += len(run)
 
 
-def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize: int, verify: str,
+def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize: int, verify: Verify,
               keep_raw: bool) -> None:
     """Verified raw payload of one chunk into `runs` (writable views that together are its raw payload)."""
     what = f"chunk {ref.cid.short()}"
@@ -150,7 +151,7 @@ def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize
             path, digest = raw_form
             try:
                 _read_into(path, list(runs), f"raw form of {what}")
-                if verify == "sha256" and _digest(runs) != digest:
+                if verify is Verify.SHA256 and _digest(runs) != digest:
                     raise IntegrityError(f"raw form of {what} does not match its recorded digest")
                 return
             except (IntegrityError, OSError):
@@ -161,12 +162,12 @@ def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize
         raise NotFound(f"{what} is not in the store") from None
     if ref.codec == "raw":
         _read_into(path, list(runs), what)
-        if verify == "sha256" and _digest(runs) != ref.cid.digest:
+        if verify is Verify.SHA256 and _digest(runs) != ref.cid.digest:
             raise IntegrityError(f"content does not match its CID {ref.cid.short()}")
         return
     stored = bytearray(ref.stored_size)
     _read_into(path, [memoryview(stored)], what)
-    if verify == "sha256":
+    if verify is Verify.SHA256:
         ref.cid.verify(stored)
     if len(runs) == 1:
         decode_into(ref.codec, stored, runs[0], itemsize)
@@ -187,7 +188,7 @@ def contiguous(buffer: memoryview, plan: LoadPlan) -> Dest:
     return lambda slot: [view[slot.offset:slot.end]]
 
 
-def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: str = "sha256",
+def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: Verify | str = DEFAULT_VERIFY,
          keep_raw: bool = True, threads: int = LOAD_THREADS) -> Iterator[Slot]:
     """Load every chunk of `plan` into its destination, yielding each slot once its bytes are in place and
     verified, in completion order. `dest` is a staging buffer (chunks back to back, see `contiguous`) or a
@@ -195,8 +196,9 @@ def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: 
     (IntegrityError, NotFound) is raised from the iterator after the chunks in flight finish; the destination
     then holds unverified bytes and must not reach a model. Nothing is yielded for a chunk before it is
     verified."""
-    if verify not in LOCAL_VERIFY:
-        raise UsageError(f"unknown verify mode {verify!r} (expected one of {', '.join(LOCAL_VERIFY)})")
+    verify = Verify.parse(verify, "verify")
+    if verify is Verify.BLAKE3:
+        raise UsageError("verify=blake3 needs the store's keyed records (not built yet)")
     runs_of = dest if callable(dest) else contiguous(dest, plan)
     itemsize = plan.manifest.layout.itemsize
 
@@ -225,13 +227,13 @@ def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: 
         pool.shutdown(wait=True)
 
 
-def read_tail(manifest: Manifest, files: ChunkFiles, verify: str = "sha256") -> np.ndarray | None:
+def read_tail(manifest: Manifest, files: ChunkFiles, verify: Verify | str = DEFAULT_VERIFY) -> np.ndarray | None:
     """The verified last-position logits (float32), or None when the artifact has none."""
     tail = manifest.tail
     if tail is None:
         return None
     out = bytearray(tail.raw_size)
-    _load_one(files, tail, [memoryview(out)], 4, verify, keep_raw=False)
+    _load_one(files, tail, [memoryview(out)], 4, Verify.parse(verify, "verify"), keep_raw=False)
     return np.frombuffer(out, dtype="<u4").view("<f4").astype(np.float32)
 
 
@@ -243,5 +245,5 @@ def load_all(plan: LoadPlan, files: ChunkFiles, **kw) -> np.ndarray:
     return buf
 
 
-__all__ = ["LOAD_THREADS", "LOCAL_VERIFY", "ChunkFiles", "Dest", "LoadPlan", "Slot", "contiguous", "fill", "load_all",
+__all__ = ["DEFAULT_VERIFY", "LOAD_THREADS", "ChunkFiles", "Dest", "LoadPlan", "Slot", "contiguous", "fill", "load_all",
            "read_tail"]

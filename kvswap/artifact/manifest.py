@@ -22,10 +22,10 @@ from functools import cached_property
 
 import msgpack
 
-from ..cid import Cid
-from ..errors import FormatError, IntegrityError, LimitExceeded, UsageError
+from ..protocol.cid import Cid
+from ..protocol.errors import FormatError, IntegrityError, LimitExceeded, UsageError
 from ..kvtensors import KvLayout
-from ..protocol.limits import (
+from .limits import (
     MAX_CHUNK_RAW_BYTES,
     MAX_CHUNKS,
     MAX_MANIFEST_BYTES,
@@ -59,8 +59,14 @@ def unpack_list(data: bytes, max_bytes: int, limit_name: str, noun: str) -> list
         raise FormatError(f"{noun}s: expected a list")
     return obj
 
-#: bumped on any change to the manifest fields or the chunk byte layout
-FORMAT_VERSION = 1
+#: bumped on any change to the manifest fields or the chunk byte layout; version 2 added `compute`
+FORMAT_VERSION = 2
+#: versions this build reads: 1 (no compute identity) and 2
+READ_VERSIONS = (1, 2)
+#: most entries in a manifest's compute identity, and the longest key / value (chars)
+MAX_COMPUTE_ENTRIES = 16
+MAX_COMPUTE_CHARS = 128
+_COMPUTE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 #: the "format" field: tells a kvswap manifest from any other msgpack map
 FORMAT_NAME = "kvswap-kv"
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
@@ -111,6 +117,9 @@ class Manifest:
     document_hash: str
     chunks: tuple[ChunkRef, ...]
     tail: BlobRef | None = None
+    #: how the KV was computed (kvswap/engine/identity.py), as sorted (name, value) pairs; () in a version-1
+    #: manifest. An auditor whose own identity is the same expects the stored bits exactly.
+    compute_identity: tuple[tuple[str, str], ...] = ()
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -123,6 +132,11 @@ class Manifest:
     @property
     def dtype(self) -> str:
         return self.layout.dtype
+
+    @property
+    def compute(self) -> dict[str, str] | None:
+        """The compute identity as a dict, or None when the manifest declares none (version 1)."""
+        return dict(self.compute_identity) if self.compute_identity else None
 
     @property
     def raw_size(self) -> int:
@@ -151,7 +165,9 @@ class Manifest:
 
     def to_dict(self) -> dict:
         """The manifest as the msgpack map it is encoded from (sorted keys)."""
+        extra = {"compute": dict(self.compute_identity)} if self.version >= 2 else {}
         return {
+            **extra,
             "block_tokens": self.block_tokens,
             "chunks": [c._fields() for c in self.chunks],
             "document_hash": self.document_hash,
@@ -199,6 +215,7 @@ class Manifest:
             "tail": None if self.tail is None else {
                 "cid": str(self.tail.cid), "codec": self.tail.codec, "raw_size": self.tail.raw_size,
                 "stored_size": self.tail.stored_size},
+            "compute": self.compute,
         }
 
 
@@ -212,10 +229,6 @@ def _sorted(obj):
 
 def _pack(obj) -> bytes:
     return msgpack.packb(_sorted(obj), use_bin_type=True)
-
-
-def encode_manifest(manifest: Manifest) -> bytes:
-    return manifest.canonical_bytes
 
 
 def _fail(msg: str):
@@ -294,12 +307,14 @@ def decode_manifest(data: bytes | memoryview, expected_cid: Cid | None = None) -
         )
     except MSGPACK_DECODE_ERRORS as exc:
         raise FormatError(f"manifest: not valid msgpack ({type(exc).__name__}: {exc})"[:300]) from None
-    d = _map(obj, _TOP_KEYS, "manifest")
+    version = obj.get("version") if type(obj) is dict else None
+    if type(version) is not int or version not in READ_VERSIONS:
+        _fail(f"unsupported format version {version!r:.20} (this build reads versions "
+              f"{', '.join(map(str, READ_VERSIONS))})")
+    d = _map(obj, _TOP_KEYS | ({"compute"} if version >= 2 else set()), "manifest")
     if d.get("format") != FORMAT_NAME:
         _fail(f"format must be {FORMAT_NAME!r}, got {d.get('format')!r:.40}")
-    version = d.get("version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        _fail(f"unsupported format version {version!r:.20} (this build reads version {FORMAT_VERSION})")
+    compute = _compute(d["compute"]) if version >= 2 else ()
     lay = _map(d["layout"], _LAYOUT_KEYS, "layout")
     for key in ("layers", "kv_heads", "head_dim"):
         _int(lay, key, 1, 65_536)
@@ -340,6 +355,7 @@ def decode_manifest(data: bytes | memoryview, expected_cid: Cid | None = None) -
         document_hash=_str(d, "document_hash", _SHA256_HEX),
         chunks=tuple(chunk_refs),
         tail=tail,
+        compute_identity=compute,
         version=version,
     )
     if manifest.canonical_bytes != data:
@@ -347,11 +363,27 @@ def decode_manifest(data: bytes | memoryview, expected_cid: Cid | None = None) -
     return manifest
 
 
+def _compute(v) -> tuple[tuple[str, str], ...]:
+    """A version-2 manifest's compute identity: a map of at most MAX_COMPUTE_ENTRIES short lowercase names to
+    strings of at most MAX_COMPUTE_CHARS, as sorted pairs."""
+    if type(v) is not dict or len(v) > MAX_COMPUTE_ENTRIES:
+        _fail(f"compute must be a map of at most {MAX_COMPUTE_ENTRIES} entries")
+    for key, value in v.items():
+        if type(key) is not str or not _COMPUTE_KEY.match(key) or type(value) is not str \
+                or not len(value) <= MAX_COMPUTE_CHARS:
+            _fail(f"compute entries are lowercase names to strings of at most {MAX_COMPUTE_CHARS} chars")
+    return tuple(sorted(v.items()))
+
+
 def validate(m: Manifest) -> None:
     """Every rule of FORMAT.md "Validation" that spans fields; FormatError/LimitExceeded on the first break."""
     lay = m.layout
-    if m.version != FORMAT_VERSION:
+    if m.version not in READ_VERSIONS:
         _fail(f"unsupported format version {m.version}")
+    if m.version < 2 and m.compute_identity:
+        _fail("a version-1 manifest has no compute identity")
+    if m.compute_identity:
+        _compute(dict(m.compute_identity))
     if not isinstance(m.model_id, str) or not 0 < len(m.model_id) <= _MAX_MODEL_ID:
         _fail("model_id must be a non-empty string of at most 256 characters")
     for name in ("model_fingerprint", "tokenizer_fingerprint"):

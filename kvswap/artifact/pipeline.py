@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..cid import Cid
-from ..errors import IntegrityError, ModelMismatch, UsageError
+from ..protocol.cid import Cid
+from ..protocol.errors import IntegrityError, ModelMismatch, UsageError
 from ..kvtensors import KvTensors
-from ..protocol.limits import DEFAULT_BLOCK_TOKENS, MAX_TAIL_RAW_BYTES
+from .limits import DEFAULT_BLOCK_TOKENS, MAX_TAIL_RAW_BYTES
 from . import chunking, codecs
 from .manifest import BlobRef, ChunkRef, Manifest
 
@@ -59,8 +59,10 @@ def publish_kv(
     codec: str = "auto",
     block_tokens: int = DEFAULT_BLOCK_TOKENS,
     level: int = codecs.DEFAULT_ZSTD_LEVEL,
+    compute: dict[str, str] | None = None,
 ) -> tuple[Manifest, Iterator[tuple[Cid, bytes]]]:
-    """The manifest, and an iterator of (CID, stored bytes) for every chunk then the tail.
+    """The manifest, and an iterator of (CID, stored bytes) for every chunk then the tail. `compute`: how the
+    KV was computed (kvswap/engine/identity.py; a version-2 manifest records it, None makes version 1).
 
     Same KV + same arguments -> same manifest bytes -> same artifact CID."""
     if codec not in codecs.CODEC_CHOICES:
@@ -96,6 +98,8 @@ def publish_kv(
         document_hash=document_hash,
         chunks=tuple(refs),
         tail=tail_ref,
+        compute_identity=tuple(sorted((compute or {}).items())),
+        version=2 if compute else 1,
     )
 
     def stream() -> Iterator[tuple[Cid, bytes]]:

@@ -25,9 +25,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..cid import Cid
-from ..errors import FormatError, IntegrityError, UntrustedSigner
-from ..protocol.limits import MAX_ENVELOPES_BYTES
+from ..protocol.cid import Cid
+from ..protocol.errors import FormatError, IntegrityError, UntrustedSigner
+from .limits import MAX_ENVELOPES_BYTES
 from .manifest import pack_list, unpack_list
 
 DOMAIN = b"kvswap/manifest-signature/v1\n"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import KvswapError
+from ..protocol.errors import KvswapError
 
 #: command-group modules, in the order `kvswap --help` lists them
 _GROUPS = ("engine_cmds", "artifact_cmds", "node_cmds", "report_cmds", "config_cmds", "demo_cmds")
@@ -57,15 +57,23 @@ def emit(args: argparse.Namespace, result: Any, render: Callable[[Any], str] | N
         print(result)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as every other failure is: one `error: ...` line and exit 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kvswap",
         description="Share LLM KV caches peer to peer: publish once, fetch, verify, generate without prefill.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    from .. import __version__
+    from ..version import __version__
 
     parser.add_argument("--version", action="version", version=f"kvswap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

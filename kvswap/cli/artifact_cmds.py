@@ -1,5 +1,5 @@
 """Artifact commands over the local store: publish, ls, inspect, verify, generate, export, import, pin,
-unpin, rm, gc, fsck, trust, id. The work happens in kvswap.artifact.service / kvswap.store; this module
+unpin, rm, gc, fsck, trust, id. The work happens in kvswap/ops/ and kvswap/store.py; this module
 parses flags and renders results. The engine (torch) is imported only by publish and generate.
 """
 
@@ -9,28 +9,17 @@ import argparse
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cid import Cid
-from ..errors import FormatError, IntegrityError, UsageError
-from ..protocol.limits import DEFAULT_BLOCK_TOKENS
+from ..protocol.cid import Cid
+from ..protocol.errors import FormatError, IntegrityError, UsageError
+from ..artifact.limits import DEFAULT_BLOCK_TOKENS
 from . import add_common, emit, home_of
 
 
-def _store(args):
-    from ..store import Store
+def _home(args):
+    """The home every command opens (kvswap/home.py): its settings (store.keep_raw among them), key and store."""
+    from ..home import Home
 
-    return Store.for_home(home_of(args))
-
-
-def _key(args):
-    from ..artifact.service import home_key
-
-    return home_key(home_of(args))
-
-
-def _policy(args, accept_any: bool = False):
-    from ..artifact.signing import TrustPolicy
-
-    return TrustPolicy.for_home(home_of(args), _key(args), accept_any=accept_any)
+    return Home(home_of(args))
 
 
 def _read_doc(path: Path):
@@ -65,13 +54,6 @@ def _when(ts: float) -> str:
 
 
 # --- publish / generate (engine) ---------------------------------------------------------------------
-def _daemon(args):
-    """A control-API client when a daemon runs in this home, else None (work on the store directly)."""
-    from ..node.client import maybe_client
-
-    return maybe_client(home_of(args))
-
-
 def cmd_publish(args) -> int:
     from .. import ops
     from .progress import bar
@@ -104,7 +86,8 @@ def cmd_generate(args) -> int:
     elif args.cid is not None:
         source = args.cid
         if not args.host:  # a CID prefix names a local artifact
-            with _store(args) as store:
+            with _home(args) as home:
+                store = home.store
                 source = resolve_cid(store, args.cid)
     else:
         raise UsageError("give an artifact CID or --doc FILE")
@@ -116,36 +99,33 @@ def cmd_generate(args) -> int:
 
 
 # --- audit ---------------------------------------------------------------------------------------------
-def audit_request(args) -> dict:
-    """The audit's options, as the control API and audit_stored take them."""
-    if args.full and (args.fraction is not None or args.blocks is not None):
-        raise UsageError("--full audits every block: leave out --fraction and --blocks")
-    body = {"fraction": args.fraction, "blocks": args.blocks, "full": args.full, "seed": args.seed,
-            "exact": args.exact, "sign": not args.no_sign}
-    if args.doc is not None:
-        body["document"] = _read_doc(args.doc).text
-    return body
-
-
 def cmd_audit(args) -> int:
     from .. import ops
+    from ..modes import AuditMode
 
-    body = audit_request(args)
-    with _store(args) as store:
-        cid = resolve_cid(store, args.cid)
-    source = ops.Source(cid, _read_doc(args.doc)) if args.doc is not None else cid
-    result = ops.audit(source, home=home_of(args), model=args.model, fraction=body["fraction"], blocks=body["blocks"],
-                       full=body["full"], seed=body["seed"], exact=body["exact"], sign=body["sign"])
+    if args.full and (args.fraction is not None or args.blocks is not None):
+        raise UsageError("--full audits every block: leave out --fraction and --blocks")
+    if args.exact and args.tolerance:
+        raise UsageError("give --exact or --tolerance, not both")
+    mode = AuditMode.EXACT if args.exact else AuditMode.TOLERANCE if args.tolerance else AuditMode.AUTO
+    document = _read_doc(args.doc) if args.doc is not None else None  # bad input fails before any work
+    with _home(args) as home:
+        cid = resolve_cid(home.store, args.cid)
+    source = ops.Source(cid, document)
+    result = ops.audit(source, home=home_of(args), model=args.model, fraction=args.fraction, blocks=args.blocks,
+                       full=args.full, seed=args.seed, mode=mode, sign=not args.no_sign)
     emit(args, result, _render_audit)
     return 0
 
 
 def _render_audit(r: dict) -> str:
     n = len(r["blocks"])
-    how = "bit-exact in every block" if r["exact"] else f"within tolerance (max relative difference {r['max_rel']:.3g})"
+    how = ("bit-exact in every block" if r["exact"] else
+           f"within tolerance (max relative difference {r['max_rel']:.3g})")
     lines = [f"passed: {r['cid']}",
              f"  audited   {n} of {r['n_blocks']} blocks ({r['drawn']} drawn at random"
              f"{', plus the last' if n > r['drawn'] else ''}): {how}",
+             f"  mode      {r['mode']}: {r['why']}",
              f"  time      load {r['load_s']:.3f} s + recompute {r['seconds']:.3f} s on {r['device']}"]
     bound = ", ".join(f"{k} {v:.1%}" for k, v in r["bounds"].items())
     lines.append(f"  detection a publisher who poisoned {bound} would have been caught with at least that probability")
@@ -156,7 +136,8 @@ def _render_audit(r: dict) -> str:
 
 # --- inspection ----------------------------------------------------------------------------------------
 def cmd_ls(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         rows = store.list_artifacts()
     emit(args, {"artifacts": rows}, _render_ls)
     return 0
@@ -175,7 +156,8 @@ def _render_ls(r: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         cid = resolve_cid(store, args.cid)
         manifest = store.get_manifest(cid)
         info = manifest.summary()
@@ -216,34 +198,38 @@ def _render_inspect(i: dict) -> str:
 
 
 def cmd_verify(args) -> int:
-    from ..artifact.service import verify_artifact
+    from ..ops import verify_artifact
 
-    with _store(args) as store:
-        result = verify_artifact(store, resolve_cid(store, args.cid), _policy(args, accept_any=args.accept_any))
+    with _home(args) as home:
+        store = home.store
+        result = verify_artifact(store, resolve_cid(store, args.cid), home.policy(args.accept_any))
     emit(args, result, lambda r: f"ok: {r['cid']} ({r['blobs_verified']} blobs, {r['signatures']} signatures)")
     return 0
 
 
 # --- moving artifacts ------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         result = store.export_artifact(resolve_cid(store, args.cid), args.out)
     emit(args, result, lambda r: f"wrote {r['file']} ({_size(r['bytes'])}, {r['blobs']} blobs)")
     return 0
 
 
 def cmd_import(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         if not Path(args.file).is_file():
             raise UsageError(f"no such file: {args.file}")
-        manifest = store.import_artifact(Path(args.file), _policy(args, accept_any=args.accept_any))
+        manifest = store.import_artifact(Path(args.file), home.policy(args.accept_any))
     result = {"cid": str(manifest.cid), "n_tokens": manifest.n_tokens, "stored_size": manifest.stored_size}
     emit(args, result, lambda r: f"imported {r['cid']} ({r['n_tokens']} tokens)")
     return 0
 
 
 def cmd_pin(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         cid = resolve_cid(store, args.cid)
         store.pin(cid, args.command == "pin")
     emit(args, {"cid": str(cid), "pinned": args.command == "pin"}, lambda r: f"{args.command}ned {r['cid']}")
@@ -251,7 +237,8 @@ def cmd_pin(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         cid = resolve_cid(store, args.cid)
         freed = store.remove(cid, force=args.force)
     emit(args, {"cid": str(cid), "freed": freed}, lambda r: f"removed {r['cid']} (freed {_size(r['freed'])})")
@@ -262,7 +249,8 @@ def cmd_gc(args) -> int:
     from ..config import parse_size, store_budget
 
     budget = parse_size(args.budget) if args.budget is not None else store_budget(home_of(args))
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         result = store.gc(budget)
     emit(args, result, lambda r: f"evicted {len(r['evicted'])} artifacts, freed {_size(r['freed'])}; "
                                  f"store {_size(r['after'])} of {_size(r['budget'])} budget")
@@ -270,7 +258,8 @@ def cmd_gc(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    with _store(args) as store:
+    with _home(args) as home:
+        store = home.store
         result = store.fsck(repair=args.repair)
     emit(args, result, _render_fsck)
     if not result["ok"]:
@@ -288,7 +277,8 @@ def _render_fsck(r: dict) -> str:
 
 # --- identity and trust ----------------------------------------------------------------------------------
 def cmd_id(args) -> int:
-    key = _key(args)
+    with _home(args) as home:
+        key = home.key
     emit(args, {"public_key": key.public_hex, "home": str(home_of(args))}, lambda r: r["public_key"])
     return 0
 
@@ -316,7 +306,8 @@ def cmd_trust(args) -> int:
     elif args.key or args.auditor:
         raise UsageError("trust ls takes no KEY")
     trust = read_trust(home)
-    emit(args, {"self": _key(args).public_hex, **trust}, _render_trust)
+    with _home(args) as h:
+        emit(args, {"self": h.key.public_hex, **trust}, _render_trust)
     return 0
 
 
@@ -367,7 +358,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="audit every block")
     p.add_argument("--seed", type=int, default=None, help="make the draw repeatable")
     p.add_argument("--exact", action="store_true",
-                   help="require bit-exact blocks (an artifact made on this kind of machine), not a tolerance")
+                   help="require bit-exact blocks even when the artifact declares another computation")
+    p.add_argument("--tolerance", action="store_true",
+                   help="judge within the dtype's tolerance even when this machine's computation is the artifact's "
+                        "(default: exact when the compute identities match, tolerance otherwise)")
     p.add_argument("--doc", type=Path, default=None, help="also check the artifact is about this document")
     p.add_argument("--no-sign", action="store_true", help="do not sign an attestation when the audit passes")
     p.add_argument("--model", default=None, help="engine to audit with when no node runs (default: the manifest's)")

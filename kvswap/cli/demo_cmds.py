@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _render(s: dict, args: argparse.Namespace, work: Path) -> str:
-    from ..report.render import render_terminal
+    from ..reporting.render import render_terminal
 
     ex = s["exact"]
     q = ex.get("question") or {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..document import Document
 from ..engine.guarantees import GUARANTEES
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 from . import add_common, emit
 
 

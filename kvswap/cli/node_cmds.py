@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..errors import KvswapError, UsageError
+from ..protocol.errors import KvswapError, UsageError
 from . import add_common, emit, home_of
 
 #: seconds `kvswap node stop` waits for the daemon's process to exit
@@ -19,25 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     start = node_sub.add_parser("start", help="start the daemon in the foreground (Ctrl-C stops it)")
     add_common(start)
-    # every default below comes from <home>/config.toml (`kvswap config show`); a flag overrides it
-    start.add_argument("--listen", action="append", default=None, metavar="MULTIADDR",
-                       help="libp2p listen address (default: config node.listen, /ip4/127.0.0.1/tcp/4001); repeatable")
-    start.add_argument("--bootstrap", nargs="*", default=None, metavar="MULTIADDR",
-                       help="peers to join through (/ip4/.../tcp/.../p2p/PEERID; `kvswap node addr` prints one)")
-    start.add_argument("--api", default=None, metavar="HOST:PORT", help="control API address (loopback only)")
-    start.add_argument("--model", default=None, help="model for publish/generate/hosting (default: see `kvswap models`)")
-    start.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    start.add_argument("--decode", default=None, choices=["eager", "static", "compiled"],
-                       help="decode step (default: compiled with CUDA graphs on a GPU, paid once at start; eager on "
-                            "the CPU)")
-    start.add_argument("--audit-fraction", type=float, default=None, metavar="F",
-                       help="fraction of the blocks of each fetched artifact to audit before use, signing an "
-                            "attestation when it passes (default 0.05; 0 turns it off)")
-    start.add_argument("--accept-any", action="store_true", default=None,
-                       help="accept manifests signed by any key (default: only trusted publishers)")
-    start.add_argument("--ration-copies", type=int, default=None, metavar="N",
-                       help="copies of each chunk sent before further fetchers are pointed at holders "
-                            "(default RATION_COPIES; 0 turns upload rationing off)")
+    add_setting_flags(start, "node")
     start.set_defaults(func=cmd_start)
 
     addr = node_sub.add_parser("addr", help="print one multiaddr of the running node (for another's --bootstrap)")
@@ -68,27 +50,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     node.set_defaults(func=lambda args: (node.print_help(), 2)[1])
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, table: str) -> None:
+    """One flag per setting of `table` that declares one (kvswap/config.py SETTINGS): its help, choices and
+    argparse options come from the setting, its default is None (the home's config.toml, then the setting's
+    default, decide), and its value lands in `args.<table>_<key>`."""
+    from ..config import SETTINGS
+
+    kinds = {"int": int, "float": float}
+    for s in SETTINGS:
+        if s.table != table or s.flag is None:
+            continue
+        options: dict = {"dest": f"{s.table}_{s.key}", "default": None, "help": f"{s.help} (config {s.name})"}
+        if s.kind == "bool":
+            options["action"] = "store_true"
+        else:
+            options.update({"type": kinds[s.kind]} if s.kind in kinds else {})
+            options.update({"choices": [c for c in s.choices if c]} if s.choices else {})
+        options.update(dict(s.flag_args))
+        parser.add_argument(s.flag, **options)
+
+
+def setting_flags(args: argparse.Namespace, table: str) -> dict:
+    """The settings the command line gave, by name ({"node.listen": [...], ...}; None for those not given)."""
+    from ..config import SETTINGS
+
+    return {s.name: getattr(args, f"{s.table}_{s.key}") for s in SETTINGS if s.table == table and s.flag}
+
+
 def _client(args: argparse.Namespace):
-    from ..node.client import NodeClient
+    from ..control.client import NodeClient
 
     return NodeClient(home_of(args))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..node.daemon import NodeConfig, run_daemon
+    from ..node.daemon import run_daemon
 
     home = home_of(args)
-    if args.ration_copies is not None and args.ration_copies < 0:
-        raise UsageError("--ration-copies takes 0 (no rationing) or more copies")
-    cfg = load_config(home, flags={"node.listen": args.listen, "node.bootstrap": args.bootstrap, "node.api": args.api,
-                                   "node.model": args.model, "node.dtype": args.dtype, "node.decode": args.decode,
-                                   "node.audit_fraction": args.audit_fraction, "node.accept_any": args.accept_any,
-                                   "node.ration_copies": args.ration_copies})
-    config = NodeConfig(home=home, listen=cfg["node.listen"], bootstrap=cfg["node.bootstrap"], api=cfg["node.api"],
-                        model=cfg["node.model"] or None, dtype=cfg["node.dtype"], accept_any=cfg["node.accept_any"],
-                        decode=cfg["node.decode"] or None, audit_fraction=cfg["node.audit_fraction"],
-                        ration_copies=cfg["node.ration_copies"])
+    config = load_config(home, flags=setting_flags(args, "node"))
 
     def ready(info: dict) -> None:  # once listening: the addresses a script (or another node) needs
         if args.json:
@@ -100,11 +100,11 @@ def cmd_start(args: argparse.Namespace) -> int:
             for a in info["addrs"]:
                 print(f"  listening on {a}", flush=True)
 
-    return run_daemon(config, on_ready=ready)
+    return run_daemon(home, config, on_ready=ready)
 
 
 def cmd_addr(args: argparse.Namespace) -> int:
-    from ..node import runfiles
+    from ..control import runfiles
 
     info = runfiles.read_node_file(home_of(args))
     emit(args, {"addr": info["addrs"][0], "addrs": info["addrs"], "peer_id": info["peer_id"]}, lambda r: r["addr"])
@@ -116,23 +116,24 @@ def _render_status(s: dict) -> str:
         f"peer id    {s.get('peer_id')}",
         f"addresses  {' '.join(s.get('addrs', []))}",
         f"api        {s.get('api')}",
-        f"model      {s.get('model') or '(loading)'} {s.get('dtype', '')}",
+        f"model      {'none (--no-model: stores and serves only)' if s.get('light') else (s.get('model') or '(loading)')}"
+        f"{'' if s.get('light') else ' ' + s.get('dtype', '')}",
         f"artifacts  {s.get('artifacts')}   peers {s.get('peers')}   uptime {s.get('uptime_s')} s",
     ]
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    emit(args, _client(args).get("/status"), _render_status)
+    emit(args, _client(args).status(), _render_status)
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from ..node import runfiles
+    from ..control import routes, runfiles
 
     home = home_of(args)
     info = runfiles.read_node_file(home)
-    _client(args).post("/stop")
+    _client(args).call(routes.STOP)
     deadline = time.monotonic() + STOP_WAIT_S
     while runfiles.pid_alive(int(info["pid"])) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -143,15 +144,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    peers = _client(args).get("/peers")
+    from ..control import routes
+
+    peers = _client(args).call(routes.PEERS)
     emit(args, peers, lambda ps: "\n".join(f"{p['peer_id']}  {' '.join(p.get('addrs', []))}" for p in ps) or "no peers")
     return 0
 
 
 def fetch_source(args: argparse.Namespace):
     """`get`'s CID / --doc / --doc-hash (exactly one), as a kvswap.ops source."""
-    from ..cid import Cid
     from ..document import Document
+    from ..protocol.cid import Cid
+    from ..protocol.keys import DocumentKey, check_hex64
 
     given = [x for x in (args.cid, args.doc, args.doc_hash) if x]
     if len(given) != 1:
@@ -160,10 +164,7 @@ def fetch_source(args: argparse.Namespace):
         return Cid.parse(args.cid)
     if args.doc:  # the same reading and hashing as `publish` (kvswap/document.py); the node checks the binding
         return Document.read(args.doc)
-    doc_hash = args.doc_hash.lower()
-    if len(doc_hash) != 64 or any(c not in "0123456789abcdef" for c in doc_hash):
-        raise UsageError("--doc-hash takes the 64-hex-digit sha256 of the document's UTF-8 text")
-    return doc_hash
+    return DocumentKey(check_hex64(args.doc_hash.lower(), "--doc-hash (the sha256 of the document's UTF-8 text)"))
 
 
 def _render_get(r: dict) -> str:

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..cid import Cid
-from ..errors import UsageError
+from ..protocol.cid import Cid
+from ..protocol.errors import UsageError
 from ..ledger import COMPUTE_KINDS
 from . import add_common, emit, home_of
 
@@ -155,8 +155,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 # --- kvswap report ---------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import ReportOptions, calibrate, make_report, write_report
-    from ..report.render import render_terminal
+    from ..reporting import ReportOptions, calibrate, make_report, write_report
+    from ..reporting.render import render_terminal
 
     options = ReportOptions(
         readers=args.readers, tokens=args.tokens, basis=args.basis, prefill_cost=args.prefill_cost,

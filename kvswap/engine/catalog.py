@@ -64,6 +64,18 @@ def is_built(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
 
 
+def check_name(name: str | None) -> None:
+    """NotFound (one line) unless `name` is a model this machine can load: a built-in, a folder, or a hub id
+    in the local Hugging Face cache (None: the default model). No torch: a daemon checks its --model before it
+    starts anything, and load_engine resolves names by the same rule."""
+    if name is None or name in BUILTIN_MODELS or Path(name).expanduser().is_dir() or hub_snapshot(name) is not None:
+        return
+    from ..protocol.errors import NotFound
+
+    raise NotFound(f"model {name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), a folder, nor in the local "
+                   "Hugging Face cache (no downloads here; `kvswap models` lists what is available)")
+
+
 def availability() -> list[dict]:
     """One row per known model: name, description, whether it can be used now and how."""
     rows = []

@@ -21,6 +21,7 @@ only on the blocks before it, computed the same way, so on the same kind of mach
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,9 +31,9 @@ import torch
 from transformers import DynamicCache
 
 from ..document import EMPTY_DOCUMENT
-from ..errors import ModelMismatch, UsageError
+from ..protocol.errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
-from ..protocol.limits import DEFAULT_BLOCK_TOKENS
+from ..artifact.limits import DEFAULT_BLOCK_TOKENS
 from .decoding import Stepper, check_mode
 from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors
 from .rawbits import tensor_to_bits, torch_dtype
@@ -107,6 +108,26 @@ class Engine:
             elif isinstance(value, (list, tuple)):
                 ids.update(int(v) for v in value)
         return frozenset(ids)
+
+    def compute_identity(self) -> dict[str, str]:
+        """What decides the bits of this engine's prefills here (kvswap/engine/identity.py): published in the
+        manifest, compared by auditors."""
+        from .identity import compute_identity
+
+        return compute_identity(self.model, self.device)
+
+    @contextlib.contextmanager
+    def threads(self, n: int | None):
+        """Run the block within with torch's intra-op thread count at `n` (None: unchanged), then restore it:
+        an audit reproduces the publisher's thread count (kvswap/engine/identity.py)."""
+        before = torch.get_num_threads()
+        if n and n != before:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
     def set_decode_mode(self, mode: str) -> None:
         """eager | static | compiled (CUDA only): how decode steps run (kvswap/engine/decoding.py)."""

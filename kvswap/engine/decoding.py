@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 
 #: decode modes an engine runs (module docstring)
 DECODE_MODES = ("eager", "static", "compiled")

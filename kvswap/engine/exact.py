@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError
+from ..protocol.errors import FormatError
 from ..kvtensors import KvTensors
 from .core import Engine, GenerationResult
 from .guarantees import GUARANTEES
@@ -86,13 +86,6 @@ def _max_abs_diff(a: GenerationResult, b: GenerationResult) -> float:
     return float(np.max(np.abs(a.first_logits.astype(np.float64) - b.first_logits.astype(np.float64))))
 
 
-def kv_max_abs_diff(a: KvTensors, b: KvTensors) -> float:
-    """Largest |difference| between the values (not bits) of two KV tensors of one layout and token count."""
-    lay = a.layout
-    return max(float(np.max(np.abs(lay.to_float(x) - lay.to_float(y)), initial=0.0))
-               for x, y in zip(a.keys + a.values, b.keys + b.values))
-
-
 def prefix_of(kv: KvTensors, n: int) -> KvTensors:
     """The first `n` tokens of `kv`, without logits (what a consumer holds after fetching a prefix)."""
     return KvTensors(kv.layout, list(kv.token_ids[:n]), [k[:, :n].copy() for k in kv.keys],
@@ -106,7 +99,7 @@ def check_prefix(engine: Engine, kv: KvTensors, n_prefix: int, n_tokens: int = 2
     here); its last, cut step is re-run by the engine, so the generation is the same computation as after a
     fresh prefill of the prefix: first-step logits and tokens are compared bit for bit."""
     if not 0 < n_prefix < kv.n_tokens:
-        from ..errors import UsageError
+        from ..protocol.errors import UsageError
 
         raise UsageError(f"--prefix must be between 1 and {kv.n_tokens - 1} (the document has {kv.n_tokens} tokens)")
     step = int(kv.meta.get("prefill_step", engine.prefill_step))

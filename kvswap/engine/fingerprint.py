@@ -19,7 +19,7 @@ import struct
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import FormatError
+from ..protocol.errors import FormatError
 
 #: config keys that describe how a checkpoint was saved or loaded, not what it computes
 VOLATILE_CONFIG_KEYS = frozenset(

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import FormatError, NotFound
+from ..protocol.errors import FormatError, NotFound
 from . import catalog
 from .core import Engine
 from .fingerprint import fingerprint_parts, folder_fingerprint, tokenizer_fingerprint_from_json
@@ -86,15 +86,17 @@ def tiny_qwen3_config():
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
         # 0.1, not the default 0.02: tiny random models with small weights emit one token forever,
-        # which hides bugs such as feeding a token twice (DESIGN.md facts)
+        # which hides bugs such as feeding a token twice
         initializer_range=0.1, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
     )
 
 
-def build_tiny_qwen3(tmp: Path) -> None:
+def _build_seeded_qwen3(tmp: Path, overrides: dict, recipe: str) -> None:
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     config = tiny_qwen3_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model = Qwen3ForCausalLM(config)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
@@ -104,7 +106,21 @@ def build_tiny_qwen3(tmp: Path) -> None:
                 param.copy_(torch.from_numpy(_seeded_normal(name, tuple(param.shape), config.initializer_range)))
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(qwen3_tokenizer_folder()).save_pretrained(tmp)
-    (tmp / "kvswap-recipe.txt").write_text(f"{catalog.TINY_FOLDER} seed {BUILTIN_SEED}\n")
+    (tmp / "kvswap-recipe.txt").write_text(recipe)
+
+
+def build_tiny_qwen3(tmp: Path) -> None:
+    _build_seeded_qwen3(tmp, {}, f"{catalog.TINY_FOLDER} seed {BUILTIN_SEED}\n")
+
+
+def seeded_qwen3_folder(folder_name: str, **overrides) -> Path:
+    """A seeded tiny Qwen3 (tiny-qwen3's recipe, the real Qwen3 vocabulary) with some config fields changed,
+    built once into the model cache under `folder_name` (bump its suffix when the recipe changes) and loaded
+    from disk like any checkpoint. The vLLM tests use `head_dim=32`: vLLM's CPU attention takes no 16."""
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(overrides.items()))
+    recipe = f"{folder_name} seed {BUILTIN_SEED} ({catalog.TINY_FOLDER} with {shown})\n"
+    return _build_once(catalog.built_folder(folder_name),
+                       lambda tmp: _build_seeded_qwen3(tmp, overrides, recipe))
 
 
 def build_smollm2(tmp: Path) -> None:
@@ -249,12 +265,8 @@ def _load_engine(name: str | None, dtype: str, device: str | None) -> Engine:
     path = Path(name).expanduser()
     if path.is_dir():
         return load_folder(path, model_id=str(path.resolve()), dtype=dtype, device=device)
-    snap = catalog.hub_snapshot(name)
-    if snap is None:
-        known = ", ".join(catalog.BUILTIN_MODELS)
-        raise NotFound(f"model {name!r} is neither a built-in ({known}), a folder, nor in the local Hugging Face "
-                       "cache (no downloads here)")
-    return load_folder(snap, model_id=name, dtype=dtype, device=device)
+    catalog.check_name(name)
+    return load_folder(catalog.hub_snapshot(name), model_id=name, dtype=dtype, device=device)
 
 
 

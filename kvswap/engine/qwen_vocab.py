@@ -14,7 +14,7 @@ import base64
 import importlib.util
 from pathlib import Path
 
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 
 #: Qwen2/Qwen3 pre-tokenizer split pattern (digits one at a time, unlike GPT-4's \p{N}{1,3})
 QWEN2_PATTERN = (

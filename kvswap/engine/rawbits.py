@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 
 #: kvswap dtype name -> torch dtype
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

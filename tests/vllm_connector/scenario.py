@@ -53,11 +53,10 @@ def main(out_path: Path) -> None:
     import numpy as np
     from vllm import LLM, SamplingParams
 
-    from kvswap.artifact.service import home_key, publish_document
     from kvswap.engine import load_engine
     from kvswap.integrations.vllm import document_hash, document_request, kv_transfer_config
-    from kvswap.store import Store
-    from tests.nodes import NodeProc, cli
+    from kvswap.home import Home
+    from bench.harness.nodes import NodeProc, cli
     from tests.vllm_connector.tinymodel import tiny_vllm_folder
 
     folder = str(tiny_vllm_folder())
@@ -113,7 +112,8 @@ def main(out_path: Path) -> None:
         p, extra = document_request(tok, doc, "", publish=True)
         extra["kv_transfer_params"]["kvswap"]["load"] = False
         res["publish"] = record(llm.generate(p, sp(extra))[0])
-        store = Store.for_home(b.home)
+        b_home = Home(b.home)
+        store = b_home.store
         made = []
         deadline = time.monotonic() + 60
         while not made and time.monotonic() < deadline:  # the connector publishes on a background thread
@@ -140,7 +140,7 @@ def main(out_path: Path) -> None:
         res["untrusted"] = record(llm.generate(p, sp(extra))[0])
 
         # the vLLM-made artifact with one flipped byte in its first chunk's file
-        from kvswap.cid import Cid
+        from kvswap.protocol.cid import Cid
 
         first = store.get_manifest(Cid.parse(vcid)).chunks[0].cid
         path = store.chunk_path(first)
@@ -165,7 +165,8 @@ def main(out_path: Path) -> None:
         llm = LLM(enable_prefix_caching=False, kv_transfer_config=kv_transfer_config(home=str(home_c),
                   publish_min_tokens=600), **common)
         res["rule_publish"] = record(llm.generate(prompt, sp())[0])
-        store_c = Store.for_home(home_c)
+        h_c = Home(home_c)
+        store_c = h_c.store
         rows = []
         deadline = time.monotonic() + 60
         while not rows and time.monotonic() < deadline:
@@ -174,13 +175,13 @@ def main(out_path: Path) -> None:
         res["rule_artifacts"] = rows
         res["rule_document_hash"] = document_hash(tok.decode(doc_ids + q_ids))
         res["rule_reuse"] = record(llm.generate(longer, sp())[0])
-        store_c.close()
+        h_c.close()
         del llm
         gc.collect()
 
         # kvswap's transformers engine loads what vLLM made
         from kvswap.artifact.pipeline import assemble_kv, check_compatible
-        from kvswap.artifact.service import generate_from_store
+        from kvswap.ops import generate_here
 
         path.write_bytes(original)
         vman = store.get_manifest(Cid.parse(vcid))
@@ -198,10 +199,10 @@ def main(out_path: Path) -> None:
              "scale": float(np.abs(floats(ok)).max()),
              "bits_equal": float(np.mean(np.concatenate([(vk == ok).ravel(), (vv == ov).ravel()])))}
             for i, (vk, vv, ok, ov) in enumerate(zip(vkv.keys, vkv.values, own.keys, own.values))]
-        gen = generate_from_store(engine, store, Cid.parse(vcid), QUESTION, max_new_tokens=MAX_TOKENS)
+        gen = generate_here(b_home, engine, Cid.parse(vcid), QUESTION, max_new_tokens=MAX_TOKENS)
         res["engine_from_vllm_artifact"] = gen["tokens"]
         res["engine_fresh"] = engine.generate_fresh(doc_ids + q_ids, max_new_tokens=MAX_TOKENS).tokens
-        store.close()
+        b_home.close()
     finally:
         for node in nodes:
             node.stop()

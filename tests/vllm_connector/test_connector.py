@@ -3,8 +3,11 @@
 One scenario run (scenario.py, ~2 minutes: three vLLM engines, two daemons) feeds every test here. The
 model is tiny-qwen3 with 32-dim heads (tinymodel.py), bf16, greedy, on a real 660-token text plus a
 question. What is asserted is what the design guarantees on every machine:
-- a vLLM-made artifact loaded through the connector makes vLLM compute exactly what its own prefix cache
-  computes for the same split (same kernels, same block-aligned prefix): identical tokens and logprobs;
+- a vLLM-made artifact loaded through the connector makes vLLM compute what its own prefix cache computes for
+  the same split: identical tokens, logprobs within LOGPROB_TOLERANCE. Not bits: vLLM's CPU kernels with AMX
+  tiles give results that depend on how the scheduler batches the work (measured on an Intel Xeon with
+  AMX-BF16: logprobs differing in the 4th decimal, -8.953396 vs -8.953648, tokens equal), and vLLM does not
+  promise bits across batch shapes; on an AMD EPYC without AMX they were bitwise equal;
 - with the connector off for the request, vLLM's output is its reference output;
 - artifacts are bound to the transformers engine's fingerprints both ways;
 - untrusted or corrupted artifacts never reach the model (no load, or a recompute with the reference output).
@@ -65,11 +68,32 @@ def test_fetch_on_miss_loads_the_publishers_artifact_through_the_node(run):
     assert loads and loads[0]["tokens"] == usable(run)  # in B's ledger, for `kvswap report`
 
 
-def test_vllm_made_artifact_reproduces_vllms_prefix_cache_bit_for_bit(run):
+#: the largest |logprob difference| allowed between a connector load and vLLM's own prefix cache: 40x the
+#: worst measured (2.5e-4, on AMX; 0 without AMX)
+LOGPROB_TOLERANCE = 1e-2
+
+
+def _logprob_gap(a, b) -> float:
+    """The largest |difference| between two runs' logprobs of the same token at the same step (each run: per
+    generated token, its top-k [token, logprob] pairs). Near-ties may reorder the top-k, so tokens are matched
+    by id; inf when the steps differ in number or share fewer than k - 1 tokens."""
+    if len(a) != len(b):
+        return float("inf")
+    gap = 0.0
+    for step_a, step_b in zip(a, b):
+        da, db = {int(t): float(lp) for t, lp in step_a}, {int(t): float(lp) for t, lp in step_b}
+        common = set(da) & set(db)
+        if len(common) < min(len(da), len(db)) - 1:
+            return float("inf")
+        gap = max([gap] + [abs(da[t] - db[t]) for t in common])
+    return gap
+
+
+def test_vllm_made_artifact_reproduces_vllms_prefix_cache(run):
     made, oracle = run["vllm_made"], run["oracle"]
     assert made["kvswap"]["loaded_tokens"] == usable(run) == oracle["cached"]
     assert made["tokens"] == oracle["tokens"]
-    assert made["logprobs"] == oracle["logprobs"]  # exact floats: the same computation
+    assert _logprob_gap(made["logprobs"], oracle["logprobs"]) <= LOGPROB_TOLERANCE
 
 
 def test_loaded_output_equals_vllm_reference_without_connector_or_prefix_cache(run):

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...artifact.manifest import Manifest
+from ...control import routes
 from ...artifact.pipeline import assemble_kv, check_compatible, publish_kv
 from ...document import document_hash as _document_hash
 from ...artifact.signing import NodeKey, TrustPolicy, verify_envelopes
-from ...cid import Cid
-from ...errors import KvswapError, UsageError
+from ...protocol.cid import Cid
+from ...protocol.errors import KvswapError, UsageError
+from ...protocol.keys import DocumentKey
 from ...kvtensors import KvLayout, KvTensors
 from ...home import Home, default_home_path
 from .matching import Candidate
@@ -176,9 +178,6 @@ class KvswapSource:
     def _client(self):
         return self.h.node()
 
-    def node_running(self) -> bool:
-        return self._client() is not None
-
     def start_fetch(self, *, cid: str | None = None, doc_hash: str | None = None) -> str | None:
         """Ask the home's node to find and fetch an artifact (DHT lookup + multi-peer fetch, every chunk
         verified into the store). Returns the node's job id, or None when no node runs in this home."""
@@ -187,19 +186,19 @@ class KvswapSource:
             return None
         if not cid and not doc_hash:
             raise UsageError("a fetch needs an artifact CID or a document hash")
-        body = {"cid": cid} if cid else {"document_hash": doc_hash}
-        return client.post("/get", body)["id"]
+        key = Cid.parse(cid) if cid else DocumentKey(doc_hash)
+        return client.call(routes.GET, routes.GetBody(key=key)).id
 
     def fetch_state(self, job_id: str) -> FetchState:
         client = self._client()
         if client is None:
             return FetchState("failed", error="the node stopped")
         try:
-            job = client.get(f"/jobs/{job_id}")
+            job = client.call(routes.JOB, job_id=job_id)
         except KvswapError as exc:
             return FetchState("failed", error=str(exc))
-        if job["state"] == "done":
-            return FetchState("done", cid=(job.get("result") or {}).get("cid"))
-        if job["state"] == "failed":
-            return FetchState("failed", error=(job.get("error") or {}).get("message", "fetch failed"))
+        if job.state == "done":
+            return FetchState("done", cid=(job.result or {}).get("cid"))
+        if job.state in ("failed", "cancelled"):
+            return FetchState("failed", error=(job.error or {}).get("message", "fetch failed"))
         return FetchState("running")

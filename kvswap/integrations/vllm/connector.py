@@ -48,9 +48,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from ...errors import KvswapError, UsageError
+from ...protocol.errors import KvswapError, UsageError
 from ...kvtensors import KvTensors
-from ...protocol.limits import DEFAULT_BLOCK_TOKENS
+from ...artifact.limits import DEFAULT_BLOCK_TOKENS
 from . import paged
 from ._source import KvswapSource, document_hash
 from .identity import engine_identity

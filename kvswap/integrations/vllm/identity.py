@@ -17,7 +17,7 @@ import torch
 
 from ...engine import catalog
 from ...engine.fingerprint import folder_fingerprint, tokenizer_fingerprint_from_json
-from ...errors import NotFound, UsageError
+from ...protocol.errors import NotFound, UsageError
 from ...kvtensors import KvLayout
 from ._source import ModelIdentity
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...engine.rawbits import bits_to_tensor, tensor_to_bits
-from ...errors import UsageError
+from ...protocol.errors import UsageError
 from ...kvtensors import KvLayout
 
 #: digit base for encoding element indices as floats that bf16 / fp16 hold exactly

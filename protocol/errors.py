@@ -11,10 +11,9 @@
      |    +-- LocalProtocolError     we misused the protocol (a bug on our side)
      |    +-- RemoteProtocolError    the peer misbehaved: garbage, oversized frame, stall
      |         +-- DataPlaneFailed   its bulk data plane was unusable: take the chunks over libp2p instead
-     +-- LimitExceeded               a named limit (protocol/limits.py) was hit
+     +-- LimitExceeded               a named limit (protocol/, artifact/ or control/ limits.py) was hit
      +-- Busy                        a node at capacity, or an asker over its share: ask again later or elsewhere
      +-- UsageError                  the user asked for something that cannot be done (bad flag, empty doc)
-     +-- TestnetError                the namespace testnet harness could not create, use or remove a host
 
 Each class carries what every edge needs to say about it, so there is one table, the classes themselves:
 `exit_code` (the CLI's exit status), `http_status` (the control API's answer, node/api.py) and `wire_code`
@@ -128,13 +127,6 @@ class UsageError(KvswapError):
     http_status = 400
 
 
-class TestnetError(KvswapError):
-    """The namespace testnet (node/testnet.py) could not be created, used or removed; the message says which
-    command failed."""
-
-    __test__ = False  # not a pytest class despite the name
-
-
 # --- translations, all derived from the classes above ------------------------------------------------------
 
 
@@ -218,7 +210,6 @@ __all__ = [
     "NotFound",
     "ProtocolError",
     "RemoteProtocolError",
-    "TestnetError",
     "UntrustedSigner",
     "UsageError",
     "error_classes",

@@ -20,13 +20,13 @@ from typing import Sequence
 
 import msgpack
 
-from kvswap.cid import Cid
-from kvswap.errors import FormatError, NotFound
+from kvswap.protocol.cid import Cid
+from kvswap.protocol.errors import FormatError, NotFound
 from kvswap.node.fetch import VerifiedManifest
 from kvswap.node.fetchplan import FetchBlob
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_artifact(n_chunks: int = 4, chunk_bytes: int = 64 * 1024, block_tokens: int = 16,
@@ -104,15 +104,14 @@ class DirArtifacts:
             (self.root / "manifests" / str(verified.cid)).write_bytes(verified.manifest)
 
     # --- Service --------------------------------------------------------------------------------------
-    def manifest_by_cid(self, cid: Cid):
-        path = self.root / "manifests" / str(cid)
-        return (path.read_bytes(), [b"envelope"]) if path.exists() else None
-
-    def manifest_by_document(self, model_fingerprint: str, document_hash: str):
+    def manifest(self, key):
+        if isinstance(key, Cid):
+            path = self.root / "manifests" / str(key)
+            return (path.read_bytes(), [b"envelope"]) if path.exists() else None
         with self._lock:
             for path in (self.root / "manifests").iterdir():
                 v = parse_manifest(path.read_bytes())
-                if (v.model_fingerprint, v.document_hash) == (model_fingerprint, document_hash):
+                if (v.model_fingerprint, v.document_hash) == (key.model_fingerprint, key.document_hash):
                     return v.manifest, [b"envelope"]
         return None
 
@@ -135,7 +134,7 @@ class DirArtifacts:
         return path if path.exists() else None
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
-        if self.manifest_by_cid(request.artifact_cid) is None:
+        if self.manifest(request.artifact_cid) is None:
             raise NotFound(f"no artifact {request.artifact_cid.short()} here")
         tokens = tuple((sum(request.suffix_ids) + i) % 1000 for i in range(request.max_new_tokens))
         return GenerateResponse(tokens=tokens, text=" ".join(map(str, tokens)), timings=(("decode_s", 0.001),))
@@ -149,7 +148,7 @@ def chunks_of(root: Path) -> set[str]:
 
 
 class SubprocessNode:
-    """`python -m tests.netharness serve OPTIONS_JSON` in a child process; reads its addrs from stdout.
+    """`python -m bench.harness.netharness serve OPTIONS_JSON` in a child process; reads its addrs from stdout.
 
     `real_store=True` publishes a signed artifact of random KV through the real artifact pipeline into a
     kvswap.store.Store (chunk size = block_tokens x 32 KiB per token) instead of the synthetic DirArtifacts.
@@ -164,7 +163,7 @@ class SubprocessNode:
         options = dict(home=str(home), seed=seed, n_chunks=n_chunks, chunk_bytes=chunk_bytes, corrupt=corrupt,
                        die_after=die_after, bootstrap=list(bootstrap), dataplane=dataplane, publish=publish,
                        real_store=real_store, ration=ration)
-        args = [sys.executable, "-m", "tests.netharness", "serve", json.dumps(options)]
+        args = [sys.executable, "-m", "bench.harness.netharness", "serve", json.dumps(options)]
         self.proc = subprocess.Popen(args, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -225,6 +224,7 @@ def _serve_main(options_json: str) -> None:
     from kvswap.node.net import TrioNode
     from kvswap.node.p2p import P2PConfig
     from kvswap.node.ration import UploadRation
+    from kvswap.node.tuning import RationTuning
 
     o = json.loads(options_json)
     seed = bytes([o["seed"]]) * 32
@@ -245,7 +245,7 @@ def _serve_main(options_json: str) -> None:
 
     async def main() -> None:
         node = TrioNode(P2PConfig(seed=seed, bootstrap=o["bootstrap"]), service=store, target=store,
-                        use_dataplane=o["dataplane"], ration=UploadRation(copies=0) if not o["ration"] else None)
+                        use_dataplane=o["dataplane"], ration=UploadRation(RationTuning(copies=0)) if not o["ration"] else None)
         async with trio.open_nursery() as nursery:
             await nursery.start(node.run)
             if provide is not None:
@@ -264,5 +264,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "serve":
         _serve_main(sys.argv[2])
     else:
-        print("usage: python -m tests.netharness serve OPTIONS_JSON")
+        print("usage: python -m bench.harness.netharness serve OPTIONS_JSON")
         sys.exit(2)

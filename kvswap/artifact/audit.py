@@ -8,14 +8,18 @@ a publisher who poisoned m blocks with probability 1 - C(n-m, k) / C(n, k) (`det
 is always audited too (it carries the last position's logits, which choose the first generated token); the
 bound counts only the uniform sample.
 
+The mode (`choose_mode`): exact when the auditor's compute identity (kvswap/engine/identity.py: device,
+instruction set, torch, attention, threads) equals the one the artifact declares in its manifest. kvswap
+publishes block-aligned, so the recomputation is then the same computation and an honest artifact is exact
+in every block: any differing bit is a poisoning, however small. Otherwise (another machine kind, or an
+artifact that declares none) the mode is tolerance. `--exact` / `--tolerance` force a mode.
+
 Verdicts, per block:
-- exact: the recomputed K/V (and logits) are the stored bits. kvswap publishes block-aligned, so an honest
-  artifact audited on the same kind of machine as its publisher is exact in every block;
-- within tolerance: not bit-equal, but every layer's relative RMS difference is within TOLERANCE[dtype]
-  (what another CPU instruction set, thread count or device honestly produces; SECURITY.md has the figures);
+- exact mode: the recomputed K/V (and logits) must be the stored bits;
+- tolerance mode: every layer's relative RMS difference must be within TOLERANCE[dtype] (what another CPU
+  instruction set, thread count or device honestly produces; SECURITY.md has the figures, and the smallest
+  poisoning each mode catches);
 - failed: anything else, reported with the block, layer and measured difference.
-`require_exact` (`kvswap audit --exact`) fails every block that is not exact: the mode for artifacts you expect
-to have been made on your kind of machine, which catches even noise below the tolerance.
 
 No torch here: the engine does the recomputation; this module samples, judges, bounds and attests.
 """
@@ -27,7 +31,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from .errors import AuditFailed, UsageError
+from ..modes import AuditMode
+from ..protocol.errors import AuditFailed, UsageError
 
 #: relative RMS difference (per layer, K or V; and max |logit diff| / max |logit| for the tail) an honest
 #: recomputation may show per dtype, with a margin over the worst measured (SECURITY.md "Audit tolerances"):
@@ -36,6 +41,35 @@ from .errors import AuditFailed, UsageError
 TOLERANCE = {"bf16": 0.05, "fp16": 0.01, "fp32": 1e-4}
 #: fraction of blocks `kvswap audit` samples when neither --fraction, --blocks nor --full is given
 DEFAULT_AUDIT_FRACTION = 0.05
+
+
+#: the most intra-op threads an audit switches to in order to reproduce a publisher's count
+MAX_AUDIT_THREADS = 256
+
+
+def threads_to_match(declared: dict | None, here: dict) -> int | None:
+    """The publisher's CPU thread count when it differs from this engine's: the audit runs with it, so the
+    recomputation stays the same computation (None: nothing to change)."""
+    if not declared or here.get("device") != "cpu" or declared.get("device") != "cpu":
+        return None
+    want = declared.get("threads", "")
+    if not want.isdigit() or want == here.get("threads") or not 0 < int(want) <= MAX_AUDIT_THREADS:
+        return None
+    return int(want)
+
+
+def choose_mode(asked: AuditMode, declared: dict | None, here: dict) -> tuple[AuditMode, str]:
+    """(the mode to audit in, why). `declared` is the compute identity the artifact's manifest records (None
+    for one that records none), `here` the auditing engine's."""
+    if asked is not AuditMode.AUTO:
+        return asked, f"{asked.value} mode was asked for"
+    if not declared:
+        return AuditMode.TOLERANCE, "the artifact declares no compute identity"
+    differ = sorted(k for k in set(declared) | set(here) if declared.get(k) != here.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {declared.get(k)!s:.24} vs {here.get(k)!s:.24} here" for k in differ[:3])
+        return AuditMode.TOLERANCE, f"another computation made it ({shown})"
+    return AuditMode.EXACT, "the same computation made it (compute identities match)"
 
 
 def choose_blocks(n_blocks: int, *, fraction: float | None = None, blocks: int | None = None, full: bool = False,
@@ -90,27 +124,24 @@ class AuditResult:
     n_blocks: int
     drawn: int
     blocks: list[int]
+    mode: str = AuditMode.TOLERANCE.value  # the mode used (AuditMode)
+    why: str = ""  # why that mode (choose_mode)
     checks: list[dict] = field(default_factory=list)
-    exact: bool = True  # every audited block bit-equal
+    exact: bool = True  # every audited block bit-equal (in either mode)
     passed: bool = True
     failure: str | None = None
     max_rel: float = 0.0
     seconds: float = 0.0
     bounds: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def mode(self) -> str:
-        return "exact" if self.exact else "tolerance"
-
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["mode"] = self.mode
-        return d
+        return dict(self.__dict__)
 
 
-def judge(check, dtype: str, require_exact: bool) -> str | None:
-    """None when a block passes, else the one-line reason it fails."""
+def judge(check, dtype: str, mode: AuditMode) -> str | None:
+    """None when a block passes in `mode`, else the one-line reason it fails."""
     worst, layer, kind = check.worst
+    require_exact = mode is AuditMode.EXACT
     limit = 0.0 if require_exact else TOLERANCE[dtype]
     span = f"block {check.index} (tokens {check.t0}-{check.t1})"
     if not check.exact and worst > limit:
@@ -122,14 +153,19 @@ def judge(check, dtype: str, require_exact: bool) -> str | None:
     return None
 
 
-def run_audit(engine, loaded, manifest, blocks: list[int], drawn: int, require_exact: bool = False) -> AuditResult:
+def run_audit(engine, loaded, manifest, blocks: list[int], drawn: int, mode: AuditMode = AuditMode.TOLERANCE,
+              why: str = "") -> AuditResult:
     """Recompute `blocks` of the artifact whose verified KV is `loaded` (the whole artifact, on the engine's
-    device) and judge each. Raises AuditFailed with the first failure's line; returns the result otherwise."""
-    from .engine.audit import check_block
+    device) and judge each in `mode` (EXACT or TOLERANCE; `choose_mode` decides). Raises AuditFailed with the
+    first failure's line; returns the result otherwise."""
+    if mode is AuditMode.AUTO:
+        raise UsageError("run_audit takes a decided mode (choose_mode)")
+    from ..engine.audit import check_block
 
     t_start = time.perf_counter()
     result = AuditResult(str(manifest.cid), manifest.dtype, engine.fingerprint, engine.device,
-                         len(manifest.chunks), drawn, list(blocks), bounds=bounds(len(manifest.chunks), drawn))
+                         len(manifest.chunks), drawn, list(blocks), mode=mode.value, why=why,
+                         bounds=bounds(len(manifest.chunks), drawn))
     for i in blocks:
         chunk = manifest.chunks[i]
         check = check_block(engine, loaded, i, chunk.t0, chunk.t1)
@@ -138,7 +174,7 @@ def run_audit(engine, loaded, manifest, blocks: list[int], drawn: int, require_e
                               "max_rel": worst, "layer": layer, "kind": kind, "tail_rel": check.tail_rel})
         result.exact = result.exact and check.exact and check.tail_exact is not False
         result.max_rel = max(result.max_rel, worst, check.tail_rel or 0.0)
-        reason = judge(check, manifest.dtype, require_exact)
+        reason = judge(check, manifest.dtype, mode)
         if reason is not None:
             result.passed, result.failure = False, reason
             result.seconds = time.perf_counter() - t_start
@@ -148,4 +184,4 @@ def run_audit(engine, loaded, manifest, blocks: list[int], drawn: int, require_e
 
 
 __all__ = ["DEFAULT_AUDIT_FRACTION", "TOLERANCE", "AuditResult", "bounds", "choose_blocks", "detection_bound",
-           "judge", "run_audit"]
+           "choose_mode", "judge", "run_audit", "threads_to_match"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 from .costmodel import BYTES_PER_GB
 
 CONFIG_FILE = "config.toml"

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
-from kvswap.cid import Cid
+from kvswap.protocol.cid import Cid
 from kvswap.node.exchange import Exchange
 from kvswap.node.framed import FramedStream
 from kvswap.node.p2p import PEER_FAILURES, P2PConfig, P2PHost
@@ -283,7 +283,7 @@ async def long_generations(h: Hostile, target: str, cid: Cid, n: int, max_new_to
 
 async def copy_manifest(h: Hostile, provider: str, cid: Cid) -> ManifestResponse:
     """The real manifest of `cid` from an honest provider, to serve as if we held the artifact."""
-    return await h.exchange.request_manifest(provider, ManifestRequest(cid=cid))
+    return await h.exchange.request_manifest(provider, ManifestRequest(cid))
 
 
 def serve_manifest(h: Hostile, reply: ManifestResponse) -> None:

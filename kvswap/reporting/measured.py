@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import KvswapError
+from ..protocol.errors import KvswapError
 from ..ledger import ComputeRow, Ledger, TransferRow
 from ..protocol.names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL
 from .readers import READ, SERVED, ReaderBytes, group_requests, of_artifact, per_reader
@@ -181,13 +181,13 @@ def manifest_from_store(home: Path | None, artifact: str | None) -> Any | None:
     The store is optional here: the report must work on a node that has only a ledger."""
     if home is None or artifact is None or not (Path(home) / "store" / "index.sqlite").is_file():
         return None  # no store here: do not create one just to look
-    from ..cid import Cid
-    from ..store import Store
+    from ..home import Home
+    from ..protocol.cid import Cid
 
     try:
-        with Store.for_home(Path(home)) as store:
+        with Home(Path(home)) as h:
             cid = Cid.parse(artifact)
-            return store.get_manifest(cid) if store.has_artifact(cid) else None
+            return h.store.get_manifest(cid) if h.store.has_artifact(cid) else None
     except (KvswapError, OSError, sqlite3.Error):  # a store failure just means "unknown here"; the report says so
         return None
 
@@ -196,11 +196,11 @@ def only_stored_artifact(home: Path | None) -> str | None:
     """The CID of the one artifact in the local store, or None when it holds none or several (no guessing)."""
     if home is None or not (Path(home) / "store" / "index.sqlite").is_file():
         return None
-    from ..store import Store
+    from ..home import Home
 
     try:
-        with Store.for_home(Path(home)) as store:
-            listed = store.list_artifacts()
+        with Home(Path(home)) as h:
+            listed = h.store.list_artifacts()
     except (KvswapError, OSError, sqlite3.Error):
         return None
     return str(listed[0]["cid"]) if len(listed) == 1 else None

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ..errors import NotFound
+from ..protocol.errors import NotFound
 
 NODE_FILE = "node.json"
 TOKEN_FILE = "api.token"

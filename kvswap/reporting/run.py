@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import KvswapError
+from ..protocol.errors import KvswapError
 from ..ledger import Ledger, ledger_path
 from .build import ReportOptions, build_report
 from .measured import Measured, measure

@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelMismatch, UsageError
+from ..protocol.errors import ModelMismatch, UsageError
 from ..ledger import Ledger, ledger_path
 from .measured import CALIBRATION_KEY, manifest_from_store, measure, only_stored_artifact
 from .prices import PAPER_TOKENS
@@ -86,7 +86,7 @@ def calibrate(home: str | Path, model: str | None = None, tokens: int | None = N
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
         raise UsageError(f"calibration: tokens must be a positive integer, got {tokens!r}")
     if artifact is not None:
-        from ..cid import Cid
+        from ..protocol.cid import Cid
 
         Cid.parse(artifact)  # a typo is a clear FormatError
     with Ledger(ledger_path(home)) as ledger:

@@ -51,8 +51,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import TestnetError, UsageError
-from .launcher import ChildNode, run_cli
+from kvswap.home import Home
+from kvswap.node.launcher import ChildNode, run_cli
+from kvswap.node.p2p import peer_id_of_seed
+from kvswap.protocol.errors import KvswapError, UsageError
+
+
+class TestnetError(KvswapError):
+    """The namespace testnet could not be created, used or removed; the message says which command failed.
+    The harness's own error (not the product's): `python -m bench testnet` prints it as one line."""
+
+    __test__ = False  # not a pytest class despite the name
+
 
 #: every namespace a testnet creates starts with this (and only testnets use it)
 NS_PREFIX = "kvtn-"
@@ -397,12 +407,10 @@ class Testnet:
               wait_model: bool = True) -> None:
         """Start a daemon on each of `hosts` (default all), in parallel; node 0's identity is fixed first so
         every other node can bootstrap through it from its first second."""
-        from ..artifact.service import home_key
-        from .p2p import peer_id_of_seed
-
         for h in self.hosts:
             if not h.peer_id:
-                h.peer_id = peer_id_of_seed(home_key(h.home).seed)
+                with Home(h.home) as home:
+                    h.peer_id = peer_id_of_seed(home.key.seed)
         chosen = [self.hosts[i] for i in (range(len(self.hosts)) if hosts is None else hosts)]
 
         def launch(h: Host) -> None:
@@ -544,7 +552,7 @@ def runs(root: Path | None = None) -> list[dict]:
 
 
 def _pid_alive(pid: int | None) -> bool:
-    from .runfiles import pid_alive
+    from kvswap.control.runfiles import pid_alive
 
     return pid is not None and pid > 0 and pid_alive(pid)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..protocol.errors import UsageError
 from . import costmodel as cm
 from .measured import FROM_CALIBRATION, FROM_LEDGER, MIXED, Measured
 from .prices import PAPER_BYTES_PER_TOKEN, PAPER_READERS, PAPER_REUSE_RATIO, PAPER_TOKENS, Prices

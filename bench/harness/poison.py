@@ -23,6 +23,10 @@ POISONINGS = {
     "edited_tokens": "one token of the manifest edited while the KV stays",
     "replaced_tail": "the last-position logits replaced by another document's",
 }
+#: one layer's V in one block scaled by (1 + e): a poisoning smaller than any honest cross-machine difference
+SCALINGS = (0.005, 0.01, 0.02, 0.05)
+for _e in SCALINGS:
+    POISONINGS[f"scale_{_e:g}"] = f"one layer's V in one block scaled by {1 + _e:g}"
 
 
 def _copy(kv: KvTensors, **changes) -> KvTensors:
@@ -31,6 +35,17 @@ def _copy(kv: KvTensors, **changes) -> KvTensors:
                   last_logits=None if kv.last_logits is None else kv.last_logits.copy(), meta=dict(kv.meta))
     fields.update(changes)
     return KvTensors(**fields)
+
+
+def _scaled(layout, bits: np.ndarray, factor: float) -> np.ndarray:
+    """bits of values * factor, rounded back to the dtype (round to nearest even)."""
+    values = (layout.to_float(bits).astype(np.float64) * factor).astype(np.float32)
+    if layout.dtype == "bf16":
+        u = values.view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+    if layout.dtype == "fp16":
+        return values.astype("<f2").view("<u2")
+    return values.view("<u4").copy()
 
 
 def _noisy(layout, bits: np.ndarray, rel: float, rng: np.random.Generator) -> np.ndarray:
@@ -71,6 +86,10 @@ def make_poisoned(engine, kind: str, doc_text: str, other_text: str, block_token
         out.keys[layer][:, t0:t1] = _noisy(kv.layout, kv.keys[layer][:, t0:t1], rel, rng)
         out.values[layer][:, t0:t1] = _noisy(kv.layout, kv.values[layer][:, t0:t1], rel, rng)
         return out
+    if kind.startswith("scale_"):
+        out = _copy(kv)
+        out.values[layer][:, t0:t1] = _scaled(kv.layout, kv.values[layer][:, t0:t1], 1 + float(kind.split("_", 1)[1]))
+        return out
     if kind == "edited_tokens":
         edited = list(ids)
         edited[t0 + 1] = (edited[t0 + 1] + 17) % engine.vocab_size
@@ -94,10 +113,20 @@ def consistent_after(engine, kv: KvTensors, t1: int, block_tokens: int) -> KvTen
     return _copy(kv, keys=keys, values=values, last_logits=logits)
 
 
-def publish(store, key, engine, kv: KvTensors, doc_text: str, block_tokens: int):
-    """Publish `kv` as the artifact of `doc_text` (its document hash), signed by `key`; the manifest."""
+def publish(store, key, engine, kv: KvTensors, doc_text: str, block_tokens: int, compute: bool = True):
+    """Publish `kv` as the artifact of `doc_text` (its document hash), signed by `key`, declaring this engine's
+    compute identity as an honest publisher on this machine would (`compute=False`: a version-1 manifest
+    that declares none); the manifest."""
     manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                   tokenizer_fingerprint=engine.tokenizer_fingerprint,
-                                  document_hash=Document(doc_text).hash, block_tokens=block_tokens)
+                                  document_hash=Document(doc_text).hash, block_tokens=block_tokens,
+                                  compute=engine.compute_identity() if compute else None)
     store.put_artifact(manifest, [key.sign_manifest(manifest.cid)], chunks)
     return manifest
+
+
+def publish_text(store, key, engine, text: str, block_tokens: int = 64, compute: bool = True):
+    """Prefill `text` block-aligned and publish it honestly into `store`, signed by `key` (any key: a test's
+    stranger or a second publisher); the manifest. What kvswap.ops.publish_here does, without a home."""
+    kv = engine.prefill(engine.tokenize(text), step=block_tokens)
+    return publish(store, key, engine, kv, text, block_tokens, compute)

@@ -1,0 +1,220 @@
+"""How a node behaves under load, as values passed in: timeouts, quotas, rationing, gossip and fetch rules.
+
+None of these is a wire rule (those are protocol/limits.py): two nodes with different tuning still talk.
+They are the daemon's choices, so they are passed into what uses them, as iroh-blobs passes its
+`ConcurrencyLimits` and `RetryConfig`, instead of being read from module globals: `Network.start(tuning=...)`
+hands each part its own group (the fetch plan its `FetchTuning`, the exchange its `ServeTuning`, ...), and a
+test varies one value with `dataclasses.replace` without patching anything.
+
+Each field carries its unit in its name and its reason in the comment above it; README.md ("Node tuning")
+lists every default, and tests/test_limits_doc.py checks that the table and these defaults agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvswap.config import setting
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FetchTuning:
+    """The fetch scheduler's rules (node/fetchplan.py, node/fetch.py)."""
+
+    #: Parallel chunk requests a fetch keeps in flight (across all providers).
+    parallel_chunks: int = 4
+    #: Most chunks asked of one provider in one request (amortises request overhead over small chunks).
+    batch_chunks: int = 16
+    #: Stop adding chunks to a request at this many bytes: big chunks go one per request (balances load over
+    #: providers and workers), small ones share a request; a failure re-fetches at most this.
+    batch_bytes: int = 64 * MiB
+    #: Failures (timeout, bad bytes, reset) after which a provider is dropped for the rest of a fetch.
+    max_provider_failures: int = 2
+    #: Most providers a fetch asks the DHT for.
+    max_providers: int = 20
+    #: Most peers one fetch keeps track of (providers, holders named by rationed answers, connected peers).
+    max_peers: int = 64
+    #: Seconds before a peer that answered `busy` is asked again.
+    busy_retry_s: float = 0.5
+    #: Seconds before a peer is asked again for a chunk it lacked (doubling after each miss: the peer may be
+    #: fetching it right now).
+    lack_retry_s: float = 0.2
+    #: Times one peer is asked for a chunk it lacks before the fetch stops asking it for that chunk.
+    max_lack_asks: int = 5
+    #: Seconds before a chunk a provider rationed is asked for again.
+    ration_retry_s: float = 0.5
+    #: Seconds after a peer first rationed a chunk past which its further rationed answers count as lacking
+    #: it for good: an honest node serves a fetcher it refused for its patience (5 s), so one still rationing
+    #: twice that long later is lying, and a fetch among such liars fails instead of asking them forever.
+    ration_give_up_s: float = 10.0
+    #: Seconds between a fetch's looks for new peers (connected peers, the DHT's providers of the artifact).
+    peer_refresh_s: float = 1.0
+    #: Seconds for one chunk request, end to end, before the provider is dropped for this chunk.
+    chunk_timeout_s: float = 60.0
+    #: A request is late, and its chunks go to a faster peer, once it has run this many times as long as the
+    #: fastest peer of the fetch would take for its bytes (at that peer's measured rate).
+    late_factor: float = 4.0
+    #: ...and at least this many seconds (scheduling noise on a loaded machine is not slowness).
+    late_min_s: float = 0.1
+    #: Shortest deadline of a request to a peer whose rate is measured (seconds): its deadline is late_factor
+    #: times its own expected time, at least this, at most chunk_timeout_s per chunk.
+    request_min_timeout_s: float = 5.0
+    #: Holder hints from one peer that led nowhere after which the fetch ignores that peer's hints.
+    max_bad_hints: int = 2
+    #: Seconds a fetch waits for a manifest from one provider before it asks the next one as well.
+    manifest_hedge_s: float = 1.0
+    #: Peers asked which model they hold a document for, when it was not found for this node's model.
+    max_other_model_asks: int = 3
+    #: Seconds that question may take in all before the error is reported without it.
+    other_model_lookup_s: float = 10.0
+    #: Seconds a fetcher asks a peer whose data plane failed or refused it for no grant (libp2p meanwhile).
+    dataplane_backoff_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ServeTuning:
+    """What one node gives the peers it serves (node/exchange.py, node/quota.py): per-peer shares and totals."""
+
+    #: Concurrent inbound requests per protocol a node serves; the rest wait (bounds memory and threads).
+    max_concurrent: int = 32
+    #: Serve slots of one protocol one peer may hold at once; when slots free up, waiting peers take turns.
+    max_per_peer: int = 8
+    #: Seconds a request may wait for a serve slot before it is answered `busy`.
+    wait_timeout_s: float = 10.0
+    #: Inbound kvswap streams one peer may have open at once, waiting or served; more are reset at once.
+    max_streams_per_peer: int = 16
+    #: Inbound kvswap streams open at once from all peers (each buffers at most MAX_REQUEST_FRAME_BYTES).
+    max_streams: int = 256
+    #: Hosted generations one peer may have running or waiting at once (peers take turns on the engine).
+    max_generate_per_peer: int = 1
+    #: Seconds a peer may stay silent mid-frame before we cut it off.
+    stream_idle_timeout_s: float = 15.0
+    #: Seconds to open a stream / dial a peer.
+    dial_timeout_s: float = 10.0
+    #: Seconds a hosted generation may take before the asking node gives up.
+    generate_timeout_s: float = 600.0
+    #: Bytes asked of a libp2p stream per read call: several Yamux frames at once, and no more held per read.
+    stream_read_bytes: int = 1 * MiB
+    #: Worker threads the trio side may use at once for store, engine and hashing work.
+    worker_threads: int = 16
+    #: Seconds between two log lines of one kind of refusal: a flood is counted, not logged line by line.
+    refusal_log_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DataPlaneTuning:
+    """The plain-TCP bulk data plane (node/dataplane.py)."""
+
+    #: Seconds a data-plane grant stays valid if unused: a fetcher connects right after it is granted.
+    grant_ttl_s: float = 60.0
+    #: Grants outstanding at once, all peers; when full, the peer holding the most loses its oldest.
+    max_grants: int = 1024
+    #: Grants one peer may hold at once; a new one replaces its oldest.
+    max_grants_per_peer: int = 64
+    #: Chunk CIDs held in outstanding grants, all peers together (36 bytes each, packed: ~2.4 MB at most).
+    max_granted_chunks: int = 65_536
+    #: Connections that have not yet presented a valid token; a new one makes the node drop the oldest.
+    max_pending: int = 64
+    #: Seconds a data-plane connection has to send the protocol hello and its token.
+    hello_timeout_s: float = 5.0
+    #: Data-plane transfers one peer may run at once; more are refused and go over libp2p streams.
+    max_transfers_per_peer: int = 4
+    #: Lowest port a fetcher dials for a grant: a peer cannot aim it at a system service on its own address.
+    min_port: int = 1024
+    #: Socket buffer size asked for on data-plane connections (bytes): fewer wake-ups per multi-MB chunk.
+    socket_buffer_bytes: int = 4 * MiB
+
+
+@dataclass(frozen=True)
+class RationTuning:
+    """Upload rationing for swarms (node/ration.py)."""
+
+    #: Copies of each chunk of an artifact sent before further fetchers are pointed at holders (0: off);
+    #: the `node.ration_copies` setting (kvswap/config.py) declares it.
+    copies: int = setting("node.ration_copies").default
+    #: Seconds a fetcher may be refused one chunk before it is served anyway: a chunk is delayed, never withheld.
+    patience_s: float = 5.0
+    #: Seconds without any chunk of an artifact sent after which a node forgets who got its copies.
+    idle_reset_s: float = 60.0
+    #: Artifacts tracked for rationing at once (the least recently served is forgotten first).
+    max_artifacts: int = 256
+
+
+@dataclass(frozen=True)
+class GossipTuning:
+    """Announcements heard over gossipsub (node/p2p.py, node/announcements.py)."""
+
+    #: Announcements one publisher may send in a burst before its rate applies.
+    burst: int = 32
+    #: Announcements per second accepted from one publisher after its burst (the rest dropped, not forwarded).
+    rate_per_s: float = 1.0
+    #: Publishers whose announcement rate is tracked at once (the least recently heard is forgotten first).
+    max_senders: int = 1024
+    #: Announcements a daemon keeps to show in its status, all publishers together (the oldest go first).
+    max_kept: int = 1024
+    #: Announcements kept per publisher (its oldest go first).
+    max_kept_per_peer: int = 16
+    #: Seconds an announcement is kept.
+    ttl_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class DhtTuning:
+    """The libp2p host, Kademlia and re-providing (node/p2p.py)."""
+
+    #: Seconds between re-provides of everything the node holds.
+    reprovide_interval_s: float = 300.0
+    #: Seconds for one DHT lookup or provide before it is abandoned (the fetch falls back to connected peers).
+    query_timeout_s: float = 15.0
+    #: ADD_PROVIDER messages per 10 s accepted from one peer. libp2p's 10 is tuned for IPFS; kvswap provides
+    #: every chunk CID, so a fetcher providing a large artifact sends far more.
+    provider_rate_max: int = 100_000
+    #: Seconds between passes that add connected peers to the DHT routing table (KadDHT learns none itself).
+    routing_sync_interval_s: float = 1.0
+    #: Seconds between two provides of one re-provide pass (a large store does not flood its peers at once).
+    provide_pacing_s: float = 0.01
+    #: Seconds the peerstore keeps addresses learnt from the DHT (provider records, peer lookups).
+    peerstore_addr_ttl_s: float = 3600.0
+    #: Seconds before a failed bootstrap dial is tried again, doubling: a node may start before its bootstrap peer.
+    bootstrap_retry_s: float = 1.0
+    #: Longest pause between two bootstrap dials (seconds).
+    bootstrap_retry_max_s: float = 30.0
+    #: Seconds a stopping libp2p host spends closing its connections (peers then see them end at once).
+    connection_close_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class DaemonTuning:
+    """The daemon process (node/daemon.py, node/jobs.py, node/launcher.py)."""
+
+    #: Seconds the daemon waits for its tasks on SIGINT/SIGTERM before it exits anyway.
+    shutdown_timeout_s: float = 10.0
+    #: Seconds a control-API request waits for the node's model to finish loading before it is refused.
+    engine_wait_s: float = 600.0
+    #: Artifacts whose verified KV a hosting node keeps in memory for repeated hosted requests (each is the
+    #: whole document's KV: 556 MB for 3774 tokens of Qwen3-4B).
+    resident_kv_slots: int = 2
+    #: Finished publish/fetch jobs kept for pollers (the oldest are forgotten first).
+    max_finished_jobs: int = 256
+
+
+@dataclass(frozen=True)
+class NodeTuning:
+    """Everything above, one group per part of the node."""
+
+    fetch: FetchTuning = field(default_factory=FetchTuning)
+    serve: ServeTuning = field(default_factory=ServeTuning)
+    dataplane: DataPlaneTuning = field(default_factory=DataPlaneTuning)
+    ration: RationTuning = field(default_factory=RationTuning)
+    gossip: GossipTuning = field(default_factory=GossipTuning)
+    dht: DhtTuning = field(default_factory=DhtTuning)
+    daemon: DaemonTuning = field(default_factory=DaemonTuning)
+
+
+#: the defaults, shared (frozen: nothing can change them in place)
+DEFAULT_TUNING = NodeTuning()
+
+__all__ = ["DEFAULT_TUNING", "DaemonTuning", "DataPlaneTuning", "DhtTuning", "FetchTuning", "GossipTuning",
+           "NodeTuning", "RationTuning", "ServeTuning"]
