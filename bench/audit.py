@@ -124,7 +124,7 @@ def cost(model: str, n_tokens: int, fraction: float, repeats: int) -> dict:
         manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                       tokenizer_fingerprint=engine.tokenizer_fingerprint,
                                       document_hash=sha256_hex(b"audit cost"), block_tokens=BLOCK,
-                                      compute=engine.compute_identity())
+                                      compute=engine.compute_identity(prefill_step=BLOCK))
         home.store.put_artifact(manifest, [NodeKey.generate().sign_manifest(manifest.cid)], chunks)
         del kv
         audits = []

@@ -63,7 +63,7 @@ def run(n_tokens: int, dtype: str, device: str | None, model: str = "qwen3-4b-ar
                 kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                 tokenizer_fingerprint=engine.tokenizer_fingerprint,
                 document_hash=document_hash(_PROSE + f" ({n_tokens} tokens)"), codec="auto",
-                compute=engine.compute_identity())
+                compute=engine.compute_identity(prefill_step=kv.meta["prefill_step"]))
             pub.store.put_artifact(manifest, [pub.key.sign_manifest(manifest.cid)], chunks)
         del kv, chunks
         cid = str(manifest.cid)

@@ -131,8 +131,21 @@ def attacks(a: Any, cid: str, manifest_cid: Any, gen_tokens: int) -> dict[str, C
             sent += await hostile.gossip_flood(h, a.status["model_fingerprint"], 2000)
         return {"announcements_sent": sent}
 
+    async def crowd(ready, stop) -> dict:
+        s = await hostile.crowd_of_identities(a.addr, a.peer_id, 18, 16, stop, ready)
+        return {"identities": 18, "streams_opened": s.opened, "refused_at_open": s.failed_open, "cut_later": s.refused}
+
+    async def fresh_keys(h, ready, stop) -> dict:
+        ready.set()
+        sent = 0
+        while not stop.is_set() and sent < 20_000:
+            sent += await hostile.gossip_fresh_keys(h, a.status["model_fingerprint"], 1000)
+        return {"announcements_sent": sent, "each_signed_by_a_fresh_key": True}
+
     return {
         "silent streams (255 on /kvswap/manifest/1)": with_host(silent),
+        "18 identities x 16 silent streams, one address": crowd,
+        "gossip with a fresh key per announcement": with_host(fresh_keys),
         "idle data-plane sockets (32)": idle_sockets,
         "data-plane reconnect flood (40 loops)": reconnect_flood,
         "unused grants (one real chunk each)": with_host(grant_hoard(1)),

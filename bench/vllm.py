@@ -174,7 +174,7 @@ def publish_with_transformers(model: str, home: Path, doc_ids: list[int], tok) -
     kv = engine.prefill(doc_ids)
     manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                   tokenizer_fingerprint=engine.tokenizer_fingerprint,
-                                  document_hash=document_hash(tok.decode(doc_ids)), compute=engine.compute_identity())
+                                  document_hash=document_hash(tok.decode(doc_ids)), compute=engine.compute_identity(prefill_step=kv.meta["prefill_step"]))
     with Home(home) as h:
         h.store.put_artifact(manifest, [h.key.sign_manifest(manifest.cid)], chunks)
     del engine

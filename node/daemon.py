@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import ops
-from ..config import Config
+from ..config import Config, parse_size
 from ..control import routes, runfiles
 from ..document import Document
 from ..home import Home
@@ -79,7 +79,8 @@ class Daemon:
         self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
         self.policy = self.h.policy(self.config["node.accept_any"])
         self.jobs = JobTable(group, self.tuning.daemon.max_finished_jobs)
-        self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate)
+        self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate,
+                                        budget_bytes=parse_size(self.config["store.budget"]))
         self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage)
         self.artifacts.on_chunk = self.metrics.on_chunk
         self.net = Network()
@@ -88,6 +89,7 @@ class Daemon:
             service=self.artifacts, target=self.artifacts, on_transfer=self._on_transfer,
             on_announce=self._on_announce, tuning=self.tuning,
         )
+        self._reload_trust()  # also names the peers with standing (trusted publishers, bootstrap peers)
         token = runfiles.api_token(self.home, create=True)
         self._runner = web.AppRunner(build_app(self, token), access_log=None)
         await self._runner.setup()
@@ -198,7 +200,10 @@ class Daemon:
             "model_error": NO_MODEL if self.light else self._engine_error,
             "artifacts": len(self.store.list_artifacts()), "peers": info.get("peers"), "dataplane": info.get("dataplane"),
             "providing": info.get("providing"), "announcements": self.announcements.recent(20),
+            "announcements_kept": len(self.announcements),
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config["node.accept_any"],
+            "refusals": {k: info.get(k) for k in ("rejected_streams", "refused_streams", "busy_answers",
+                                                  "dataplane_refused", "gossip_dropped")},
         }
 
     async def api_metrics(self) -> bytes:
@@ -382,9 +387,17 @@ class Daemon:
         return result
 
     def _reload_trust(self) -> None:
-        """Pick up `kvswap trust add/rm` made while the daemon runs (config.toml [trust] is the source of truth)."""
+        """Pick up `kvswap trust add/rm` made while the daemon runs (config.toml [trust] is the source of truth).
+        Trusted publishers and auditors, and the bootstrap peers, have standing with this node: the streams
+        reserved against crowds of fresh identities are theirs to use (node/quota.py)."""
+        from .p2p import peer_id_of_public_key
+
         self.policy = self.h.policy(self.config["node.accept_any"])
         self.artifacts.policy = self.policy
+        keys = {k.hex() for k in self.policy.trusted | self.policy.auditors} - {self.key.public_hex}
+        standing = {peer_id_of_public_key(k) for k in keys}
+        standing |= {a.rsplit("/p2p/", 1)[1] for a in self.config["node.bootstrap"] if "/p2p/" in a}
+        self.net.set_standing(sorted(standing))
 
     def _resolve(self, key, engine: Any) -> Cid:
         if key is None:

@@ -92,9 +92,11 @@ class DataPlane:
         chunk_path: Callable[[Cid], Any] | None = None,
         ration: UploadRation | None = None,
         tuning: NodeTuning = DEFAULT_TUNING,
+        on_served: Callable[[str], None] | None = None,
     ) -> None:
         self.host = host
         self.tuning = tuning
+        self._on_served = on_served  # a peer took every chunk of a grant (it earns a record: node/quota.py)
         self.ration = ration or UploadRation(tuning.ration)
         self.port = 0
         self._read_chunk = read_chunk
@@ -200,6 +202,8 @@ class DataPlane:
                                          limits.DATAPLANE_TOKEN_BYTES, 0, grant.artifact))
                 for cid in grant.cids():
                     await self._answer(sock, cid, grant)
+                if self._on_served is not None:
+                    self._on_served(grant.peer)
             finally:
                 self.transfers.release(grant.peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
@@ -233,6 +237,7 @@ class DataPlane:
         if grant is None:
             self.refusals.note("an unknown, used or expired token")
         return grant
+
     async def _answer(self, sock: trio.SocketStream, cid: Cid, grant: _Grant) -> None:
         """Send one granted chunk (sendfile when it is a file), or say it is missing or rationed."""
         path = data = None

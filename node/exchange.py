@@ -56,7 +56,7 @@ from .accounting import TransferHook, new_request_id, no_hook
 from .dataplane import DataPlaneFailed, fetch_granted
 from .framed import FramedStream
 from .p2p import PEER_FAILURES
-from .quota import FairSlots, PeerCounter, RefusalLog
+from .quota import FairSlots, PeerRecords, RefusalLog, StreamAdmission
 from .ration import UploadRation
 from .tuning import DEFAULT_TUNING, NodeTuning
 
@@ -134,15 +134,21 @@ class Exchange:
         worker_limiter: trio.CapacityLimiter | None = None,
         ration: UploadRation | None = None,
         tuning: NodeTuning = DEFAULT_TUNING,
+        records: PeerRecords | None = None,
     ) -> None:
         self.p2p = p2p
         self.tuning = tuning
+        #: peers with a good record here (served to the end, fetched from, trusted, configured): node/quota.py
+        self.records = records if records is not None else PeerRecords(tuning.serve.max_recorded_peers)
         self.ration = ration or UploadRation(tuning.ration)  # shared with the data plane: one count of copies sent
         self.service = service
         self.on_transfer = on_transfer or no_hook
         self.dataplane = dataplane
         self.limiter = worker_limiter or trio.CapacityLimiter(self.tuning.serve.worker_threads)
-        self.inbound = PeerCounter(self.tuning.serve.max_streams, self.tuning.serve.max_streams_per_peer)
+        serve = tuning.serve
+        self.inbound = StreamAdmission(serve.max_streams, serve.max_streams_per_peer, serve.max_streams_per_ip,
+                                       serve.max_streams_per_subnet, serve.reserved_streams,
+                                       vouched=self.records.__contains__)
         self.slots = {p: FairSlots(self.tuning.serve.max_concurrent, self.tuning.serve.max_per_peer)
                       for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL)}
         # one hosted generation at a time (the engine is not reentrant), peers taking turns
@@ -171,8 +177,10 @@ class Exchange:
         async def handler(stream: Any) -> None:
             new_request_id()
             peer = _peer_of(stream)
-            if not self.inbound.acquire(peer):  # over its share of open streams (or everyone's): refused first
-                self.refused.note(f"{peer[:16]} on {protocol}: {self.inbound.count(peer)} streams open")
+            ip = _remote_ip(stream)
+            ticket = self.inbound.acquire(peer, ip)
+            if ticket is None:  # over its share of open streams (its own, its address's, or everyone's)
+                self.refused.note(f"{peer[:16]} on {protocol}: {self.inbound.why_refused(peer, ip)}")
                 await _reset(stream)
                 return
             try:
@@ -185,11 +193,12 @@ class Exchange:
                         await self._serve_one(framed, serve)
                 except RemoteProtocolError as exc:
                     self.rejected_streams += 1
+                    self.records.forfeit(peer)  # a misbehaving peer loses the standing it earned
                     self.cut_off.note(f"{peer[:16]} on {protocol}: {exc}")
                 except LocalProtocolError as exc:  # a half-sent answer could not be finished: reset, logged
                     log.warning("answer to %s on %s abandoned: %s", peer[:16], protocol, exc)
             finally:
-                self.inbound.release(peer)
+                self.inbound.release(ticket)
 
         return handler
 
@@ -246,6 +255,7 @@ class Exchange:
                 return
             # no grant within the data plane's quotas: the chunks come on this stream instead
         chunk_path = getattr(self.service, "chunk_path", None)
+        sent = 0
         for cid in request.cids:
             path = await self._in_thread(chunk_path, cid) if chunk_path is not None else None
             if path is not None:
@@ -254,14 +264,20 @@ class Exchange:
                     await framed.send(refusal)
                     continue
                 if await self._send_stored(framed, cid, path):
+                    sent += 1
                     continue
             data = await self._in_thread(self.service.read_chunk, cid)  # no file (or it went away): read it whole
             if data is None:
                 await framed.send(ChunkMissing(cid))
             elif path is not None:  # rationing was decided above
                 await framed.send(ChunkData(cid, data))
+                sent += 1
             else:
-                await framed.send(self.ration.refusal(request.artifact, cid, framed.peer) or ChunkData(cid, data))
+                answer = self.ration.refusal(request.artifact, cid, framed.peer) or ChunkData(cid, data)
+                await framed.send(answer)
+                sent += isinstance(answer, ChunkData)
+        if sent:  # it asked for chunks and took them: a peer that is using the node as it is meant to be used
+            self.records.earn(framed.peer)
 
     async def _send_stored(self, framed: FramedStream, cid: Cid, path: Any) -> bool:
         """Send a stored chunk from its file, serve.stream_read_bytes at a time; False if the file is gone or too big

@@ -27,13 +27,22 @@ from typing import Any, Callable, Protocol, Sequence
 import trio
 
 from kvswap.protocol.cid import Cid
-from kvswap.protocol.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, RemoteProtocolError
+from kvswap.protocol.errors import (
+    Busy,
+    IntegrityError,
+    KvswapError,
+    LimitExceeded,
+    ModelMismatch,
+    NotFound,
+    RemoteProtocolError,
+)
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
 from kvswap.protocol.keys import ArtifactKey, DocumentKey, describe, dht_key
 from kvswap.protocol.names import any_model_key, artifact_keys, cid_key
 
 from .accounting import new_request_id
-from .tuning import FetchTuning
+from .quota import PeerRecords
+from .tuning import FetchTuning, ServeTuning
 from .fetchplan import (
     Aborted,
     CancelRequest,
@@ -133,9 +142,11 @@ class Fetcher:
     """Runs fetches for one node (trio side). `exchange` is node/exchange.py's Exchange."""
 
     def __init__(self, p2p: Any, exchange: Any, target: FetchTarget, limiter: trio.CapacityLimiter,
-                 use_dataplane: bool = True, tuning: FetchTuning = FetchTuning()) -> None:
+                 use_dataplane: bool = True, tuning: FetchTuning = FetchTuning(),
+                 records: PeerRecords | None = None) -> None:
         self.p2p = p2p
         self.tuning = tuning
+        self.records = records if records is not None else PeerRecords(ServeTuning.max_recorded_peers)
         self.exchange = exchange
         self.target = target
         self.limiter = limiter
@@ -261,6 +272,16 @@ class Fetcher:
             raise mismatch[0]
         return found[0] if found else None
 
+    async def _check_size(self, verified: VerifiedManifest, nbytes: int) -> None:
+        """LimitExceeded when an artifact declares more stored bytes than a fetch takes on (fetch.max_artifact_bytes)
+        or than the target has room for (its optional `check_room(nbytes)`: the store's budget, the disk)."""
+        if nbytes > self.tuning.max_artifact_bytes:
+            raise LimitExceeded(f"artifact {verified.cid.short()} declares {nbytes:,} bytes, over the "
+                                f"{self.tuning.max_artifact_bytes:,} a fetch takes on (fetch.max_artifact_bytes)")
+        check = getattr(self.target, "check_room", None)
+        if check is not None:
+            await self._thread(check, verified.cid, nbytes)
+
     async def fetch(
         self,
         key: ArtifactKey,
@@ -278,9 +299,10 @@ class Fetcher:
         if not candidates:
             raise NotFound(f"no provider found for {describe(key)}")
         verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype, accept_any)
-        await self._thread(self.target.put_manifest, verified)
         wanted = list({b.cid: b for b in verified.blobs
                        if n_tokens is None or b.token_start < n_tokens}.values())  # a CID may repeat
+        await self._check_size(verified, sum(b.stored_size for b in wanted))  # before anything is stored or asked
+        await self._thread(self.target.put_manifest, verified)
         present = [b for b in wanted if await self._thread(self.target.has_chunk, b.cid)]
         todo = [b for b in wanted if b not in present]
         plan = FetchPlan(todo, holders + [p for p in candidates if p not in holders], artifact=verified.cid,
@@ -379,7 +401,7 @@ class _ChunkRun:
                                      f"the manifest says {blob.stored_size}")
             await self.write_slots.acquire()
             self.events.send_nowait(ChunkReceived(req.request, cid, len(answer)))
-            writers.start_soon(self._store, blob, answer)
+            writers.start_soon(self._store, blob, answer, req.peer)
 
         busy = False
         try:
@@ -402,8 +424,9 @@ class _ChunkRun:
             self._scopes.pop(req.request, None)
         self.events.send_nowait(RequestEnded(req.request, failure, refused, busy))
 
-    async def _store(self, blob: FetchBlob, data: bytes | bytearray) -> None:
-        """Verify a received chunk against its CID and write it through the target, in a worker thread."""
+    async def _store(self, blob: FetchBlob, data: bytes | bytearray, peer: str) -> None:
+        """Verify a received chunk against its CID and write it through the target, in a worker thread. A peer
+        whose chunk verified earns a record with this node (node/quota.py PeerRecords)."""
         try:
             await self.fetcher._thread(_verify_and_put, self.fetcher.target, blob.cid, data,
                                        self.fetcher._target_verifies)
@@ -412,6 +435,7 @@ class _ChunkRun:
         except KvswapError as exc:  # our own store failed: the fetch cannot go on
             self.events.send_nowait(Aborted(exc))
         else:
+            self.fetcher.records.earn(peer)
             self.events.send_nowait(ChunkStored(blob.cid))
         finally:
             self.write_slots.release()

@@ -23,8 +23,10 @@ What and why:
   (`ProviderStore._get_providers_from_peer_with_closers`): py-libp2p's find_providers answers from the local
   record store first, so a node that provides a key itself would never ask the network (node/p2p.py).
 - **quieter loggers**: KadDHT logs a WARNING each time a peer closes a DHT stream normally, several per
-  lookup, and the auto-connector logs its state at INFO every cycle. Raised to ERROR / WARNING (set them
-  lower after `apply()` to debug).
+  lookup, the auto-connector logs its state at INFO every cycle, and gossipsub logs a WARNING for every
+  message its own spam protection drops (a flood became a line per message). Raised to ERROR / WARNING;
+  kvswap's own refusals are counted and logged once per interval (node/quota.py RefusalLog). Set them lower
+  after `apply()` to debug.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import trio
 #: the py-libp2p release every attribute below was read in (pyproject.toml pins it)
 PINNED_VERSION = "0.8.1"
 #: logger -> the lowest level kvswap lets it log at
-_QUIET_LOGGERS = {"libp2p.kad_dht.kad_dht": logging.ERROR, "libp2p.network.auto_connector": logging.WARNING}
+_QUIET_LOGGERS = {"libp2p.kad_dht.kad_dht": logging.ERROR, "libp2p.network.auto_connector": logging.WARNING,
+                  "libp2p.pubsub.gossipsub": logging.ERROR}
 
 
 def installed_version() -> str:

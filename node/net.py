@@ -34,6 +34,7 @@ from .accounting import TransferEvent, TransferHook, no_hook
 from .exchange import Exchange, Service
 from .fetch import Fetcher, FetchProgress, FetchResult, FetchTarget
 from .p2p import P2PConfig, P2PHost
+from .quota import PeerRecords
 from .ration import UploadRation
 from .tuning import DEFAULT_TUNING, NodeTuning
 
@@ -76,9 +77,12 @@ class TrioNode:
         self.service = service
         self.dataplane: DataPlane | None = None
         self.use_dataplane = use_dataplane
-        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration, tuning)
-        self.fetcher = (Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane, tuning.fetch)
-                        if target else None)
+        #: peers with a good record here: what lets them past a crowd of strangers (node/quota.py)
+        self.records = PeerRecords(tuning.serve.max_recorded_peers)
+        self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration, tuning,
+                                 self.records)
+        self.fetcher = (Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane, tuning.fetch,
+                                records=self.records) if target else None)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         holdings = getattr(self.service, "holdings", None)
@@ -89,7 +93,7 @@ class TrioNode:
             if self.use_dataplane and self.service is not None:
                 self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
                                            chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration,
-                                           tuning=self.tuning)
+                                           tuning=self.tuning, on_served=self.records.earn)
                 await nursery.start(self.dataplane.run)
                 self.exchange.dataplane = self.dataplane
             task_status.started()
@@ -199,6 +203,11 @@ class Network:
     def addrs(self) -> list[str]:
         """Dialable multiaddrs of this node, each ending in /p2p/<peer id>."""
         return self._need().addrs
+
+    def set_standing(self, peers: Sequence[str]) -> None:
+        """The peers that always have a good record here (trusted publishers, bootstrap peers): they may use the
+        streams reserved against crowds of strangers (node/quota.py). One attribute replaced, from any thread."""
+        self._need().records.set_standing(peers)
 
     async def connect(self, addr: str) -> str:
         """Dial a peer multiaddr (.../p2p/<id>); returns its peer id."""

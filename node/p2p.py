@@ -87,6 +87,13 @@ def peer_id_of_seed(seed: bytes) -> str:
     return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
 
 
+def peer_id_of_public_key(public_hex: str) -> str:
+    """The peer id of an Ed25519 public key (64 hex digits, as `kvswap id` prints and trust lists hold)."""
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(bytes.fromhex(public_hex))).to_base58()
+
+
 def split_addr(addr: str) -> tuple[str, Any]:
     """A multiaddr ending in /p2p/<peer id> -> (peer id string, PeerInfo). UsageError otherwise."""
     with map_exceptions({ADDRESS_ERRORS: UsageError}, f"not a peer multiaddr (expected .../p2p/<peer id>): {addr!r:.120}"):
@@ -170,8 +177,13 @@ class P2PHost:
         #: optional callable (run in a worker thread) -> iterable of DHT keys this node should provide
         self.provide_source: Callable[[], Iterable[str]] | None = None
         #: gossip messages accepted per originator (node/quota.py); the rest are dropped and counted
-        self.gossip_gate = RateGate(self.tuning.gossip.burst, self.tuning.gossip.rate_per_s, self.tuning.gossip.max_senders)
-        self.gossip_dropped = RefusalLog(log, "dropped gossip over its publisher's rate")
+        g = self.tuning.gossip
+        self.gossip_gate = RateGate(g.burst, g.rate_per_s, g.max_senders)
+        #: ...per peer that delivers them (a fresh key per announcement does not multiply a peer's rate), and all
+        #: peers together (the last bound, whatever the keys and peers)
+        self.forwarder_gate = RateGate(g.forwarder_burst, g.forwarder_rate_per_s, g.max_senders)
+        self.total_gate = RateGate(g.total_burst, g.total_rate_per_s, 1)
+        self.gossip_dropped = RefusalLog(log, "dropped gossip", self.tuning.serve.refusal_log_interval_s)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -465,16 +477,24 @@ class P2PHost:
 
     def _gossip_ok(self, forwarder: Any, msg: Any) -> bool:
         """gossipsub's validator for our topics, run before a message is handled or forwarded: signed (an
-        originator), within MAX_ANNOUNCE_BYTES, and within its originator's rate (gossip.burst, then
-        gossip.rate_per_s): a flood from one publisher is dropped here, not relayed to the whole mesh."""
+        originator), within MAX_ANNOUNCE_BYTES, within its originator's rate (gossip.burst, then
+        gossip.rate_per_s), within the rate of the peer that delivered it (gossip.forwarder_*: fresh keys do
+        not multiply one peer's rate) and within the node's total budget (gossip.total_*). A flood is dropped
+        here, not relayed to the whole mesh, and counted, not logged line by line."""
         if not msg.from_id or len(msg.data) > limits.MAX_ANNOUNCE_BYTES:
             return False
         if ID(msg.from_id) == self.host.get_id():
             return True  # our own announcements
-        if self.gossip_gate.allow(bytes(msg.from_id)):
-            return True
-        self.gossip_dropped.note(f"{ID(msg.from_id).to_base58()[:16]} is over its announcement rate")
-        return False
+        if not self.gossip_gate.allow(bytes(msg.from_id)):
+            self.gossip_dropped.note(f"{ID(msg.from_id).to_base58()[:16]} is over its announcement rate")
+            return False
+        if not self.forwarder_gate.allow(str(forwarder)):
+            self.gossip_dropped.note(f"peer {str(forwarder)[:16]} delivers announcements over its rate")
+            return False
+        if not self.total_gate.allow(""):
+            self.gossip_dropped.note("announcements from all peers are over the node's gossip budget")
+            return False
+        return True
 
     async def _topic_loop(self, topic: str, sub: Any) -> None:
         """Hand every message on `topic` from another peer to the topic's handlers (node/net.py's, which
@@ -507,6 +527,7 @@ __all__ = [
     "P2PConfig",
     "P2PHost",
     "key_pair_from_seed",
+    "peer_id_of_public_key",
     "peer_id_of_seed",
     "advertised",
     "split_addr",

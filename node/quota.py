@@ -7,6 +7,8 @@ per peer and in total (`ServeTuning`, node/tuning.py), and a peer over its own s
 
 - `PeerCounter`: how many of something each peer holds (open streams, data-plane transfers); a peer at its
   share, or everyone at the total, is refused at once.
+- `StreamAdmission`: inbound streams per peer, per IP address, per subnet and in total, with slots reserved
+  for peers with a good record (`PeerRecords`): many identities from one address share one address's share.
 - `FairSlots` (trio): N slots for work in progress (serving a request, a generation). A peer holds at most
   `per_peer`; when a slot frees up, the waiting peers take turns (round robin), so a peer with 100 requests
   queued gets one slot per turn like a peer with one. A waiter gives up after its timeout with `Busy`.
@@ -21,12 +23,14 @@ Pure bookkeeping except FairSlots' waiting (trio events); clocks are injected, s
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import itertools
 import logging
 import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Hashable
+from typing import AsyncIterator, Callable, Hashable, Iterable
 
 import trio
 
@@ -236,4 +240,120 @@ class RefusalLog:
         return True
 
 
-__all__ = ["FairSlots", "PeerCounter", "RateGate", "RefusalLog"]
+def network_of(ip: str | None) -> tuple[str, str]:
+    """(ip, subnet) of a peer's address: the /24 of an IPv4 address, the /64 of an IPv6 one (libp2p's resource
+    manager scopes the same way); ("?", "?") when the transport does not say."""
+    if not ip:
+        return "?", "?"
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip, ip
+    prefix = 24 if addr.version == 4 else 64
+    return str(addr), str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+
+
+class StreamAdmission:
+    """Who may open one more inbound stream: per peer, per IP address, per subnet and in total, with a share of
+    the total reserved for peers with a good record (libp2p's resource manager scopes, plus an allowlist).
+
+    A peer identity costs nothing to make, so per-identity shares alone fall to a crowd: 18 fresh identities
+    from one address, 16 silent streams each, held every one of 256 slots. Here:
+    - every peer holds at most `per_peer` streams;
+    - peers without a record (`vouched` says who has one) hold at most `per_ip` streams per IP address and
+      `per_subnet` per /24 (IPv4) or /64 (IPv6), and at most `total - reserved` altogether;
+    - peers with a record (this node fetched from them or served them to the end, trusted publishers,
+      configured peers) may also use the `reserved` slots, so a crowd of strangers cannot take every slot.
+    Pure bookkeeping; `vouched(peer)` is asked at each admission (a record can be earned meanwhile)."""
+
+    def __init__(self, total: int, per_peer: int, per_ip: int, per_subnet: int, reserved: int,
+                 vouched: Callable[[str], bool] = lambda peer: False) -> None:
+        if not 0 <= reserved < total:
+            raise ValueError("reserved slots must leave some for newcomers")
+        self.total, self.per_peer, self.per_ip, self.per_subnet, self.reserved = total, per_peer, per_ip, per_subnet, reserved
+        self.vouched = vouched
+        self.peers = PeerCounter(total, per_peer)
+        self._strangers = 0  # streams held by peers without a record
+        self._by_ip: dict[str, int] = {}
+        self._by_subnet: dict[str, int] = {}
+        self._held: dict[int, tuple[str, str, str, bool]] = {}  # ticket -> (peer, ip, subnet, stranger)
+        self._tickets = itertools.count(1)
+
+    def acquire(self, peer: str, ip: str | None) -> int | None:
+        """A ticket to give back with `release`, or None (refused: say why with `why_refused`)."""
+        known = self.vouched(peer)
+        addr, subnet = network_of(ip)
+        if not known and (self._strangers >= self.total - self.reserved or self._by_ip.get(addr, 0) >= self.per_ip
+                          or self._by_subnet.get(subnet, 0) >= self.per_subnet):
+            return None
+        if not self.peers.acquire(peer):
+            return None
+        ticket = next(self._tickets)
+        self._held[ticket] = (peer, addr, subnet, not known)
+        if not known:
+            self._strangers += 1
+            self._by_ip[addr] = self._by_ip.get(addr, 0) + 1
+            self._by_subnet[subnet] = self._by_subnet.get(subnet, 0) + 1
+        return ticket
+
+    def release(self, ticket: int) -> None:
+        peer, addr, subnet, stranger = self._held.pop(ticket)
+        self.peers.release(peer)
+        if stranger:
+            self._strangers -= 1
+            _give_back(self._by_ip, addr)
+            _give_back(self._by_subnet, subnet)
+
+    def why_refused(self, peer: str, ip: str | None) -> str:
+        addr, subnet = network_of(ip)
+        if self.peers.count(peer) >= self.per_peer:
+            return f"{self.peers.count(peer)} streams open"
+        if self.peers.in_use >= self.total:
+            return "the node's streams are all in use"
+        if self._by_ip.get(addr, 0) >= self.per_ip:
+            return f"{self._by_ip[addr]} streams from {addr} by peers without a record"
+        if self._by_subnet.get(subnet, 0) >= self.per_subnet:
+            return f"{self._by_subnet[subnet]} streams from {subnet} by peers without a record"
+        return "the slots left for peers without a record are in use"
+
+    @property
+    def in_use(self) -> int:
+        return self.peers.in_use
+
+    def count(self, peer: str) -> int:
+        return self.peers.count(peer)
+
+
+class PeerRecords:
+    """Peers with a good record with this node: the ones a crowd of fresh identities cannot displace
+    (`StreamAdmission`'s reserved slots). A peer earns a record by delivering chunks that verified to one of
+    our fetches, or by completing a request we served; trusted publishers and configured peers (bootstrap)
+    hold one for good. A peer whose stream is cut for misbehaving (garbage, a stall, an oversized frame) loses
+    an earned record. At most `max_peers` earned records are kept (the least recently earned go first)."""
+
+    def __init__(self, max_peers: int) -> None:
+        self.max_peers = max_peers
+        self._earned: OrderedDict[str, None] = OrderedDict()
+        self._standing: frozenset[str] = frozenset()
+
+    def set_standing(self, peers: "Iterable[str]") -> None:
+        """The peers that always have a record (trusted publishers, configured peers): replaces the set."""
+        self._standing = frozenset(peers)
+
+    def earn(self, peer: str) -> None:
+        self._earned.pop(peer, None)
+        self._earned[peer] = None
+        while len(self._earned) > self.max_peers:
+            self._earned.popitem(last=False)
+
+    def forfeit(self, peer: str) -> None:
+        self._earned.pop(peer, None)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._standing or peer in self._earned
+
+    def __len__(self) -> int:
+        return len(self._earned) + len(self._standing)
+
+
+__all__ = ["FairSlots", "PeerCounter", "PeerRecords", "RateGate", "RefusalLog", "StreamAdmission", "network_of"]

@@ -12,6 +12,7 @@ Methods run in worker threads; kvswap.store.Store is thread-safe (a connection p
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,7 +22,7 @@ from kvswap.artifact.manifest import Manifest, decode_manifest
 from kvswap.artifact.signing import TrustPolicy, decode_envelopes, encode_envelopes, verify_envelopes
 from kvswap.protocol.cid import Cid
 from kvswap.protocol.keys import ArtifactKey
-from kvswap.protocol.errors import IntegrityError, NotFound
+from kvswap.protocol.errors import IntegrityError, LimitExceeded, NotFound
 from kvswap.protocol.messages import GenerateRequest, GenerateResponse
 from kvswap.store import Store
 
@@ -54,10 +55,12 @@ class StoreArtifacts:
     verifies_chunks = True  # Store.put_chunk hashes every chunk before it becomes visible
 
     def __init__(self, store: Store, policy: TrustPolicy,
-                 generate: Callable[[GenerateRequest], GenerateResponse] | None = None) -> None:
+                 generate: Callable[[GenerateRequest], GenerateResponse] | None = None,
+                 budget_bytes: int | None = None) -> None:
         self.store = store
         self.policy = policy
         self._generate = generate
+        self.budget_bytes = budget_bytes  # the home's store.budget: no fetch starts on an artifact larger
 
     # --- Service ------------------------------------------------------------------------------------------
     def attestations(self, cid: Cid) -> bytes:
@@ -125,6 +128,17 @@ class StoreArtifacts:
 
     def has_chunk(self, cid: Cid) -> bool:
         return self.store.has_chunk(cid)
+
+    def check_room(self, cid: Cid, nbytes: int) -> None:
+        """LimitExceeded when `nbytes` (what an artifact declares) exceed the store's budget or the disk's free
+        space: refused before any chunk is asked for."""
+        if self.budget_bytes is not None and nbytes > self.budget_bytes:
+            raise LimitExceeded(f"artifact {cid.short()} declares {nbytes:,} bytes, over this store's budget of "
+                                f"{self.budget_bytes:,} (store.budget)")
+        free = shutil.disk_usage(self.store.root).free
+        if nbytes > free:
+            raise LimitExceeded(f"artifact {cid.short()} declares {nbytes:,} bytes, more than the "
+                                f"{free:,} free on the store's disk")
 
     #: optional `on_chunk(verified: bool)` for every chunk offered to the store (the daemon's metrics)
     on_chunk: Callable[[bool], None] | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kvswap.config import setting
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class FetchTuning:
     other_model_lookup_s: float = 10.0
     #: Seconds a fetcher asks a peer whose data plane failed or refused it for no grant (libp2p meanwhile).
     dataplane_backoff_s: float = 30.0
+    #: Largest artifact a fetch starts on (stored bytes, as its manifest declares), whatever the store's budget:
+    #: a trusted publisher's manifest once declared 94 GB, and the fetch ran on without anyone comparing.
+    max_artifact_bytes: int = 64 * GiB
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,16 @@ class ServeTuning:
     max_streams_per_peer: int = 16
     #: Inbound kvswap streams open at once from all peers (each buffers at most MAX_REQUEST_FRAME_BYTES).
     max_streams: int = 256
+    #: Inbound streams held by peers without a record (node/quota.py PeerRecords), per IP address: identities
+    #: cost nothing, addresses do (18 fresh identities from one address once held all 256 slots).
+    max_streams_per_ip: int = 64
+    #: ...and per /24 (IPv4) or /64 (IPv6) subnet: a host with many addresses in one block is one host.
+    max_streams_per_subnet: int = 192
+    #: Streams of max_streams only peers with a record may take (peers this node fetched from or served to
+    #: the end, trusted publishers, bootstrap peers): a crowd of strangers never takes every slot.
+    reserved_streams: int = 64
+    #: Peers whose earned record is remembered (the least recently earned is forgotten first).
+    max_recorded_peers: int = 4096
     #: Hosted generations one peer may have running or waiting at once (peers take turns on the engine).
     max_generate_per_peer: int = 1
     #: Seconds a peer may stay silent mid-frame before we cut it off.
@@ -152,6 +166,14 @@ class GossipTuning:
     rate_per_s: float = 1.0
     #: Publishers whose announcement rate is tracked at once (the least recently heard is forgotten first).
     max_senders: int = 1024
+    #: Announcements one forwarding peer may deliver in a burst, whatever keys signed them (a fresh key per
+    #: announcement, 3,165 of 5,000 once got through the per-publisher rate)...
+    forwarder_burst: int = 64
+    #: ...and per second after it (a relay that forwards others' announcements sends more than one publisher).
+    forwarder_rate_per_s: float = 8.0
+    #: Announcements accepted from all peers together in a burst, and per second after it: the last bound.
+    total_burst: int = 256
+    total_rate_per_s: float = 32.0
     #: Announcements a daemon keeps to show in its status, all publishers together (the oldest go first).
     max_kept: int = 1024
     #: Announcements kept per publisher (its oldest go first).

@@ -165,3 +165,42 @@ def test_announcement_table_is_bounded_per_publisher_and_in_total_and_expires():
     assert len(table) == 5 and table.recent(1)[0].get("again")
     clock.now = 150.0
     assert len(table) == 0 and table.recent(5) == []  # expired
+
+
+def test_stream_admission_holds_a_crowd_of_identities_to_its_address_and_keeps_slots_for_known_peers():
+    from kvswap.node.quota import PeerRecords, StreamAdmission, network_of
+
+    records = PeerRecords(max_peers=8)
+    adm = StreamAdmission(total=20, per_peer=4, per_ip=6, per_subnet=10, reserved=5, vouched=records.__contains__)
+    crowd = [f"stranger{i}" for i in range(10)]
+    held = [t for peer in crowd for t in [adm.acquire(peer, "10.0.0.9") for _ in range(4)] if t is not None]
+    assert len(held) == 6  # one address's share, however many identities it shows
+    assert adm.acquire("newcomer", "10.0.0.77") is not None  # another address in the subnet still gets in
+    assert "by peers without a record" in adm.why_refused("stranger9", "10.0.0.9")
+    for i in range(4):  # the subnet's share
+        adm.acquire(f"n{i}", f"10.0.0.{100 + i}")
+    assert adm.acquire("late", "10.0.0.200") is None and "10.0.0.0/24" in adm.why_refused("late", "10.0.0.200")
+    records.earn("friend")  # fetched from, or served to the end: a record
+    assert all(adm.acquire("friend", "10.0.0.9") is not None for _ in range(4))  # not counted to the address
+    assert adm.acquire("friend", "10.0.0.9") is None  # still its own per-peer share
+    for t in held:
+        adm.release(t)
+    assert adm.acquire("stranger0", "10.0.0.9") is not None
+    assert network_of("2001:db8::1")[1] == "2001:db8::/64" and network_of(None) == ("?", "?")
+
+
+def test_strangers_never_take_the_reserved_slots():
+    from kvswap.node.quota import PeerRecords, StreamAdmission
+
+    records = PeerRecords(max_peers=8)
+    adm = StreamAdmission(total=8, per_peer=8, per_ip=100, per_subnet=100, reserved=3, vouched=records.__contains__)
+    strangers = [adm.acquire(f"s{i}", f"192.0.2.{i}") for i in range(8)]
+    assert sum(t is not None for t in strangers) == 5  # total - reserved
+    records.set_standing(["trusted publisher"])
+    assert [adm.acquire("trusted publisher", "198.51.100.1") is not None for _ in range(4)] == [True] * 3 + [False]
+    records.earn("helper")
+    records.forfeit("helper")  # a stream of its was cut for misbehaving: the record goes
+    assert "helper" not in records and "trusted publisher" in records
+    for i in range(20):
+        records.earn(f"p{i}")
+    assert len(records) == 8 + 1  # earned records are bounded (the oldest go), standing ones stay

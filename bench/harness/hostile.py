@@ -260,6 +260,79 @@ async def gossip_flood(h: Hostile, model_fingerprint: str, n: int, wait_mesh_s: 
     return sent
 
 
+async def gossip_fresh_keys(h: Hostile, model_fingerprint: str, n: int, wait_mesh_s: float = 10.0) -> int:
+    """Publish `n` announcements, each signed by a fresh throwaway key and naming it as the publisher (a
+    per-publisher rate alone lets every one through); how many were pushed. The same peer delivers them all."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    topic = announce_topic(model_fingerprint)
+    await h.p2p.subscribe(topic, lambda data, sender: None)
+    with trio.move_on_after(wait_mesh_s):
+        while not h.p2p.topic_peers(topic):
+            await trio.sleep(0.1)
+    pushed = 0
+    for i, cid in enumerate(random_cids(n)):
+        keys = create_new_key_pair(os.urandom(32))
+        origin = ID.from_pubkey(keys.public_key)
+        data = encode(Announce(cid, model_fingerprint, "ee" * 32, 64, origin.to_base58()))
+        msg = rpc_pb2.Message(data=data, topicIDs=[topic], from_id=origin.to_bytes(), seqno=i.to_bytes(8, "big"))
+        msg.signature = keys.private_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+        msg.key = keys.public_key.serialize()
+        await h.p2p.pubsub.push_msg(h.p2p.pubsub.my_id, msg)
+        pushed += 1
+        if pushed % 100 == 0:
+            await trio.sleep(0)
+    return pushed
+
+
+async def crowd_of_identities(target_addr: str, target: str, identities: int, streams_each: int,
+                              stop: trio.Event, ready: trio.Event | None = None) -> StreamStats:
+    """`identities` throwaway peer identities, all from this machine's one address, each holding
+    `streams_each` silent streams to `target` and reopening them as they are cut, until `stop` (the flood
+    that per-identity shares alone cannot hold)."""
+    stats = StreamStats()
+
+    async def one(index: int) -> None:
+        async with hostile_host() as h:
+            await h.p2p.connect(target_addr)
+            held: list[Any] = []
+            while not stop.is_set():
+                while len(held) < streams_each and not stop.is_set():
+                    try:
+                        held.append(await h.p2p.open_stream(target, MANIFEST_PROTOCOL))
+                        stats.opened += 1
+                    except Exception:  # refused during negotiation (reset): try again shortly
+                        stats.failed_open += 1
+                        await trio.sleep(0.2)
+                if ready is not None and index == identities - 1:
+                    ready.set()
+                with trio.move_on_after(0.5):
+                    await stop.wait()
+                alive = []
+                for stream in held:  # a stream the target cut reads EOF or fails at once
+                    with trio.move_on_after(0.01) as probe:
+                        try:
+                            await stream.read(1)
+                        except Exception:  # reset by the target
+                            stats.refused += 1
+                            continue
+                    if probe.cancelled_caught:
+                        alive.append(stream)
+                    else:
+                        stats.refused += 1
+                held = alive
+            for stream in held:
+                await _quiet_reset(stream)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(identities):
+            nursery.start_soon(one, i)
+    return stats
+
+
 async def long_generations(h: Hostile, target: str, cid: Cid, n: int, max_new_tokens: int) -> list[str]:
     """`n` concurrent hosted generations of `max_new_tokens`; what each ended with ("ok" or the error type)."""
     outcomes: list[str] = []
@@ -425,6 +498,11 @@ class AttackThread:
         if self.error is not None:
             raise RuntimeError(f"attack failed to start: {self.error!r}")
         return self
+
+    def wait(self, timeout: float = 120) -> dict:
+        """Let the attack run to its own end (bounded), then report as `stop` does."""
+        self._thread.join(timeout)
+        return self.stop(timeout=5)
 
     def stop(self, timeout: float = 120) -> dict:
         self._stop.set()

@@ -120,7 +120,8 @@ def publish(store, key, engine, kv: KvTensors, doc_text: str, block_tokens: int,
     manifest, chunks = publish_kv(kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
                                   tokenizer_fingerprint=engine.tokenizer_fingerprint,
                                   document_hash=Document(doc_text).hash, block_tokens=block_tokens,
-                                  compute=engine.compute_identity() if compute else None)
+                                  compute=engine.compute_identity(kv.meta.get("prefill_step", block_tokens))
+                                  if compute else None)
     store.put_artifact(manifest, [key.sign_manifest(manifest.cid)], chunks)
     return manifest
 

@@ -109,12 +109,12 @@ class Engine:
                 ids.update(int(v) for v in value)
         return frozenset(ids)
 
-    def compute_identity(self) -> dict[str, str]:
-        """What decides the bits of this engine's prefills here (kvswap/engine/identity.py): published in the
-        manifest, compared by auditors."""
+    def compute_identity(self, prefill_step: int | None = None) -> dict[str, str]:
+        """What decides the bits of this engine's prefills here, in steps of `prefill_step` tokens
+        (kvswap/engine/identity.py): published in the manifest, compared by auditors."""
         from .identity import compute_identity
 
-        return compute_identity(self.model, self.device)
+        return compute_identity(self.model, self.device, prefill_step)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -11,11 +11,13 @@ What enters it was measured (docs/exactness.md, "What changes the bits"; torch 2
 AVX-512, tiny-qwen3 and SmolLM2-135M, bf16/fp16/fp32, 660 and 1500 tokens): the instruction set torch's own
 kernels dispatch to (`ATEN_CPU_CAPABILITY`) changed fp16 and fp32 bits; the ISA oneDNN may use
 (`ONEDNN_MAX_CPU_ISA`, and the CPU's bf16 / AMX features) changed bf16 bits; the attention implementation and
-the prefill block size changed bits in every dtype; repeated runs never did. The torch build fixes the oneDNN
+the prefill step changed bits in every dtype (kvswap prefills in steps of the artifact's block; a publisher
+that prefilled in one forward says `prefill_step` 0, and its artifact is audited within tolerance); repeated
+runs never did. The torch build fixes the oneDNN
 and MKL versions; the CPU vendor is recorded because MKL takes vendor-specific paths. Torch's thread count did
 not change bits at 1, 2 and 4 threads; it is recorded all the same, and an auditor reproduces it (an audit
-runs with the publisher's thread count, `Engine.threads`), so it never forces a tolerance audit. The dtype and
-the prefill block size are in the manifest already.
+runs with the publisher's thread count, `Engine.threads`), so it never forces a tolerance audit. The dtype is
+in the manifest already.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def _cpu_features() -> str:
     return "+".join(have) or "none"
 
 
-def compute_identity(model, device: str) -> dict[str, str]:
-    """The identity of prefills by `model` on `device` in this process (strings only: the manifest's form)."""
+def compute_identity(model, device: str, prefill_step: int | None = None) -> dict[str, str]:
+    """The identity of prefills by `model` on `device` in this process, in steps of `prefill_step` tokens (0:
+    one forward; None: leave it out) (strings only: the manifest's form)."""
     dev = torch.device(device)
     ident = {
         "device": dev.type,
@@ -70,6 +73,8 @@ def compute_identity(model, device: str) -> dict[str, str]:
         ident["cpu"] = f"{_cpu_vendor()} {_cpu_features()}"[:128]
         ident["isa_limits"] = ",".join(f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k))[:128] or "none"
         ident["threads"] = str(torch.get_num_threads())
+    if prefill_step is not None:
+        ident["prefill_step"] = str(int(prefill_step))
     return ident
 
 

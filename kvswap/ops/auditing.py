@@ -42,7 +42,7 @@ def audit_here(home: Home, engine, cid: Cid, *, fraction: float | None = None, b
     check_complete(store, cid)
     if document is not None:
         check_document(engine, manifest, document)
-    declared, here = manifest.compute, engine.compute_identity()
+    declared, here = manifest.compute, engine.compute_identity(prefill_step=manifest.block_tokens)
     threads = rules.threads_to_match(declared, here)  # reproduced by choice, so it never forces a tolerance audit
     if threads is not None:
         here = {**here, "threads": str(threads)}

@@ -37,7 +37,7 @@ def publish_here(home: Home, engine, document: Document, *, codec: str = "auto",
     manifest, chunks = publish_kv(
         kv, model_id=engine.model_id, model_fingerprint=engine.fingerprint,
         tokenizer_fingerprint=engine.tokenizer_fingerprint, document_hash=document.hash, codec=codec,
-        block_tokens=block_tokens, compute=engine.compute_identity())
+        block_tokens=block_tokens, compute=engine.compute_identity(prefill_step=block_tokens))
     envelope = home.key.sign_manifest(manifest.cid)
     home.store.put_artifact(manifest, [envelope], chunks)
     store_s = time.perf_counter() - t1
