@@ -159,6 +159,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(0 = no rationing)", flag="--ration-copies", flag_args=(("metavar", "N"),)),
     Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
     Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),
+    Setting("store", "host_cache_bytes", "2GiB", "size", "KVSWAP_HOST_CACHE_BYTES",
+            "host-memory tier of recently loaded artifacts, shared by the home's processes (0 = off; "
+            "kvswap/hosttier.py)"),
     Setting("trust", "trusted", [], "keys", None, "publisher keys whose artifacts this node accepts"),
     Setting("trust", "auditors", [], "keys", None, "auditor keys whose attestations count"),
     Setting("trust", "accept_audited", 0, "int", None,

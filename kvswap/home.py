@@ -33,6 +33,7 @@ class Home:
         self._flags = dict(flags or {})
         self._config: Config | None = None
         self._key = self._store = self._ledger = None
+        self._tier: Any = False  # False: not looked for yet; None: this home has none
 
     def __repr__(self) -> str:
         return f"Home({str(self.path)!r})"
@@ -65,10 +66,26 @@ class Home:
             from .store import Store, local_key_from_seed
 
             self.layout.ensure()
-            keep_raw = self.config["store.keep_raw"]  # raw local forms are kept only by a store with a key
-            self._store = Store(self.layout.store_dir,
-                                local_key=local_key_from_seed(self.key.seed) if keep_raw else None)
+            self._store = Store(self.layout.store_dir, local_key=local_key_from_seed(self.key.seed),
+                                keep_raw=self.config["store.keep_raw"])
+            self._store.tier = self.tier  # told when an artifact is removed or fsck finds a problem
         return self._store
+
+    @property
+    def tier(self):
+        """The home's host-memory tier of recently loaded artifacts (kvswap/hosttier.py), or None when
+        `store.host_cache_bytes` is 0 or this machine has no memory filesystem for it."""
+        if self._tier is False:
+            from .config import parse_size
+            from .hosttier import HostTier
+
+            self._tier = HostTier.for_home(self.path, parse_size(self.config["store.host_cache_bytes"]),
+                                           is_pinned=self._pinned)
+        return self._tier
+
+    def _pinned(self, cid) -> bool:
+        rows = [a for a in self.store.list_artifacts() if a["cid"] == str(cid)]
+        return bool(rows and rows[0]["pinned"])
 
     @property
     def ledger(self):

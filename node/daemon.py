@@ -81,7 +81,8 @@ class Daemon:
         self.jobs = JobTable(group, self.tuning.daemon.max_finished_jobs)
         self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate,
                                         budget_bytes=parse_size(self.config["store.budget"]))
-        self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage)
+        self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage,
+                                   tier=self.h.tier)
         self.artifacts.on_chunk = self.metrics.on_chunk
         self.net = Network()
         await self.net.start(
@@ -418,7 +419,7 @@ class Daemon:
             if kv is None:
                 manifest = self.store.get_manifest(cid)
                 ops.check_complete(self.store, cid)
-                kv = ops.load_artifact(engine, self.store, manifest)  # every chunk verified, on the engine's device
+                kv = ops.load_artifact(engine, self.store, manifest, tier=self.h.tier)  # verified, on its device
                 self._resident[cid] = kv
                 while len(self._resident) > self.tuning.daemon.resident_kv_slots:
                     self._resident.popitem(last=False)

@@ -11,15 +11,18 @@ What is counted, and where the count comes from:
     kvswap_prefill_seconds_total, _tokens_total this node's prefills (publishing)
     kvswap_audits_total{outcome}                audits run by this node: passed, failed
     kvswap_artifacts_stored, kvswap_stored_bytes  the store now (read at each scrape)
+    kvswap_host_tier_{hits,misses}_total,        this daemon's loads from the host-memory tier (kvswap/hosttier.py),
+      _hit_bytes_total, _bytes                   the bytes they copied, and what the tier holds now
 
 Each daemon has its own registry (several daemons may live in one test process).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from .accounting import TransferEvent
 
@@ -28,7 +31,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class NodeMetrics:
-    def __init__(self, artifacts: Callable[[], int], stored_bytes: Callable[[], int]) -> None:
+    def __init__(self, artifacts: Callable[[], int], stored_bytes: Callable[[], int], tier: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.bytes = Counter("kvswap_bytes", "Bytes on the wire by protocol and direction",
@@ -45,6 +48,12 @@ class NodeMetrics:
         Gauge("kvswap_artifacts_stored", "Artifacts in the store", registry=r).set_function(artifacts)
         Gauge("kvswap_stored_bytes", "Bytes of chunks (and raw local forms) in the store",
               registry=r).set_function(stored_bytes)
+        if tier is not None:
+            for name, what, read in (("hits", "Loads served from the host-memory tier", lambda: tier.hits),
+                                     ("misses", "Loads the host-memory tier did not hold", lambda: tier.misses),
+                                     ("hit_bytes", "Bytes loaded from the host-memory tier", lambda: tier.hit_bytes)):
+                _CounterOf(f"kvswap_host_tier_{name}", what, read, r)
+            Gauge("kvswap_host_tier_bytes", "Bytes the host-memory tier holds", registry=r).set_function(tier.usage)
 
     def on_transfer(self, event: TransferEvent) -> None:
         self.bytes.labels(event.protocol, event.direction).inc(event.wire_bytes)
@@ -54,6 +63,20 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CounterOf:
+    """A counter whose value is read from elsewhere at each scrape (a count another object keeps)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float], registry: CollectorRegistry):
+        self.name, self.documentation, self.read = name, documentation, read
+        registry.register(self)
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation)]
 
 
 __all__ = ["CONTENT_TYPE", "NodeMetrics"]

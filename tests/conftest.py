@@ -7,7 +7,21 @@ a real checkpoint. Loading takes a few seconds, so engines are session-scoped: t
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+#: the host-memory tiers of every home the suite makes (daemons and CLI subprocesses inherit it), in one folder
+#: that goes when the session ends, instead of one /dev/shm folder per throwaway home left behind
+_TIER_ROOT = tempfile.mkdtemp(prefix="kvswap-test-tiers-",
+                              dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+os.environ["KVSWAP_HOST_TIER_DIR"] = _TIER_ROOT
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TIER_ROOT, ignore_errors=True)
 
 #: English prose long enough for several 16-token blocks, short enough to prefill in milliseconds
 DOC_TEXT = (

@@ -20,17 +20,25 @@ Each chunk is one task on a thread pool (file reads, sha256 and zstd all release
 - `fill` yields each slot as soon as its bytes are verified, so the engine can start copying it to the device
   while other chunks are still being read and hashed.
 
-What "verified" means for a local load (`verify`, SECURITY.md "Loading from the local store"): "sha256" (the
-default) hashes every byte against the chunk's CID, or against the digest of a raw form, which is recorded
-with a MAC keyed by the node's identity when it was written from verified bytes; this catches disk
-corruption and a local user who can write the store but cannot read the node key. "none" trusts what was
-verified when it arrived (for trusted disks and for measuring what the hash costs). Bytes from the network are
-always verified before they are stored (Store.put_chunk), whatever this says.
+What "verified" means for a local load (`verify`, a `kvswap.modes.Verify`; SECURITY.md "Loading from the
+local store"):
+- `blake3` (the default): every byte against the chunk's record, a keyed BLAKE3 of (form, CID, size, bytes)
+  the store wrote when the bytes were verified against the CID on arrival or at publish (kvswap/store.py),
+  under a key derived from the node's identity. It changes no CID (sha256 stays the CID and the wire check)
+  and catches what sha256 catches here: disk corruption, torn writes, and a local user who can write the
+  store but cannot read the node key; at 2.5-5x sha256's speed. A chunk stored before records existed is
+  checked by sha256 once and recorded;
+- `sha256`: every byte against the chunk's CID, or a raw form against its digest (recorded with a MAC under
+  the node's key); the previous default, kept;
+- `none`: trust what was verified when it arrived (for trusted disks and for measuring what the check costs).
+Bytes from the network are always verified against their CIDs before they are stored (Store.put_chunk),
+whatever this says.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -46,8 +54,10 @@ from ..protocol.errors import IntegrityError, NotFound, UsageError
 from .codecs import decode_into
 from .manifest import ChunkRef, Manifest
 
+log = logging.getLogger(__name__)
+
 #: what a local load checks when the caller does not say (module docstring)
-DEFAULT_VERIFY = Verify.SHA256
+DEFAULT_VERIFY = Verify.BLAKE3
 #: threads that read, hash and decode chunks at once: one per core, at most 16 (an H100 host's core count)
 LOAD_THREADS = max(1, min(16, os.cpu_count() or 1))
 #: most buffers one preadv call takes (POSIX guarantees 16, Linux takes 1024)
@@ -64,6 +74,10 @@ class ChunkFiles(Protocol):
     def put_raw_form(self, cid: Cid, raw: memoryview) -> bool: ...  # False when the store keeps no raw forms
 
     def drop_raw_form(self, cid: Cid) -> None: ...
+
+    def check_record(self, cid: Cid, form: str, runs) -> bool | None: ...  # None: no record to check against
+
+    def put_record(self, cid: Cid, form: str, runs) -> bool: ...  # record bytes just verified
 
 
 @dataclass(frozen=True)
@@ -141,34 +155,68 @@ def _copy_runs(src: memoryview, runs: list[memoryview]) -> None:
         offset += len(run)
 
 
+def _check_stored(files: ChunkFiles, ref: ChunkRef, runs: list, verify: Verify) -> None:
+    """The check of a chunk's stored bytes (in `runs`): its keyed BLAKE3 record (blake3; a chunk without one,
+    stored before records existed, is checked by sha256 once and recorded), its CID (sha256), or nothing."""
+    if verify is Verify.NONE:
+        return
+    ok = files.check_record(ref.cid, "stored", runs) if verify is Verify.BLAKE3 else None
+    if ok is True:
+        return
+    if _digest(runs) != ref.cid.digest:  # no record (or one that does not check): the CID decides
+        raise IntegrityError(f"stored chunk {ref.cid.short()} does not match its CID (run `kvswap fsck --repair`, "
+                             "then fetch it again)")
+    if ok is False:  # the bytes are the CID's, the record is not theirs: a damaged or foreign index row
+        log.warning("the record of chunk %s did not match its bytes, which match their CID: recorded again",
+                    ref.cid.short())
+    if verify is Verify.BLAKE3:
+        files.put_record(ref.cid, "stored", runs)  # (re)recorded: the next load checks the record
+
+
+def _load_raw_form(files: ChunkFiles, ref: ChunkRef, runs: list, verify: Verify) -> bool:
+    """A compressed chunk's raw local form into `runs`, checked (its BLAKE3 record, or its recorded sha256
+    under the index's MAC); False when there is none or it does not check (it is dropped: the stored chunk is
+    decoded instead)."""
+    raw_form = files.raw_form(ref.cid)
+    if raw_form is None:
+        return False
+    path, digest = raw_form
+    try:
+        _read_into(path, list(runs), f"raw form of chunk {ref.cid.short()}")
+        if verify is Verify.BLAKE3:
+            ok = files.check_record(ref.cid, "raw", runs)
+            if ok is None and _digest(runs) == digest:  # a raw form kept before records existed
+                files.put_record(ref.cid, "raw", runs)
+                ok = True
+            if not ok:
+                log.warning("the raw form of chunk %s did not match its record: decoded from the stored chunk",
+                            ref.cid.short())
+                raise IntegrityError("raw form does not match its record")
+        elif verify is Verify.SHA256 and _digest(runs) != digest:
+            raise IntegrityError("raw form does not match its recorded digest")
+        return True
+    except (IntegrityError, OSError):
+        files.drop_raw_form(ref.cid)  # a damaged cache entry: fall back to the stored chunk
+        return False
+
+
 def _load_one(files: ChunkFiles, ref: ChunkRef, runs: list[memoryview], itemsize: int, verify: Verify,
               keep_raw: bool) -> None:
     """Verified raw payload of one chunk into `runs` (writable views that together are its raw payload)."""
     what = f"chunk {ref.cid.short()}"
-    if ref.codec != "raw":
-        raw_form = files.raw_form(ref.cid)
-        if raw_form is not None:
-            path, digest = raw_form
-            try:
-                _read_into(path, list(runs), f"raw form of {what}")
-                if verify is Verify.SHA256 and _digest(runs) != digest:
-                    raise IntegrityError(f"raw form of {what} does not match its recorded digest")
-                return
-            except (IntegrityError, OSError):
-                files.drop_raw_form(ref.cid)  # a damaged cache entry: fall back to the stored chunk
+    if ref.codec != "raw" and _load_raw_form(files, ref, runs, verify):
+        return
     try:
         path = files.chunk_path(ref.cid)
     except NotFound:
         raise NotFound(f"{what} is not in the store") from None
     if ref.codec == "raw":
         _read_into(path, list(runs), what)
-        if verify is Verify.SHA256 and _digest(runs) != ref.cid.digest:
-            raise IntegrityError(f"content does not match its CID {ref.cid.short()}")
+        _check_stored(files, ref, runs, verify)
         return
     stored = bytearray(ref.stored_size)
     _read_into(path, [memoryview(stored)], what)
-    if verify is Verify.SHA256:
-        ref.cid.verify(stored)
+    _check_stored(files, ref, [memoryview(stored)], verify)
     if len(runs) == 1:
         decode_into(ref.codec, stored, runs[0], itemsize)
         raw = runs[0]
@@ -197,8 +245,6 @@ def fill(plan: LoadPlan, dest: memoryview | Dest, files: ChunkFiles, *, verify: 
     then holds unverified bytes and must not reach a model. Nothing is yielded for a chunk before it is
     verified."""
     verify = Verify.parse(verify, "verify")
-    if verify is Verify.BLAKE3:
-        raise UsageError("verify=blake3 needs the store's keyed records (not built yet)")
     runs_of = dest if callable(dest) else contiguous(dest, plan)
     itemsize = plan.manifest.layout.itemsize
 

@@ -7,16 +7,17 @@ codec, CID and size, keeping stored bytes only up to PUBLISH_BUFFER_BYTES; the s
 (compression is deterministic and ~100x cheaper than the prefill that produced the KV) and checks the
 CID again.
 
-assemble_kv reads only the chunks covering the tokens asked for, checks each one's stored size and CID,
+assemble_kv is the previous load path, kept measurable beside the current one (bench loadpath, the tests'
+reference): every consumer loads through kvswap/artifact/loader.py (kvswap/ops/loading.py). It reads only the
+chunks covering the tokens asked for, checks each one's stored size and CID,
 decodes it within its declared raw size, and only after every chunk has passed returns the KvTensors a
 model may see. Output arrays are allocated from manifest sizes that decode_manifest has already bounded.
-Chunks are loaded on LOAD_THREADS threads at once: sha256, zstd and numpy copies all release the GIL, and
+Chunks are loaded on loader.LOAD_THREADS threads at once (the one thread count of every load path): sha256, zstd and numpy copies all release the GIL, and
 hashing every byte on one core is what bounds a verified load (BENCHMARKS.md, load path).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,8 +33,6 @@ from .manifest import BlobRef, ChunkRef, Manifest
 #: stored chunk bytes publish_kv keeps from its first pass instead of re-encoding them (bytes)
 PUBLISH_BUFFER_BYTES = 64 * 1024 * 1024
 
-#: threads that read, hash, decode and scatter chunks at once in assemble_kv (one per core, at most 8)
-LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 ReadChunk = Callable[[Cid], "bytes | memoryview"]
 
@@ -125,7 +124,7 @@ def verified_blob(ref: BlobRef, stored: bytes | memoryview, itemsize: int) -> by
 
 
 def assemble_kv(manifest: Manifest, read_chunk: ReadChunk, n_tokens: int | None = None,
-                with_tail: bool = True, threads: int = LOAD_THREADS) -> KvTensors:
+                with_tail: bool = True, threads: int | None = None) -> KvTensors:
     """KvTensors for the first `n_tokens` tokens (all by default), every chunk verified first.
 
     A prefix reads only the blocks that cover it and slices the last one. The tail (last-position
@@ -145,6 +144,10 @@ def assemble_kv(manifest: Manifest, read_chunk: ReadChunk, n_tokens: int | None 
             keys[layer][:, ref.t0:hi, :] = parts[2 * layer][:, : hi - ref.t0, :]
             values[layer][:, ref.t0:hi, :] = parts[2 * layer + 1][:, : hi - ref.t0, :]
 
+    if threads is None:
+        from .loader import LOAD_THREADS
+
+        threads = LOAD_THREADS
     if threads <= 1 or len(refs) <= 1:
         for ref in refs:
             load(ref)

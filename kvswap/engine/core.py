@@ -35,7 +35,7 @@ from ..protocol.errors import ModelMismatch, UsageError
 from ..kvtensors import KvLayout, KvTensors
 from ..artifact.limits import DEFAULT_BLOCK_TOKENS
 from .decoding import Stepper, check_mode
-from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors
+from .kvload import LoadedKv, cache_from_loaded, load_from_chunks, load_from_kvtensors, load_from_layers
 from .rawbits import tensor_to_bits, torch_dtype
 
 
@@ -284,6 +284,16 @@ class Engine:
             raise ModelMismatch(f"KV layout is {layout.to_dict()}, this engine ({self.model_id}) needs "
                                 f"{self.layout.to_dict()}")
         return load_from_chunks(self, layout, token_ids, chunk_tokens, fill, last_logits, meta, step, whole)
+
+    def load_layers(self, layout: KvLayout, token_ids: list[int], total_tokens: int, pages,
+                    last_logits: np.ndarray | None = None, meta: dict | None = None, *, step: int = 64,
+                    whole: bool = True) -> LoadedKv:
+        """KV already verified and in the cache's layout (a host-memory tier entry, kvswap/hosttier.py): views
+        of `pages` on the CPU, one copy to a GPU (kvswap/engine/kvload.py)."""
+        if layout != self.layout:
+            raise ModelMismatch(f"KV layout is {layout.to_dict()}, this engine ({self.model_id}) needs "
+                                f"{self.layout.to_dict()}")
+        return load_from_layers(self, layout, token_ids, total_tokens, pages, last_logits, meta, step, whole)
 
     def load_kv(self, kv: KvTensors) -> LoadedKv:
         """`kv` on this engine's device (checked first), ready to seed any number of generations."""

@@ -19,11 +19,11 @@ from .costs import report
 from .fetching import get
 from .generation import generate, generate_here
 from .ledgerlog import log_audit, log_generation, log_load, log_prefill
-from .loading import load_artifact, load_cache
+from .loading import load_artifact, load_cache, load_kvtensors
 from .publishing import publish, publish_here
 from .source import Source, engine_for, node_for, resolve
 
 __all__ = ["Source", "audit", "audit_here", "check_complete", "check_document", "check_trust", "engine_for",
-           "generate", "generate_here", "get", "load_artifact", "load_cache", "log_audit", "log_generation",
+           "generate", "generate_here", "get", "load_artifact", "load_cache", "load_kvtensors", "log_audit", "log_generation",
            "log_load", "log_prefill", "node_for", "publish", "publish_here", "report", "resolve",
            "verify_artifact"]

@@ -49,7 +49,7 @@ def audit_here(home: Home, engine, cid: Cid, *, fraction: float | None = None, b
     used, why = rules.choose_mode(AuditMode.parse(mode, "audit mode"), declared, here)
     chosen, drawn = rules.choose_blocks(len(manifest.chunks), fraction=fraction, blocks=blocks, full=full, seed=seed)
     t0 = time.perf_counter()
-    loaded = load_artifact(engine, store, manifest, keep_raw=home.config["store.keep_raw"])
+    loaded = load_artifact(engine, store, manifest, keep_raw=home.config["store.keep_raw"], tier=home.tier)
     load_s = time.perf_counter() - t0
     with engine.threads(threads):
         result = rules.run_audit(engine, loaded, manifest, chosen, drawn, used, why)

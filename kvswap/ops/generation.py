@@ -36,7 +36,7 @@ def generate_here(home: Home, engine, cid: Cid, prompt: str, max_new_tokens: int
     if policy is not None:
         check_trust(store, manifest, policy)
     check_complete(store, cid)
-    loaded = load_artifact(engine, store, manifest, keep_raw=home.config["store.keep_raw"])
+    loaded = load_artifact(engine, store, manifest, keep_raw=home.config["store.keep_raw"], tier=home.tier)
     store.touch(cid)
     suffix = engine.tokenize(prompt) if prompt else []
     result = engine.generate_from_loaded(loaded, suffix, max_new_tokens=max_new_tokens, seed=seed,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ...artifact.manifest import Manifest
 from ...control import routes
-from ...artifact.pipeline import assemble_kv, check_compatible, publish_kv
+from ...artifact.pipeline import check_compatible, publish_kv
 from ...document import document_hash as _document_hash
 from ...artifact.signing import NodeKey, TrustPolicy, verify_envelopes
 from ...protocol.cid import Cid
@@ -151,12 +151,15 @@ class KvswapSource:
     # --- loading --------------------------------------------------------------------------------------
     def load_kv(self, cid: str, n_tokens: int, model: ModelIdentity) -> KvTensors:
         """The first `n_tokens` of an artifact's KV, after the manifest matched its CID, the model and the
-        trust policy, and every chunk read matched its CID (assemble_kv hashes each one before use)."""
+        trust policy, through kvswap's one load path (kvswap/ops/loading.py: every chunk verified, or one copy
+        from the home's host-memory tier)."""
+        from ...ops.loading import load_kvtensors
+
         c = Cid.parse(cid)
         manifest = self.store.get_manifest(c)
         check_compatible(manifest, model)
         self.check_trusted(cid)
-        kv = assemble_kv(manifest, self.store.read_chunk_for_verifier, n_tokens=n_tokens, with_tail=False)
+        kv = load_kvtensors(self.store, manifest, n_tokens, keep_raw=self.h.config["store.keep_raw"], tier=self.h.tier)
         self.store.touch(c)
         return kv
 
