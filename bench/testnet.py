@@ -34,9 +34,10 @@ def _links(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bench.harness.netns import Testnet
+    from bench.harness.netns import Testnet, parse_nat
 
-    net = Testnet(_links(args), root=args.root, subnet=args.subnet, model=args.model, owner_pid=None)
+    net = Testnet(_links(args), root=args.root, subnet=args.subnet, model=args.model, owner_pid=None,
+                  nat=parse_nat(args.nat) if args.nat else None)
     net.create()
     try:
         extra = ["--ration-copies", str(args.ration_copies)] if args.ration_copies is not None else []
@@ -60,6 +61,8 @@ def print_run(state: dict, folder: Path | str) -> None:
         alive = "running" if h.get("pid") and pid_alive(h["pid"]) else "stopped"
         print(f"  node{h['index']}  {h['netns']:<16} {h['ip']:<13} {up if up == down else up + '/' + down:<15} "
               f"{alive:<8} {h['peer_id'] or '-'}")
+        if h.get("nat"):
+            print(f"         behind a {h['nat']} NAT: router {h['router']} at {h['public_ip']}")
         print(f"         home {h['home']}")
     if state["hosts"]:
         first = state["hosts"][0]
@@ -139,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=DEFAULT_MODEL, help="model every daemon loads")
     up.add_argument("--ration-copies", type=int, default=None, help="passed to every `kvswap node start`")
     up.add_argument("--no-wait", action="store_true", help="do not wait for the daemons' models to load")
+    up.add_argument("--nat", default=None, metavar="I[:TYPE],...",
+                    help="put hosts behind their own NAT router: '1,2' (cone) or '1:symmetric,2:cone' (node 0 stays public)")
     up.set_defaults(func=cmd_up)
     status = sub.add_parser("status", help="runs, their nodes and whether their daemons run")
     status.set_defaults(func=cmd_status)

@@ -1,8 +1,17 @@
 """Swarm on real links: 1 publisher and N consumers in their own network namespaces (root), all fetching
-one artifact at once, with and without upload rationing.
+one artifact at once, under the swarm rules before and after issue 24, measured in the same run.
 
     python -m bench testnet_swarm [--consumers 8] [--tokens 3774] [--publisher-rate 100mbit]
-                                  [--consumer-rate 100mbit] [--ration 2,0] [--codec auto] [--quick]
+                                  [--consumer-rate 100mbit] [--modes legacy:2,superseed:1] [--churn 2]
+                                  [--churn-at 0.3] [--light] [--codec auto] [--quick]
+
+--modes: the runs, each `SWARM:R` (`node.swarm` = superseed | legacy, `--ration-copies R`; `off` = legacy with
+no rationing). The issue's old behaviour is `legacy:2` (no upload slots, patience from the refusal, 60 s per
+chunk request, 2 copies), the new `superseed:1` (upload slots, one copy of a chunk at a time, the next only
+a patience after the last completed, progress-based timeouts). --churn K: each run is repeated with K
+consumers killed (SIGKILL) once they hold --churn-at of the artifact's bytes; the others' all-complete time
+is compared with the undisturbed run's. --light: every daemon runs `--no-model` (a fetch by CID needs no
+model; what makes 32 consumers fit this machine).
 
 The namespace testnet (bench/harness/netns.py): node0 is the publisher (and bootstrap peer) behind a
 --publisher-rate link, nodes 1..N are consumers behind --consumer-rate links (both directions, tbf). Every
@@ -12,7 +21,7 @@ node is a real `kvswap node start` (tiny-qwen3 as its model; a fetch by CID need
 each run's home before its daemon starts. Once every daemon has loaded its model, all consumers run
 `kvswap get CID` at the same moment.
 
-Reported per R in --ration (a fresh testnet each): time to all-complete (first `get` start to last exit)
+Reported per run (a fresh testnet each): time to all-complete (first `get` start to last exit)
 against the ideal, size / publisher uplink + size / consumer link (the publisher must send every byte
 once, and a consumer must receive it: the store-and-forward bound of the issue); the publisher's egress
 from its own ledger (every protocol, direction "out") in artifact copies; what each consumer received from
@@ -52,25 +61,63 @@ def ledger_totals(home: Path) -> dict:
     return {r["direction"]: r["wire_bytes"] for r in rows}
 
 
-def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rate: str, ration: int,
-              root: Path, report: bool) -> dict:
+def parse_mode(text: str) -> tuple[str, int]:
+    """`superseed:1` -> ("superseed", 1); `off` -> ("legacy", 0); `legacy` -> ("legacy", 2)."""
+    if text == "off":
+        return "legacy", 0
+    swarm, _, copies = text.partition(":")
+    if swarm not in ("superseed", "legacy"):
+        raise SystemExit(f"testnet_swarm: unknown swarm mode {swarm!r} (superseed, legacy, off)")
+    return swarm, int(copies) if copies else (1 if swarm == "superseed" else 2)
+
+
+def _held_bytes(home: Path) -> int:
+    folder = home / "store" / "chunks"
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+def _kill_at(hosts: list, fraction: float, stored_size: int, deadline: float) -> list[dict]:
+    """SIGKILL each of `hosts`' daemons once its store holds `fraction` of the artifact's bytes (polled)."""
+    left, killed = list(hosts), []
+    while left and time.perf_counter() < deadline:
+        for h in list(left):
+            held = _held_bytes(h.home)
+            if held >= fraction * stored_size:
+                h.node.kill()
+                killed.append({"node": h.name, "held_fraction": round(held / stored_size, 3)})
+                left.remove(h)
+        time.sleep(0.1)
+    return killed
+
+
+def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rate: str, swarm: str, ration: int,
+              root: Path, report: bool, light: bool = False, churn: int = 0, churn_at: float = 0.3) -> dict:
+    import threading
+
     from bench.swarm import egress, ingress_by_peer
     from bench.testnet_fetch import cpu_sample, cpu_used
     from bench.harness import netns as tn
 
-    with tn.Testnet([pub_rate] + [cons_rate] * consumers, root=root) as net:
+    label = f"{swarm}:{ration}" + (f" churn {churn}" if churn else "")
+    with tn.Testnet([pub_rate] + [cons_rate] * consumers, root=root, model=None if light else tn.DEFAULT_MODEL) as net:
         pub, cons = net.hosts[0], net.hosts[1:]
         shutil.copytree(template, pub.home, dirs_exist_ok=True)
         t0 = time.perf_counter()
-        net.start(extra_args=["--ration-copies", str(ration)])
-        print(f"  ration {ration}: {len(net.hosts)} daemons up in {time.perf_counter() - t0:.1f} s; fetching",
-              flush=True)
+        net.start(extra_args=["--ration-copies", str(ration), "--swarm", swarm])
+        print(f"  {label}: {len(net.hosts)} daemons up in {time.perf_counter() - t0:.1f} s; fetching", flush=True)
         load_before = os.getloadavg()
         cpu0 = cpu_sample(net.hosts)
         begin_wall = time.time()
         begin = time.perf_counter()
         procs = [(h, h.spawn("get", art["cid"], "--no-progress"), time.perf_counter()) for h in cons]
-        per_node = []
+        victims = cons[:churn]
+        killed: list[dict] = []
+        killer = None
+        if victims:
+            killer = threading.Thread(target=lambda: killed.extend(
+                _kill_at(victims, churn_at, art["stored_size"], begin + FETCH_TIMEOUT_S)), daemon=True)
+            killer.start()
+        per_node, failed = [], []
         for h, proc, t_start in procs:
             try:
                 out, err = proc.communicate(timeout=max(1.0, FETCH_TIMEOUT_S - (time.perf_counter() - begin)))
@@ -79,15 +126,25 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
                     p.kill()
                 raise
             t_end = time.perf_counter()
-            if proc.returncode != 0:
-                raise RuntimeError(f"{h.name}: kvswap get failed: {err.strip()[-500:]}")
+            if h in victims:
+                continue
+            if proc.returncode != 0:  # a consumer that could not finish (the old rule on slow links): recorded
+                failed.append({"node": h.name, "wall_s": round(t_end - t_start, 3),
+                               "error": (err.strip().splitlines() or ["?"])[-1][:300]})
+                continue
             got = json.loads(out)
             per_node.append({"node": h.name, "wall_s": round(t_end - t_start, 3), "fetch_s": got["seconds"],
                              "bytes": got["bytes"], "peers": got["peers"], "complete": got["complete"]})
+        if killer is not None:
+            killer.join(5)
+        if failed:  # a consumer could not finish: its daemon's log says why (kept after teardown)
+            net.keep_logs()
         total_s = time.perf_counter() - begin
         cpu = cpu_used(cpu0, cpu_sample(net.hosts))
         names = {h.peer_id: h.name for h in net.hosts}
-        for row, h in zip(per_node, cons):
+        by_name = {h.name: h for h in cons}
+        for row in per_node:
+            h = by_name[row["node"]]
             row["mb_s"] = round(row["bytes"] / 1e6 / row["fetch_s"], 2)
             row["ingress_by_peer"] = {names.get(p, p[:12]): b for p, b in ingress_by_peer(h.home).items()}
             row["egress_copies"] = egress(h.home, art["stored_size"])["copies"]
@@ -95,16 +152,21 @@ def run_swarm(template: Path, art: dict, consumers: int, pub_rate: str, cons_rat
         ideal = art["stored_size"] * 8 / bits["pub"] + art["stored_size"] * 8 / bits["cons"]
         pub_out = egress(pub.home, art["stored_size"])
         first_chunk = min(_first_chunk_at(h.home, art["cid"], begin_wall) for h in cons) - begin_wall
+        done_s = max((r["wall_s"] for r in per_node), default=float("nan"))
         result = {
+            "label": label, "swarm": swarm, "light": light, "churn": churn, "killed": killed, "failed": failed,
+            "completed": len(per_node), "done_s": round(done_s, 2),
             "ration_copies": ration, "total_s": round(total_s, 2), "ideal_s": round(ideal, 2),
             "time_ratio": round(total_s / ideal, 3), "publisher_egress": pub_out,
             "publisher_uplink_busy": round(pub_out["wire_bytes"] * 8 / total_s / bits["pub"], 3),
             "consumer_link_busy": round(sum(r["bytes"] for r in per_node) * 8 / sum(r["fetch_s"] for r in per_node)
-                                        / bits["cons"], 3),
+                                        / bits["cons"], 3) if per_node else 0.0,
             "first_chunk_s": round(first_chunk, 2),
-            "publisher_sends": sends_past_ration(pub.home, art["cid"], ration),
+            "publisher_sends": sends_past_ration(pub.home, art["cid"], max(ration, 1)),
             "per_node": per_node, "load_before": load_before, "cpu": cpu,
         }
+        log = (pub.home / "node.log").read_text(errors="replace").splitlines()
+        result["publisher_ration_log"] = [line[-200:] for line in log if "kvswap.node.ration" in line][-60:]
         if report:
             result["ledgers"] = ledgers_and_cost_model(net, art, consumers)
         return result
@@ -161,7 +223,8 @@ def ledgers_and_cost_model(net, art: dict, readers: int) -> dict:
 
 
 def run(consumers: int = 8, n_tokens: int = 3774, pub_rate: str = "100mbit", cons_rate: str = "100mbit",
-        rations: list[int] = (2, 0), codec: str = "auto") -> dict:
+        modes: list[tuple[str, int]] = (("legacy", 2), ("superseed", 1)), codec: str = "auto", light: bool = False,
+        churn: int = 0, churn_at: float = 0.3) -> dict:
     from bench.swarm import seed_home
     from bench.harness import netns as tn
 
@@ -176,15 +239,24 @@ def run(consumers: int = 8, n_tokens: int = 3774, pub_rate: str = "100mbit", con
         art = seed_home(template, n_tokens, codec)
         print(f"  seeded {art['chunks']} chunks, {art['stored_size'] / 1e6:.1f} MB stored "
               f"({art['raw_size'] / 1e6:.1f} MB raw) in {time.perf_counter() - t0:.1f} s", flush=True)
-        runs = [run_swarm(template, art, consumers, pub_rate, cons_rate, r, root, report=(i == 0))
-                for i, r in enumerate(rations)]
+        runs = []
+        for i, (swarm, r) in enumerate(modes):
+            runs.append(run_swarm(template, art, consumers, pub_rate, cons_rate, swarm, r, root, report=(i == 0),
+                                  light=light))
+            if churn:
+                disturbed = run_swarm(template, art, consumers, pub_rate, cons_rate, swarm, r, root, report=False,
+                                      light=light, churn=churn, churn_at=churn_at)
+                undisturbed = runs[-1]["done_s"]
+                disturbed["vs_undisturbed"] = round(disturbed["done_s"] / undisturbed, 3) if undisturbed else None
+                runs.append(disturbed)
         ok = True
     finally:
         shutil.rmtree(root / "publisher-template", ignore_errors=True)
         if ok or not any(root.glob("*-logs")):
             shutil.rmtree(root, ignore_errors=True)
     return {"benchmark": "testnet_swarm", "consumers": consumers, "artifact": art, "publisher_rate": pub_rate,
-            "consumer_rate": cons_rate, "target_copies": TARGET_COPIES, "target_time_ratio": TARGET_TIME_RATIO,
+            "consumer_rate": cons_rate, "light": light, "churn": churn, "churn_at": churn_at,
+            "target_copies": TARGET_COPIES, "target_time_ratio": TARGET_TIME_RATIO,
             "runs": runs, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
 
 
@@ -196,11 +268,18 @@ def print_table(r: dict) -> None:
           f"(<= {r['target_copies']} copies, <= {r['target_time_ratio']}x)")
     for run in r["runs"]:
         e = run["publisher_egress"]
-        label = "off" if run["ration_copies"] == 0 else f"{run['ration_copies']} copies"
+        label = run.get("label", f"{run['ration_copies']} copies")
         ok_c = e["copies"] <= r["target_copies"]
         ok_t = run["time_ratio"] <= r["target_time_ratio"]
         print(f"  {label:<14} {run['total_s']:10.1f} {run['ideal_s']:8.1f} {run['time_ratio']:8.2f} {e['copies']:10.2f}  "
-              f"copies {'MET' if ok_c else 'MISSED'}, time {'MET' if ok_t else 'MISSED'}")
+              f"copies {'MET' if ok_c else 'MISSED'}, time {'MET' if ok_t else 'MISSED'}; "
+              f"{run.get('completed', len(run['per_node']))} of {r['consumers'] - run.get('churn', 0)} completed")
+        for f in run.get("failed", []):
+            print(f"      {f['node']} FAILED after {f['wall_s']:.1f} s: {f['error']}")
+        if run.get("killed"):
+            print(f"      killed {', '.join(k['node'] + ' at ' + format(k['held_fraction'], '.0%') for k in run['killed'])}; "
+                  f"the others done in {run['done_s']:.1f} s = {run.get('vs_undisturbed') or float('nan'):.2f}x the "
+                  f"undisturbed run")
         print(f"      publisher uplink busy {run['publisher_uplink_busy']:.0%}, consumer links busy "
               f"{run['consumer_link_busy']:.0%} (mean over fetches); first chunk complete at any consumer after "
               f"{run['first_chunk_s']:.1f} s")
@@ -237,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=3774, help="artifact length (147,456 raw B/token)")
     parser.add_argument("--publisher-rate", default="100mbit")
     parser.add_argument("--consumer-rate", default="100mbit")
-    parser.add_argument("--ration", default="2,0", help="--ration-copies values to run, comma-separated (0 = off)")
+    parser.add_argument("--modes", default="legacy:2,superseed:1",
+                        help="runs, comma-separated SWARM:R (superseed|legacy, --ration-copies R; off = no rationing)")
+    parser.add_argument("--churn", type=int, default=0, help="also run each mode with this many consumers killed")
+    parser.add_argument("--churn-at", type=float, default=0.3, help="fraction of the artifact a victim holds when killed")
+    parser.add_argument("--light", action="store_true", help="every daemon --no-model")
+    parser.add_argument("--out", default="testnet_swarm.json", help="file name under bench/results/")
     parser.add_argument("--codec", default="auto", choices=("raw", "auto", "planes", "zstd"))
     parser.add_argument("--quick", action="store_true", help="512 tokens, 4 consumers")
     args = parser.parse_args(argv)
@@ -247,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"testnet_swarm: skipped: {unavailable()}")
         return 0
     result = run(4 if args.quick else args.consumers, 512 if args.quick else args.tokens, args.publisher_rate,
-                 args.consumer_rate, [int(x) for x in args.ration.split(",")], args.codec)
+                 args.consumer_rate, [parse_mode(m) for m in args.modes.split(",")], args.codec, args.light,
+                 args.churn, args.churn_at)
     print_table(result)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "testnet_swarm.json").write_text(json.dumps(result, indent=2))
-    print(f"  wrote {RESULTS / 'testnet_swarm.json'}")
+    (RESULTS / args.out).write_text(json.dumps(result, indent=2))
+    print(f"  wrote {RESULTS / args.out}")
     return 0
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .protocol.errors import FormatError, UsageError
 from .artifact.audit import DEFAULT_AUDIT_FRACTION
-from .modes import DecodeMode, Dtype
+from .modes import DecodeMode, Dtype, HostBackend, SwarmMode
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 #: the default libp2p port: fixed, so a node's address (and so every other node's --bootstrap) survives a
@@ -154,9 +154,33 @@ SETTINGS: tuple[Setting, ...] = (
             "passes (0 = off)", flag="--audit-fraction", flag_args=(("metavar", "F"),)),
     Setting("node", "accept_any", False, "bool", None, "accept manifests signed by any key (never the default)",
             flag="--accept-any"),
-    Setting("node", "ration_copies", 2, "int", None,
+    Setting("node", "ration_copies", 1, "int", None,
             "copies of each chunk of an artifact sent before further fetchers are pointed at holders "
             "(0 = no rationing)", flag="--ration-copies", flag_args=(("metavar", "N"),)),
+    Setting("node", "swarm", SwarmMode.SUPERSEED.value, "choice", "KVSWAP_SWARM",
+            "upload rules: superseed (upload slots, a chunk's next copy after its last completed, progress-based "
+            "timeouts) or legacy (the rules before, kept measurable)", flag="--swarm", choices=SwarmMode.choices()),
+    Setting("node", "reachability", "auto", "choice", "KVSWAP_REACHABILITY",
+            "whether peers can dial this node: learnt from AutoNAT (auto), or said (public, private)",
+            flag="--reachability", choices=("auto", "public", "private")),
+    Setting("node", "relay", "auto", "choice", "KVSWAP_RELAY",
+            "relay for NAT'd peers (circuit relay v2, within nat.relay_* limits): when public (auto), on, off",
+            flag="--relay", choices=("auto", "on", "off")),
+    Setting("node", "relays", [], "list", "KVSWAP_RELAYS",
+            "relays a private node reserves a slot on, besides its bootstrap peers and relays it meets",
+            flag="--relays", flag_args=(("nargs", "*"), ("metavar", "MULTIADDR"))),
+    Setting("node", "hole_punching", "on", "choice", "KVSWAP_HOLE_PUNCHING",
+            "upgrade relayed connections to direct ones (DCUtR)", flag="--hole-punching", choices=("on", "off")),
+    Setting("node", "relay_data", False, "bool", "KVSWAP_RELAY_DATA",
+            "let chunk bytes go over a relayed connection (within the relay's byte budget) when no direct one "
+            "can be made; off: only control traffic goes over relays", flag="--relay-data"),
+    Setting("node", "host_backend", HostBackend.ENGINE.value, "choice", "KVSWAP_HOST_BACKEND",
+            "what serves hosted generations: engine (kvswap's engine, one at a time) or vllm (a vLLM server the "
+            "node starts in the vLLM venv: continuous batching; docs/vllm.md \"Hosting\")",
+            flag="--host-backend", choices=HostBackend.choices()),
+    Setting("node", "vllm_python", "", "str", "KVSWAP_VLLM_PYTHON",
+            "the python of the venv vLLM is installed in ('' = .venv-vllm next to kvswap's source, else this "
+            "python if it has vllm)", flag="--vllm-python", flag_args=(("metavar", "PATH"),)),
     Setting("store", "budget", "20GiB", "size", "KVSWAP_STORE_BUDGET", "`kvswap gc` evicts down to this size"),
     Setting("store", "keep_raw", True, "bool", None, "keep decoded copies of compressed chunks for fast local loads"),
     Setting("store", "host_cache_bytes", "2GiB", "size", "KVSWAP_HOST_CACHE_BYTES",

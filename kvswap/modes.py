@@ -69,4 +69,24 @@ class AuditMode(_Mode):
     TOLERANCE = "tolerance"
 
 
-__all__ = ["AuditMode", "DecodeMode", "Dtype", "Verify"]
+class SwarmMode(_Mode):
+    """How a node shares its uploads in a swarm (NETWORK.md, "Swarm"; node/uploads.py, node/ration.py)."""
+
+    #: upload slots, super-seeding (a chunk's next copy only after its last one completed), progress-based
+    #: timeouts (the default)
+    SUPERSEED = "superseed"
+    #: the rule before issue 24 (no upload slots, patience from the refusal, 60 s per chunk), kept measurable
+    LEGACY = "legacy"
+
+
+class HostBackend(_Mode):
+    """What serves the hosted generations a node answers (node/hosting/; docs/vllm.md, "Hosting")."""
+
+    #: kvswap's transformers engine, one generation at a time (the default)
+    ENGINE = "engine"
+    #: a vLLM OpenAI server the daemon starts in the vLLM venv, with the kvswap connector on the node's home:
+    #: continuous batching over one paged copy of the document's KV
+    VLLM = "vllm"
+
+
+__all__ = ["AuditMode", "DecodeMode", "Dtype", "HostBackend", "SwarmMode", "Verify"]

@@ -16,12 +16,13 @@ generation requests with "no model here".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,20 @@ from ..config import Config, parse_size
 from ..control import routes, runfiles
 from ..document import Document
 from ..home import Home
-from ..modes import AuditMode, DecodeMode
+from ..modes import AuditMode, DecodeMode, HostBackend, SwarmMode
 from ..protocol.cid import Cid
-from ..protocol.errors import IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
+from ..protocol.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
 from ..protocol.keys import DocumentKey
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from .announcements import AnnouncementTable
+from .hosting import EngineBackend, HostedJob, HostedResult
 from .api import build_app, check_loopback
 from .jobs import Job, JobTable
 from .metrics import NodeMetrics
+from .nat import NatConfig
 from .net import Network
 from .storeadapter import StoreArtifacts
-from .tuning import DEFAULT_TUNING, NodeTuning
+from .tuning import DEFAULT_TUNING, NodeTuning, swarm_tuning
 
 log = logging.getLogger("kvswap.node")
 
@@ -56,7 +59,8 @@ class Daemon:
     def __init__(self, home: Path, config: Config, tuning: NodeTuning = DEFAULT_TUNING, on_ready=None):
         self.home = Path(home)
         self.config = config
-        self.tuning = replace(tuning, ration=replace(tuning.ration, copies=config["node.ration_copies"]))
+        self.tuning = swarm_tuning(replace(tuning, ration=replace(tuning.ration, copies=config["node.ration_copies"])),
+                                   SwarmMode.parse(config["node.swarm"], "node.swarm"))
         self._on_ready = on_ready
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -64,7 +68,7 @@ class Daemon:
         self._engine_ready = asyncio.Event()
         self._engine_error: str | None = None
         self.engine: Any = None
-        self._resident: OrderedDict[Cid, Any] = OrderedDict()
+        self.host_backend = HostBackend.parse(config["node.host_backend"], "node.host_backend")
         self.announcements = AnnouncementTable(self.tuning.gossip)  # bounded and expiring: peers announce anything
 
     @property
@@ -79,8 +83,12 @@ class Daemon:
         self.key, self.store, self.ledger = self.h.key, self.h.store, self.h.ledger
         self.policy = self.h.policy(self.config["node.accept_any"])
         self.jobs = JobTable(group, self.tuning.daemon.max_finished_jobs)
+        self._loop = asyncio.get_running_loop()
+        self.hosting = self._make_backend()
+        self._host_slots = asyncio.Semaphore(self.hosting.capacity)
         self.artifacts = StoreArtifacts(self.store, self.policy, generate=self._hosted_generate,
-                                        budget_bytes=parse_size(self.config["store.budget"]))
+                                        budget_bytes=parse_size(self.config["store.budget"]),
+                                        generate_capacity=self.hosting.capacity)
         self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage,
                                    tier=self.h.tier)
         self.artifacts.on_chunk = self.metrics.on_chunk
@@ -89,7 +97,13 @@ class Daemon:
             seed=self.key.seed, listen_addrs=self.config["node.listen"], bootstrap=self.config["node.bootstrap"],
             service=self.artifacts, target=self.artifacts, on_transfer=self._on_transfer,
             on_announce=self._on_announce, tuning=self.tuning,
+            nat=NatConfig(reachability=self.config["node.reachability"], relay=self.config["node.relay"],
+                          relays=tuple(self.config["node.relays"]),
+                          hole_punching=self.config["node.hole_punching"] == "on",
+                          relay_data=self.config["node.relay_data"]),
         )
+        self.metrics.watch_nat(self.net.nat_snapshot)
+        self.metrics.watch_uploads(self.net.uploads_snapshot)
         self._reload_trust()  # also names the peers with standing (trusted publishers, bootstrap peers)
         token = runfiles.api_token(self.home, create=True)
         self._runner = web.AppRunner(build_app(self, token), access_log=None)
@@ -102,6 +116,7 @@ class Daemon:
             self._engine_ready.set()
         else:
             self._engine_task = group.create_task(self._load_engine())
+            self._hosting_task = group.create_task(self.hosting.run())
         runfiles.write_node_file(self.home, {
             "pid": os.getpid(), "api": self.api_url, "peer_id": self.net.peer_id, "addrs": self.net.addrs,
             "public_key": self.key.public_hex, "started": self.started,
@@ -111,6 +126,8 @@ class Daemon:
 
     async def cleanup(self) -> None:
         runfiles.remove_node_file(self.home)
+        with contextlib.suppress(asyncio.TimeoutError):  # a vLLM server is ended with its process group
+            await asyncio.wait_for(self.hosting.stop(), self.tuning.daemon.shutdown_timeout_s / 2)
         for step in (self._runner.cleanup, self.net.stop):
             t0 = time.perf_counter()
             try:
@@ -146,6 +163,8 @@ class Daemon:
                         self.jobs.cancel_running()
                     if hasattr(self, "_engine_task"):
                         self._engine_task.cancel()
+                    if hasattr(self, "_hosting_task"):
+                        self._hosting_task.cancel()
             log.info("background tasks ended")
             return 0
         finally:
@@ -205,6 +224,10 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config["node.accept_any"],
             "refusals": {k: info.get(k) for k in ("rejected_streams", "refused_streams", "busy_answers",
                                                   "dataplane_refused", "gossip_dropped")},
+            "nat": info.get("nat"), "uploads": info.get("uploads"),
+            "hosting": None if self.light else self.hosting.status(),
+            # a light node (--no-model) never imports torch: what its idle RSS (bench memory) relies on
+            "torch_imported": "torch" in sys.modules,
         }
 
     async def api_metrics(self) -> bytes:
@@ -387,6 +410,50 @@ class Daemon:
         self.metrics.audits.labels("passed").inc()
         return result
 
+    # --- control API: the OpenAI-compatible door (POST /v1/completions) -------------------------------------
+    async def api_completions(self, req: routes.CompletionBody) -> dict:
+        """A local agent's completion over a document: found in the store, else fetched through kvswap (and
+        checked as `kvswap get` checks it), then generated by this node's hosted backend. OpenAI's answer."""
+        if req.stream:
+            raise UsageError("completions: stream is not supported here; ask with stream false")
+        if req.key is None:
+            raise UsageError("completions: name the document with document_hash (or an artifact with cid)")
+        engine = await self.engine_ready()
+        cid, fetched = await self._door_artifact(req.key, req.document, engine)
+        suffix = engine.tokenize(req.prompt) if req.prompt else []
+        seed = None
+        if req.temperature > 0:
+            seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "big") >> 1
+        job = HostedJob(cid, tuple(suffix), req.max_tokens, seed, temperature=req.temperature or 1.0)
+        r = await self._host(job, "door", self.tuning.hosting.slot_wait_s)
+        return {"id": f"cmpl-{os.urandom(8).hex()}", "object": "text_completion", "created": int(time.time()),
+                "model": engine.model_id,
+                "choices": [{"index": 0, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}],
+                "usage": {"prompt_tokens": r.document_tokens + r.suffix_tokens, "completion_tokens": len(r.tokens),
+                          "total_tokens": r.document_tokens + r.suffix_tokens + len(r.tokens)},
+                "kvswap": {"cid": str(cid), "fetched": fetched, **r.to_dict()}}
+
+    async def _door_artifact(self, key: Any, document_text: str | None, engine: Any) -> tuple[Cid, bool]:
+        """The complete stored artifact `key` names for this node's model, fetched first when missing."""
+        self._reload_trust()
+        if isinstance(key, Cid):
+            if self.store.is_complete(key):
+                return key, False
+            want = key
+        else:
+            try:
+                return ops.resolve(self.h, engine, ops.Source(key)), False
+            except NotFound:
+                want = key.for_model(engine.fingerprint)
+        try:
+            r = await self.net.fetch(want, expect_model=engine.fingerprint)
+        except KvswapError:
+            self.metrics.fetches.labels("failed").inc()
+            raise
+        self.metrics.fetches.labels("done").inc()
+        await self._check_fetched(r.cid, document_text)
+        return r.cid, True
+
     def _reload_trust(self) -> None:
         """Pick up `kvswap trust add/rm` made while the daemon runs (config.toml [trust] is the source of truth).
         Trusted publishers and auditors, and the bootstrap peers, have standing with this node: the streams
@@ -405,35 +472,48 @@ class Daemon:
             raise UsageError("give an artifact CID or a document")
         return ops.resolve(self.h, engine, ops.Source(key))
 
-    # --- hosting (runs in a network worker thread) -------------------------------------------------------
-    def _hosted_generate(self, request: GenerateRequest) -> GenerateResponse:
+    # --- hosting: the backend (node/hosting/) behind the generate protocol and the OpenAI door ---------------
+    def _make_backend(self) -> Any:
+        """The `node.host_backend` backend (checked once, in __init__). The generate protocol gets its capacity
+        as slots (node/exchange.py), one per peer."""
+        if self.light or self.host_backend is HostBackend.ENGINE:
+            return EngineBackend(self.h, self._hosting_engine, self._engine_lock, self.tuning.daemon.resident_kv_slots)
+        from .hosting.vllm import VllmBackend, find_vllm_python
+
+        return VllmBackend(self.h, self._hosting_engine, model=self.config["node.model"] or None,
+                           dtype=self.config["node.dtype"], python=find_vllm_python(self.config["node.vllm_python"]),
+                           accept_any=self.config["node.accept_any"], tuning=self.tuning.hosting,
+                           engine_ready=self.engine_ready)
+
+    def _hosting_engine(self) -> Any:
         if self.light:
             raise NotFound(NO_MODEL)
-        engine = self.engine
-        if engine is None:
+        if self.engine is None:
             raise NotFound("the hosting node's model is not loaded")
-        cid = request.artifact_cid
-        with self._engine_lock:
-            t0 = time.perf_counter()
-            kv = self._resident.get(cid)
-            if kv is None:
-                manifest = self.store.get_manifest(cid)
-                ops.check_complete(self.store, cid)
-                kv = ops.load_artifact(engine, self.store, manifest, tier=self.h.tier)  # verified, on its device
-                self._resident[cid] = kv
-                while len(self._resident) > self.tuning.daemon.resident_kv_slots:
-                    self._resident.popitem(last=False)
-            self._resident.move_to_end(cid)
-            load_s = time.perf_counter() - t0
-            result = engine.generate_from_loaded(kv, list(request.suffix_ids),
-                                                 max_new_tokens=request.max_new_tokens, seed=request.seed)
-        out = result.to_dict()
-        out.update(read_verify_s=load_s, document_tokens=kv.n_tokens, suffix_tokens=len(request.suffix_ids))
-        ops.log_generation(self.h, engine, cid, out, kind="hosted_generate")
-        self.metrics.generations.labels("hosted").inc()
-        timings = (("load_s", load_s), ("prefill_s", float(out.get("prefill_s", 0.0))),
-                   ("decode_s", float(out.get("decode_s", 0.0))))
-        return GenerateResponse(tuple(result.tokens), result.text, timings)
+        return self.engine
+
+    async def _host(self, job: HostedJob, mode: str, wait_s: float) -> HostedResult:
+        """One generation on the backend, within its capacity (Busy after `wait_s`), counted in /metrics
+        (mode: hosted for a peer over libp2p, door for a local agent's completion)."""
+        try:
+            await asyncio.wait_for(self._host_slots.acquire(), wait_s)
+        except asyncio.TimeoutError:
+            raise Busy(f"all {self.hosting.capacity} hosted-generation slots stayed taken for {wait_s:g} s") from None
+        try:
+            result = await self.hosting.generate(job)
+        finally:
+            self._host_slots.release()
+        self.metrics.generations.labels(mode).inc()
+        return result
+
+    def _hosted_generate(self, request: GenerateRequest) -> GenerateResponse:
+        """A peer's generation (runs in a network worker thread; the exchange admits at most the backend's
+        capacity, one per peer): handed to the backend on the daemon's loop, and waited for."""
+        job = HostedJob(request.artifact_cid, tuple(request.suffix_ids), request.max_new_tokens, request.seed,
+                        origin="peer")
+        wait = self.tuning.hosting.request_timeout_s
+        result = asyncio.run_coroutine_threadsafe(self._host(job, "hosted", wait), self._loop).result()
+        return GenerateResponse(result.tokens, result.text, result.timings())
 
     def _on_announce(self, announce: Any, sender: str) -> None:
         self.announcements.add(str(announce.artifact_cid), sender, {
@@ -494,6 +574,11 @@ def run_daemon(home: Path, config: Config, tuning: NodeTuning = DEFAULT_TUNING, 
         raise UsageError("--no-model runs a node without a model: leave out --model")
     if not config["node.no_model"]:
         check_name(config["node.model"] or None)  # a mistyped --model is one line, not a node without a model
+        if HostBackend.parse(config["node.host_backend"], "node.host_backend") is HostBackend.VLLM:
+            from .hosting.vllm import check_servable, find_vllm_python
+
+            check_servable(config["node.model"] or None)
+            find_vllm_python(config["node.vllm_python"])  # no vLLM venv: one line, before anything starts
     check_ports_free(config["node.listen"])  # before anything binds: a taken fixed port is one clear line
     _setup_logging(home)
     try:
@@ -510,8 +595,12 @@ def _run_bounded(main, shutdown_timeout_s: float) -> int:
     given half the shutdown timeout (asyncio.run would wait for them, and for every worker thread, forever),
     and any that still run are named in the log."""
     loop = asyncio.new_event_loop()
+    failure: BaseException | None = None
     try:
         return loop.run_until_complete(main)
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for task in pending:
@@ -528,8 +617,15 @@ def _run_bounded(main, shutdown_timeout_s: float) -> int:
         busy = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
         if busy:
             log.warning("shutdown: worker threads still busy (%s); exiting without them", ", ".join(busy))
+            code = 0
+            if failure is not None:  # a failure (to start, say): os._exit skips the CLI, which would print
+                # its one line and exit non-zero; under load a bad --listen once exited 0 here
+                first = _first_kvswap_error(failure) if isinstance(failure, BaseExceptionGroup) else failure
+                error = first if first is not None else failure
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                code = getattr(error, "exit_code", 1)
             logging.shutdown()
-            os._exit(0)
+            os._exit(code)
 
 
 def _first_kvswap_error(group: BaseExceptionGroup) -> KvswapError | None:

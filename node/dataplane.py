@@ -29,15 +29,17 @@ bytes, keeps grants and accounts for every frame (node/accounting.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import trio
 
@@ -52,6 +54,7 @@ from kvswap.protocol.names import DATAPLANE_PROTOCOL
 from .accounting import TransferEvent, TransferHook, current_request
 from .quota import PeerCounter, RefusalLog
 from .ration import UploadRation
+from .uploads import UploadGate, UploadSlots
 from .tuning import DEFAULT_TUNING, DataPlaneTuning, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -93,11 +96,14 @@ class DataPlane:
         ration: UploadRation | None = None,
         tuning: NodeTuning = DEFAULT_TUNING,
         on_served: Callable[[str], None] | None = None,
+        gate: UploadGate | None = None,
     ) -> None:
         self.host = host
         self.tuning = tuning
         self._on_served = on_served  # a peer took every chunk of a grant (it earns a record: node/quota.py)
         self.ration = ration or UploadRation(tuning.ration)
+        #: the ration and upload slots every chunk sent goes through (the libp2p sender's, when shared)
+        self.gate = gate or UploadGate(self.ration, UploadSlots(tuning.serve) if tuning.serve.upload_slots > 0 else None)
         self.port = 0
         self._read_chunk = read_chunk
         self._hook = on_transfer
@@ -239,7 +245,8 @@ class DataPlane:
         return grant
 
     async def _answer(self, sock: trio.SocketStream, cid: Cid, grant: _Grant) -> None:
-        """Send one granted chunk (sendfile when it is a file), or say it is missing or rationed."""
+        """Send one granted chunk (sendfile when it is a file), or say it is missing or rationed. The ration and
+        the upload slot are node/uploads.py's UploadGate, shared with the libp2p sender."""
         path = data = None
         if self._chunk_path is not None:
             path = await trio.to_thread.run_sync(self._chunk_path, cid, limiter=self._limiter)
@@ -248,19 +255,22 @@ class DataPlane:
             if data is None:
                 await self._send_msg(sock, ChunkMissing(cid), grant)
                 return
-        refusal = self.ration.refusal(grant.artifact, cid, grant.peer)
-        if refusal is not None:
-            await self._send_msg(sock, refusal, grant)
-            return
-        if path is not None and await self._send_file(sock, cid, path, grant):
-            return
-        if data is None:  # the file went away between the lookup and the send
-            data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
-        await self._send_msg(sock, ChunkData(cid, data) if data is not None else ChunkMissing(cid), grant)
+        async with self.gate.turn(grant.artifact, cid, grant.peer) as turn:
+            if turn.answer is not None:
+                await self._send_msg(sock, turn.answer, grant)
+                return
+            if path is not None and await self._send_file(sock, cid, path, grant):
+                turn.sent = True
+                return
+            if data is None:  # the file went away between the lookup and the send
+                data = await trio.to_thread.run_sync(self._read_chunk, cid, limiter=self._limiter)
+            await self._send_msg(sock, ChunkData(cid, data) if data is not None else ChunkMissing(cid), grant)
+            turn.sent = data is not None
 
     async def _send_file(self, sock: trio.SocketStream, cid: Cid, path: Any, grant: _Grant) -> bool:
         """Send a stored chunk with sendfile(2) (no copy through Python); False if the file is gone or too big
-        for a frame."""
+        for a frame. The send fails once the fetcher has taken no byte for serve.stream_idle_timeout_s (a slow
+        link is fine while it moves; under the legacy rule the whole chunk has fetch.chunk_timeout_s)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
@@ -271,8 +281,9 @@ class DataPlane:
                 header = chunk_data_header(cid, size)
             except LocalProtocolError:  # larger than any frame may be: let read_chunk's path refuse it
                 return False
-            with trio.fail_after(self.tuning.fetch.chunk_timeout_s):
+            with self._stall_guard() as progress:
                 await sock.send_all(header)
+                progress()
                 raw = sock.socket
                 offset = 0
                 while offset < size:
@@ -284,6 +295,7 @@ class DataPlane:
                     if sent == 0:
                         raise trio.BrokenResourceError("peer closed during sendfile")
                     offset += sent
+                    progress()
                 await trio.lowlevel.checkpoint()
         finally:
             os.close(fd)
@@ -293,14 +305,39 @@ class DataPlane:
     async def _send_msg(self, sock: trio.SocketStream, msg: ChunkData | ChunkMissing, grant: _Grant) -> None:
         """One ChunkData / ChunkMissing frame, header and payload written separately (no join of megabytes)."""
         parts = encode_parts(msg)
-        with trio.fail_after(self.tuning.fetch.chunk_timeout_s):
+        with self._stall_guard() as progress:
             if len(parts) == 3:
                 await sock.send_all(parts[0] + parts[1])
-                await sock.send_all(parts[2])
+                progress()
+                await _send_progressing(sock, parts[2], progress, self.tuning.serve.stream_read_bytes)
             else:
                 await sock.send_all(b"".join(parts))
         self._hook(TransferEvent(grant.peer, DATAPLANE_PROTOCOL, "out", sum(map(len, parts)), payload_size(msg),
                                  grant.artifact, msg.cid))
+
+    @contextlib.contextmanager
+    def _stall_guard(self) -> Iterator[Callable[[], None]]:
+        """A send that raises trio.TooSlowError once the peer has taken nothing for serve.stream_idle_timeout_s;
+        call the yielded function on each progress. Under the legacy rule (fetch.chunk_timeout_s > 0) the whole
+        send is bounded by that instead, as before."""
+        legacy = self.tuning.fetch.chunk_timeout_s
+        idle_s = legacy if legacy > 0 else self.tuning.serve.stream_idle_timeout_s
+        with trio.CancelScope(deadline=trio.current_time() + idle_s) as scope:
+            def progress() -> None:
+                if not legacy:
+                    scope.deadline = trio.current_time() + idle_s
+            yield progress
+        if scope.cancelled_caught:
+            raise trio.TooSlowError(f"the peer took no byte for {idle_s:g} s")
+
+
+async def _send_progressing(sock: trio.SocketStream, data: bytes | bytearray | memoryview,
+                            progress: Callable[[], None], piece_bytes: int) -> None:
+    """send_all in pieces of `piece_bytes`, noting progress after each (a slow reader is not a stalled one)."""
+    view = memoryview(data)
+    for start in range(0, len(view), piece_bytes):
+        await sock.send_all(view[start:start + piece_bytes])
+        progress()
 
 
 async def _receive_exactly(sock: trio.SocketStream, n: int) -> bytes:
@@ -397,12 +434,16 @@ async def fetch_granted(
             await sock.send_all(grant.token)
         on_transfer(TransferEvent(peer, DATAPLANE_PROTOCOL, "out", len(DATAPLANE_HELLO) + len(grant.token), 0,
                                   artifact))
+        # progress, not size: a frame may take as long as its bytes keep coming (each receive within
+        # fetch.idle_timeout_s); the request's deadline (node/fetchplan.py) bounds the whole. The legacy rule
+        # (fetch.chunk_timeout_s > 0) also bounds each frame, as before.
+        per_frame = tuning.fetch.chunk_timeout_s if tuning.fetch.chunk_timeout_s > 0 else math.inf
+        idle_s = tuning.serve.stream_idle_timeout_s if tuning.fetch.chunk_timeout_s > 0 else tuning.fetch.idle_timeout_s
         while reader.need() is not None:
             frame = None
-            with trio.move_on_after(tuning.fetch.chunk_timeout_s) as scope:
+            with trio.move_on_after(per_frame) as scope:
                 while frame is None:
-                    frame = reader.feed(await _recv_exact(sock, reader.need(), peer,
-                                                          tuning.serve.stream_idle_timeout_s))
+                    frame = reader.feed(await _recv_exact(sock, reader.need(), peer, idle_s))
             if scope.cancelled_caught:
                 raise DataPlaneFailed(f"data plane of {peer[:16]} stalled")
             msg = frame.message

@@ -58,6 +58,7 @@ from .framed import FramedStream
 from .p2p import PEER_FAILURES
 from .quota import FairSlots, PeerRecords, RefusalLog, StreamAdmission
 from .ration import UploadRation
+from .uploads import UploadGate, UploadSlots
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,15 @@ class Exchange:
         ration: UploadRation | None = None,
         tuning: NodeTuning = DEFAULT_TUNING,
         records: PeerRecords | None = None,
+        gate: UploadGate | None = None,
     ) -> None:
         self.p2p = p2p
         self.tuning = tuning
         #: peers with a good record here (served to the end, fetched from, trusted, configured): node/quota.py
         self.records = records if records is not None else PeerRecords(tuning.serve.max_recorded_peers)
         self.ration = ration or UploadRation(tuning.ration)  # shared with the data plane: one count of copies sent
+        #: the ration and the upload slots every chunk sent goes through (shared with the data plane)
+        self.gate = gate or UploadGate(self.ration, UploadSlots(tuning.serve) if tuning.serve.upload_slots > 0 else None)
         self.service = service
         self.on_transfer = on_transfer or no_hook
         self.dataplane = dataplane
@@ -151,8 +155,11 @@ class Exchange:
                                        vouched=self.records.__contains__)
         self.slots = {p: FairSlots(self.tuning.serve.max_concurrent, self.tuning.serve.max_per_peer)
                       for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL)}
-        # one hosted generation at a time (the engine is not reentrant), peers taking turns
-        self.slots[GENERATE_PROTOCOL] = FairSlots(1, 1, max_pending=self.tuning.serve.max_generate_per_peer)
+        # as many hosted generations at once as the backend runs (the engine: 1, it is not reentrant; vLLM: its
+        # batch), one per peer, peers taking turns; their threads wait on the backend, not on store work's limiter
+        capacity = max(1, int(getattr(service, "generate_capacity", 1)))
+        self.slots[GENERATE_PROTOCOL] = FairSlots(capacity, 1, max_pending=self.tuning.serve.max_generate_per_peer)
+        self.generate_limiter = trio.CapacityLimiter(capacity)
         serve = {MANIFEST_PROTOCOL: self._serve_manifest, CHUNKS_PROTOCOL: self._serve_chunks,
                  GENERATE_PROTOCOL: self._serve_generate}
         for protocol in SERVED_PROTOCOLS:
@@ -248,7 +255,7 @@ class Exchange:
 
     async def _serve_chunks(self, framed: FramedStream, request: ChunkRequest) -> None:
         framed.artifact = request.artifact
-        if request.dataplane and self.dataplane is not None:
+        if request.dataplane and self.dataplane is not None and self.p2p.dataplane_reachable(framed.peer):
             grant = self.dataplane.grant(framed.peer, request.cids, request.artifact)
             if grant is not None:
                 await framed.send(grant)
@@ -258,24 +265,24 @@ class Exchange:
         sent = 0
         for cid in request.cids:
             path = await self._in_thread(chunk_path, cid) if chunk_path is not None else None
-            if path is not None:
-                refusal = self.ration.refusal(request.artifact, cid, framed.peer)
-                if refusal is not None:
-                    await framed.send(refusal)
+            data = None
+            if path is None:  # no file: read it whole (a chunk we do not hold takes no upload slot)
+                data = await self._in_thread(self.service.read_chunk, cid)
+                if data is None:
+                    await framed.send(ChunkMissing(cid))
                     continue
-                if await self._send_stored(framed, cid, path):
-                    sent += 1
+            async with self.gate.turn(request.artifact, cid, framed.peer) as turn:  # ration, then upload slot
+                if turn.answer is not None:
+                    await framed.send(turn.answer)
                     continue
-            data = await self._in_thread(self.service.read_chunk, cid)  # no file (or it went away): read it whole
-            if data is None:
-                await framed.send(ChunkMissing(cid))
-            elif path is not None:  # rationing was decided above
-                await framed.send(ChunkData(cid, data))
-                sent += 1
-            else:
-                answer = self.ration.refusal(request.artifact, cid, framed.peer) or ChunkData(cid, data)
-                await framed.send(answer)
-                sent += isinstance(answer, ChunkData)
+                if path is not None and await self._send_stored(framed, cid, path):
+                    turn.sent = True
+                else:
+                    if data is None:  # the file went away between the lookup and the send
+                        data = await self._in_thread(self.service.read_chunk, cid)
+                    await framed.send(ChunkData(cid, data) if data is not None else ChunkMissing(cid))
+                    turn.sent = data is not None
+            sent += turn.sent
         if sent:  # it asked for chunks and took them: a peer that is using the node as it is meant to be used
             self.records.earn(framed.peer)
 
@@ -300,7 +307,8 @@ class Exchange:
             handle.close()
 
     async def _serve_generate(self, framed: FramedStream, request: GenerateRequest) -> None:
-        response = await self._in_thread(self.service.generate, request)  # in the protocol's one slot
+        # in one of the protocol's slots
+        response = await trio.to_thread.run_sync(self.service.generate, request, limiter=self.generate_limiter)
         await framed.send(response, artifact=request.artifact_cid)
 
     # --- client side ------------------------------------------------------------------------------------
@@ -343,6 +351,7 @@ class Exchange:
             answered.add(cid)
             await on_chunk(cid, answer)
 
+        await self.p2p.direct_path(peer)  # a relayed connection: wait for its upgrade, or RelayOnly (node/nat.py)
         use_dataplane = dataplane and not self._dataplane_backed_off(peer)
         grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body)
         if grant is None:
@@ -362,7 +371,7 @@ class Exchange:
                             dataplane: bool, max_body: int | None = None) -> tuple[DataGrant | None, str | None]:
         """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
         (with the IP the stream reached the peer at) for the caller to use."""
-        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.chunk_timeout_s, max_body=max_body)
+        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.silence_s, max_body=max_body)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
         answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked

@@ -42,6 +42,7 @@ from kvswap.protocol.names import any_model_key, artifact_keys, cid_key
 
 from .accounting import new_request_id
 from .quota import PeerRecords
+from .uploads import Reciprocity
 from .tuning import FetchTuning, ServeTuning
 from .fetchplan import (
     Aborted,
@@ -143,10 +144,14 @@ class Fetcher:
 
     def __init__(self, p2p: Any, exchange: Any, target: FetchTarget, limiter: trio.CapacityLimiter,
                  use_dataplane: bool = True, tuning: FetchTuning = FetchTuning(),
-                 records: PeerRecords | None = None) -> None:
+                 records: PeerRecords | None = None, reciprocity: Reciprocity | None = None,
+                 ration: Any = None) -> None:
         self.p2p = p2p
         self.tuning = tuning
         self.records = records if records is not None else PeerRecords(ServeTuning.max_recorded_peers)
+        #: bytes verified from each peer (node/uploads.py): peers that give get upload slots here first
+        self.reciprocity = reciprocity if reciprocity is not None else Reciprocity()
+        self.ration = ration  # this node's UploadRation (node/ration.py): told which artifacts it fetches
         self.exchange = exchange
         self.target = target
         self.limiter = limiter
@@ -436,6 +441,9 @@ class _ChunkRun:
             self.events.send_nowait(Aborted(exc))
         else:
             self.fetcher.records.earn(peer)
+            self.fetcher.reciprocity.credit(peer, len(data))
+            if self.fetcher.ration is not None:  # a fetcher of this artifact is no seed of it (node/ration.py)
+                self.fetcher.ration.note_received(self.artifact)
             self.events.send_nowait(ChunkStored(blob.cid))
         finally:
             self.write_slots.release()

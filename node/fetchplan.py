@@ -39,10 +39,15 @@ The rules (the numbers are the fields of the `FetchTuning` it is given, node/tun
   asked only for the chunks it was named for, until it is seen connected or as a provider.
 - When no live peer will ever be asked for a chunk again, the DHT is asked for that chunk's own providers
   (at most fetch.parallel_chunks lookups at once); if that finds nobody new, the fetch fails with NotFound.
+- A rationed answer that names no holder (the peer's upload slots are full and nobody else has the chunk
+  yet: node/uploads.py) is `busy` for that chunk: asked again after fetch.busy_retry_s, no give-up.
 - Per-peer bytes and request time are measured (`PeerState.throughput`). A request's deadline is
-  fetch.late_factor times the time its bytes take at the peer's own measured rate, at least fetch.request_min_timeout_s
-  and at most fetch.chunk_timeout_s per chunk (fetch.chunk_timeout_s per chunk before the peer is measured); past it
-  the request fails (one failure).
+  progress-based: fetch.request_min_timeout_s plus its bytes at fetch.min_rate_bytes_s (and the driver fails
+  one that receives nothing for fetch.idle_timeout_s); past it the request fails (one failure). The legacy
+  rule (fetch.chunk_timeout_s > 0, `node.swarm = "legacy"`) is fetch.late_factor times its bytes at the peer's
+  measured rate, at least fetch.request_min_timeout_s, at most fetch.chunk_timeout_s per chunk.
+- A dropped provider is still asked, at most fetch.last_holder_asks times per chunk, for a chunk that no
+  live peer will be asked for (the only holder, on a slow link, must not fail the fetch).
 - Slow and lying providers lose their share quickly. A request is late once it has run fetch.late_factor times as
   long as the fastest other measured peer would take for its unanswered bytes (at least fetch.late_min_s, unless
   no other chunk waits to be asked for: the end game): if
@@ -53,8 +58,9 @@ The rules (the numbers are the fields of the `FetchTuning` it is given, node/tun
   ChunkMissing that comes late marks the peer slow too. Slow peers are asked only when no other peer may
   be; a named holder is preferred only while it has neither failed nor lagged.
 - A peer that answers `busy` is asked again after fetch.busy_retry_s (no penalty: it is shedding load).
-- A holder a rationing peer named that then fails, is late, or lacks the chunk for good (fetch.max_lack_asks) is
-  a bad hint: it is no longer preferred for that chunk, and after fetch.max_bad_hints the rationing peer's hints,
+- A holder named again for a chunk it lacked is asked again from scratch (its copy may have been on its way).
+- A holder a rationing peer named that then fails, is late, or (known only from hints) lacks the chunk for good
+  (fetch.max_lack_asks) is a bad hint: it is no longer preferred for that chunk, and after fetch.max_bad_hints the rationing peer's hints,
   earlier ones included, are ignored.
 """
 
@@ -279,6 +285,7 @@ class _Pacing:
     not_before: dict[tuple[str, Cid], float] = field(default_factory=dict)
     lack_asks: dict[tuple[str, Cid], int] = field(default_factory=dict)
     rationed_since: dict[tuple[str, Cid], float] = field(default_factory=dict)
+    last_asks: dict[tuple[str, Cid], int] = field(default_factory=dict)  # asks of a dropped peer as last holder
 
 
 class FetchPlan:
@@ -308,6 +315,7 @@ class FetchPlan:
         self._lookups: dict[Cid, bool] = {}  # chunk -> its DHT lookup finished (False while it runs)
         self._next_refresh = start + self.tuning.peer_refresh_s
         self._error: Exception | None = None
+        self._last_failure: str | None = None
         self.bytes_done = 0
         for peer in peers:
             self._add_peer(peer)
@@ -340,8 +348,11 @@ class FetchPlan:
         elif isinstance(event, ChunkLacked):
             if self._owner.get(event.cid) == event.request:
                 self._late_answer(event.request, now)
-                if self._lacked(self._requests[event.request].peer, event.cid, now):
-                    self._bad_hint(event.cid, self._requests[event.request].peer)
+                holder = self._requests[event.request].peer
+                if self._lacked(holder, event.cid, now) and self.peers[holder].hinted_only:
+                    # a bad hint: a holder known only from hints that lacks the chunk for good. A peer seen
+                    # connected or as a provider is a member of the swarm that may still be receiving it
+                    self._bad_hint(event.cid, holder)
         elif isinstance(event, ChunkRationed):
             if self._owner.get(event.cid) == event.request:
                 self._late_answer(event.request, now)
@@ -389,8 +400,9 @@ class FetchPlan:
                 if self._next_chance(cid) < math.inf:
                     continue
                 if self._lookups.get(cid):
+                    last = f" (last failure: {self._last_failure})" if self._last_failure else ""
                     return [Failed(NotFound(f"no provider could serve chunk {cid.short()} of "
-                                            f"{self.artifact.short()}"))]
+                                            f"{self.artifact.short()}{last}"))]
                 if cid not in self._lookups and running < self.parallel:
                     self._lookups[cid] = False
                     running += 1
@@ -509,9 +521,24 @@ class FetchPlan:
 
     def _may_ask(self, peer: str, cid: Cid) -> bool:
         """Whether `peer` may ever be asked for `cid`: alive, and, if known only from hints, named for it (a
-        holder someone named for one chunk is no reason to ask it for every chunk)."""
+        holder someone named for one chunk is no reason to ask it for every chunk). A dropped peer may still
+        be asked, fetch.last_holder_asks times, for a chunk no live peer will be asked for: failing on a slow
+        link is no reason to fail a fetch it alone can finish."""
         state = self.peers[peer]
-        return self._alive(peer) and (not state.hinted_only or peer in self._named.get(cid, ()))
+        if state.hinted_only and peer not in self._named.get(cid, ()):
+            return False
+        if self._alive(peer):
+            return True
+        return self._last_holder(peer, cid)
+
+    def _last_holder(self, peer: str, cid: Cid) -> bool:
+        if self._pacing.last_asks.get((peer, cid), 0) >= self.tuning.last_holder_asks:
+            return False
+        if self._pacing.not_before.get((peer, cid), 0.0) == math.inf:
+            return False  # it lacks the chunk for good
+        return not any(self._alive(p) and self._pacing.not_before.get((p, cid), 0.0) < math.inf
+                       and (not self.peers[p].hinted_only or p in self._named.get(cid, ()))
+                       for p in self.peers if p != peer)
 
     def _askable(self, peer: str, cid: Cid, now: float) -> bool:
         return self._may_ask(peer, cid) and self._pacing.not_before.get((peer, cid), 0.0) <= now
@@ -543,6 +570,7 @@ class FetchPlan:
 
     def _penalise(self, peer: str, why: str) -> None:
         self.peers[peer].failures += 1
+        self._last_failure = f"{peer[:16]}: {why}"  # named in the error if the fetch fails for want of peers
         log.info("provider %s penalised (%d): %s", peer[:16], self.peers[peer].failures, why)
 
     def _lacked(self, peer: str, cid: Cid, now: float) -> bool:
@@ -557,6 +585,10 @@ class FetchPlan:
     def _rationed(self, peer: str, cid: Cid, holders: Sequence[str], now: float) -> None:
         """`peer` rationed `cid`: ask it again after fetch.ration_retry_s, or never once it has rationed the chunk for
         fetch.ration_give_up_s (an honest node would have served it by then); follow the holders it names."""
+        self.peers[peer].rationed += 1
+        if not holders:  # it has no upload slot free and nobody else has the chunk yet: busy, for this chunk
+            self._pacing.not_before[(peer, cid)] = now + self.tuning.busy_retry_s
+            return
         since = self._pacing.rationed_since.setdefault((peer, cid), now)
         if now - since >= self.tuning.ration_give_up_s:
             self._pacing.not_before[(peer, cid)] = math.inf
@@ -564,11 +596,16 @@ class FetchPlan:
                      now - since)
         else:
             self._pacing.not_before[(peer, cid)] = now + self.tuning.ration_retry_s
-        self.peers[peer].rationed += 1
         if self.peers[peer].bad_hints >= self.tuning.max_bad_hints:
             return  # its hints led nowhere before: ask it again after its retry, not whom it names
         named = self._named.setdefault(cid, [])
         for holder in holders:
+            if holder in self.peers and self._pacing.lack_asks.pop((holder, cid), 0):
+                # named again: news. It lacked the chunk when asked, but the sender's copy to it completes on
+                # the sender's side seconds before the holder has stored it (socket buffers, a slow link):
+                # taken as lacking for good after fetch.max_lack_asks, a swarm on 25 Mbit/s links lost every
+                # holder of some chunks and failed
+                self._pacing.not_before[(holder, cid)] = now
             if holder not in named and (self._add_peer(holder, hinted=True) or holder in self.peers):
                 named.append(holder)
                 self._hinted_by.setdefault((cid, holder), peer)
@@ -596,18 +633,27 @@ class FetchPlan:
                 batch.append(cid)
                 size += self.blobs[cid].stored_size
         rid = next(self._request_ids)
+        dropped = not self._alive(peer)  # asked as a chunk's last holder (fetch.last_holder_asks)
         for cid in batch:
             self._tried[cid].add(peer)
             self._owner[cid] = rid
+            if dropped:
+                self._pacing.last_asks[(peer, cid)] = self._pacing.last_asks.get((peer, cid), 0) + 1
         self.peers[peer].busy += 1
         self._requests[rid] = _Request(peer, tuple(batch), now)
         return RequestChunks(rid, peer, tuple(self.blobs[c] for c in batch), deadline=now + self._timeout(peer, size,
                                                                                                      len(batch)))
 
     def _timeout(self, peer: str, nbytes: int, nchunks: int) -> float:
-        """Seconds a request of `nbytes` in `nchunks` chunks may take at `peer` before it fails: fetch.late_factor
-        times its expected time at the peer's measured rate, at least fetch.request_min_timeout_s, at most
-        fetch.chunk_timeout_s per chunk (the whole of that before the peer is measured)."""
+        """Seconds a request of `nbytes` in `nchunks` chunks may take before it fails: fetch.request_min_timeout_s
+        plus its bytes at fetch.min_rate_bytes_s. Progress, not a fixed time per chunk: a slow link that keeps
+        moving is waited for (the driver also fails a request that receives nothing for fetch.idle_timeout_s),
+        and a faster peer takes the chunks of a slow one through lateness, without a failure. The legacy rule
+        (fetch.chunk_timeout_s > 0): fetch.late_factor times its expected time at the peer's measured rate, at
+        least fetch.request_min_timeout_s, at most fetch.chunk_timeout_s per chunk (all of that before the peer
+        is measured)."""
+        if self.tuning.chunk_timeout_s <= 0:
+            return self.tuning.request_min_timeout_s + nbytes / self.tuning.min_rate_bytes_s
         ceiling = self.tuning.chunk_timeout_s * nchunks
         rate = self.peers[peer].throughput
         if rate is None:

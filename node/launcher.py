@@ -40,7 +40,7 @@ class ChildNode:
     SIGTERM and waits; kill() is SIGKILL (a crash, for fault tests). stdout and stderr go to
     <home>/stderr.log (`tail()`)."""
 
-    def __init__(self, home: Path, model: str, bootstrap: list[str] | None = None, accept_any: bool = False,
+    def __init__(self, home: Path, model: str | None, bootstrap: list[str] | None = None, accept_any: bool = False,
                  start_timeout: float = NODE_START_TIMEOUT_S, listen: str = "/ip4/127.0.0.1/tcp/0",
                  prefix: Sequence[str] = (), extra_args: Sequence[str] = ()):
         self.home = Path(home)
@@ -48,7 +48,7 @@ class ChildNode:
         self.start_timeout = start_timeout
         self.prefix = tuple(prefix)
         argv = [*self.prefix, sys.executable, "-m", "kvswap", "node", "start", "--home", str(self.home),
-                "--model", model, *extra_args]
+                *(("--model", model) if model else ("--no-model",)), *extra_args]  # None: a light node
         if "--listen" not in extra_args:  # any free port: children share one machine, a fixed port would collide
             argv += ["--listen", listen]
         if bootstrap:

@@ -22,6 +22,20 @@ What and why:
 - **the DHT key encoding** (`kad_dht._encode_key`) and **one GET_PROVIDERS round to one peer**
   (`ProviderStore._get_providers_from_peer_with_closers`): py-libp2p's find_providers answers from the local
   record store first, so a node that provides a key itself would never ask the network (node/p2p.py).
+- **AutoNAT's dial-back** (`AutoNATService._try_dial`, issue 26): py-libp2p 0.8.1 dials back with
+  `host.connect`, which returns at once when the requester is already connected (it always is: it asked over
+  that connection), so every node was told it is reachable. The patch dials the address afresh
+  (`Swarm.dial_addr`), within a timeout, and closes that test connection again.
+- **the relay's own limits** (`CircuitV2Protocol._handle_reserve`, `_handle_connect`, issue 26): 0.8.1 bounds
+  reservations in total and circuits per reservation, each circuit's duration and bytes (`relay_limits`), but
+  not reservations per IP address nor circuits in total, and it takes a RESERVE's optional peer field as the
+  peer to reserve for, so one peer could hold slots in others' names. `bound_relay` adds the two bounds and
+  refuses a reservation for anyone but the requester.
+- **relayed addresses in what the host advertises** (`BasicHost.get_addrs`): see `advertise_also`.
+- **one FIND_NODE to one peer** (`PeerRouting._query_peer_for_closest`) and **one ADD_PROVIDER to one peer**
+  (`ProviderStore._send_add_provider`): see `ask_peer_about` and `provide_to`.
+- **which connections are relayed** (`Swarm.connections`, `_actual_transport_addresses`): DCUtR's own test
+  for a direct connection, used by node/nat.py to tell relayed peers from direct ones.
 - **quieter loggers**: KadDHT logs a WARNING each time a peer closes a DHT stream normally, several per
   lookup, the auto-connector logs its state at INFO every cycle, and gossipsub logs a WARNING for every
   message its own spam protection drops (a flood became a line per message). Raised to ERROR / WARNING;
@@ -43,7 +57,12 @@ import trio
 PINNED_VERSION = "0.8.1"
 #: logger -> the lowest level kvswap lets it log at
 _QUIET_LOGGERS = {"libp2p.kad_dht.kad_dht": logging.ERROR, "libp2p.network.auto_connector": logging.WARNING,
-                  "libp2p.pubsub.gossipsub": logging.ERROR}
+                  "libp2p.pubsub.gossipsub": logging.ERROR,
+                  # a failed hole punch or refused circuit is an expected outcome behind NAT (counted in node/nat.py)
+                  "libp2p.relay.circuit_v2.dcutr": logging.CRITICAL,
+                  "libp2p.relay.circuit_v2.protocol": logging.CRITICAL,
+                  "libp2p.relay.circuit_v2.transport": logging.CRITICAL,
+                  "libp2p.host.autonat.autonat": logging.CRITICAL}
 
 
 def installed_version() -> str:
@@ -62,8 +81,16 @@ def check(version: str | None = None) -> list[str]:
     from libp2p.kad_dht.provider_store import ProviderStore
     from libp2p.security.secure_session import SecureSession
 
+    from libp2p.host.autonat.autonat import AutoNATService
+    from libp2p.kad_dht.peer_routing import PeerRouting
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+    from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+
     wanted = [(kad_dht, "_encode_key"), (ProviderStore, "_get_providers_from_peer_with_closers"),
-              (SecureSession, "write"), (kad_dht.KadDHT, "__init__")]
+              (SecureSession, "write"), (kad_dht.KadDHT, "__init__"), (AutoNATService, "_try_dial"),
+              (CircuitV2Protocol, "_handle_reserve"), (CircuitV2Protocol, "_handle_connect"),
+              (CircuitV2Transport, "_make_reservation"), (PeerRouting, "_query_peer_for_closest"),
+              (ProviderStore, "_send_add_provider")]
     problems += [f"py-libp2p {version} has no {getattr(owner, '__name__', owner)}.{name}"
                  for owner, name in wanted if not hasattr(owner, name)]
     return problems
@@ -115,5 +142,178 @@ def providers_from_peer(dht: Any, peer: Any, key_bytes: bytes) -> Awaitable[tupl
     return dht.provider_store._get_providers_from_peer_with_closers(peer, key_bytes)
 
 
-__all__ = ["PINNED_VERSION", "apply", "check", "encode_dht_key", "installed_version", "providers_from_peer",
-           "set_provider_rate"]
+def patch_autonat_dial_back(timeout_s: float) -> None:
+    """AutoNAT servers dial the requester back afresh (see the module docstring; idempotent)."""
+    from libp2p.host.autonat.autonat import AutoNATService
+    from multiaddr import Multiaddr
+
+    if getattr(AutoNATService._try_dial, "_kvswap_fresh_dial", False):
+        return
+
+    async def _try_dial(self: Any, peer_id: Any, addrs: list[bytes]) -> bytes | None:
+        network = self.host.get_network()
+        for addr in addrs[:8]:
+            conn = None
+            with trio.move_on_after(timeout_s), contextlib.suppress(Exception):
+                # boundary: dialling an address a peer gave; any failure means "not reachable there"
+                conn = await network.dial_addr(Multiaddr(addr), peer_id)
+            if conn is not None:
+                with trio.move_on_after(1), contextlib.suppress(Exception):
+                    await conn.close()  # a test connection: the requester keeps the one it asked over
+                return bytes(addr)
+        return None
+
+    _try_dial._kvswap_fresh_dial = True  # type: ignore[attr-defined]
+    AutoNATService._try_dial = _try_dial  # type: ignore[method-assign]
+
+
+def relay_limits(t: Any) -> Any:
+    """py-libp2p's RelayLimits from kvswap's NatTuning."""
+    from libp2p.relay.circuit_v2.resources import RelayLimits
+
+    return RelayLimits(duration=int(t.relay_circuit_duration_s), data=int(t.relay_circuit_bytes),
+                       max_circuit_conns=int(t.relay_circuits_per_reservation),
+                       max_reservations=int(t.relay_max_reservations), reservation_ttl=int(t.relay_reservation_ttl_s))
+
+
+def _remote_ip(stream: Any) -> str | None:
+    with contextlib.suppress(Exception):  # a stream without a socket address (a relayed one)
+        remote = stream.get_remote_address()
+        return str(remote[0]) if remote else None
+    return None
+
+
+def bound_relay(hop: Any, t: Any) -> dict:
+    """Reservations per IP address and circuits in total on one hop service; a RESERVE only for its sender
+    (see the module docstring). Returns the live counters {"circuits": n, "refused": n}."""
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
+    from libp2p.relay.circuit_v2.utils import write_delimited_msg
+
+    rm = hop.resource_manager
+    ips: dict = {}  # reserving peer -> its IP
+    pending: set = set()  # peers whose request is being answered
+    counters = {"circuits": 0, "refused": 0}
+    reserve, connect = hop._handle_reserve, hop._handle_connect
+
+    async def refuse(stream: Any) -> None:
+        counters["refused"] += 1
+        with trio.move_on_after(2), contextlib.suppress(Exception):  # the peer may be gone already
+            await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS,
+                                                         status=to_proto_status(StatusCode.RESOURCE_LIMIT_EXCEEDED)))
+
+    async def bounded_reserve(stream: Any, msg: Any) -> None:
+        peer = stream.muxed_conn.peer_id
+        if msg.HasField("peer") and msg.peer.id and bytes(msg.peer.id) != peer.to_bytes():
+            await refuse(stream)
+            return
+        rm._clean_expired()
+        for p in [p for p in ips if p not in rm._reservations and p not in pending]:
+            del ips[p]
+        ip = _remote_ip(stream)
+        if peer not in ips and sum(1 for v in ips.values() if v == ip) >= t.relay_max_reservations_per_ip:
+            await refuse(stream)
+            return
+        ips[peer] = ip  # counted before the answer: concurrent requests from one IP see each other
+        pending.add(peer)
+        try:
+            await reserve(stream, msg)
+        finally:
+            pending.discard(peer)
+            if peer not in rm._reservations:
+                ips.pop(peer, None)
+
+    async def bounded_connect(stream: Any, msg: Any) -> None:
+        if counters["circuits"] >= t.relay_max_circuits:
+            await refuse(stream)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        counters["circuits"] += 1
+        try:
+            await connect(stream, msg)
+        finally:
+            counters["circuits"] -= 1
+
+    hop._handle_reserve, hop._handle_connect = bounded_reserve, bounded_connect
+    return counters
+
+
+def advertise_also(host: Any, extra: Any) -> None:
+    """`host.get_addrs()` (what identify and the DHT's records carry) followed by `extra()`'s full multiaddrs.
+    Needed for relayed addresses: 0.8.1's get_addrs strips each address at its first /p2p/ component before
+    appending our own, which turns `<relay>/p2p/<relay id>/p2p-circuit` into the relay's address under our id."""
+    from multiaddr import Multiaddr
+
+    original = host.get_addrs
+
+    def get_addrs() -> list:
+        out = list(original())
+        seen = {str(a) for a in out}
+        return out + [Multiaddr(a) for a in extra() if a not in seen]
+
+    host.get_addrs = get_addrs
+
+
+def has_direct_connection(host: Any, peer_id: Any) -> bool:
+    """Whether `peer_id` is connected other than through a relay: a connection counts as relayed when its type
+    says so or every transport address it has names a circuit (an inbound TCP connection may have none
+    recorded: it is direct)."""
+    from libp2p.connection_types import ConnectionType
+
+    conns = host.get_network().connections.get(peer_id) or []
+    for conn in conns if isinstance(conns, list) else [conns]:
+        with contextlib.suppress(Exception):  # a connection closing under us: not direct
+            if conn.get_connection_type() == ConnectionType.RELAYED:
+                continue
+            addrs = getattr(conn, "_actual_transport_addresses", None) or []
+            if addrs and all("/p2p-circuit" in str(a) for a in addrs):
+                continue
+            return True
+    return False
+
+
+def ask_peer_about(dht: Any, peer: Any, target: Any) -> Awaitable[list]:
+    """One FIND_NODE for `target` to `peer` (`PeerRouting._query_peer_for_closest`): the addresses it knows for
+    the peers closest to `target`, `target` itself among them, land in our peerstore. KadDHT's find_peer
+    answers from our own peerstore first, so it never learns a private peer's relayed addresses that its
+    relays hold (issue 26)."""
+    return dht.peer_routing._query_peer_for_closest(peer, target.to_bytes())
+
+
+def provide_to(dht: Any, peer: Any, key_bytes: bytes) -> Awaitable[bool]:
+    """One ADD_PROVIDER of `key_bytes` to `peer` (`ProviderStore._send_add_provider`), without KadDHT's lookup
+    of the closest peers first: behind a NAT that lookup took up to a query timeout per key (issue 26)."""
+    return dht.provider_store._send_add_provider(peer, key_bytes)
+
+
+def reserve_on(transport: Any, stream: Any, relay_id: Any) -> Awaitable[bool]:
+    """One RESERVE on an open hop stream (the transport keeps the voucher and expiry)."""
+    return transport._make_reservation(stream, relay_id)
+
+
+def reservation_expiry(transport: Any, relay_id: Any) -> float | None:
+    return transport._reservations.get(relay_id)
+
+
+def relay_load(hop: Any) -> dict:
+    """Reservations held and circuits open on a hop service."""
+    return {"reservations": len(hop.resource_manager._reservations), "circuits": len(hop._active_relays)}
+
+
+def observed_ips(host: Any) -> list[str]:
+    """IPv4 addresses peers saw our connections come from (identify), one observer enough."""
+    manager = getattr(host, "_observed_addr_manager", None)
+    out: list[str] = []
+    with contextlib.suppress(Exception):  # no observations yet
+        for a in manager.addrs(min_observers=1):
+            with contextlib.suppress(Exception):
+                ip = a.value_for_protocol("ip4")
+                if ip and ip not in out:
+                    out.append(ip)
+    return out
+
+
+__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "provide_to", "check", "encode_dht_key", "has_direct_connection",
+           "installed_version", "observed_ips", "patch_autonat_dial_back", "providers_from_peer", "relay_limits",
+           "relay_load", "reservation_expiry", "reserve_on", "set_provider_rate"]

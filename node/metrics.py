@@ -7,7 +7,8 @@ What is counted, and where the count comes from:
     kvswap_chunks_verified_total                chunks that arrived and matched their CID (then stored)
     kvswap_integrity_failures_total             chunks that arrived and did not (the provider is penalised)
     kvswap_fetches_total{outcome}               `kvswap get` jobs: done, failed, cancelled
-    kvswap_generations_total{mode}              local (ship), hosted (for a peer), remote (asked of a host)
+    kvswap_generations_total{mode}              local (ship), hosted (for a peer), remote (asked of a host),
+                                                door (a local agent's /v1/completions)
     kvswap_prefill_seconds_total, _tokens_total this node's prefills (publishing)
     kvswap_audits_total{outcome}                audits run by this node: passed, failed
     kvswap_artifacts_stored, kvswap_stored_bytes  the store now (read at each scrape)
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .accounting import TransferEvent
 
@@ -64,6 +65,25 @@ class NodeMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def watch_uploads(self, read: Callable[[], dict | None]) -> None:
+        """Export the upload gate (node/uploads.py, node/ration.py): chunks being sent, waiting for a slot, slot
+        waits that timed out and rationed answers, read at each scrape."""
+        def field(name: str) -> Callable[[], float]:
+            return lambda: float((read() or {}).get(name) or 0)
+
+        Gauge("kvswap_uploads_sending", "Chunks being sent now (upload slots in use)",
+              registry=self.registry).set_function(field("sending"))
+        Gauge("kvswap_uploads_waiting", "Chunk sends waiting for an upload slot",
+              registry=self.registry).set_function(field("waiting"))
+        _CounterOf("kvswap_upload_slot_timeouts", "Chunk sends that got no upload slot in time",
+                   field("slot_timeouts"), self.registry)
+        _CounterOf("kvswap_rationed_answers", "Chunk requests answered 'rationed' (holders named, or come back)",
+                   field("rationed_answers"), self.registry)
+
+    def watch_nat(self, read: Callable[[], dict | None]) -> None:
+        """Export reachability behind NAT (node/nat.py's snapshot, read at each scrape)."""
+        _NatMetrics(read, self.registry)
+
 
 class _CounterOf:
     """A counter whose value is read from elsewhere at each scrape (a count another object keeps)."""
@@ -80,3 +100,41 @@ class _CounterOf:
 
 
 __all__ = ["CONTENT_TYPE", "NodeMetrics"]
+
+
+class _NatMetrics:
+    """kvswap_reachability{status}, the relay reservations this node holds, its relay service's load and
+    refusals, hole punches by outcome and the peers connected through relays only (node/nat.py)."""
+
+    def __init__(self, read: Callable[[], dict | None], registry: CollectorRegistry) -> None:
+        self.read = read
+        registry.register(self)
+
+    def collect(self):
+        snap = self.read() or {}
+        if not snap:
+            return
+        reach = GaugeMetricFamily("kvswap_reachability", "1 for what AutoNAT (or the config) says this node is",
+                                  labels=["status"])
+        for status in ("public", "private", "unknown"):
+            reach.add_metric([status], 1.0 if snap["reachability"]["status"] == status else 0.0)
+        yield reach
+        yield GaugeMetricFamily("kvswap_relay_reservations_held", "Relays holding a reservation for this node",
+                                value=len(snap["reservations"]))
+        yield GaugeMetricFamily("kvswap_relayed_peers", "Peers connected through a relay only",
+                                value=snap["relayed_peers"])
+        relay = snap.get("relay") or {}
+        yield GaugeMetricFamily("kvswap_relay_service_reservations", "Reservations this node's relay holds for others",
+                                value=relay.get("reservations", 0))
+        yield GaugeMetricFamily("kvswap_relay_service_circuits", "Circuits this node's relay carries now",
+                                value=relay.get("circuits", 0))
+        yield CounterMetricFamily("kvswap_relay_service_refused", "Reservations and circuits this node's relay refused",
+                                  value=relay.get("refused", 0))
+        punches = CounterMetricFamily("kvswap_hole_punches", "Relayed connections by upgrade outcome (DCUtR)",
+                                      labels=["outcome"])
+        for outcome in ("succeeded", "failed"):
+            punches.add_metric([outcome], snap["hole_punches"][outcome])
+        yield punches
+
+    def describe(self):
+        return []

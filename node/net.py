@@ -33,9 +33,11 @@ from .dataplane import DataPlane
 from .accounting import TransferEvent, TransferHook, no_hook
 from .exchange import Exchange, Service
 from .fetch import Fetcher, FetchProgress, FetchResult, FetchTarget
+from .nat import NatConfig
 from .p2p import P2PConfig, P2PHost
 from .quota import PeerRecords
 from .ration import UploadRation
+from .uploads import Reciprocity, UploadGate, UploadSlots
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,14 @@ class TrioNode:
     ) -> None:
         self.config = config
         self.tuning = tuning = config.tuning
-        self.ration = ration or UploadRation(tuning.ration)  # copies sent per chunk, shared by both senders
+        # copies sent per chunk, and the upload slots: one gate shared by both senders (node/uploads.py)
+        self.ration = ration or UploadRation(tuning.ration, legacy=bool(tuning.ration.legacy))
+        if self.ration.present is None:  # a holder that left is no holder (node/ration.py)
+            self.ration.present = self._connected
+        #: bytes this node verified from each peer: who re-shares gets an upload slot first
+        self.reciprocity = Reciprocity(tuning.serve.max_recorded_peers)
+        slots = UploadSlots(tuning.serve, self.reciprocity.given) if tuning.serve.upload_slots > 0 else None
+        self.gate = UploadGate(self.ration, slots)
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(tuning.serve.worker_threads)
         self.on_transfer = on_transfer or no_hook
@@ -80,9 +89,26 @@ class TrioNode:
         #: peers with a good record here: what lets them past a crowd of strangers (node/quota.py)
         self.records = PeerRecords(tuning.serve.max_recorded_peers)
         self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration, tuning,
-                                 self.records)
+                                 self.records, gate=self.gate)
         self.fetcher = (Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane, tuning.fetch,
-                                records=self.records) if target else None)
+                                records=self.records, reciprocity=self.reciprocity, ration=self.ration)
+                        if target else None)
+
+    def uploads_snapshot(self) -> dict:
+        """What the upload gate is doing (node/uploads.py, node/ration.py), for `kvswap node status`."""
+        slots = self.gate.slots
+        return {"swarm": "legacy" if self.ration.legacy else "superseed",
+                "slots": self.tuning.serve.upload_slots if slots is not None else 0,
+                "sending": slots.in_use if slots is not None else None,
+                "waiting": slots.waiting if slots is not None else None,
+                "slot_timeouts": slots.timed_out if slots is not None else 0,
+                "rationed_answers": self.ration.refusals}
+
+    def _connected(self, peer: str) -> bool:
+        try:
+            return bool(self.p2p.host.get_network().connections.get(self.p2p.peer_id_obj(peer)))
+        except Exception:  # no host yet, or not a peer id: assume it is there (the ration's old behaviour)
+            return True
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         holdings = getattr(self.service, "holdings", None)
@@ -93,7 +119,7 @@ class TrioNode:
             if self.use_dataplane and self.service is not None:
                 self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
                                            chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration,
-                                           tuning=self.tuning, on_served=self.records.earn)
+                                           tuning=self.tuning, on_served=self.records.earn, gate=self.gate)
                 await nursery.start(self.dataplane.run)
                 self.exchange.dataplane = self.dataplane
             task_status.started()
@@ -155,13 +181,15 @@ class Network:
         enable_mdns: bool = False,
         use_dataplane: bool = True,
         tuning: NodeTuning = DEFAULT_TUNING,
+        nat: NatConfig | None = None,
     ) -> None:
         """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers. `tuning`:
-        the node's timeouts, quotas, rationing and fetch rules (node/tuning.py)."""
+        the node's timeouts, quotas, rationing and fetch rules (node/tuning.py); `nat`: reachability, relays
+        and hole punching (node/nat.py)."""
         if self._node is not None:
             raise LocalProtocolError("Network.start() called twice")
         config = P2PConfig(seed=seed, listen_addrs=list(listen_addrs), bootstrap=list(bootstrap),
-                           enable_mdns=enable_mdns, tuning=tuning)
+                           enable_mdns=enable_mdns, tuning=tuning, nat=nat or NatConfig())
         bridge = self._bridge
         bridge.worker_threads = tuning.serve.worker_threads
         hook = (lambda event: bridge.call_soon_in_asyncio(on_transfer, event)) if on_transfer else None
@@ -214,6 +242,23 @@ class Network:
         node = self._need()
         return await self._bridge.call(node.p2p.connect, addr)
 
+    def uploads_snapshot(self) -> dict | None:
+        """The upload gate's counts (TrioNode.uploads_snapshot), read from any thread: plain integers."""
+        node = self._node
+        return node.uploads_snapshot() if node is not None else None
+
+    def nat_snapshot(self) -> dict | None:
+        """node/nat.py's numbers, read from any thread (small counters and dicts; a read racing a change is
+        taken again)."""
+        node = self._node
+        nat_service = node.p2p.nat if node is not None else None
+        for _ in range(3):
+            try:
+                return nat_service.snapshot() if nat_service is not None else None
+            except RuntimeError:  # a dict changed size while it was copied
+                continue
+        return None
+
     async def peers(self) -> list[dict]:
         """Connected peers: [{"peer_id": str, "addrs": [str]}]."""
         node = self._need()
@@ -241,6 +286,8 @@ class Network:
                 "dataplane_refused": dp.refusals.total if dp is not None else 0,
                 "dataplane_grants": dp.outstanding if dp is not None else 0,
                 "gossip_dropped": node.p2p.gossip_dropped.total,
+                "nat": node.p2p.nat.snapshot() if node.p2p.nat is not None else None,
+                "uploads": node.uploads_snapshot(),
             }
 
         return await self._bridge.call(read)

@@ -9,6 +9,10 @@ peer id. Facts about py-libp2p 0.8.1 this module relies on (measured here):
   nodes accept more (DhtTuning.provider_rate_max), and our re-provide loop paces itself.
 - find_providers answers from the local provider store first when it has any record; the fetcher therefore
   also asks connected peers directly (node/fetch.py).
+- Behind a NAT (node/nat.py, issue 26): the swarm never dials a /p2p-circuit address, so a private peer is
+  dialled here through its relay (`_dial_through_relay`); KadDHT's lookups and provides spend their timeout on
+  peers nobody can dial, so provider lookups also ask the directly connected peers (`_first_providers`) and a
+  private node provides to them (`_provide_to_neighbours`).
 - A secure-channel write cut by a trio cancellation (after the frame was encrypted, or half sent) kills the
   whole connection to that peer; node/libp2p_compat.py makes each such write run to its end (applied when a
   host starts, as are the other uses of py-libp2p's private parts: all of them live in that module).
@@ -43,7 +47,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.exceptions import RateLimitError
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStoreError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -54,7 +58,7 @@ from libp2p.tools.anyio_service.exceptions import ServiceException
 from kvswap.protocol.errors import KvswapError, ProtocolError, RemoteProtocolError, UsageError, map_exceptions
 from kvswap.protocol import limits
 
-from . import libp2p_compat
+from . import libp2p_compat, nat
 from .quota import RateGate, RefusalLog
 from .tuning import DEFAULT_TUNING, NodeTuning
 
@@ -130,6 +134,8 @@ class P2PConfig:
     bootstrap: list[str] = field(default_factory=list)
     enable_mdns: bool = False
     tuning: NodeTuning = DEFAULT_TUNING
+    #: reachability behind NAT: AutoNAT, relays, hole punching (node/nat.py)
+    nat: nat.NatConfig = field(default_factory=nat.NatConfig)
 
 
 class _ConnectionTracker(INotifee):
@@ -184,6 +190,8 @@ class P2PHost:
         self.forwarder_gate = RateGate(g.forwarder_burst, g.forwarder_rate_per_s, g.max_senders)
         self.total_gate = RateGate(g.total_burst, g.total_rate_per_s, 1)
         self.gossip_dropped = RefusalLog(log, "dropped gossip", self.tuning.serve.refusal_log_interval_s)
+        #: AutoNAT, relays and hole punching, once the host runs (node/nat.py)
+        self.nat: nat.NatService | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -200,6 +208,7 @@ class P2PHost:
             listen = [multiaddr.Multiaddr(a) for a in self.config.listen_addrs]
         self.host = new_host(key_pair=self._key_pair, listen_addrs=listen, enable_mDNS=self.config.enable_mdns,
                              addrs_factory=advertised)
+        libp2p_compat.advertise_also(self.host, self._relayed_addrs)
         self._connections = _ConnectionTracker()
         self.host.get_network().register_notifee(self._connections)
         for protocol, handler in self._handlers.items():
@@ -226,6 +235,12 @@ class P2PHost:
                             nursery.start_soon(self._routing_sync_loop)
                             nursery.start_soon(self._provide_worker)
                             nursery.start_soon(self._reprovide_loop)
+                            c = self.config.nat
+                            self.nat = nat.NatService(self.host, self.tuning.nat, reachability=c.reachability,
+                                                      relay=c.relay, relays=c.relays, bootstrap=self.config.bootstrap,
+                                                      hole_punching=c.hole_punching, relay_data=c.relay_data)
+                            self.nat.on_addrs_changed = self._readvertise
+                            await nursery.start(self.nat.run)
                             for addr in self.config.bootstrap:
                                 nursery.start_soon(self._bootstrap, addr)
                             task_status.started()
@@ -268,6 +283,12 @@ class P2PHost:
                 network.unblock_peer(split_addr(addr)[1].peer_id)
 
     # --- identity and peers -------------------------------------------------------------------------------
+
+    def _relayed_addrs(self) -> list[str]:
+        """What identify and the DHT advertise besides `advertised`: a private node's relayed addresses."""
+        if self.nat is None:
+            return []
+        return [str(a) for a in nat.advertise([], self.nat.reach.status, self.nat.relay_addrs())]
 
     @property
     def peer_id(self) -> str:
@@ -333,11 +354,79 @@ class P2PHost:
         with trio.move_on_after(self.tuning.serve.dial_timeout_s) as scope:
             if not self._known_addrs(pid):
                 await self._find_addrs(pid)
+            await self._dial_through_relay(pid)
             with map_exceptions({PEER_FAILURES: RemoteProtocolError}, f"cannot open {protocol} to {peer_id[:16]}"):
                 stream = await self.host.new_stream(pid, [protocol])
         if scope.cancelled_caught:
             raise RemoteProtocolError(f"opening {protocol} to {peer_id[:16]} timed out")
         return stream
+
+    async def _dial_through_relay(self, pid: Any) -> None:
+        """Connect to a peer that may be private: its direct addresses first where `nat.direct_first` says so,
+        then through one of its relays (node/nat.py). Nothing when connected already; a peer with direct
+        addresses only is left to the swarm, as before, once the direct dial failed."""
+        if self.nat is None or pid in self.host.get_connected_peers():
+            return
+        limit = self.tuning.nat.max_peer_relay_addrs
+        direct, relayed = nat.checked_addrs(pid.to_base58(), self._known_addrs(pid), limit)
+        direct = nat.direct_first(direct, relayed, [self.listen_ip])
+        if direct:
+            with trio.move_on_after(self.tuning.nat.direct_dial_timeout_s), contextlib.suppress(*PEER_FAILURES):
+                await self.host.connect(PeerInfo(pid, direct))
+            if pid in self.host.get_connected_peers():
+                return
+        if not relayed:  # its record may predate its reservations: the peers we know may know its current ones
+            await self._addrs_from_neighbours(pid)
+            _, relayed = nat.checked_addrs(pid.to_base58(), self._known_addrs(pid), limit)
+        if relayed:
+            await self.nat.dial_relayed(pid, relayed)
+
+    async def _addrs_from_neighbours(self, pid: Any) -> None:
+        """Ask the peers we are directly connected to (relays and bootstrap peers among them) what addresses
+        they know for `pid` (one FIND_NODE each, in parallel); what they name lands in the peerstore."""
+        async def ask(peer: Any) -> None:
+            with trio.move_on_after(self.tuning.dht.query_timeout_s / 3):
+                await self._dht_query(f"FIND_NODE {pid} from {peer}", libp2p_compat.ask_peer_about, self.dht, peer, pid)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.host.get_connected_peers()[: self.tuning.nat.autonat_max_servers]:
+                if peer != pid and not self.relayed(peer.to_base58()):
+                    nursery.start_soon(ask, peer)
+
+    async def direct_path(self, peer_id: str) -> None:
+        """Before chunk bytes go to or come from `peer_id`: wait briefly (nat.upgrade_wait_s) for a relayed
+        connection to become direct (DCUtR), then allow it unless it is still relayed and `node.relay_data` is
+        off: RelayOnly (a RemoteProtocolError, so the fetch moves on to other providers)."""
+        if self.nat is None:
+            return
+        try:
+            pid = self.peer_id_obj(peer_id)
+        except UsageError as exc:  # ids come from peers too
+            raise RemoteProtocolError(str(exc)) from None
+        if pid not in self.host.get_connected_peers():  # connect first (through a relay if need be), then wait
+            with trio.move_on_after(self.tuning.serve.dial_timeout_s):
+                if not self._known_addrs(pid):
+                    await self._find_addrs(pid)
+                await self._dial_through_relay(pid)
+        if await self.nat.wait_direct(pid) or self.nat.relay_data:
+            return
+        raise nat.RelayOnly(f"peer {peer_id[:16]} is reachable only through a relay, and chunk bytes do not go over "
+                        f"relays (node.relay_data is off)")
+
+    def dataplane_reachable(self, peer_id: str) -> bool:
+        """Whether `peer_id` can reach our data plane: not when we are private (its port is not mapped), nor
+        over a relayed connection. The chunks then go on the libp2p stream."""
+        if self.nat is None:
+            return True
+        return self.nat.reach.status != nat.PRIVATE and not self.relayed(peer_id)
+
+    def relayed(self, peer_id: str) -> bool:
+        """Whether our only connection to `peer_id` runs through a relay."""
+        if self.nat is None:
+            return False
+        with contextlib.suppress(UsageError):
+            return self.nat.relayed_only(self.peer_id_obj(peer_id))
+        return False
 
     def _known_addrs(self, pid: Any) -> list:
         try:
@@ -389,16 +478,36 @@ class P2PHost:
         """Provide one key now; False if no peer accepted the record (it stays local and is retried later)."""
         self._provided.setdefault(key, None)
         with trio.move_on_after(self.tuning.dht.query_timeout_s):  # a failed provide is retried by the re-provide loop
+            if self.nat is not None and self.nat.reach.status == nat.PRIVATE and await self._provide_to_neighbours(key):
+                return True
             return bool(await self._dht_query(f"provide {key[:20]}", self.dht.provide, key, default=False))
         return False
+
+    async def _provide_to_neighbours(self, key: str) -> bool:
+        """A private node's provide: ADD_PROVIDER to the peers it is directly connected to (its relays and
+        bootstrap peers, whom fetchers ask first: `_first_providers`), and the record kept locally. KadDHT's own
+        provide first looks up the closest peers, which behind a NAT spent a query timeout per key on peers
+        nobody can dial, so a store's keys took minutes to be provided. True when a peer took the record."""
+        key_bytes = libp2p_compat.encode_dht_key(key)
+        self.dht.provider_store.add_provider(key_bytes, PeerInfo(self.host.get_id(), self.host.get_addrs()))
+        sent: list[bool] = []
+
+        async def send(peer: Any) -> None:
+            with trio.move_on_after(self.tuning.dht.query_timeout_s / 3):
+                sent.append(bool(await self._dht_query(f"ADD_PROVIDER to {peer}", libp2p_compat.provide_to,
+                                                       self.dht, peer, key_bytes, default=False)))
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.host.get_connected_peers():
+                if not self.relayed(peer.to_base58()):
+                    nursery.start_soon(send, peer)
+        return any(sent)
 
     async def find_providers(self, key: str, count: int | None = None) -> list[str]:
         """Peer ids that provide `key` (never ourselves). Their addresses land in the peerstore."""
         infos: list = []
         with trio.move_on_after(self.tuning.dht.query_timeout_s):  # a failed lookup is an empty answer; callers fall back
-            infos = await self._dht_query(f"find_providers {key[:20]}", self.dht.find_providers, key,
-                                          count or self.tuning.fetch.max_providers,
-                                          default=[]) or []
+            infos = await self._first_providers(key, count or self.tuning.fetch.max_providers)
         me = self.host.get_id()
         if infos and all(info.peer_id == me for info in infos):
             # py-libp2p answers from the local record store first, and a node that provides a key holds a
@@ -417,12 +526,33 @@ class P2PHost:
                 out.append(text)
         return out
 
-    async def _network_providers(self, key: str) -> list:
-        """Provider records held by the peers closest to `key` (one round of GET_PROVIDERS, local store skipped)."""
+    async def _first_providers(self, key: str, count: int) -> list:
+        """The DHT's iterative lookup, and at the same time one GET_PROVIDERS round to the peers we are
+        connected to directly: whichever names providers first. Behind a NAT the iterative lookup spends its
+        time on peers nobody can dial (other NAT'd nodes' addresses), while the relays and bootstrap peers
+        it is connected to hold the records (issue 26)."""
+        found: list = []
+        async with trio.open_nursery() as nursery:
+            async def lookup() -> None:
+                found.extend(await self._dht_query(f"find_providers {key[:20]}", self.dht.find_providers, key, count,
+                                                   default=[]) or [])
+                nursery.cancel_scope.cancel()
+
+            async def neighbours() -> None:
+                direct = [p for p in self.host.get_connected_peers() if not self.relayed(p.to_base58())]
+                answer = await self._providers_of(key, direct)
+                if answer:
+                    found.extend(answer)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(lookup)
+            nursery.start_soon(neighbours)
+        return found
+
+    async def _providers_of(self, key: str, peers: Iterable[Any]) -> list:
+        """Provider records of `key` held by `peers` (one GET_PROVIDERS round each, in parallel)."""
         key_bytes = libp2p_compat.encode_dht_key(key)
         found: list = []
-        closest = await self._dht_query(f"closest peers for {key[:20]}",
-                                        self.dht.peer_routing.find_closest_peers_network, key_bytes, default=[])
         me = self.host.get_id()
 
         async def ask(peer: Any) -> None:  # one unhelpful peer does not fail the lookup
@@ -432,13 +562,41 @@ class P2PHost:
                 found.extend(answer[0])
 
         async with trio.open_nursery() as nursery:
-            for peer in closest:
+            for peer in peers:
                 if peer != me:
                     nursery.start_soon(ask, peer)
         return found
 
+    async def _network_providers(self, key: str) -> list:
+        """Provider records held by the peers closest to `key` (one round of GET_PROVIDERS, local store skipped)."""
+        closest = await self._dht_query(f"closest peers for {key[:20]}",
+                                        self.dht.peer_routing.find_closest_peers_network,
+                                        libp2p_compat.encode_dht_key(key), default=[])
+        return await self._providers_of(key, closest)
+
+    def _readvertise(self) -> None:
+        """Our addresses changed (a relay reservation made or lost): provider records carry the addresses they
+        were made with, so provide everything again now."""
+        for key in list(self._provided):
+            self._provide_queue_send.send_nowait(key)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._push_addrs)
+
+    async def _push_addrs(self) -> None:
+        """Tell connected peers our new addresses (identify push): the relays and bootstrap peers are who a
+        peer looking for us asks (`_addrs_from_neighbours`)."""
+        from libp2p.identity.identify_push.identify_push import push_identify_to_peers
+
+        with trio.move_on_after(self.tuning.dht.query_timeout_s), contextlib.suppress(*PEER_FAILURES):
+            await push_identify_to_peers(self.host)
+
     async def _provide_worker(self) -> None:
+        started = trio.current_time()
         async for key in self._provide_queue_recv:
+            # records carry the addresses peers will dial: wait (briefly) while we may turn out private
+            while (self.nat is not None and self.nat.unsure()
+                   and trio.current_time() - started < self.tuning.nat.provide_wait_s):
+                await trio.sleep(self.tuning.nat.watch_interval_s)
             if key in self._provided:
                 await self.provide(key)
                 await trio.sleep(self.tuning.dht.provide_pacing_s)

@@ -56,10 +56,12 @@ class StoreArtifacts:
 
     def __init__(self, store: Store, policy: TrustPolicy,
                  generate: Callable[[GenerateRequest], GenerateResponse] | None = None,
-                 budget_bytes: int | None = None) -> None:
+                 budget_bytes: int | None = None, generate_capacity: int = 1) -> None:
         self.store = store
         self.policy = policy
         self._generate = generate
+        #: hosted generations `generate` runs at once (node/hosting/: 1 for the engine, vLLM's batch for vllm)
+        self.generate_capacity = generate_capacity
         self.budget_bytes = budget_bytes  # the home's store.budget: no fetch starts on an artifact larger
 
     # --- Service ------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ lists every default, and tests/test_limits_doc.py checks that the table and thes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvswap.config import setting
+from kvswap.modes import SwarmMode
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -47,13 +48,32 @@ class FetchTuning:
     #: Seconds before a chunk a provider rationed is asked for again.
     ration_retry_s: float = 0.5
     #: Seconds after a peer first rationed a chunk past which its further rationed answers count as lacking
-    #: it for good: an honest node serves a fetcher it refused for its patience (5 s), so one still rationing
-    #: twice that long later is lying, and a fetch among such liars fails instead of asking them forever.
-    ration_give_up_s: float = 10.0
+    #: it for good: an honest node serves a fetcher it refused within its longest patience (ration.patience_max_s,
+    #: 20 s), so one still rationing half as long again later is lying, and a fetch among such liars fails
+    #: instead of asking them forever.
+    ration_give_up_s: float = 30.0
     #: Seconds between a fetch's looks for new peers (connected peers, the DHT's providers of the artifact).
     peer_refresh_s: float = 1.0
-    #: Seconds for one chunk request, end to end, before the provider is dropped for this chunk.
-    chunk_timeout_s: float = 60.0
+    #: Seconds a chunk request may go without receiving a byte before it fails (one failure for the provider):
+    #: progress, not size, so a slow link works as long as bytes flow (a fixed 60 s per chunk failed every
+    #: consumer of a swarm on 25 Mbit/s links, where a shared 6.5 MB chunk took longer).
+    idle_timeout_s: float = 15.0
+    #: Slowest a request may run on average (bytes per second) before it fails, over fetch.request_min_timeout_s
+    #: of grace: a peer that trickles a byte now and then cannot hold a request open forever (64 KiB/s is a
+    #: 6.5 MB chunk in 100 s).
+    min_rate_bytes_s: float = 64 * 1024
+    #: Seconds one chunk request may take end to end whatever its progress (0: no such bound). The previous
+    #: rule, 60, kept for `node.swarm = "legacy"`.
+    chunk_timeout_s: float = 0.0
+    @property
+    def silence_s(self) -> float:
+        """Seconds a chunk answer may go without a byte: idle_timeout_s; under the legacy rule (chunk_timeout_s
+        set) the whole chunk_timeout_s, as before."""
+        return self.chunk_timeout_s if self.chunk_timeout_s > 0 else self.idle_timeout_s
+
+    #: Times a dropped provider (fetch.max_provider_failures) may still be asked for a chunk that no live peer
+    #: has: once it is the only holder, failing on a slow link must not fail the fetch.
+    last_holder_asks: int = 2
     #: A request is late, and its chunks go to a faster peer, once it has run this many times as long as the
     #: fastest peer of the fetch would take for its bytes (at that peer's measured rate).
     late_factor: float = 4.0
@@ -87,6 +107,16 @@ class ServeTuning:
     max_per_peer: int = 8
     #: Seconds a request may wait for a serve slot before it is answered `busy`.
     wait_timeout_s: float = 10.0
+    #: Chunks sent at once, all peers and artifacts (node/uploads.py): a few uploads at full speed complete,
+    #: and can be re-shared, long before thirty sharing the uplink do (BitTorrent unchokes 4). 0: no bound.
+    upload_slots: int = 4
+    #: ...of which one artifact may take this many.
+    upload_slots_per_artifact: int = 4
+    #: ...of which this many go to a waiting peer drawn at random (an optimistic unchoke: a newcomer with
+    #: nothing to give yet still gets a turn).
+    optimistic_slots: int = 1
+    #: Seconds a chunk waits for an upload slot before the fetcher is pointed at its holders, or told to come back.
+    upload_wait_s: float = 5.0
     #: Inbound kvswap streams one peer may have open at once, waiting or served; more are reset at once.
     max_streams_per_peer: int = 16
     #: Inbound kvswap streams open at once from all peers (each buffers at most MAX_REQUEST_FRAME_BYTES).
@@ -148,8 +178,17 @@ class RationTuning:
     #: Copies of each chunk of an artifact sent before further fetchers are pointed at holders (0: off);
     #: the `node.ration_copies` setting (kvswap/config.py) declares it.
     copies: int = setting("node.ration_copies").default
-    #: Seconds a fetcher may be refused one chunk before it is served anyway: a chunk is delayed, never withheld.
+    #: Seconds after a chunk's latest copy completed before another copy goes out (its holders have had that
+    #: long to re-share it): a chunk is delayed, never withheld.
     patience_s: float = 5.0
+    #: ...or this many times as long as that copy took to send, if longer: on a slow or crowded link a holder
+    #: needs longer to pass a chunk on (at 5 s alone a second copy went out in one testnet run in three).
+    patience_factor: float = 2.0
+    #: ...but never longer than this (seconds): fetchers give a rationing peer up after fetch.ration_give_up_s.
+    patience_max_s: float = 20.0
+    #: 1: the previous rule (patience counted from each fetcher's first refusal, no upload slots, 60 s per
+    #: chunk request), kept measurable beside the new one (`node.swarm = "legacy"`); 0: super-seeding.
+    legacy: int = 0
     #: Seconds without any chunk of an artifact sent after which a node forgets who got its copies.
     idle_reset_s: float = 60.0
     #: Artifacts tracked for rationing at once (the least recently served is forgotten first).
@@ -223,6 +262,95 @@ class DaemonTuning:
 
 
 @dataclass(frozen=True)
+class NatTuning:
+    """Reachability behind NAT: AutoNAT, circuit relay v2 and hole punching (node/nat.py). The relay limits
+    bound what a public node gives hostile peers: a relay is not free bandwidth."""
+
+    #: AutoNAT servers that must agree (and outnumber the others) before the node calls itself public or
+    #: private (the spec asks for more than three; few nodes know that many peers).
+    autonat_confirmations: int = 2
+    #: Server answers remembered (the oldest is forgotten first); also the most servers asked per pass.
+    autonat_max_servers: int = 16
+    #: Seconds one AutoNAT question (ask, dial-back, answer) may take before it counts as no answer.
+    autonat_query_timeout_s: float = 10.0
+    #: Seconds an AutoNAT server spends dialling a requester back before it answers "could not".
+    autonat_dial_timeout_s: float = 5.0
+    #: Seconds before the same server is asked again (addresses and NAT mappings change).
+    autonat_interval_s: float = 300.0
+    #: Seconds between AutoNAT passes while the answer is unknown (four times as long once it is known).
+    autonat_retry_s: float = 2.0
+    #: Relays a private node holds a reservation on at once (each one more relayed address it advertises).
+    max_relays: int = 2
+    #: Seconds a reservation request may take (dial the relay, ask, answer).
+    reservation_timeout_s: float = 10.0
+    #: Seconds between passes over the relays: new reservations, renewals, expired ones dropped.
+    reservation_retry_s: float = 5.0
+    #: A reservation is renewed once fewer than this many seconds of it are left.
+    reservation_refresh_s: float = 600.0
+    #: Seconds a reservation on our relay lasts before its holder must renew it.
+    relay_reservation_ttl_s: int = 3600
+    #: Reservations our relay holds at once, all peers together (more are refused).
+    relay_max_reservations: int = 64
+    #: Reservations our relay holds for peers at one IP address (many identities from one host get no more).
+    relay_max_reservations_per_ip: int = 4
+    #: Circuits our relay carries at once, all reservations together.
+    relay_max_circuits: int = 32
+    #: Circuits one reservation's holder may be reached by at once.
+    relay_circuits_per_reservation: int = 4
+    #: Seconds one circuit through our relay may last (then it is reset; control traffic redials).
+    relay_circuit_duration_s: int = 600
+    #: Bytes one circuit through our relay may carry, both ways together: control traffic, and chunk bytes
+    #: only where `node.relay_data` allows them.
+    relay_circuit_bytes: int = 64 * MiB
+    #: Seconds a dial through a relay may take (connect to the relay, CONNECT, handshake with the target).
+    relay_dial_timeout_s: float = 8.0
+    #: Seconds a direct dial of a peer that may sit behind a NAT gets before its relays are tried.
+    direct_dial_timeout_s: float = 5.0
+    #: Relayed addresses of one peer kept and tried (a peer may claim any number).
+    max_peer_relay_addrs: int = 4
+    #: Seconds one hole-punch dial may take (DCUtR's dial timeout; a TCP simultaneous open is quick or never).
+    hole_punch_dial_timeout_s: float = 3.0
+    #: Seconds a connection may stay relayed before its upgrade counts as failed (it stays relayed).
+    hole_punch_give_up_s: float = 30.0
+    #: Seconds a chunk transfer waits, from a relayed connection's start, for it to become direct.
+    upgrade_wait_s: float = 10.0
+    #: Seconds between looks at which connections are relayed and which direct.
+    watch_interval_s: float = 0.5
+    #: Seconds after start a node that may be behind a NAT (AutoNAT has not answered; no peer has seen it yet,
+    #: or one saw it at another address than it listens on) waits before it provides anyway: a private node's
+    #: records must carry its relayed addresses, and its provides go to its relays, not a DHT-wide lookup.
+    provide_wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HostingTuning:
+    """The hosted-generation backend (node/hosting/): the vLLM server a `--host-backend vllm` node runs."""
+
+    #: Generations the vLLM backend runs at once (vLLM's --max-num-seqs): the backend's capacity, so the
+    #: generate protocol's slots; a peer still has one in flight (serve.max_generate_per_peer).
+    vllm_max_num_seqs: int = 16
+    #: Bytes of vLLM's paged KV cache (--kv-cache-memory-bytes): on the CPU vLLM would otherwise reserve a
+    #: share of all RAM. 1 GiB holds 16 x 2k-token sequences of SmolLM2-135M (45 KB/token) with room to spare.
+    vllm_kv_cache_bytes: int = 1 * GiB
+    #: Longest prompt + answer vLLM accepts (tokens, --max-model-len; 0: the model's own, from its config.json).
+    vllm_max_model_len: int = 0
+    #: Seconds the vLLM server may take to answer /health after it is started (45-118 s measured on 2 CPU cores).
+    vllm_start_timeout_s: float = 600.0
+    #: Seconds between two /health probes while the server starts.
+    vllm_health_interval_s: float = 0.5
+    #: Seconds a stopping vLLM server gets after SIGTERM before its process group is killed.
+    vllm_stop_timeout_s: float = 10.0
+    #: Seconds before a vLLM server that died is started again, doubling while it keeps dying...
+    restart_backoff_s: float = 1.0
+    #: ...up to this many seconds.
+    restart_backoff_max_s: float = 60.0
+    #: Seconds one generation may take at the backend before it is abandoned (as serve.generate_timeout_s).
+    request_timeout_s: float = 600.0
+    #: Seconds a request of the OpenAI door waits for a free backend slot before it is answered `busy`.
+    slot_wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class NodeTuning:
     """Everything above, one group per part of the node."""
 
@@ -233,10 +361,25 @@ class NodeTuning:
     gossip: GossipTuning = field(default_factory=GossipTuning)
     dht: DhtTuning = field(default_factory=DhtTuning)
     daemon: DaemonTuning = field(default_factory=DaemonTuning)
+    nat: NatTuning = field(default_factory=NatTuning)
+    hosting: HostingTuning = field(default_factory=HostingTuning)
 
+
+def swarm_tuning(tuning: NodeTuning, mode: SwarmMode) -> NodeTuning:
+    """`tuning` under the `node.swarm` mode: super-seeding is the defaults; legacy puts back the rules before
+    issue 24 (patience from the refusal, no upload slots, 60 s per chunk request, a dropped provider never asked
+    again), so both stay measurable."""
+    if mode is SwarmMode.LEGACY:
+        return replace(tuning, ration=replace(tuning.ration, legacy=1), serve=replace(tuning.serve, upload_slots=0),
+                       fetch=replace(tuning.fetch, chunk_timeout_s=LEGACY_CHUNK_TIMEOUT_S, last_holder_asks=0))
+    return tuning
+
+
+#: seconds per chunk request under `node.swarm = "legacy"` (the fixed bound before progress-based timeouts)
+LEGACY_CHUNK_TIMEOUT_S = 60.0
 
 #: the defaults, shared (frozen: nothing can change them in place)
 DEFAULT_TUNING = NodeTuning()
 
-__all__ = ["DEFAULT_TUNING", "DaemonTuning", "DataPlaneTuning", "DhtTuning", "FetchTuning", "GossipTuning",
-           "NodeTuning", "RationTuning", "ServeTuning"]
+__all__ = ["DEFAULT_TUNING", "LEGACY_CHUNK_TIMEOUT_S", "swarm_tuning", "DaemonTuning", "DataPlaneTuning", "DhtTuning", "FetchTuning", "GossipTuning",
+           "HostingTuning", "NatTuning", "NodeTuning", "RationTuning", "ServeTuning"]

@@ -104,6 +104,11 @@ class DataPlaneFailed(RemoteProtocolError):
     on a libp2p stream instead (a peer that breaks the frame rules raises plain RemoteProtocolError)."""
 
 
+class RelayOnly(RemoteProtocolError):
+    """A peer is reachable only through a relay, and chunk bytes may not go over relays (`node.relay_data`):
+    the fetch moves on to other providers (node/nat.py)."""
+
+
 class LimitExceeded(KvswapError):
     """A named limit from kvswap.protocol.limits was exceeded."""
 
@@ -205,6 +210,7 @@ __all__ = [
     "IntegrityError",
     "KvswapError",
     "LimitExceeded",
+    "RelayOnly",
     "LocalProtocolError",
     "ModelMismatch",
     "NotFound",

@@ -60,7 +60,8 @@ def test_http_status_and_exit_code_per_class():
     assert {cls.__name__: cls.http_status for cls in ALL} == {
         "KvswapError": 500, "FormatError": 400, "IntegrityError": 422, "UntrustedSigner": 422, "AuditFailed": 422,
         "ModelMismatch": 409, "NotFound": 404, "ProtocolError": 500, "LocalProtocolError": 500,
-        "RemoteProtocolError": 502, "DataPlaneFailed": 502, "LimitExceeded": 413, "Busy": 503, "UsageError": 400}
+        "RemoteProtocolError": 502, "DataPlaneFailed": 502, "RelayOnly": 502, "LimitExceeded": 413, "Busy": 503,
+        "UsageError": 400}
     assert {cls.__name__ for cls in ALL if cls.exit_code != 1} == {"UsageError"}
     assert UsageError.exit_code == 2
 

@@ -166,9 +166,46 @@ def test_a_batch_closes_once_it_reaches_fetch_batch_bytes():
     assert len(only_request(huge.apply(Tick(), 0.0)).blobs) == 1  # a chunk over the cap goes alone
 
 
-def test_deadline_is_chunk_timeout_per_chunk():
-    req = only_request(plan(40, peers=("A",), parallel=1).apply(Tick(), 10.0))
-    assert req.deadline == 10.0 + T.chunk_timeout_s * len(req.blobs)
+def test_deadline_is_progress_based_min_time_plus_bytes_at_the_slowest_rate():
+    req = only_request(plan(40, peers=("A",), size=MiB, parallel=1).apply(Tick(), 10.0))
+    nbytes = sum(b.stored_size for b in req.blobs)
+    assert req.deadline == pytest.approx(10.0 + T.request_min_timeout_s + nbytes / T.min_rate_bytes_s)
+    # the 6.5 MB chunk a 25 Mbit/s link shared by 30 fetchers took past the old 60 s is given its time
+    big = only_request(plan(1, peers=("A",), size=6_500_000).apply(Tick(), 0.0))
+    assert big.deadline > 60.0
+
+
+def test_legacy_deadline_is_chunk_timeout_per_chunk():
+    legacy = {"chunk_timeout_s": 60.0}
+    req = only_request(plan(40, peers=("A",), parallel=1, tuning=legacy).apply(Tick(), 10.0))
+    assert req.deadline == 10.0 + 60.0 * len(req.blobs)
+
+
+def test_a_dropped_peer_is_asked_again_as_a_chunks_last_holder_a_bounded_number_of_times():
+    """A provider dropped for failures (a slow link timing out) that is the only holder of a chunk is asked
+    fetch.last_holder_asks more times before the fetch looks the chunk up and fails."""
+    sim = Sim(plan(1, peers=("A",)))
+    sim.apply(Tick(), 0.0)
+    now = 0.0
+    for _ in range(T.max_provider_failures):
+        assert sim.only().peer == "A"
+        sim.fail(now)
+        now += 1.0
+    assert sim.plan.peers["A"].failures == T.max_provider_failures  # dropped
+    for _ in range(T.last_holder_asks):  # ...but the only one: asked again
+        assert sim.only().peer == "A"
+        out = sim.fail(now)
+        now += 1.0
+    assert not sim.inflight and any(isinstance(a, FindProviders) for a in out)  # then looked up
+    assert not requests(sim.apply(Tick(), now + 100.0))
+
+
+def test_a_dropped_peer_is_not_asked_while_a_live_peer_may_be():
+    sim = Sim(plan(1, peers=("A", "B")))
+    sim.apply(Tick(), 0.0)
+    sim.plan.peers["A"].failures = T.max_provider_failures
+    assert sim.only().peer in ("A", "B")
+    assert not sim.plan._may_ask("A", next(iter(sim.plan.blobs)))  # B is alive and may be asked
 
 
 def test_lacking_peer_is_asked_again_after_lack_retry_doubling_then_given_up_for_that_chunk():
@@ -238,18 +275,23 @@ def test_named_holders_first_and_a_rationing_peer_again_after_ration_retry():
     assert sim.plan.peers["A"].failures == 0
 
 
-def test_rationing_peer_without_holders_is_retried_after_ration_retry():
+def test_a_rationed_answer_naming_nobody_is_busy_for_that_chunk_and_never_given_up():
+    """The sender's upload slots were full and nobody else has the chunk yet (node/uploads.py): asked again
+    after fetch.busy_retry_s, however long that lasts (a crowded publisher is slow, not lying)."""
     sim = Sim(plan(1, peers=("A",)))
     sim.apply(Tick(), 0.0)
-    out = sim.miss(0.0, rationed=())
-    assert wait_of(out) == pytest.approx(T.ration_retry_s)
-    assert not requests(sim.apply(Tick(), T.ration_retry_s - 0.01))
-    assert only_request(sim.apply(Tick(), T.ration_retry_s)).peer == "A"
-    assert sim.plan.peers["A"].failures == 0
+    now = 0.0
+    for _ in range(3 * int(T.ration_give_up_s / T.busy_retry_s)):
+        out = sim.miss(now, rationed=())
+        assert wait_of(out) == pytest.approx(now + T.busy_retry_s)
+        assert not requests(sim.apply(Tick(), now + T.busy_retry_s - 0.01))
+        now += T.busy_retry_s
+        assert only_request(sim.apply(Tick(), now)).peer == "A"
+    assert now > 2 * T.ration_give_up_s and sim.plan.peers["A"].failures == 0
 
 
 def test_failed_requests_penalise_and_drop_a_peer_after_max_provider_failures():
-    sim = Sim(plan(1, peers=("A", "B")))
+    sim = Sim(plan(1, peers=("A", "B"), tuning={"last_holder_asks": 0}))  # (last holders: tested below)
     sim.apply(Tick(), 0.0)
     assert sim.only().peer == "A"
     assert only_request(sim.fail(0.0)).peer == "B"  # the untried one before a retry of the failed one
@@ -291,7 +333,7 @@ def test_corrupt_chunk_goes_to_the_front_of_the_queue():
 
 
 def test_nobody_can_serve_a_chunk_then_dht_lookup_then_not_found():
-    sim = Sim(plan(1, peers=("A",)))
+    sim = Sim(plan(1, peers=("A",), tuning={"last_holder_asks": 0}))
     sim.apply(Tick(), 0.0)
     cid = sim.only().blobs[0].cid
     sim.fail(0.0, "x")
@@ -304,7 +346,7 @@ def test_nobody_can_serve_a_chunk_then_dht_lookup_then_not_found():
 
 
 def test_a_dht_lookup_that_finds_a_provider_continues_the_fetch():
-    sim = Sim(plan(1, peers=("A",)))
+    sim = Sim(plan(1, peers=("A",), tuning={"last_holder_asks": 0}))
     sim.apply(Tick(), 0.0)
     cid = sim.only().blobs[0].cid
     sim.fail(0.0)
@@ -402,17 +444,18 @@ def _of(sim: Sim, peer: str) -> list[RequestChunks]:
     return [r for r in sim.inflight.values() if r.peer == peer]
 
 
-def test_deadline_follows_the_peers_measured_rate_within_its_bounds():
+def test_legacy_deadline_follows_the_peers_measured_rate_within_its_bounds():
     size = 4 * MiB
-    sim = Sim(plan(40, peers=("A",), size=size, parallel=1))
+    legacy = replace(T, chunk_timeout_s=60.0)
+    sim = Sim(plan(40, peers=("A",), size=size, parallel=1, tuning={"chunk_timeout_s": 60.0}))
     sim.apply(Tick(), 0.0)
     first = sim.only()
-    assert first.deadline == T.chunk_timeout_s * len(first.blobs)  # unmeasured: the ceiling
+    assert first.deadline == legacy.chunk_timeout_s * len(first.blobs)  # unmeasured: the ceiling
     _answer_all(sim, first, len(first.blobs) * 1.0)  # 1 chunk (4 MiB) per second: 4 MiB/s
     nxt = sim.only()
     expected = T.late_factor * len(nxt.blobs) * size / (4 * MiB)
     assert nxt.deadline - len(first.blobs) * 1.0 == pytest.approx(
-        min(T.chunk_timeout_s * len(nxt.blobs), max(T.request_min_timeout_s, expected)))
+        min(legacy.chunk_timeout_s * len(nxt.blobs), max(T.request_min_timeout_s, expected)))
 
 
 def _fast_and_stalling(n: int = 40, parallel: int = 2) -> tuple[Sim, RequestChunks]:
@@ -589,4 +632,29 @@ def test_peers_that_ration_past_an_honest_nodes_patience_count_as_lacking_so_the
     assert isinstance(failed[0].error, NotFound)
     assert now < T.ration_give_up_s + 2  # not 120: the liars are given up chunk by chunk
     assert asked["L1"] + asked["L2"] <= 2 * 4 * (T.ration_give_up_s / T.ration_retry_s + 2)
-    assert asked["H"] == T.max_provider_failures
+    assert asked["H"] <= T.max_provider_failures + 4 * T.last_holder_asks  # then as each chunk's last holder
+
+
+def test_a_holder_named_again_for_a_chunk_it_lacked_is_asked_again_from_scratch():
+    """The seed names H once its copy to H has left the seed; H may still be receiving it and says it lacks
+    it, fetch.max_lack_asks times. Named again by the seed, H is asked again (on 25 Mbit/s links every holder
+    of some chunks was given up this way and the swarm failed)."""
+    sim = Sim(plan(1, peers=("S",)))
+    sim.apply(Tick(), 0.0)
+    cid = sim.only().blobs[0].cid
+    sim.miss(0.0, rationed=("H",))
+    now = 0.0
+    for _ in range(T.max_lack_asks):  # H lacks it every time it is asked
+        while not [r for r in sim.inflight.values() if r.peer == "H"]:
+            now += 0.05
+            sim.apply(Tick(), now)
+            if sim.inflight and sim.only().peer == "S":
+                sim.miss(now, rationed=())  # S: still rationing, nobody to name
+        sim.miss(now)
+    assert sim.plan._pacing.not_before[("H", cid)] == math.inf  # lacking for good
+    while not sim.inflight or sim.only().peer != "S":
+        now += 0.05
+        sim.apply(Tick(), now)
+    sim.miss(now, rationed=("H",))  # S names H again
+    assert sim.plan._pacing.not_before[("H", cid)] == now
+    assert sim.only().peer == "H"

@@ -51,7 +51,8 @@ async def fetch_all(node: TrioNode, cid: Cid, providers: list[str] | None = None
     assert result.chunks_fetched + result.chunks_present == 26
 
 
-ARTIFACT = make_artifact(26, 24 * 1024)  # the issue's shape: 26 blobs of ~24 KB
+ARTIFACT_SHAPE = (26, 24 * 1024)  # the issue's shape: 26 blobs of ~24 KB
+ARTIFACT = make_artifact(*ARTIFACT_SHAPE)
 
 
 def test_streams_over_a_peers_share_are_refused_silent_ones_hold_no_slot_and_others_are_served(tmp_path):
@@ -622,3 +623,21 @@ def test_an_artifact_declaring_more_than_the_store_budget_is_refused_before_any_
         assert not home.store.has_artifact(manifest.cid)
     with Home(a.home) as home:
         home.store.remove(manifest.cid, force=True)
+
+
+def test_a_rationing_publisher_whose_holders_left_does_not_hand_the_fetch_to_a_staller(tmp_path):
+    """Issue 24: two fetchers take the publisher's one copy of every chunk and leave; a third fetcher, with a
+    stalling provider beside the publisher, was answered "rationed, ask them" for the chunks whose holders
+    were gone, so the publisher was never measured as fast and the staller's requests ran to the 60 s
+    timeout (60.4 s against 0.4 s quiet). Now copies held by peers no longer connected no longer count
+    (bench ration_stall measures both rules)."""
+    from dataclasses import replace
+
+    from kvswap.node.tuning import DEFAULT_TUNING
+
+    tuning = replace(DEFAULT_TUNING, ration=replace(DEFAULT_TUNING.ration, copies=1))
+    times = hostile.gone_holders_beside_a_staller(tmp_path, tuning, *ARTIFACT_SHAPE, timeout_s=60)
+    assert times["from_publisher"] == ARTIFACT_SHAPE[0]
+    # the holders left, so their copies no longer count and the publisher serves at once: not held for its
+    # patience, nor for a stalled request's deadline (before: 60.4 s)
+    assert times["stalled_s"] < min(T.ration.patience_s, T.fetch.request_min_timeout_s), times

@@ -19,15 +19,17 @@ class Clock:
         return self.now
 
 
-def make(**kw):
+def make(legacy: bool = False, **kw):
     clock = Clock()
-    return UploadRation(RationTuning(**kw), clock=clock, rng=random.Random(0)), clock
+    return UploadRation(RationTuning(**kw), clock=clock, rng=random.Random(0), legacy=legacy), clock
 
 
 def test_first_copies_are_sent_then_later_fetchers_are_pointed_at_the_holders():
     ration, _ = make(copies=2)
     assert ration.decide(ART, C1, "A") is None
     assert ration.decide(ART, C1, "B") is None
+    for peer in "AB":
+        ration.finished(ART, C1, peer, ok=True)
     assert ration.decide(ART, C1, "C") == ("A", "B")
     assert ration.refusals == 1
     assert ration.copies_sent(ART, C1) == 2
@@ -42,16 +44,79 @@ def test_a_peer_that_already_got_a_chunk_gets_it_again():
     assert ration.copies_sent(ART, C1) == 1
 
 
-def test_a_refused_fetcher_is_served_after_the_patience():
+def test_one_copy_of_each_chunk_before_any_second_however_long_it_is_in_flight():
+    """Super-seeding: while the only copy of a chunk is on its way, every other fetcher is pointed at its
+    receiver, however long the copy takes (the old rule served them anyway after patience_s of refusals)."""
     ration, clock = make(copies=1, patience_s=5.0)
+    assert ration.decide(ART, C1, "A") is None
+    for _ in range(10):
+        clock.now += 3.0  # 30 s of a slow first copy
+        assert ration.decide(ART, C1, "B") == ()  # nobody to name yet (A is still receiving it): come back
+        assert ration.would_refuse(ART, C1, "B")
+    ration.finished(ART, C1, "A", ok=True)
+    assert ration.decide(ART, C1, "B") == ("A",)  # now A has it
+    assert ration.copies_sent(ART, C1) == 1
+
+
+def test_a_further_copy_goes_out_patience_after_the_latest_copy_completed():
+    ration, clock = make(copies=1, patience_s=5.0, patience_factor=0.0)  # (the send-time factor: below)
+    assert ration.decide(ART, C1, "A") is None
+    clock.now += 8.0
+    ration.finished(ART, C1, "A", ok=True)  # A has it now: it may re-share it
+    clock.now += 4.9
+    assert ration.decide(ART, C1, "B") == ("A",)
+    clock.now += 0.2
+    assert not ration.would_refuse(ART, C1, "B")
+    assert ration.decide(ART, C1, "B") is None  # A had 5 s to serve B and did not: B gets its own copy
+    assert ration.copies_sent(ART, C1) == 2
+    assert ration.decide(ART, C1, "C") == ("A",)  # B's copy in flight: C is told of A only
+    ration.finished(ART, C1, "B", ok=True)
+    clock.now += 1.0
+    assert set(ration.decide(ART, C1, "C")) == {"A", "B"}  # patience counts from B's completion
+
+
+def test_a_copy_that_failed_to_go_out_no_longer_counts():
+    ration, clock = make(copies=1)
+    assert ration.decide(ART, C1, "A") is None
+    assert ration.decide(ART, C1, "B") == ()
+    ration.finished(ART, C1, "A", ok=False)  # A went away mid-send
+    assert ration.copies_sent(ART, C1) == 0
+    assert ration.decide(ART, C1, "B") is None  # the next fetcher gets the copy at once
+    assert ration.copies_sent(ART, C1) == 1
+
+
+def test_holders_names_completed_copies_first_without_counting_a_refusal():
+    ration, clock = make(copies=2)
+    assert ration.decide(ART, C1, "A") is None
+    assert ration.decide(ART, C1, "B") is None
+    ration.finished(ART, C1, "B", ok=True)
+    assert ration.holders(ART, C1) == ("B",)  # A is still receiving it: not named
+    assert ration.refusals == 0
+    assert ration.holders(ART, C2) == () and ration.holders(None, C1) == ()
+
+
+def test_would_refuse_counts_nothing():
+    ration, _ = make(copies=1)
+    assert not ration.would_refuse(ART, C1, "A")
+    assert ration.copies_sent(ART, C1) == 0  # asking did not take the copy
+    assert ration.decide(ART, C1, "A") is None
+    assert ration.would_refuse(ART, C1, "B") and not ration.would_refuse(ART, C1, "A")  # A's retry is served
+    assert ration.refusals == 0
+
+
+def test_legacy_rule_serves_a_refused_fetcher_patience_after_its_first_refusal():
+    """`node.swarm = "legacy"`: the previous rule, kept measurable: patience counts from the fetcher's first
+    refusal, and a copy counts as made when it is allowed (finished does nothing)."""
+    ration, clock = make(legacy=True, copies=1, patience_s=5.0)
     assert ration.decide(ART, C1, "A") is None
     assert ration.decide(ART, C1, "B") == ("A",)
     clock.now += 4.9
     assert ration.decide(ART, C1, "B") == ("A",)  # patience counts from the FIRST refusal
     clock.now += 0.2
-    assert ration.decide(ART, C1, "B") is None
+    assert ration.decide(ART, C1, "B") is None  # although A's copy may still be in flight
     assert ration.copies_sent(ART, C1) == 2
-    # B is now a holder that later fetchers are told about
+    ration.finished(ART, C1, "A", ok=False)
+    assert ration.copies_sent(ART, C1) == 2  # a failed send still counted, as before
     assert set(ration.decide(ART, C1, "C")) == {"A", "B"}
 
 
@@ -77,6 +142,7 @@ def test_holders_named_are_bounded():
     holders = [f"P{i}" for i in range(8)]
     for peer in holders:
         assert ration.decide(ART, C1, peer) is None
+        ration.finished(ART, C1, peer, ok=True)
     named = ration.decide(ART, C1, "late")
     assert len(named) == limits.MAX_HOLDER_HINTS < len(holders)
     assert set(named) <= set(holders) and len(set(named)) == len(named)
@@ -89,3 +155,53 @@ def test_tracked_artifacts_are_bounded():
     assert len(ration._artifacts) == RationTuning().max_artifacts
     # the oldest were forgotten: a new fetcher of artifact-0 is served as if it were the first
     assert ration.decide(Cid.of(b"artifact-0"), C1, "B") is None
+
+
+def test_copies_held_by_peers_no_longer_connected_no_longer_count():
+    """A holder that left cannot re-share: its copy is forgotten and the next fetcher is served at once."""
+    connected = {"A", "B"}
+    ration = UploadRation(RationTuning(copies=1, patience_s=60.0), clock=Clock(), present=connected.__contains__)
+    assert ration.decide(ART, C1, "A") is None
+    ration.finished(ART, C1, "A", ok=True)
+    assert ration.decide(ART, C1, "B") == ("A",)
+    connected.discard("A")  # A's connection closed
+    assert ration.holders(ART, C1) == ()
+    assert not ration.would_refuse(ART, C1, "B")
+    assert ration.decide(ART, C1, "B") is None and ration.copies_sent(ART, C1) == 1
+
+
+def test_a_slow_copy_earns_its_holders_a_longer_patience_up_to_a_bound():
+    """The patience after a copy completed is patience_factor times its send time when that is longer than
+    patience_s, at most patience_max_s: an 8 s copy gives its holder 16 s to pass the chunk on, a 30 s one
+    only patience_max_s (fetchers give a rationing peer up after fetch.ration_give_up_s)."""
+    ration, clock = make(copies=1, patience_s=5.0, patience_factor=2.0, patience_max_s=20.0)
+    assert ration.decide(ART, C1, "A") is None
+    clock.now += 8.0
+    ration.finished(ART, C1, "A", ok=True)
+    clock.now += 15.9
+    assert ration.decide(ART, C1, "B") == ("A",)
+    clock.now += 0.2
+    assert ration.decide(ART, C1, "B") is None
+    assert ration.decide(ART, C2, "A") is None
+    clock.now += 30.0
+    ration.finished(ART, C2, "A", ok=True)
+    clock.now += 19.9
+    assert ration.decide(ART, C2, "B") == ("A",)
+    clock.now += 0.2
+    assert ration.decide(ART, C2, "B") is None
+
+
+def test_only_a_seed_rations_a_node_fetching_the_artifact_serves_freely():
+    """A node that stored chunks of an artifact lately is one of its swarm's fetchers: it does not ration it
+    (pointing fetchers from holder to holder made them give chunks up); once it has not received any for
+    ration.idle_reset_s it is a seed of it, and rations again. The legacy rule rations everywhere."""
+    ration, clock = make(copies=1, idle_reset_s=60.0)
+    ration.note_received(ART)
+    for peer in "ABC":
+        assert ration.decide(ART, C1, peer) is None and not ration.would_refuse(ART, C1, peer)
+    clock.now += 61.0
+    assert ration.decide(ART, C1, "D") is None
+    assert ration.decide(ART, C1, "E") == ()  # a seed again: D's copy is in flight
+    legacy, _ = make(legacy=True, copies=1)
+    legacy.note_received(ART)
+    assert legacy.decide(ART, C1, "A") is None and legacy.decide(ART, C1, "B") == ("A",)

@@ -175,7 +175,13 @@ def test_the_tier_never_exceeds_its_budget_under_concurrent_loads(tmp_path, stor
     stop.set()
     watcher.join()
     assert 0 < peak[0] <= tier.budget and tier.usage() <= tier.budget
-    assert tier.hits > 0  # some loads came from memory
+    # whether any of the racing loads hit depends on the scheduling (8 artifacts in a budget of ~3): after
+    # them, a load kept in the tier is a hit
+    load_kvtensors(store, manifests[0], tier=tier)
+    tier.flush()
+    hits = tier.hits
+    load_kvtensors(store, manifests[0], tier=tier)
+    assert tier.hits == hits + 1 and tier.usage() <= tier.budget
     for m in manifests:  # and every load, from the tier or not, gave the stored bits
         assert _same(load_kvtensors(store, m, tier=tier), load_kvtensors(store, m, verify=Verify.SHA256))
 

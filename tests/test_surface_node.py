@@ -111,6 +111,11 @@ def test_node_surface_metrics_validation_and_errors(tmp_path, tiny_engine):
         assert _metric(text, "kvswap_generations_total", mode="local") == 1
         assert _metric(text, "kvswap_audits_total", outcome="passed") == 1
         assert _metric(text, "kvswap_artifacts_stored") == 1
+        # the audit and the generation loaded the artifact through the host-memory tier (a miss, then a miss or
+        # a hit, as the background copy of the first was done or not)
+        loads = _metric(text, "kvswap_host_tier_hits_total") + _metric(text, "kvswap_host_tier_misses_total")
+        assert loads >= 2 and _metric(text, "kvswap_host_tier_misses_total") >= 1
+        assert _metric(text, "kvswap_host_tier_hit_bytes_total") >= 0 and "kvswap_host_tier_bytes" in text
         _, a_text = _api(a, "GET", "/metrics")
         assert _metric(a_text.decode(), "kvswap_prefill_tokens_total") == pub["n_tokens"]
         assert _metric(a_text.decode(), "kvswap_bytes_total", direction="out") >= pub["stored_size"]

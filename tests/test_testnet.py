@@ -188,7 +188,9 @@ def test_get_by_document_hash_through_a_third_host(net, tmp_path, doc_text):
 @needs_testnet
 def test_fetch_survives_a_holder_whose_link_is_cut(net):
     """node1 fetches the seeded artifact from node0; then, with both holders' uplinks slowed, node2 fetches
-    it, and once node0 has served it a chunk node0's link goes down: node2 completes from node1."""
+    it, and once one holder has served it a chunk that holder's link goes down: node2 completes from the
+    other. (node0 is a seed that super-seeds: it points node2 at node1, whose copies completed, so the holder
+    that serves first is usually node1; then node0 serves the rest once node1's patience is over.)"""
     boot, holder, reader = net.hosts
     cid = net.seeded["cid"]
     assert holder.kvswap("get", cid, "--no-progress", timeout=FETCH_LIMIT_S)["complete"]
@@ -201,12 +203,15 @@ def test_fetch_survives_a_holder_whose_link_is_cut(net):
     proc = reader.spawn("get", cid, "--no-progress")
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None and not chunk_bytes_from(boot.peer_id):
+        first = None
+        while time.monotonic() < deadline and proc.poll() is None and first is None:
+            first = next((h for h in (boot, holder) if chunk_bytes_from(h.peer_id)), None)
             time.sleep(0.05)
         assert proc.poll() is None, "the fetch ended before the link could be cut"
-        assert chunk_bytes_from(boot.peer_id), "node0 never served a chunk"
-        boot.set_link(False)  # mid-fetch: no FIN, no RST, just silence
-        holder_before_cut = chunk_bytes_from(holder.peer_id)
+        assert first is not None, "no holder served a chunk"
+        other = holder if first is boot else boot
+        first.set_link(False)  # mid-fetch: no FIN, no RST, just silence
+        other_before_cut = chunk_bytes_from(other.peer_id)
         out, err = proc.communicate(timeout=FETCH_LIMIT_S)
     finally:
         if proc.poll() is None:
@@ -216,5 +221,5 @@ def test_fetch_survives_a_holder_whose_link_is_cut(net):
     got = json.loads(out)
     assert got["complete"] and got["cid"] == cid and got["bytes"] == net.seeded["stored_size"]
     assert reader.kvswap("verify", cid, "--accept-any")["ok"]
-    # the rest came from the other holder (bytes node0 had already put on the wire may still land: no check)
-    assert chunk_bytes_from(holder.peer_id) > holder_before_cut
+    # the rest came from the other holder (bytes the cut one had already put on the wire may still land)
+    assert chunk_bytes_from(other.peer_id) > other_before_cut

@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
@@ -552,3 +553,55 @@ class RssSampler:
         with contextlib.suppress(Exception):
             self.last = self.rss()
             self.peak = max(self.peak, self.last)
+
+
+def gone_holders_beside_a_staller(root: Path, tuning: Any, chunks: int = 26, chunk_bytes: int = 24 * 1024,
+                                  seed: int = 0, timeout_s: float = 150.0) -> dict:
+    """Issue 24's scenario, on real libp2p nodes on 127.0.0.1 in this process: a publisher (rationing under
+    `tuning`) serves two takers in turn, which leave with its copies; a third node fetches with a provider
+    beside the publisher that reads chunk requests and never answers (serve_stalling). Returns quiet_s (the
+    first taker's fetch), stalled_s (the third node's) and from_publisher (chunks it got from the publisher)."""
+    from bench.harness.netharness import DirArtifacts, make_artifact
+    from kvswap.node.net import TrioNode
+    from kvswap.node.p2p import P2PConfig
+
+    manifest, blobs, _ = make_artifact(chunks, chunk_bytes)
+    times: dict[str, float] = {}
+
+    async def start(nursery, name: str, i: int) -> TrioNode:
+        store = DirArtifacts(root / name)
+        node = TrioNode(P2PConfig(seed=bytes([(seed * 8 + i) % 251 + 1]) * 32, tuning=tuning), service=store,
+                        target=store)
+        await nursery.start(node.run)
+        node.store = store
+        return node
+
+    async def main() -> None:
+        with trio.fail_after(timeout_s):
+            async with trio.open_nursery() as nursery:
+                pub = await start(nursery, "pub", 1)
+                v = pub.store.add(manifest, blobs)
+                async with trio.open_nursery() as takers:
+                    for i in (2, 3):
+                        taker = await start(takers, f"taker{i}", i)
+                        await taker.p2p.connect(pub.addrs[0])
+                        t0 = trio.current_time()
+                        await taker.fetcher.fetch(v.cid, providers=[pub.peer_id])
+                        times.setdefault("quiet_s", trio.current_time() - t0)
+                    takers.cancel_scope.cancel()  # they leave with the copies
+                me = await start(nursery, "me", 4)
+                async with hostile_host() as staller:
+                    await staller.p2p.connect(pub.addrs[0])
+                    serve_manifest(staller, await copy_manifest(staller, pub.peer_id, v.cid))
+                    serve_stalling(staller)
+                    await me.p2p.connect(staller.p2p.addrs[0])
+                    await me.p2p.connect(pub.addrs[0])
+                    t0 = trio.current_time()
+                    result = await me.fetcher.fetch(v.cid, providers=[staller.p2p.peer_id, pub.peer_id])
+                    times["stalled_s"] = trio.current_time() - t0
+                    times["from_publisher"] = result.providers.get(pub.peer_id, 0)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return times
+

@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,6 +93,14 @@ MIN_BURST_BYTES = 16 * 1024
 #: tbf queue: packets may wait this long before they are dropped (a shallow router buffer)
 TBF_LATENCY_MS = 50
 STATE_FILE = "testnet.json"
+#: NAT behaviours a host may sit behind (its own router namespace, nftables masquerade; issue 26):
+#: "cone": endpoint-independent mapping (Linux keeps the source port when it is free) with address-and-port-
+#: dependent filtering (only replies come in), the port-restricted cone most home routers are: hole
+#: punching works; "symmetric": a fresh random port per connection (`masquerade random`), so the address a
+#: relay sees is not the one a peer could reach: hole punching fails and the node stays relayed
+NAT_TYPES = ("cone", "symmetric")
+#: a NAT'd host i sits at LAN_NET.<i>.2 behind its router at LAN_NET.<i>.1 (the router holds its public address)
+LAN_NET = "10.88"
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps)?\s*$", re.IGNORECASE)
 
@@ -257,6 +265,16 @@ class Host:
     link: Link
     peer_id: str = ""
     node: ChildNode | None = field(default=None, repr=False)
+    #: the NAT it sits behind (NAT_TYPES), None: on the bridge itself
+    nat: str | None = None
+    #: its NAT router's namespace, which holds its public address (`public_ip`) and its shaped link
+    router: str = ""
+    public_ip: str = ""
+
+    @property
+    def edge(self) -> str:
+        """The namespace whose eth0 is on the bridge: the router's for a NAT'd host, else its own."""
+        return self.router or self.netns
 
     @property
     def name(self) -> str:
@@ -286,12 +304,12 @@ class Host:
 
     def set_link(self, up: bool) -> None:
         """Bring the node's interface up or down: down cuts it off the bridge at once, mid-transfer or not."""
-        _run("ip", "-n", self.netns, "link", "set", "eth0", "up" if up else "down")
+        _run("ip", "-n", self.edge, "link", "set", "eth0", "up" if up else "down")
 
     def set_rate(self, link: "Link | str | int | None") -> None:
         """Change the node's link rates on the fly (replaces both tbf qdiscs)."""
         self.link = Link.of(link)
-        _shape(self.netns, "eth0", self.link.up)
+        _shape(self.edge, "eth0", self.link.up)
         _shape(self.switch, f"p{self.index}", self.link.down)
 
     def cpu_seconds(self) -> float:
@@ -312,7 +330,8 @@ class Host:
     def to_state(self) -> dict:
         return {"index": self.index, "netns": self.netns, "ip": self.ip, "home": str(self.home),
                 "up": self.link.up, "down": self.link.down, "peer_id": self.peer_id,
-                "pid": self.node.proc.pid if self.node else self.pid}
+                "pid": self.node.proc.pid if self.node else self.pid, "nat": self.nat, "router": self.router,
+                "public_ip": self.public_ip}
 
     @property
     def pid(self) -> int | None:
@@ -337,11 +356,13 @@ class Testnet:
     __test__ = False
 
     def __init__(self, links: Sequence["Link | str | int | None"] | int, *, root: Path | None = None,
-                 subnet: str = DEFAULT_SUBNET, model: str = DEFAULT_MODEL, owner_pid: int | None = -1) -> None:
+                 subnet: str = DEFAULT_SUBNET, model: str | None = DEFAULT_MODEL, owner_pid: int | None = -1,
+                 nat: "Sequence[str | None] | dict[int, str] | None" = None) -> None:
         if isinstance(links, int):
             links = [None] * links
         if not links:
             raise UsageError("a testnet needs at least one node")
+        nats = nat_plan(len(links), nat)
         self.run = secrets.token_hex(3)
         self.root = Path(root or DEFAULT_ROOT)
         self.dir = self.root / self.run
@@ -353,6 +374,9 @@ class Testnet:
         self.hosts = [Host(i, f"{NS_PREFIX}{self.run}-{i}", self.switch, host_ip(subnet, i), self.dir / f"node{i}",
                            Link.of(spec))
                       for i, spec in enumerate(links)]
+        for h, kind in zip(self.hosts, nats):
+            if kind is not None:
+                h.nat, h.router, h.public_ip, h.ip = kind, f"{h.netns}-nat", h.ip, f"{LAN_NET}.{h.index}.2"
         self._old_sigterm: Any = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
@@ -391,15 +415,21 @@ class Testnet:
         _run("ip", "-n", self.switch, "link", "add", "name", "br0", "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
         prefix = ipaddress.ip_network(self.subnet).prefixlen
+        if any(h.nat for h in self.hosts) and shutil.which("nft") is None:
+            raise TestnetError("NAT'd hosts need `nft` (nftables)")
         for h in self.hosts:
             h.home.mkdir(parents=True, exist_ok=True)
             _run("ip", "netns", "add", h.netns)
+            if h.router:
+                _run("ip", "netns", "add", h.router)
             _run("ip", "-n", self.switch, "link", "add", "name", f"p{h.index}", "type", "veth", "peer", "name", "eth0",
-                 "netns", h.netns)
+                 "netns", h.edge)
             _run("ip", "-n", self.switch, "link", "set", f"p{h.index}", "master", "br0", "up")
-            _run("ip", "-n", h.netns, "addr", "add", f"{h.ip}/{prefix}", "dev", "eth0")
-            _run("ip", "-n", h.netns, "link", "set", "eth0", "up")
+            _run("ip", "-n", h.edge, "addr", "add", f"{h.public_ip or h.ip}/{prefix}", "dev", "eth0")
+            _run("ip", "-n", h.edge, "link", "set", "eth0", "up")
             _run("ip", "-n", h.netns, "link", "set", "lo", "up")
+            if h.router:
+                _make_nat(h)
             h.set_rate(h.link)
         self.save()
 
@@ -413,10 +443,16 @@ class Testnet:
                     h.peer_id = peer_id_of_seed(home.key.seed)
         chosen = [self.hosts[i] for i in (range(len(self.hosts)) if hosts is None else hosts)]
 
+        relays = [h.multiaddr for h in self.hosts[1:] if not h.nat]
+
         def launch(h: Host) -> None:
             opts = node_options(h.index, subnet=self.subnet, bootstrap_peer=self.hosts[0].peer_id)
-            h.node = ChildNode(h.home, self.model, prefix=h.prefix, extra_args=[*opts.args(), *extra_args])
-            if wait_model:
+            nat_args: list[str] = []
+            if h.nat:  # it listens on its LAN address; the public hosts are its relays (node 0 bootstraps it)
+                opts = replace(opts, listen=listen_addr(h.ip))
+                nat_args = ["--relays", *relays] if relays else []
+            h.node = ChildNode(h.home, self.model, prefix=h.prefix, extra_args=[*opts.args(), *nat_args, *extra_args])
+            if wait_model and self.model:  # model None: light nodes (--no-model), nothing to wait for
                 h.node.wait_model()
 
         with ThreadPoolExecutor(max_workers=len(chosen) or 1) as pool:
@@ -477,7 +513,8 @@ class Testnet:
         net.switch = state["switch"]
         net._old_sigterm = None
         net.hosts = [Host(h["index"], h["netns"], state["switch"], h["ip"], Path(h["home"]), Link(h["up"], h["down"]),
-                          peer_id=h["peer_id"]) for h in state["hosts"]]
+                          peer_id=h["peer_id"], nat=h.get("nat"), router=h.get("router", ""),
+                          public_ip=h.get("public_ip", "")) for h in state["hosts"]]
         return net
 
 
@@ -528,6 +565,71 @@ def measure_tcp(sender: Host, receiver: Host, nbytes: int, timeout: float = 120)
         raise TestnetError(f"TCP probe receiver failed: {err.strip()[-300:]}")
     got, seconds = out.split()
     return int(got), float(seconds)
+
+
+def nat_plan(n: int, nat: "Sequence[str | None] | dict[int, str] | None") -> list[str | None]:
+    """The NAT (or None) of each of `n` hosts, from a list or {index: type}; node 0, the bootstrap peer, stays
+    public, as relays and bootstrap peers must."""
+    if nat is None:
+        return [None] * n
+    kinds = [nat.get(i) for i in range(n)] if isinstance(nat, dict) else list(nat) + [None] * (n - len(nat))
+    if isinstance(nat, dict) and any(not 0 <= i < n for i in nat):
+        raise UsageError(f"a NAT names a host outside 0..{n - 1}")
+    if len(kinds) != n or any(k is not None and k not in NAT_TYPES for k in kinds):
+        raise UsageError(f"a NAT type is one of {', '.join(NAT_TYPES)}: {nat!r}")
+    if kinds[0] is not None:
+        raise UsageError("node 0 is the bootstrap peer and stays public (no NAT)")
+    return kinds
+
+
+def parse_nat(text: str) -> dict[int, str]:
+    """'1,2' (cone NATs), '1:symmetric,2:cone' -> {host index: NAT type}, for `python -m bench testnet up --nat`."""
+    out: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        index, _, kind = part.partition(":")
+        if not index.isdigit():
+            raise UsageError(f"not a host index: {index!r} (examples: --nat 1,2 or --nat 1:symmetric)")
+        out[int(index)] = kind or "cone"
+    return out
+
+
+def _make_nat(h: Host) -> None:
+    """Host h behind its own router: the host's eth0 on a LAN with the router's lan0, the router forwarding
+    and masquerading onto its eth0 (the bridge), dropping every connection the outside starts (no RST: a
+    hole punch's early SYN must not kill the peer's attempt)."""
+    lan_host, lan_router = f"{LAN_NET}.{h.index}.2", f"{LAN_NET}.{h.index}.1"
+    _run("ip", "-n", h.router, "link", "add", "name", "lan0", "type", "veth", "peer", "name", "eth0", "netns", h.netns)
+    _run("ip", "-n", h.router, "addr", "add", f"{lan_router}/24", "dev", "lan0")
+    _run("ip", "-n", h.router, "link", "set", "lan0", "up")
+    _run("ip", "-n", h.router, "link", "set", "lo", "up")
+    _run("ip", "-n", h.netns, "addr", "add", f"{lan_host}/24", "dev", "eth0")
+    _run("ip", "-n", h.netns, "link", "set", "eth0", "up")
+    _run("ip", "-n", h.netns, "route", "add", "default", "via", lan_router)
+    _run("ip", "netns", "exec", h.router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    masquerade = "masquerade random" if h.nat == "symmetric" else "masquerade"
+    rules = f"""table ip kvnat {{
+  chain postrouting {{
+    type nat hook postrouting priority 100;
+    oifname "eth0" {masquerade}
+  }}
+  chain forwarding {{
+    type filter hook forward priority 0; policy drop;
+    iifname "lan0" accept
+    ct state established,related accept
+  }}
+  chain incoming {{
+    type filter hook input priority 0; policy accept;
+    iifname "eth0" ct state new drop
+  }}
+}}
+"""
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", h.router, "nft", "-f", "-"], input=rules, capture_output=True,
+                              text=True, timeout=IP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise TestnetError("`nft -f -` did not finish") from None
+    if proc.returncode != 0:
+        raise TestnetError(f"nftables rules for {h.name}'s NAT failed: {proc.stderr.strip()[:300]}")
 
 
 def _sigterm_to_exit(signum: int, frame: Any) -> None:
@@ -637,6 +739,7 @@ __all__ = [
     "DEFAULT_SUBNET",
     "Host",
     "Link",
+    "NAT_TYPES",
     "NS_PREFIX",
     "Testnet",
     "TestnetError",
@@ -645,6 +748,8 @@ __all__ = [
     "measure_tcp",
     "NodeOptions",
     "node_options",
+    "nat_plan",
+    "parse_nat",
     "parse_rate",
     "runs",
     "unavailable",

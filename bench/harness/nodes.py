@@ -26,9 +26,10 @@ def cli_json(home: Path, *args: str, **kw) -> dict:
 
 
 class NodeProc(ChildNode):
-    """A test daemon, started by node/launcher.py like every other: tiny-qwen3 unless told otherwise."""
+    """A test daemon, started by node/launcher.py like every other: tiny-qwen3 unless told otherwise (None: a
+    light node, `--no-model`)."""
 
-    def __init__(self, home: Path, model: str = "tiny-qwen3", **kw) -> None:
+    def __init__(self, home: Path, model: str | None = "tiny-qwen3", **kw) -> None:
         super().__init__(home, model, **kw)
 
 

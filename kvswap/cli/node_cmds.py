@@ -120,6 +120,14 @@ def _render_status(s: dict) -> str:
         f"{'' if s.get('light') else ' ' + s.get('dtype', '')}",
         f"artifacts  {s.get('artifacts')}   peers {s.get('peers')}   uptime {s.get('uptime_s')} s",
     ]
+    nat = s.get("nat")
+    if nat:  # node/nat.py: AutoNAT's answer, relays, hole punches
+        punches = nat["hole_punches"]
+        relays = ", ".join(r["relay"][:16] for r in nat["reservations"]) or "none"
+        lines.append(f"reachable  {nat['reachability']['status']} ({nat['reachability']['mode']})   "
+                     f"relaying for others {'yes' if nat['relay_service'] else 'no'}   reserved on {relays}")
+        lines.append(f"relayed    {nat['relayed_peers']} peers   hole punches {punches['succeeded']} ok, "
+                     f"{punches['failed']} failed   chunk bytes over relays {'yes' if nat['relay_data'] else 'no'}")
     return "\n".join(lines)
 
 

@@ -201,6 +201,25 @@ class AuditBody(Body):
     document: str | None = _f(Check("text"), None)
 
 
+@dataclass(frozen=True)
+class CompletionBody(Body):
+    """POST /v1/completions: the OpenAI-compatible door for local agents (README "Hosting with vLLM"). A
+    completion of `prompt` over a document, named by its hash (or an artifact by CID) in the body's top level;
+    the node finds and fetches it through kvswap when its store lacks it, then its hosted backend (the engine,
+    or vLLM through the connector) generates. Greedy at temperature 0 (the default); sampled otherwise, from
+    `seed` when given. `model` is accepted as OpenAI clients send it; the node serves its one model."""
+
+    ROUTE: ClassVar[str] = "completions"
+    key: ArtifactKey | None = None
+    prompt: str = _f(Check("str"), "")
+    model: str | None = _f(Check("str"), None)
+    max_tokens: int = _f(Check("int", 0, MAX_GENERATE_TOKENS), 16)
+    temperature: float = _f(Check("float", 0.0, 100.0), 0.0)
+    seed: int | None = _f(_SEED, None)
+    document: str | None = _f(Check("text"), None)
+    stream: bool = _f(Check("bool"), False)
+
+
 # --- answers ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobView:
@@ -252,9 +271,11 @@ AUDIT = Route("audit", "POST", "/audit", AuditBody, wait_s=AUDIT_WAIT_S)
 JOB = Route("job", "GET", "/jobs/{job_id}", answer=JobView)
 CANCEL_JOB = Route("cancel_job", "POST", "/jobs/{job_id}/cancel", answer=JobView)
 STOP = Route("stop", "POST", "/stop")
+COMPLETIONS = Route("completions", "POST", "/v1/completions", CompletionBody, wait_s=GENERATE_WAIT_S)
 
 #: every route the daemon serves, in the order `kvswap --help` would explain them
-ROUTES: tuple[Route, ...] = (STATUS, METRICS, PEERS, ARTIFACTS, PUBLISH, GET, GENERATE, AUDIT, JOB, CANCEL_JOB, STOP)
+ROUTES: tuple[Route, ...] = (STATUS, METRICS, PEERS, ARTIFACTS, PUBLISH, GET, GENERATE, AUDIT, JOB, CANCEL_JOB, STOP,
+                             COMPLETIONS)
 
 
 def decode_answer(route: Route, data: Any) -> Any:
@@ -282,6 +303,7 @@ def loads(raw: bytes) -> dict:
     return data
 
 
-__all__ = ["ARTIFACTS", "AUDIT", "CANCEL_JOB", "GENERATE", "GET", "JOB", "METRICS", "PEERS", "PUBLISH", "ROUTES",
-           "STATUS", "STOP", "AuditBody", "Body", "GenerateBody", "GetBody", "JobView", "PublishBody", "Route",
+__all__ = ["ARTIFACTS", "AUDIT", "CANCEL_JOB", "COMPLETIONS", "GENERATE", "GET", "JOB", "METRICS", "PEERS", "PUBLISH",
+           "ROUTES", "STATUS", "STOP", "AuditBody", "Body", "CompletionBody", "GenerateBody", "GetBody", "JobView",
+           "PublishBody", "Route",
            "decode_answer", "loads"]

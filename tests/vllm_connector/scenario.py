@@ -149,6 +149,8 @@ def main(out_path: Path) -> None:
         data[len(data) // 2] ^= 0x01
         path.chmod(0o644)
         path.write_bytes(bytes(data))
+        if b_home.tier is not None:  # its verified copy in the host-memory tier would be served instead (as it
+            b_home.tier.drop(Cid.parse(vcid))  # should: those bytes were verified); a reboot empties the tier
         p, extra = document_request(tok, doc, QUESTION, cid=vcid)
         res["corrupted"] = record(llm.generate(p, sp(extra))[0])
         del llm

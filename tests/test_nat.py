@@ -1,0 +1,112 @@
+"""The reachability and address rules of node/nat.py, without a network (issue 26). The real thing, behind
+NAT routers in network namespaces, is tests/test_testnet_nat.py."""
+
+from __future__ import annotations
+
+import pytest
+from multiaddr import Multiaddr
+
+from kvswap.node import nat
+from kvswap.node.tuning import NatTuning
+
+ME = "12D3KooWSRgrGyAZi8sPZGv7ekhFZc3HCjLXHz4XMsiHS64NzbgE"
+RELAY = "12D3KooWNDNK59sox6JkMzonaoDnuVggv4Szp1Z84Pz6uTEGHke6"
+OTHER = "12D3KooWJi2pFbXA5REVuYAf5Ajz699gUpiUygfPz3rvFfB2tCaH"
+
+
+def test_reachability_needs_confirmations_and_a_majority():
+    r = nat.Reachability("auto", confirmations=2)
+    assert r.status == nat.UNKNOWN
+    assert r.record("a", True, 1.0) == nat.UNKNOWN  # one server is not enough
+    assert r.record("b", None, 2.0) == nat.UNKNOWN  # a refusal is no verdict
+    assert r.record("b", True, 3.0) == nat.PUBLIC and r.changed_at == 3.0
+    assert r.record("c", False, 4.0) == nat.PUBLIC  # one dissent does not flip it
+    assert r.record("d", False, 5.0) == nat.PUBLIC  # a tie keeps the last answer
+    assert r.record("e", False, 6.0) == nat.PRIVATE and r.changed_at == 6.0
+    assert r.snapshot() == {"status": "private", "mode": "auto", "dialled_back": 2, "not_dialled_back": 3}
+
+
+def test_a_server_counts_once_and_old_answers_are_forgotten():
+    r = nat.Reachability("auto", confirmations=2, max_servers=3)
+    for _ in range(5):
+        r.record("liar", True, 0.0)
+    assert r.status == nat.UNKNOWN  # one peer saying it five times is one verdict
+    for s in ("a", "b", "c"):
+        r.record(s, False, 1.0)
+    assert set(r.verdicts) == {"a", "b", "c"} and r.status == nat.PRIVATE
+
+
+def test_reachability_said_in_the_config_wins():
+    for mode in ("public", "private"):
+        r = nat.Reachability(mode, confirmations=1)
+        r.record("a", mode != "public", 0.0)
+        assert r.status == mode
+    with pytest.raises(ValueError):
+        nat.Reachability("sometimes")
+
+
+def test_relay_service_and_reservations_follow_reachability():
+    assert nat.relay_service_on("auto", nat.PUBLIC) and not nat.relay_service_on("auto", nat.UNKNOWN)
+    assert not nat.relay_service_on("auto", nat.PRIVATE)
+    assert nat.relay_service_on("on", nat.PRIVATE) and not nat.relay_service_on("off", nat.PUBLIC)
+    with pytest.raises(ValueError):
+        nat.relay_service_on("maybe", nat.PUBLIC)
+    assert nat.wants_relays(nat.PRIVATE) and not nat.wants_relays(nat.PUBLIC) and not nat.wants_relays(nat.UNKNOWN)
+
+
+def test_circuit_address_and_what_a_node_advertises():
+    relay_addr = f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}"
+    circuit = nat.circuit_addr(relay_addr, RELAY, ME)
+    assert circuit == f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}"
+    assert nat.circuit_addr("/ip4/10.77.0.11/tcp/4001", RELAY, ME) == circuit
+    lan = Multiaddr("/ip4/10.88.2.2/tcp/4001")
+    assert [str(a) for a in nat.advertise([lan], nat.PRIVATE, [circuit])] == [str(lan), circuit]
+    assert [str(a) for a in nat.advertise([lan], nat.PUBLIC, [circuit])] == [str(lan)]  # public: direct only
+    assert [str(a) for a in nat.advertise([lan], nat.UNKNOWN, [circuit])] == [str(lan)]
+
+
+def test_claimed_relayed_addresses_are_checked():
+    good = f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}"
+    bad = [
+        f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{OTHER}",  # someone else's circuit
+        f"/ip4/10.77.0.11/tcp/4001/p2p/{ME}/p2p-circuit/p2p/{ME}",  # itself as its relay
+        f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{OTHER}/p2p-circuit/p2p/{ME}",  # two hops
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}",  # a relay on our own loopback
+        f"/ip4/0.0.0.0/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}",
+        f"/p2p/{RELAY}/p2p-circuit/p2p/{ME}",  # no address for the relay
+        "not a multiaddr",
+    ]
+    direct, relayed = nat.checked_addrs(ME, [good, *bad, "/ip4/10.88.2.2/tcp/4001"], max_relayed=4)
+    assert [str(a) for a in relayed] == [good]
+    assert [str(a) for a in direct] == ["/ip4/10.88.2.2/tcp/4001"]
+    many = [f"/ip4/10.77.0.{i}/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}" for i in range(1, 30)]
+    assert len(nat.checked_addrs(ME, many, max_relayed=4)[1]) == 4  # a peer may claim any number
+
+
+def test_a_private_peer_is_dialled_directly_only_from_its_lan():
+    lan = [Multiaddr("/ip4/10.88.3.2/tcp/4001")]
+    relayed = [Multiaddr(f"/ip4/10.77.0.11/tcp/4001/p2p/{RELAY}/p2p-circuit/p2p/{ME}")]
+    assert nat.direct_first(lan, relayed, ["10.88.2.2"]) == []  # another LAN: the relay first
+    assert nat.direct_first(lan, relayed, ["10.88.3.7"]) == lan  # the same LAN: directly
+    assert nat.direct_first(lan, [], ["10.77.0.12"]) == lan  # no relayed addresses: as always
+
+
+def test_relay_limits_are_bounded():
+    t = NatTuning()
+    from kvswap.node import libp2p_compat
+
+    limits = libp2p_compat.relay_limits(t)
+    assert (limits.max_reservations, limits.max_circuit_conns) == (t.relay_max_reservations,
+                                                                   t.relay_circuits_per_reservation)
+    assert 0 < limits.data == t.relay_circuit_bytes and 0 < limits.duration == t.relay_circuit_duration_s
+    # what a full relay may buffer: each circuit relays one read at a time in each direction
+    assert t.relay_max_circuits * 2 * 64 * 1024 < 16 * 1024 * 1024
+    assert t.relay_max_reservations_per_ip < t.relay_max_reservations
+
+
+def test_a_node_waits_to_provide_only_while_it_may_be_private():
+    assert nat.maybe_private(nat.UNKNOWN, ["10.88.2.2"], [])  # nobody has told it how it looks yet
+    assert nat.maybe_private(nat.UNKNOWN, ["10.88.2.2"], ["10.77.0.13"])  # seen at another address: a NAT
+    assert not nat.maybe_private(nat.UNKNOWN, ["10.88.2.2"], ["10.88.2.2"])  # seen where it listens
+    assert not nat.maybe_private(nat.UNKNOWN, ["127.0.0.1"], [])  # loopback only: no NAT in between
+    assert not nat.maybe_private(nat.PRIVATE, ["10.88.2.2"], ["10.77.0.13"])  # AutoNAT has answered
