@@ -143,12 +143,17 @@ def main(out_path: Path) -> None:
         from kvswap.protocol.cid import Cid
 
         first = store.get_manifest(Cid.parse(vcid)).chunks[0].cid
-        path = store.chunk_path(first)
-        original = path.read_bytes()
-        data = bytearray(original)
-        data[len(data) // 2] ^= 0x01
-        path.chmod(0o644)
-        path.write_bytes(bytes(data))
+        # the bytes a load reads: the stored chunk, and its decoded raw local form where one is kept (a
+        # compressed chunk's load cache: kvswap/store.py), both with one byte flipped
+        originals = {}
+        for path in (store.chunk_path(first), store.raw_dir / str(first)):
+            if not path.exists():
+                continue
+            originals[path] = path.read_bytes()
+            data = bytearray(originals[path])
+            data[len(data) // 2] ^= 0x01
+            path.chmod(0o644)
+            path.write_bytes(bytes(data))
         if b_home.tier is not None:  # its verified copy in the host-memory tier would be served instead (as it
             b_home.tier.drop(Cid.parse(vcid))  # should: those bytes were verified); a reboot empties the tier
         p, extra = document_request(tok, doc, QUESTION, cid=vcid)
@@ -185,7 +190,9 @@ def main(out_path: Path) -> None:
         from kvswap.artifact.pipeline import assemble_kv, check_compatible
         from kvswap.ops import generate_here
 
-        path.write_bytes(original)
+        for path, original in originals.items():
+            if path.exists():  # a raw form that failed its check was dropped by the load: nothing to restore
+                path.write_bytes(original)
         vman = store.get_manifest(Cid.parse(vcid))
         check_compatible(vman, engine)
         vkv = assemble_kv(vman, store.read_chunk_for_verifier)
