@@ -54,7 +54,7 @@ from kvswap.protocol.names import DATAPLANE_PROTOCOL
 from .accounting import TransferEvent, TransferHook, current_request
 from .quota import PeerCounter, RefusalLog
 from .ration import UploadRation
-from .uploads import UploadGate, UploadSlots
+from .uploads import UploadGate
 from .tuning import DEFAULT_TUNING, DataPlaneTuning, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class DataPlane:
         self._on_served = on_served  # a peer took every chunk of a grant (it earns a record: node/quota.py)
         self.ration = ration or UploadRation(tuning.ration)
         #: the ration and upload slots every chunk sent goes through (the libp2p sender's, when shared)
-        self.gate = gate or UploadGate(self.ration, UploadSlots(tuning.serve) if tuning.serve.upload_slots > 0 else None)
+        self.gate = gate or UploadGate.of(self.ration, tuning.serve)
         self.port = 0
         self._read_chunk = read_chunk
         self._hook = on_transfer

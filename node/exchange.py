@@ -58,7 +58,7 @@ from .framed import FramedStream
 from .p2p import PEER_FAILURES
 from .quota import FairSlots, PeerRecords, RefusalLog, StreamAdmission
 from .ration import UploadRation
-from .uploads import UploadGate, UploadSlots
+from .uploads import UploadGate
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class Exchange:
         self.records = records if records is not None else PeerRecords(tuning.serve.max_recorded_peers)
         self.ration = ration or UploadRation(tuning.ration)  # shared with the data plane: one count of copies sent
         #: the ration and the upload slots every chunk sent goes through (shared with the data plane)
-        self.gate = gate or UploadGate(self.ration, UploadSlots(tuning.serve) if tuning.serve.upload_slots > 0 else None)
+        self.gate = gate or UploadGate.of(self.ration, tuning.serve)
         self.service = service
         self.on_transfer = on_transfer or no_hook
         self.dataplane = dataplane

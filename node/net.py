@@ -37,7 +37,7 @@ from .nat import NatConfig
 from .p2p import P2PConfig, P2PHost
 from .quota import PeerRecords
 from .ration import UploadRation
-from .uploads import Reciprocity, UploadGate, UploadSlots
+from .uploads import Reciprocity, UploadGate
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class TrioNode:
             self.ration.present = self._connected
         #: bytes this node verified from each peer: who re-shares gets an upload slot first
         self.reciprocity = Reciprocity(tuning.serve.max_recorded_peers)
-        slots = UploadSlots(tuning.serve, self.reciprocity.given) if tuning.serve.upload_slots > 0 else None
-        self.gate = UploadGate(self.ration, slots)
+        self.gate = UploadGate.of(self.ration, tuning.serve, self.reciprocity.given)
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(tuning.serve.worker_threads)
         self.on_transfer = on_transfer or no_hook

@@ -218,6 +218,12 @@ class UploadGate:
         self.ration = ration
         self.slots = slots
 
+    @classmethod
+    def of(cls, ration: UploadRation, tuning: ServeTuning,
+           reshares: Callable[[str], int] = lambda peer: 0) -> "UploadGate":
+        """The gate a node's tuning asks for: upload slots unless serve.upload_slots is 0."""
+        return cls(ration, UploadSlots(tuning, reshares) if tuning.upload_slots > 0 else None)
+
     @contextlib.asynccontextmanager
     async def turn(self, artifact: Cid | None, cid: Cid, peer: str) -> AsyncIterator[Turn]:
         ration = self.ration
