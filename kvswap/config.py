@@ -4,6 +4,7 @@
     <home>/config.toml    every setting (SETTINGS below) and the report's [prices]; `kvswap config show`
     <home>/store/         chunks by CID, temp files, SQLite index (kvswap/store.py)
     <home>/ledger.sqlite  transfer and compute events (kvswap/ledger.py)
+    <home>/payments.sqlite terms, vouchers and deliveries (kvswap/payments/book.py)
     <home>/node.json, api.token, node.log   files of a running daemon (node/runfiles.py)
 
 Every setting is declared once, in SETTINGS: its table and key in config.toml, its type, its default, and
@@ -186,6 +187,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "host_cache_bytes", "2GiB", "size", "KVSWAP_HOST_CACHE_BYTES",
             "host-memory tier of recently loaded artifacts, shared by the home's processes (0 = off; "
             "kvswap/hosttier.py)"),
+    Setting("pay", "unit", "micro-usd", "str", "KVSWAP_PAY_UNIT",
+            "the unit every price and budget of this node counts in (a provider priced in another is refused)"),
+    Setting("pay", "price_per_mb", 0, "int", "KVSWAP_PRICE_PER_MB",
+            "what this node charges per 10**6 stored bytes it ships (0 = free; kvswap/payments/)",
+            flag="--price-per-mb", flag_args=(("metavar", "UNITS"),)),
+    Setting("pay", "price_per_token", 0, "int", "KVSWAP_PRICE_PER_TOKEN",
+            "what this node charges per hosted output token (0 = free)", flag="--price-per-token",
+            flag_args=(("metavar", "UNITS"),)),
+    Setting("pay", "credit_bytes", "32MiB", "size", "KVSWAP_CREDIT_BYTES",
+            "bytes a priced node sends a consumer ahead of its vouchers (its exposure per consumer)",
+            flag="--credit-bytes", flag_args=(("metavar", "SIZE"),)),
+    Setting("pay", "credit_tokens", 256, "int", "KVSWAP_CREDIT_TOKENS",
+            "hosted tokens a priced node generates for a consumer ahead of its vouchers", flag="--credit-tokens",
+            flag_args=(("metavar", "N"),)),
+    Setting("pay", "max_price_mb", 0, "int", "KVSWAP_MAX_PRICE_MB",
+            "the most this node pays per MB (a provider above is refused; `get --max-price` for one fetch)"),
+    Setting("pay", "max_price_token", 0, "int", "KVSWAP_MAX_PRICE_TOKEN",
+            "the most this node pays per hosted token (`generate --max-price-token` for one generation)"),
+    Setting("pay", "budget", 0, "int", "KVSWAP_PAY_BUDGET",
+            "the most one fetch or hosted generation may spend, in pay.unit (0 = pay nobody; `--budget`)"),
     Setting("trust", "trusted", [], "keys", None, "publisher keys whose artifacts this node accepts"),
     Setting("trust", "auditors", [], "keys", None, "auditor keys whose attestations count"),
     Setting("trust", "accept_audited", 0, "int", None,

@@ -3,6 +3,7 @@
     home = kvswap.Home("~/.kvswap-b")          # or Home() for $KVSWAP_HOME, else ~/.kvswap
     home.config["node.listen"]                 # effective settings (config.toml < env < flags)
     home.store, home.ledger, home.key          # opened on first use, shared, closed by home.close()
+    home.payments, home.purse(...)             # the payment book; what one operation may pay
     home.policy()                              # the trust policy as config.toml says now
     home.node()                                # a client of the daemon running in this home, or None
 
@@ -32,7 +33,7 @@ class Home:
         self.layout = HomeLayout(self.path)
         self._flags = dict(flags or {})
         self._config: Config | None = None
-        self._key = self._store = self._ledger = None
+        self._key = self._store = self._ledger = self._payments = None
         self._tier: Any = False  # False: not looked for yet; None: this home has none
 
     def __repr__(self) -> str:
@@ -95,6 +96,24 @@ class Home:
             self._ledger = Ledger.for_home(self.layout.ensure().root)
         return self._ledger
 
+    @property
+    def payments(self):
+        """The payment book (<home>/payments.sqlite: terms, vouchers, deliveries; kvswap/payments/book.py)."""
+        if self._payments is None:
+            from .payments.book import PaymentBook
+
+            self._payments = PaymentBook.for_home(self.layout.ensure().root, self.key.public_bytes)
+        return self._payments
+
+    def purse(self, max_price_mb: int | None = None, max_price_token: int | None = None, budget: int | None = None):
+        """What one operation may pay (kvswap/payments/rules.py Purse): config.toml [pay], overridden per call."""
+        from .payments.rules import Purse
+
+        cfg = self.config
+        pick = lambda given, name: cfg[name] if given is None else given  # noqa: E731
+        return Purse(unit=cfg["pay.unit"], max_price_mb=pick(max_price_mb, "pay.max_price_mb"),
+                     max_price_token=pick(max_price_token, "pay.max_price_token"), budget=pick(budget, "pay.budget"))
+
     def policy(self, accept_any: bool | None = None):
         """The trust policy as config.toml says it now (re-read: `kvswap trust add` applies without a restart)."""
         from .artifact.signing import TrustPolicy
@@ -117,6 +136,9 @@ class Home:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._payments is not None:
+            self._payments.close()
+            self._payments = None
 
     def __enter__(self) -> "Home":
         return self

@@ -37,6 +37,7 @@ from ..home import Home
 from ..modes import AuditMode, DecodeMode, HostBackend, SwarmMode
 from ..protocol.cid import Cid
 from ..protocol.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
+from ..payments.terms import sign_terms
 from ..protocol.keys import DocumentKey
 from ..protocol.messages import GenerateRequest, GenerateResponse
 from .announcements import AnnouncementTable
@@ -46,6 +47,7 @@ from .jobs import Job, JobTable
 from .metrics import NodeMetrics
 from .nat import NatConfig
 from .net import Network
+from .payments import Payer, Till
 from .storeadapter import StoreArtifacts
 from .tuning import DEFAULT_TUNING, NodeTuning, swarm_tuning
 
@@ -92,6 +94,7 @@ class Daemon:
         self.metrics = NodeMetrics(artifacts=lambda: len(self.store.list_artifacts()), stored_bytes=self.store.usage,
                                    tier=self.h.tier)
         self.artifacts.on_chunk = self.metrics.on_chunk
+        self.till, self.payer = self._payments()
         self.net = Network()
         await self.net.start(
             seed=self.key.seed, listen_addrs=self.config["node.listen"], bootstrap=self.config["node.bootstrap"],
@@ -101,6 +104,7 @@ class Daemon:
                           relays=tuple(self.config["node.relays"]),
                           hole_punching=self.config["node.hole_punching"] == "on",
                           relay_data=self.config["node.relay_data"]),
+            till=self.till, payer=self.payer,
         )
         self.metrics.watch_nat(self.net.nat_snapshot)
         self.metrics.watch_uploads(self.net.uploads_snapshot)
@@ -136,6 +140,16 @@ class Daemon:
                 log.warning("shutdown step %s: %r", getattr(step, "__qualname__", step), exc)
             log.info("shutdown step %s took %.2f s", getattr(step, "__qualname__", step), time.perf_counter() - t0)
         self.h.close()
+
+    def _payments(self) -> tuple[Till, Payer]:
+        """This node's till (its signed terms, when config.toml [pay] prices anything) and its payer."""
+        cfg, book = self.config, self.h.payments
+        terms = None
+        if cfg["pay.price_per_mb"] or cfg["pay.price_per_token"]:
+            terms = sign_terms(self.key, unit=cfg["pay.unit"], price_per_mb=cfg["pay.price_per_mb"],
+                               price_per_token=cfg["pay.price_per_token"],
+                               credit_bytes=parse_size(cfg["pay.credit_bytes"]), credit_tokens=cfg["pay.credit_tokens"])
+        return Till(book, terms, self.tuning.pay), Payer(book, self.key, self.tuning.pay)
 
     def _on_transfer(self, event) -> None:
         """Every frame and data-plane transfer: one ledger row and the byte counters."""
@@ -224,7 +238,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1), "accept_any": self.config["node.accept_any"],
             "refusals": {k: info.get(k) for k in ("rejected_streams", "refused_streams", "busy_answers",
                                                   "dataplane_refused", "gossip_dropped")},
-            "nat": info.get("nat"), "uploads": info.get("uploads"),
+            "nat": info.get("nat"), "uploads": info.get("uploads"), "payments": self.net.payments_snapshot(),
             "hosting": None if self.light else self.hosting.status(),
             # a light node (--no-model) never imports torch: what its idle RSS (bench memory) relies on
             "torch_imported": "torch" in sys.modules,
@@ -286,13 +300,15 @@ class Daemon:
                 key = key.for_model(engine.fingerprint)
                 expect_model = engine.fingerprint
 
+            purse = self.h.purse(max_price_mb=req.max_price, budget=req.budget)  # what this fetch may pay
+
             def progress(p) -> None:
                 job.progress.update(bytes=p.bytes_done, total_bytes=p.bytes_total, rate_mb_s=p.rate_mb_s,
                                     peers=len(p.peers), chunks=p.chunks_done, chunks_total=p.chunks_total)
 
             try:
                 r = await self.net.fetch(key, n_tokens=req.tokens, progress=progress, expect_model=expect_model,
-                                         accept_any=req.accept_any)
+                                         accept_any=req.accept_any, purse=purse)
             except NotFound as exc:
                 self.metrics.fetches.labels("failed").inc()
                 doc = key.document_hash if isinstance(key, DocumentKey) else None
@@ -307,7 +323,7 @@ class Daemon:
             out = {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
                    "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
                    "peers": len(r.providers), "providers": r.providers,
-                   "complete": self.store.is_complete(r.cid)}
+                   "complete": self.store.is_complete(r.cid), "paid": purse.spent, "unit": purse.unit}
             job.progress["stage"] = "audit"
             out["audit"] = await self._check_fetched(r.cid, req.document)
             return out
@@ -388,11 +404,13 @@ class Daemon:
             raise UsageError(f"{NO_MODEL}: it cannot tokenize a prompt")
         suffix = engine.tokenize(req.prompt) if req.prompt else []
         t0 = time.perf_counter()
-        resp = await self.net.remote_generate(req.host, GenerateRequest(cid, tuple(suffix), req.max_new_tokens, req.seed))
+        purse = self.h.purse(max_price_token=req.max_price_token, budget=req.budget)
+        resp = await self.net.remote_generate(req.host, GenerateRequest(cid, tuple(suffix), req.max_new_tokens, req.seed),
+                                              purse=purse)
         self.metrics.generations.labels("remote").inc()
         return {"cid": str(cid), "host": req.host, "tokens": list(resp.tokens), "text": resp.text,
                 "suffix_tokens": len(suffix), "host_timings": dict(resp.timings),
-                "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted"}
+                "seconds": round(time.perf_counter() - t0, 4), "mode": "hosted", "paid": purse.spent}
 
     async def api_audit(self, req: routes.AuditBody) -> dict:
         """Audit a stored artifact with this node's model (kvswap audit through the node)."""

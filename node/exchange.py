@@ -49,16 +49,19 @@ from kvswap.protocol.messages import (
     ManifestRequest,
     ManifestResponse,
     Message,
+    Voucher,
+    VoucherAck,
 )
-from kvswap.protocol.names import CHUNKS_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
+from kvswap.protocol.names import CHUNKS_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL, PAY_PROTOCOL
 
 from .accounting import TransferHook, new_request_id, no_hook
 from .dataplane import DataPlaneFailed, fetch_granted
 from .framed import FramedStream
 from .p2p import PEER_FAILURES
+from .payments import Till
 from .quota import FairSlots, PeerRecords, RefusalLog, StreamAdmission
 from .ration import UploadRation
-from .uploads import UploadGate
+from .uploads import UploadGate, stored_size
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -137,8 +140,11 @@ class Exchange:
         tuning: NodeTuning = DEFAULT_TUNING,
         records: PeerRecords | None = None,
         gate: UploadGate | None = None,
+        till: Till | None = None,
     ) -> None:
         self.p2p = p2p
+        #: this node's terms and its consumers' credit (node/payments.py); without terms it serves for free
+        self.till = till if till is not None else Till(None, None, tuning.pay)
         self.tuning = tuning
         #: peers with a good record here (served to the end, fetched from, trusted, configured): node/quota.py
         self.records = records if records is not None else PeerRecords(tuning.serve.max_recorded_peers)
@@ -154,14 +160,14 @@ class Exchange:
                                        serve.max_streams_per_subnet, serve.reserved_streams,
                                        vouched=self.records.__contains__)
         self.slots = {p: FairSlots(self.tuning.serve.max_concurrent, self.tuning.serve.max_per_peer)
-                      for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL)}
+                      for p in (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, PAY_PROTOCOL)}
         # as many hosted generations at once as the backend runs (the engine: 1, it is not reentrant; vLLM: its
         # batch), one per peer, peers taking turns; their threads wait on the backend, not on store work's limiter
         capacity = max(1, int(getattr(service, "generate_capacity", 1)))
         self.slots[GENERATE_PROTOCOL] = FairSlots(capacity, 1, max_pending=self.tuning.serve.max_generate_per_peer)
         self.generate_limiter = trio.CapacityLimiter(capacity)
         serve = {MANIFEST_PROTOCOL: self._serve_manifest, CHUNKS_PROTOCOL: self._serve_chunks,
-                 GENERATE_PROTOCOL: self._serve_generate}
+                 GENERATE_PROTOCOL: self._serve_generate, PAY_PROTOCOL: self._serve_pay}
         for protocol in SERVED_PROTOCOLS:
             p2p.set_stream_handler(protocol, self._guard(CONVERSATIONS[protocol], serve[protocol]))
         self.rejected_streams = 0  # streams cut off for misbehaviour (garbage, oversize, stall)
@@ -250,11 +256,13 @@ class Exchange:
         attestations = b""
         if hasattr(svc, "attestations"):  # optional: a service that keeps audit attestations serves them too
             attestations = await self._in_thread(svc.attestations, cid)
-        await framed.send(ManifestResponse(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations),
-                          artifact=cid)
+        await framed.send(ManifestResponse(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations,
+                                           terms=self.till.terms_blob), artifact=cid)
 
     async def _serve_chunks(self, framed: FramedStream, request: ChunkRequest) -> None:
         framed.artifact = request.artifact
+        if self.till.prices_bytes:  # priced: nothing moves before the asker accepted the terms
+            self.till.check_terms(request.terms, request.artifact, framed.peer)
         if request.dataplane and self.dataplane is not None and self.p2p.dataplane_reachable(framed.peer):
             grant = self.dataplane.grant(framed.peer, request.cids, request.artifact)
             if grant is not None:
@@ -271,7 +279,8 @@ class Exchange:
                 if data is None:
                     await framed.send(ChunkMissing(cid))
                     continue
-            async with self.gate.turn(request.artifact, cid, framed.peer) as turn:  # ration, then upload slot
+            size = await self._in_thread(stored_size, path) if path is not None else len(data)
+            async with self.gate.turn(request.artifact, cid, framed.peer, size) as turn:  # credit, ration, slot
                 if turn.answer is not None:
                     await framed.send(turn.answer)
                     continue
@@ -307,9 +316,24 @@ class Exchange:
             handle.close()
 
     async def _serve_generate(self, framed: FramedStream, request: GenerateRequest) -> None:
-        # in one of the protocol's slots
-        response = await trio.to_thread.run_sync(self.service.generate, request, limiter=self.generate_limiter)
-        await framed.send(response, artifact=request.artifact_cid)
+        # in one of the protocol's slots; a priced host takes the tokens' credit first (node/payments.py)
+        till, peer = self.till, framed.peer
+        if till.prices_tokens:
+            till.check_terms(request.terms, request.artifact_cid, peer)
+            await till.admit_generation(peer, request.max_new_tokens)
+        delivered = 0
+        try:
+            response = await trio.to_thread.run_sync(self.service.generate, request, limiter=self.generate_limiter)
+            await framed.send(response, artifact=request.artifact_cid)
+            delivered = len(response.tokens)
+        finally:
+            till.generation_done(peer, request.artifact_cid, request.max_new_tokens, delivered)
+
+    async def _serve_pay(self, framed: FramedStream, request: Voucher) -> None:
+        """A consumer's voucher: checked and booked in a worker thread, acked with the sequence now held."""
+        sequence, paid = await self._in_thread(self.till.receive, framed.peer, request.voucher)
+        self.till.credited(framed.peer, paid)
+        await framed.send(VoucherAck(sequence))
 
     # --- client side ------------------------------------------------------------------------------------
 
@@ -332,7 +356,7 @@ class Exchange:
 
     async def request_chunks(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, *,
                              artifact: Cid | None = None, dataplane: bool = False,
-                             max_chunk_bytes: int | None = None) -> None:
+                             max_chunk_bytes: int | None = None, terms: bytes | None = None) -> None:
         """Ask `peer` for `cids`; `await on_chunk(cid, answer)` for each in order: the bytes, or the peer's
         ChunkMissing (it lacks the chunk, or rations it and names holders to ask instead).
 
@@ -353,7 +377,7 @@ class Exchange:
 
         await self.p2p.direct_path(peer)  # a relayed connection: wait for its upgrade, or RelayOnly (node/nat.py)
         use_dataplane = dataplane and not self._dataplane_backed_off(peer)
-        grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body)
+        grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body, terms)
         if grant is None:
             return
         try:
@@ -365,10 +389,11 @@ class Exchange:
             rest = [c for c in cids if c not in answered]
             if rest:
                 self.dataplane_fallbacks += 1
-                await self._chunk_stream(peer, rest, counted, artifact, False, max_body)
+                await self._chunk_stream(peer, rest, counted, artifact, False, max_body, terms)
 
     async def _chunk_stream(self, peer: str, cids: Sequence[Cid], on_chunk: ChunkCallback, artifact: Cid | None,
-                            dataplane: bool, max_body: int | None = None) -> tuple[DataGrant | None, str | None]:
+                            dataplane: bool, max_body: int | None = None,
+                            terms: bytes | None = None) -> tuple[DataGrant | None, str | None]:
         """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
         (with the IP the stream reached the peer at) for the caller to use."""
         framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.silence_s, max_body=max_body)
@@ -377,7 +402,7 @@ class Exchange:
         answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked
         grant: DataGrant | None = None
         async with framed:
-            await framed.send(ChunkRequest(tuple(cids), dataplane=dataplane, artifact=artifact))
+            await framed.send(ChunkRequest(tuple(cids), dataplane=dataplane, artifact=artifact, terms=terms))
             while not answers.done:
                 msg = await framed.recv()
                 if msg is None:
@@ -420,6 +445,16 @@ class Exchange:
             if scope.cancelled_caught:
                 raise RemoteProtocolError(f"peer {peer[:16]} did not answer within {self.tuning.serve.generate_timeout_s:g} s")
         return _only_reply(reply, GenerateResponse, peer, "closed without an answer")
+
+
+    async def send_voucher(self, peer: str, voucher: bytes) -> int:
+        """Give `peer` a voucher; the sequence it acked. PaymentRequired when it refused the voucher."""
+        framed = await self._open(peer, PAY_PROTOCOL)
+        async with framed:
+            await framed.send(Voucher(voucher))
+            reply = await framed.recv()
+        return _only_reply(reply, VoucherAck, peer, "did not ack the voucher").sequence
+
 
 
 async def _reset(stream: Any) -> None:

@@ -34,13 +34,17 @@ from kvswap.protocol.errors import (
     LimitExceeded,
     ModelMismatch,
     NotFound,
+    OverBudget,
+    PaymentRequired,
     RemoteProtocolError,
 )
+from kvswap.payments.rules import Purse, amount_for
 from kvswap.protocol.messages import ChunkMissing, ManifestRequest
 from kvswap.protocol.keys import ArtifactKey, DocumentKey, describe, dht_key
 from kvswap.protocol.names import any_model_key, artifact_keys, cid_key
 
 from .accounting import new_request_id
+from .payments import Payer
 from .quota import PeerRecords
 from .uploads import Reciprocity
 from .tuning import FetchTuning, ServeTuning
@@ -145,8 +149,10 @@ class Fetcher:
     def __init__(self, p2p: Any, exchange: Any, target: FetchTarget, limiter: trio.CapacityLimiter,
                  use_dataplane: bool = True, tuning: FetchTuning = FetchTuning(),
                  records: PeerRecords | None = None, reciprocity: Reciprocity | None = None,
-                 ration: Any = None) -> None:
+                 ration: Any = None, payer: Payer | None = None) -> None:
         self.p2p = p2p
+        #: the providers' terms as learnt, and this node's vouchers (node/payments.py); None: it pays nobody
+        self.payer = payer
         self.tuning = tuning
         self.records = records if records is not None else PeerRecords(ServeTuning.max_recorded_peers)
         #: bytes verified from each peer (node/uploads.py): peers that give get upload slots here first
@@ -247,6 +253,8 @@ class Fetcher:
                                               reply.attestations, accept_any)
                 problem = _manifest_problem(key, reply.manifest, verified, expect_model, expect_dtype)
                 if problem is None:
+                    if self.payer is not None:  # its prices come with its manifest (IntegrityError if forged)
+                        self.payer.learn(peer, reply.terms)
                     found.append((verified, peer))
                     stop.cancel()
                 else:
@@ -297,7 +305,9 @@ class Fetcher:
         expect_dtype: str | None = None,
         providers: list[str] | None = None,
         accept_any: bool = False,
+        purse: Purse | None = None,
     ) -> FetchResult:
+        """`purse`: what this fetch may pay priced providers (kvswap/payments/rules.py); None pays nobody."""
         started = time.monotonic()
         new_request_id()  # every ledger row of this fetch shares one request id
         candidates = providers if providers is not None else await self.resolve(key)
@@ -319,7 +329,18 @@ class Fetcher:
                 progress(FetchProgress(plan.bytes_done, plan.bytes_total, plan.bytes_done / 1e6 / elapsed,
                                        list(plan.providers()), plan.chunks_done, plan.chunks_total))
 
-        await _ChunkRun(self, plan, verified.cid, report).run()
+        if self.payer is not None:
+            plan.prices.update({p: t.price_per_mb for p, t in self.payer.terms.items() if t is not None})
+        run = _ChunkRun(self, plan, verified.cid, report, purse)
+        try:
+            await run.run()
+        except KvswapError as exc:
+            if run.purse.refusals and not isinstance(exc, OverBudget):  # say why no priced provider was asked
+                raise OverBudget(f"{run.purse.refusals[0]}; no other provider served the rest ({exc})") from None
+            raise
+        finally:
+            if run.paid and self.payer is not None:  # the last vouchers reach their providers before we return
+                await self.payer.flush(verified.cid)
         complete = n_tokens is None or n_tokens >= verified.n_tokens
         # the fetched chunks were provided as they were stored; now the ones we had, and the whole if complete
         self.p2p.provide_soon(artifact_keys(verified.cid, verified.model_fingerprint, verified.document_hash,
@@ -342,8 +363,11 @@ class _ChunkRun:
     time; the tasks it starts (requests, verify-and-write, DHT lookups) only report what happened, through a
     channel."""
 
-    def __init__(self, fetcher: Fetcher, plan: FetchPlan, artifact: Cid, report: Callable[[], None]) -> None:
+    def __init__(self, fetcher: Fetcher, plan: FetchPlan, artifact: Cid, report: Callable[[], None],
+                 purse: Purse | None = None) -> None:
         self.fetcher = fetcher
+        self.purse = purse if purse is not None else Purse(unit="")  # no purse: a budget of 0
+        self.paid = 0  # vouchers signed in this fetch
         self.plan = plan
         self.artifact = artifact
         self.report = report
@@ -391,9 +415,12 @@ class _ChunkRun:
             raise error
 
     async def _request(self, req: RequestChunks, writers: trio.Nursery) -> None:
-        """One request to one peer; every answer and the request's end go back to the plan."""
+        """One request to one peer; every answer and the request's end go back to the plan. A priced peer is
+        asked only within the purse (its cost reserved first), and its chunks are paid for as they verify; one
+        that answers `payment` has its terms read from a manifest answer, then is asked once more."""
         blobs = {b.cid: b for b in req.blobs}
         failure, refused = None, False
+        bill = _Bill(None, None)
 
         async def on_chunk(cid: Cid, answer: bytes | bytearray | ChunkMissing) -> None:
             if isinstance(answer, ChunkMissing):
@@ -406,15 +433,26 @@ class _ChunkRun:
                                      f"the manifest says {blob.stored_size}")
             await self.write_slots.acquire()
             self.events.send_nowait(ChunkReceived(req.request, cid, len(answer)))
-            writers.start_soon(self._store, blob, answer, req.peer)
+            writers.start_soon(self._store, blob, answer, req.peer, bill)
 
         busy = False
         try:
             with self._scopes[req.request], trio.move_on_at(req.deadline) as scope:  # the plan may cancel it
-                await self.fetcher.exchange.request_chunks(req.peer, [b.cid for b in req.blobs], on_chunk,
-                                                           artifact=self.artifact,
-                                                           dataplane=self.fetcher.use_dataplane,
-                                                           max_chunk_bytes=max(b.stored_size for b in req.blobs))
+                for attempt in range(2):
+                    if not self._open_bill(req, bill):
+                        refused = True
+                        break
+                    try:
+                        await self.fetcher.exchange.request_chunks(
+                            req.peer, [b.cid for b in req.blobs], on_chunk, artifact=self.artifact,
+                            dataplane=self.fetcher.use_dataplane, max_chunk_bytes=max(b.stored_size for b in req.blobs),
+                            terms=bill.terms.digest if bill.terms is not None else None)
+                        break
+                    except PaymentRequired:
+                        if attempt == 0 and await self._learn_terms(req.peer, bill.terms):
+                            continue  # it is priced, or its terms changed: ask again under them
+                        busy = True  # our vouchers lag behind its credit window: ask again later
+                        break
             if scope.cancelled_caught:
                 failure = f"no complete answer by its deadline ({len(req.blobs)} chunks)"
         except (RemoteProtocolError, IntegrityError) as exc:  # the peer misbehaved or went away
@@ -427,9 +465,49 @@ class _ChunkRun:
             self.events.send_nowait(Aborted(exc))
         finally:
             self._scopes.pop(req.request, None)
+            self.purse.release(bill.reservation)  # what no verified chunk used
         self.events.send_nowait(RequestEnded(req.request, failure, refused, busy))
 
-    async def _store(self, blob: FetchBlob, data: bytes | bytearray, peer: str) -> None:
+    def _open_bill(self, req: RequestChunks, bill: "_Bill") -> bool:
+        """Price this request by its peer's terms (free when it has none) and reserve its cost in the purse;
+        False, the refusal noted, when the terms exceed the caps or the cost the budget left."""
+        payer = self.fetcher.payer
+        self.purse.release(bill.reservation)
+        bill.terms, bill.reservation = (payer.priced(req.peer) if payer is not None else None), None
+        terms = bill.terms
+        if terms is None or terms.price_per_mb == 0:
+            bill.terms = None
+            return True
+        why = self.purse.refusal(terms, req.peer[:16])
+        if why is None:
+            cost = amount_for(terms, sum(b.stored_size for b in req.blobs), 0) + 1  # +1: the floor's remainder
+            bill.reservation = self.purse.reserve(cost)
+            if bill.reservation is not None:
+                return True
+            why = (f"provider {req.peer[:16]}: {cost} {terms.unit} more would pass this fetch's budget of "
+                   f"{self.purse.budget} (--budget)")
+        if why not in self.purse.refusals:
+            log.info("not asking %s: %s", req.peer[:16], why)
+            self.purse.refusals.append(why)
+        return False
+
+    async def _learn_terms(self, peer: str, had) -> bool:
+        """Read `peer`'s terms from its manifest answer after it refused us with `payment`; True when they
+        differ from the terms the request was made under."""
+        payer = self.fetcher.payer
+        if payer is None:
+            self.purse.refusals.append(f"provider {peer[:16]} is priced and this node pays nobody")
+            return False
+        try:
+            reply = await self.fetcher.exchange.request_manifest(peer, ManifestRequest(self.artifact))
+            terms = payer.learn(peer, reply.terms)
+        except KvswapError as exc:
+            log.info("no terms from %s: %s", peer[:16], exc)
+            return False
+        self.plan.prices[peer] = terms.price_per_mb if terms is not None else 0
+        return terms is not None and (had is None or terms.digest != had.digest)
+
+    async def _store(self, blob: FetchBlob, data: bytes | bytearray, peer: str, bill: "_Bill | None" = None) -> None:
         """Verify a received chunk against its CID and write it through the target, in a worker thread. A peer
         whose chunk verified earns a record with this node (node/quota.py PeerRecords)."""
         try:
@@ -440,6 +518,8 @@ class _ChunkRun:
         except KvswapError as exc:  # our own store failed: the fetch cannot go on
             self.events.send_nowait(Aborted(exc))
         else:
+            if bill is not None and bill.terms is not None:  # a priced peer: pay for exactly what verified
+                await self._pay(peer, bill, len(data))
             self.fetcher.records.earn(peer)
             self.fetcher.reciprocity.credit(peer, len(data))
             if self.fetcher.ration is not None:  # a fetcher of this artifact is no seed of it (node/ration.py)
@@ -448,10 +528,29 @@ class _ChunkRun:
         finally:
             self.write_slots.release()
 
+    async def _pay(self, peer: str, bill: "_Bill", nbytes: int) -> None:
+        payer = self.fetcher.payer
+        try:
+            voucher = await self.fetcher._thread(payer.sign, peer, self.artifact, bill.terms, self.purse, nbytes, 0,
+                                                 bill.reservation)
+        except OverBudget as exc:  # cannot happen within the reservation; said, never signed
+            log.warning("not paying %s: %s", peer[:16], exc)
+            return
+        self.paid += 1
+        payer.post(peer, voucher)
+
     async def _lookup(self, cid: Cid) -> None:
         """Ask the DHT who provides one chunk (for a chunk no known peer can serve)."""
         peers = await self.fetcher.p2p.find_providers(cid_key(cid))
         self.events.send_nowait(LookupDone(cid, tuple(peers)))
+
+
+@dataclass
+class _Bill:
+    """One request's price: the peer's terms (None: free) and its reservation in the purse."""
+
+    terms: Any
+    reservation: Any
 
 
 def _manifest_problem(key: ArtifactKey, manifest: bytes, verified: VerifiedManifest, expect_model: str | None,

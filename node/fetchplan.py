@@ -317,6 +317,8 @@ class FetchPlan:
         self._error: Exception | None = None
         self._last_failure: str | None = None
         self.bytes_done = 0
+        #: peer -> its price per MB (kvswap/payments/terms.py), as learnt: cheaper providers are asked first
+        self.prices: dict[str, int] = {}
         for peer in peers:
             self._add_peer(peer)
 
@@ -558,8 +560,8 @@ class FetchPlan:
             # a peer that has delivered chunks to this fetch ranks with a named holder: a hint names a holder
             # nobody has vouched for yet, and hints from a liar must not steer chunks away from a proven source
             proven = state.served > 0 and not rationing and not state.failures and not lagging
-            return (lagging, not (trusted_hint or proven), p in tried, rationing, state.busy, state.failures,
-                    state.rank)
+            return (lagging, self.prices.get(p, 0), not (trusted_hint or proven), p in tried, rationing, state.busy,
+                    state.failures, state.rank)
 
         return min(options, key=preference)
 

@@ -29,8 +29,17 @@ What and why:
 - **the relay's own limits** (`CircuitV2Protocol._handle_reserve`, `_handle_connect`, issue 26): 0.8.1 bounds
   reservations in total and circuits per reservation, each circuit's duration and bytes (`relay_limits`), but
   not reservations per IP address nor circuits in total, and it takes a RESERVE's optional peer field as the
-  peer to reserve for, so one peer could hold slots in others' names. `bound_relay` adds the two bounds and
-  refuses a reservation for anyone but the requester.
+  peer to reserve for, so one peer could hold slots in others' names; and a circuit whose one direction ended
+  (its byte budget spent, a reset) could keep its other direction, and so its slot, blocked in a read for
+  good (the duration is checked only between reads). `bound_relay` adds the two bounds, refuses a
+  reservation for anyone but the requester, and ends both directions of a circuit together, at its
+  duration at the latest (`_relay_data`).
+- **AutoNAT's server** (`AutoNATService._handle_request`, issue 26): 0.8.1 dials back whatever peer id a DIAL
+  names, as often as asked; `serve_autonat` answers in its place, refusing a dial-back for anyone but the
+  requester and past a per-peer rate (node/nat.py DialBackLimit).
+- **DCUtR's driver** (`DCUtRProtocol._auto_drive_loop`, issue 26): it started hole punches one peer after
+  another every 2 s, from both sides of a connection at once; `drive_dcutr` turns it off and node/nat.py
+  starts them (concurrently, one side first).
 - **relayed addresses in what the host advertises** (`BasicHost.get_addrs`): see `advertise_also`.
 - **one FIND_NODE to one peer** (`PeerRouting._query_peer_for_closest`) and **one ADD_PROVIDER to one peer**
   (`ProviderStore._send_add_provider`): see `ask_peer_about` and `provide_to`.
@@ -49,6 +58,7 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
+import time
 from typing import Any, Awaitable
 
 import trio
@@ -81,16 +91,21 @@ def check(version: str | None = None) -> list[str]:
     from libp2p.kad_dht.provider_store import ProviderStore
     from libp2p.security.secure_session import SecureSession
 
+    from libp2p.host.autonat import autonat as autonat_module
     from libp2p.host.autonat.autonat import AutoNATService
     from libp2p.kad_dht.peer_routing import PeerRouting
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
     wanted = [(kad_dht, "_encode_key"), (ProviderStore, "_get_providers_from_peer_with_closers"),
               (SecureSession, "write"), (kad_dht.KadDHT, "__init__"), (AutoNATService, "_try_dial"),
               (CircuitV2Protocol, "_handle_reserve"), (CircuitV2Protocol, "_handle_connect"),
+              (CircuitV2Protocol, "_relay_data"), (DCUtRProtocol, "_auto_drive_loop"),
               (CircuitV2Transport, "_make_reservation"), (PeerRouting, "_query_peer_for_closest"),
-              (ProviderStore, "_send_add_provider")]
+              (ProviderStore, "_send_add_provider"), (AutoNATService, "_handle_request"),
+              (AutoNATService, "_observed_ip"), (AutoNATService, "_filter_by_observed_ip"),
+              (autonat_module, "_is_relayed_stream"), (autonat_module, "_MAX_AUTONAT_MSG_SIZE")]
     problems += [f"py-libp2p {version} has no {getattr(owner, '__name__', owner)}.{name}"
                  for owner, name in wanted if not hasattr(owner, name)]
     return problems
@@ -167,6 +182,50 @@ def patch_autonat_dial_back(timeout_s: float) -> None:
     AutoNATService._try_dial = _try_dial  # type: ignore[method-assign]
 
 
+def serve_autonat(autonat: Any, allow: Any) -> None:
+    """Answer AutoNAT on `autonat`'s host (instead of 0.8.1's handler, which registers when the service is made
+    with serve=True) with two more rules (issue 26): a DIAL naming another peer than the requester is refused
+    (0.8.1 dials whatever peer id the message names), and a DIAL that would be dialled back is refused unless
+    `allow(requester base58)` says yes (node/nat.py DialBackLimit). A refusal is E_DIAL_REFUSED: no verdict.
+    The rest is 0.8.1's own `_handle_request` (relayed requests refused, only the observed IP dialled)."""
+    from libp2p.host.autonat.autonat import _MAX_AUTONAT_MSG_SIZE, AUTONAT_PROTOCOL_ID, _is_relayed_stream
+    from libp2p.host.autonat.pb.autonat_pb2 import Message
+    from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+
+    def refusal(text: str) -> Any:
+        response = Message()
+        response.type = Message.DIAL_RESPONSE
+        response.dialResponse.status = Message.E_DIAL_REFUSED
+        response.dialResponse.statusText = text
+        return response
+
+    async def handle(stream: Any) -> None:
+        try:
+            # boundary: a peer's request is arbitrary bytes; a bad one ends its stream, nothing else
+            with trio.move_on_after(30):
+                request = Message()
+                request.ParseFromString(await read_varint_prefixed_bytes_limited(stream, _MAX_AUTONAT_MSG_SIZE))
+                requester = stream.muxed_conn.peer_id
+                observed, relayed = autonat._observed_ip(stream), _is_relayed_stream(stream)
+                dial = request.type == Message.DIAL
+                would_dial = dial and not relayed and bool(autonat._filter_by_observed_ip(
+                    [bytes(a) for a in request.dial.peer.addrs], observed))
+                if dial and bytes(request.dial.peer.id) != requester.to_bytes():
+                    response = refusal("a dial-back only for the requesting peer")
+                elif would_dial and not allow(requester.to_base58()):
+                    response = refusal("too many dial-back requests")
+                else:
+                    response = await autonat._handle_request(request, observed, relayed)
+                await stream.write(encode_varint_prefixed(response.SerializeToString()))
+        except Exception as exc:
+            logging.getLogger(__name__).debug("AutoNAT request failed: %r", exc)
+        finally:
+            with trio.move_on_after(2), contextlib.suppress(Exception):
+                await stream.close()
+
+    autonat.host.set_stream_handler(AUTONAT_PROTOCOL_ID, handle)
+
+
 def relay_limits(t: Any) -> Any:
     """py-libp2p's RelayLimits from kvswap's NatTuning."""
     from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -235,7 +294,36 @@ def bound_relay(hop: Any, t: Any) -> dict:
         finally:
             counters["circuits"] -= 1
 
+    relay_data = hop._relay_data
+    directions: dict = {}  # the circuit's two streams -> the cancel scopes of its directions still running
+
+    async def bounded_relay_data(src: Any, dst: Any, peer_id: Any, deadline: float | None = None,
+                                 data_limit: Any = None) -> None:
+        key = frozenset((id(src), id(dst)))
+        scope = trio.CancelScope()
+        if deadline is not None:  # 0.8.1 checks the duration only between reads: a silent circuit outlived it
+            scope.deadline = trio.current_time() + max(0.0, deadline - time.monotonic())
+        scopes = directions.setdefault(key, [])
+        scopes.append(scope)
+        try:
+            with scope:
+                await relay_data(src, dst, peer_id, deadline, data_limit)
+        finally:
+            scopes.remove(scope)
+            for other in scopes:  # one direction ended (EOF, reset, its budget spent): the circuit ends
+                other.cancel()
+            if not scopes:
+                directions.pop(key, None)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for s in (src, dst):
+                    with contextlib.suppress(Exception):  # reset already, or its connection gone
+                        await s.reset()
+            for k, pair in list(hop._active_relays.items()):
+                if any(x is src or x is dst for x in pair):
+                    hop._active_relays.pop(k, None)
+
     hop._handle_reserve, hop._handle_connect = bounded_reserve, bounded_connect
+    hop._relay_data = bounded_relay_data
     return counters
 
 
@@ -253,6 +341,17 @@ def advertise_also(host: Any, extra: Any) -> None:
         return out + [Multiaddr(a) for a in extra() if a not in seen]
 
     host.get_addrs = get_addrs
+
+
+def drive_dcutr(dcutr: Any) -> None:
+    """Turn off py-libp2p's DCUtR driver on `dcutr` (before it runs): every 2 s it started an exchange with each
+    relayed peer in turn, awaiting each, and from both sides of a connection at once. node/nat.py starts the
+    exchanges instead (`punch_due`); the DCUtR stream handler still answers the peer's."""
+
+    async def driven_elsewhere() -> None:
+        await trio.sleep_forever()
+
+    dcutr._auto_drive_loop = driven_elsewhere
 
 
 def has_direct_connection(host: Any, peer_id: Any) -> bool:
@@ -314,6 +413,6 @@ def observed_ips(host: Any) -> list[str]:
     return out
 
 
-__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "provide_to", "check", "encode_dht_key", "has_direct_connection",
+__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "drive_dcutr", "provide_to", "check", "encode_dht_key", "has_direct_connection",
            "installed_version", "observed_ips", "patch_autonat_dial_back", "providers_from_peer", "relay_limits",
-           "relay_load", "reservation_expiry", "reserve_on", "set_provider_rate"]
+           "relay_load", "reservation_expiry", "reserve_on", "serve_autonat", "set_provider_rate"]

@@ -24,6 +24,13 @@ Rules:
   provider records, which carry the peer's addresses).
 - A peer's claimed relayed address is used only if it ends in that peer's id, names a relay other than the
   peer itself, holds one circuit hop and a dialable relay address; at most `nat.max_peer_relay_addrs` kept.
+- An AutoNAT server dials a requester back only for the requester itself, at most
+  `nat.autonat_dialbacks_per_peer` times per `nat.autonat_dialback_window_s` and `nat.autonat_dialbacks_total`
+  for all peers together (`DialBackLimit`); past that it refuses, which is no verdict.
+- A relayed connection is hole-punched (DCUtR) from one side first: the peer with the smaller id starts at
+  once, the other after `nat.hole_punch_answer_wait_s` if the connection is still relayed; a failed exchange
+  is retried after `nat.hole_punch_retry_s`, up to `nat.hole_punch_attempts`; at most
+  `nat.hole_punch_concurrency` at once (`punch_due`).
 """
 
 from __future__ import annotations
@@ -120,6 +127,48 @@ class Reachability:
                 "not_dialled_back": len(self.verdicts) - sum(self.verdicts.values())}
 
 
+@dataclass
+class DialBackLimit:
+    """How often this node, as an AutoNAT server, dials a requester back: at most `per_peer` dial-backs for one
+    peer and `total` for all peers together within any `window_s` seconds (each dial-back is a connection this
+    node opens at a peer's asking; unbounded, a peer could make it dial on and on). A request past either is
+    refused, which the requester takes as no verdict. Memory: one timestamp per dial-back granted within the
+    window, so at most `total` of them whatever the number of peers asking."""
+
+    per_peer: int
+    window_s: float
+    total: int
+    _granted: dict[str, list[float]] = field(default_factory=dict)
+    _count: int = 0
+    refused: int = 0
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.window_s
+        for peer in list(self._granted):
+            times = self._granted[peer]
+            keep = [t for t in times if t > cutoff]
+            self._count -= len(times) - len(keep)
+            if keep:
+                self._granted[peer] = keep
+            else:
+                del self._granted[peer]
+
+    def allow(self, peer: str, now: float) -> bool:
+        """Whether to dial `peer` back now (and, if so, counted)."""
+        self._expire(now)
+        times = self._granted.get(peer, [])
+        if len(times) >= self.per_peer or self._count >= self.total:
+            self.refused += 1
+            return False
+        self._granted[peer] = [*times, now]
+        self._count += 1
+        return True
+
+    def tracked(self) -> int:
+        """Dial-backs remembered now (bounded by `total`)."""
+        return self._count
+
+
 def relay_service_on(setting: str, reachability: str) -> bool:
     """Whether this node relays for others: `node.relay` on / off, or auto: only while it is public."""
     if setting not in RELAY_MODES:
@@ -142,6 +191,25 @@ def maybe_private(status: str, listen_ips: Iterable[str], observed_ips: Iterable
         return False  # a node on loopback only is reached on this machine: no NAT can stand in between
     observed = set(observed_ips)
     return status == UNKNOWN and (not observed or bool(observed - listen))
+
+
+def starts_punch(me: str, peer: str) -> bool:
+    """Which side of a relayed connection starts the DCUtR exchange at once: the one with the smaller peer id
+    (exactly one of any two peers). The other answers it (py-libp2p's driver skips a peer whose exchange is
+    under way), or starts its own later if none came."""
+    return me < peer
+
+
+def punch_due(me: str, peer: str, relayed_s: float, attempts: int, idle_s: float, *, answer_wait_s: float,
+              retry_s: float, max_attempts: int) -> bool:
+    """Whether to start a DCUtR exchange toward `peer`, connected by relay only for `relayed_s` seconds, after
+    `attempts` exchanges of ours, the last of which ended `idle_s` ago: the side `starts_punch` names at once,
+    the other once `answer_wait_s` passed without an upgrade (the first side's exchange never came, or failed);
+    a failed exchange again after `retry_s`; at most `max_attempts`. One side at a time: two exchanges at once
+    dial each other twice, with crossed roles, and both may fail."""
+    if attempts >= max_attempts or (attempts and idle_s < retry_s):
+        return False
+    return starts_punch(me, peer) or relayed_s >= answer_wait_s
 
 
 def _ma(addr: Any) -> multiaddr.Multiaddr | None:
@@ -249,12 +317,19 @@ class NatService:
         self.relay_candidates = [a for a in [*relays, *bootstrap] if "/p2p/" in a]
         self.hole_punching = hole_punching
         self.relay_data = relay_data
-        self.autonat = AutoNATService(host, serve=True, confirmations=tuning.autonat_confirmations)
+        self.autonat = AutoNATService(host, serve=False, confirmations=tuning.autonat_confirmations)
+        #: how often our AutoNAT server dials a requester back (libp2p_compat.serve_autonat answers for it)
+        self.dialbacks = DialBackLimit(tuning.autonat_dialbacks_per_peer, tuning.autonat_dialback_window_s,
+                                       tuning.autonat_dialbacks_total)
+        libp2p_compat.serve_autonat(self.autonat, lambda peer: self.dialbacks.allow(peer, time.monotonic()))
         #: relay peer id -> {"addr": our circuit address through it, "expires": unix time}
         self.reservations: dict[str, dict] = {}
         self.relay_service = False
         self.punches = HolePunches()
         self._relayed_since: dict[str, float] = {}  # peer id -> when we first saw it connected by relay only
+        self._punching: set[str] = set()  # peers a DCUtR exchange of ours is under way with
+        self._punch_attempts: dict[str, int] = {}  # ...and how many we started while it stayed relayed
+        self._punch_ended: dict[str, float] = {}  # ...and when the last ended
         self._hop: Any = None
         self._stop: Any = None
         self._transport: Any = None
@@ -273,10 +348,13 @@ class NatService:
     def snapshot(self) -> dict:
         relay = {}
         if self._hop is not None:
-            relay = {**libp2p_compat.relay_load(self._hop), "refused": self._hop_counters["refused"]}
+            # circuits: CONNECTs being served (py-libp2p's own table keys circuits by peer, so it undercounts)
+            relay = {**libp2p_compat.relay_load(self._hop), "circuits": self._hop_counters["circuits"],
+                     "refused": self._hop_counters["refused"]}
         return {"reachability": self.reach.snapshot(), "relay_service": self.relay_service, "relay": relay,
                 "reservations": [{"relay": k, **v} for k, v in self.reservations.items()],
                 "reservation_failures": self.reservation_failures,
+                "autonat_dialbacks_refused": self.dialbacks.refused,
                 "hole_punching": self.hole_punching, "relay_data": self.relay_data,
                 "hole_punches": dict(vars(self.punches)), "relayed_peers": len(self._relayed_only_peers())}
 
@@ -295,6 +373,7 @@ class NatService:
                 await self._stop.event_started.wait()
                 if self.hole_punching:
                     self._dcutr = DCUtRProtocol(self.host, dial_timeout=int(t.hole_punch_dial_timeout_s))
+                    libp2p_compat.drive_dcutr(self._dcutr)  # _connection_watch starts the exchanges
                     nursery.start_soon(self._run_service, self._dcutr)
                 nursery.start_soon(self._autonat_loop)
                 nursery.start_soon(self._reservation_loop)
@@ -427,12 +506,30 @@ class NatService:
         return [pid.to_base58() for pid in self.host.get_connected_peers()
                 if not libp2p_compat.has_direct_connection(self.host, pid)]
 
+    async def _punch(self, pid: str, limiter: trio.CapacityLimiter) -> None:
+        """One DCUtR exchange toward `pid` when `punch_due` says so (concurrently with others, within
+        `nat.hole_punch_concurrency`). py-libp2p's own driver, which started them every 2 s one peer after
+        another and from both sides at once, is off (libp2p_compat.drive_dcutr)."""
+        from libp2p.peer.id import ID
+
+        try:
+            async with limiter:
+                with contextlib.suppress(Exception), trio.move_on_after(self.tuning.hole_punch_give_up_s):
+                    # boundary: the peer is any peer; a failed punch leaves the connection relayed (counted below)
+                    if self.relayed_only(ID.from_base58(pid)):
+                        await self._dcutr.initiate_hole_punch(ID.from_base58(pid))
+        finally:
+            self._punching.discard(pid)
+            self._punch_ended[pid] = time.monotonic()
+
     async def _connection_watch(self) -> None:
         """Count hole punches: a peer connected by relay only that later has a direct connection was upgraded
         (DCUtR's work); one still relayed after `nat.hole_punch_give_up_s` counts as a failed upgrade (and as a
         success after all if it is upgraded later)."""
         t = self.tuning
         failed: set[str] = set()
+        limiter = trio.CapacityLimiter(max(1, t.hole_punch_concurrency))
+        me = self.host.get_id().to_base58()
         while True:
             now = time.monotonic()
             relayed = set(self._relayed_only_peers())
@@ -441,13 +538,22 @@ class NatService:
                     self._relayed_since[pid] = now
                     if self.hole_punching:
                         self.punches.attempted += 1
-                elif self.hole_punching and pid not in failed and now - self._relayed_since[pid] > t.hole_punch_give_up_s:
+                if (self._dcutr is not None and pid not in self._punching and punch_due(
+                        me, pid, now - self._relayed_since[pid], self._punch_attempts.get(pid, 0),
+                        now - self._punch_ended.get(pid, now), answer_wait_s=t.hole_punch_answer_wait_s,
+                        retry_s=t.hole_punch_retry_s, max_attempts=t.hole_punch_attempts)):
+                    self._punching.add(pid)
+                    self._punch_attempts[pid] = self._punch_attempts.get(pid, 0) + 1
+                    self._nursery.start_soon(self._punch, pid, limiter)
+                if self.hole_punching and pid not in failed and now - self._relayed_since[pid] > t.hole_punch_give_up_s:
                     failed.add(pid)
                     self.punches.failed += 1
             for pid in list(self._relayed_since):
                 if pid in relayed:
                     continue
                 since = self._relayed_since.pop(pid)
+                self._punch_attempts.pop(pid, None)
+                self._punch_ended.pop(pid, None)
                 if pid in self.host_connected() and self.hole_punching:
                     if pid in failed:
                         failed.discard(pid)
@@ -497,6 +603,6 @@ class NatService:
         return False
 
 
-__all__ = ["CIRCUIT", "NatConfig", "NatService", "PRIVATE", "PUBLIC", "REACHABILITY_MODES", "RELAY_MODES", "Reachability",
-           "RelayOnly", "UNKNOWN", "advertise", "checked_addrs", "circuit_addr", "direct_first", "maybe_private", "is_relayed", "relay_service_on",
-           "wants_relays"]
+__all__ = ["CIRCUIT", "DialBackLimit", "NatConfig", "NatService", "PRIVATE", "PUBLIC", "REACHABILITY_MODES", "RELAY_MODES", "Reachability",
+           "RelayOnly", "UNKNOWN", "advertise", "checked_addrs", "circuit_addr", "direct_first", "maybe_private", "is_relayed", "punch_due", "relay_service_on",
+           "starts_punch", "wants_relays"]

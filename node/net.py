@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from kvswap.payments.rules import Purse
 from kvswap.protocol.cid import Cid
 from kvswap.protocol.keys import ArtifactKey, DocumentKey, dht_key
 from kvswap.protocol.errors import LocalProtocolError, RemoteProtocolError, UsageError
@@ -37,6 +38,7 @@ from .nat import NatConfig
 from .p2p import P2PConfig, P2PHost
 from .quota import PeerRecords
 from .ration import UploadRation
+from .payments import Payer, Till, paid_generate
 from .uploads import Reciprocity, UploadGate
 from .tuning import DEFAULT_TUNING, NodeTuning
 
@@ -69,6 +71,8 @@ class TrioNode:
         use_dataplane: bool = True,
         limiter: trio.CapacityLimiter | None = None,
         ration: UploadRation | None = None,
+        till: Till | None = None,
+        payer: Payer | None = None,
     ) -> None:
         self.config = config
         self.tuning = tuning = config.tuning
@@ -78,7 +82,10 @@ class TrioNode:
             self.ration.present = self._connected
         #: bytes this node verified from each peer: who re-shares gets an upload slot first
         self.reciprocity = Reciprocity(tuning.serve.max_recorded_peers)
-        self.gate = UploadGate.of(self.ration, tuning.serve, self.reciprocity.given)
+        #: this node's terms and its consumers' credit, and its own vouchers as a consumer (node/payments.py)
+        self.till = till if till is not None else Till(None, None, tuning.pay)
+        self.payer = payer
+        self.gate = UploadGate.of(self.ration, tuning.serve, self.reciprocity.given, self.till)
         self.p2p = P2PHost(config)
         self.limiter = limiter or trio.CapacityLimiter(tuning.serve.worker_threads)
         self.on_transfer = on_transfer or no_hook
@@ -88,9 +95,11 @@ class TrioNode:
         #: peers with a good record here: what lets them past a crowd of strangers (node/quota.py)
         self.records = PeerRecords(tuning.serve.max_recorded_peers)
         self.exchange = Exchange(self.p2p, service, self.on_transfer, None, self.limiter, self.ration, tuning,
-                                 self.records, gate=self.gate)
+                                 self.records, gate=self.gate, till=self.till)
+        if payer is not None:
+            payer.send = self.exchange.send_voucher
         self.fetcher = (Fetcher(self.p2p, self.exchange, target, self.limiter, use_dataplane, tuning.fetch,
-                                records=self.records, reciprocity=self.reciprocity, ration=self.ration)
+                                records=self.records, reciprocity=self.reciprocity, ration=self.ration, payer=payer)
                         if target else None)
 
     def uploads_snapshot(self) -> dict:
@@ -115,6 +124,8 @@ class TrioNode:
             self.p2p.provide_source = lambda: provide_keys(holdings())
         async with trio.open_nursery() as nursery:
             await nursery.start(self.p2p.run)
+            if self.payer is not None:
+                await nursery.start(self.payer.run)
             if self.use_dataplane and self.service is not None:
                 self.dataplane = DataPlane(self.p2p.listen_ip, self.service.read_chunk, self.on_transfer, self.limiter,
                                            chunk_path=getattr(self.service, "chunk_path", None), ration=self.ration,
@@ -181,10 +192,13 @@ class Network:
         use_dataplane: bool = True,
         tuning: NodeTuning = DEFAULT_TUNING,
         nat: NatConfig | None = None,
+        till: Till | None = None,
+        payer: Payer | None = None,
     ) -> None:
         """Start the libp2p host (listening, DHT, gossipsub, handlers) and dial the bootstrap peers. `tuning`:
         the node's timeouts, quotas, rationing and fetch rules (node/tuning.py); `nat`: reachability, relays
-        and hole punching (node/nat.py)."""
+        and hole punching (node/nat.py); `till` / `payer`: this node's terms as a provider and its vouchers as a
+        consumer (node/payments.py; without them it serves for free and pays nobody)."""
         if self._node is not None:
             raise LocalProtocolError("Network.start() called twice")
         config = P2PConfig(seed=seed, listen_addrs=list(listen_addrs), bootstrap=list(bootstrap),
@@ -198,7 +212,7 @@ class Network:
 
         async def main(nursery: trio.Nursery, ready: Callable[[], None]) -> None:
             node = TrioNode(config, service=service, target=target, on_transfer=hook,
-                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter)
+                            use_dataplane=use_dataplane, limiter=bridge.worker_limiter, till=till, payer=payer)
             await nursery.start(node.run)
             started.append(node)
             ready()
@@ -339,6 +353,7 @@ class Network:
         expect_dtype: str | None = None,
         providers: Sequence[str] | None = None,
         accept_any: bool = False,
+        purse: Purse | None = None,
     ) -> FetchResult:
         """Fetch an artifact (by Cid, or a DocumentKey for one model) into the target store.
 
@@ -356,7 +371,7 @@ class Network:
         report = (lambda p: bridge.call_soon_in_asyncio(progress, p)) if progress else None
         return await bridge.call(
             _fetch, node.fetcher, fkey, n_tokens, report, expect_model, expect_dtype,
-            list(providers) if providers is not None else None, accept_any,
+            list(providers) if providers is not None else None, accept_any, purse,
         )
 
     async def other_models(self, document_hash: str, own_fingerprint: str) -> list[dict]:
@@ -369,18 +384,32 @@ class Network:
         return [{"peer": peer, "model_id": v.model_id, "model_fingerprint": v.model_fingerprint, "cid": str(v.cid)}
                 for peer, v in found]
 
-    async def remote_generate(self, peer: str, request: GenerateRequest) -> GenerateResponse:
-        """Hosted generation on `peer` (a peer id, or a multiaddr ending in /p2p/<id>, dialled first)."""
+    async def remote_generate(self, peer: str, request: GenerateRequest,
+                              purse: Purse | None = None) -> GenerateResponse:
+        """Hosted generation on `peer` (a peer id, or a multiaddr ending in /p2p/<id>, dialled first); a host
+        that prices tokens is paid per token from `purse` (node/payments.py paid_generate)."""
         node = self._need()
         if "/" in peer:
             peer = await self.connect(peer)
-        return await self._bridge.call(node.exchange.remote_generate, peer, request)
+        limiter = node.limiter
+
+        async def in_thread(fn, *args):
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+
+        return await self._bridge.call(paid_generate, node.exchange, node.payer, peer, request, purse, in_thread)
+
+    def payments_snapshot(self) -> dict:
+        """The till's terms and counters (node/payments.py), for `kvswap node status`."""
+        node = self._need()
+        out = node.till.snapshot()
+        out["vouchers_unsent"] = node.payer.unsent if node.payer is not None else 0
+        return out
 
 
 async def _fetch(fetcher: Fetcher, key: ArtifactKey, n_tokens, report, expect_model, expect_dtype, providers,
-                 accept_any=False):
+                 accept_any=False, purse=None):
     return await fetcher.fetch(key, n_tokens=n_tokens, progress=report, expect_model=expect_model,
-                               expect_dtype=expect_dtype, providers=providers, accept_any=accept_any)
+                               expect_dtype=expect_dtype, providers=providers, accept_any=accept_any, purse=purse)
 
 
 __all__ = ["FetchProgress", "FetchResult", "Network", "TrioNode", "check_key", "provide_keys"]

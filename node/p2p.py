@@ -192,6 +192,8 @@ class P2PHost:
         self.gossip_dropped = RefusalLog(log, "dropped gossip", self.tuning.serve.refusal_log_interval_s)
         #: AutoNAT, relays and hole punching, once the host runs (node/nat.py)
         self.nat: nat.NatService | None = None
+        #: private providers being connected to ahead of their use (`_warm_up`)
+        self._warming: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -524,7 +526,38 @@ class P2PHost:
             text = info.peer_id.to_base58()
             if text not in out:
                 out.append(text)
+        self._warm_up(out)
         return out
+
+    def _warm_up(self, peers: Iterable[str]) -> None:
+        """Behind NAT (issue 26): connect now, through a relay, to providers known only at relayed addresses, so
+        that the connection is hole-punched (DCUtR, a few seconds) before a chunk request needs it; a first
+        contact made by the request itself waits for the upgrade (`direct_path`), and a fetcher that waits too
+        long goes back to the publisher. At most `nat.hole_punch_concurrency` at once; nothing for public
+        providers, which are dialled when needed, as before."""
+        if self.nat is None or self._nursery is None or not self.nat.hole_punching:
+            return
+        connected = set(self.host.get_connected_peers())
+        for text in peers:
+            if len(self._warming) >= self.tuning.nat.hole_punch_concurrency:
+                return
+            with contextlib.suppress(UsageError):
+                pid = self.peer_id_obj(text)
+                if pid in connected or text in self._warming:
+                    continue
+                _, relayed = nat.checked_addrs(text, self._known_addrs(pid), self.tuning.nat.max_peer_relay_addrs)
+                if relayed:
+                    self._warming.add(text)
+                    self._nursery.start_soon(self._warm, pid, text)
+
+    async def _warm(self, pid: Any, text: str) -> None:
+        try:
+            with trio.move_on_after(self.tuning.serve.dial_timeout_s):
+                await self._dial_through_relay(pid)
+        except Exception as exc:  # boundary: a background dial of any peer; it must not stop the host
+            log.debug("warming a connection to %s failed: %r", text[:16], exc)
+        finally:
+            self._warming.discard(text)
 
     async def _first_providers(self, key: str, count: int) -> list:
         """The DHT's iterative lookup, and at the same time one GET_PROVIDERS round to the peers we are

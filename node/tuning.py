@@ -281,6 +281,13 @@ class NatTuning:
     autonat_interval_s: float = 300.0
     #: Seconds between AutoNAT passes while the answer is unknown (four times as long once it is known).
     autonat_retry_s: float = 2.0
+    #: Dial-backs our AutoNAT server makes for one peer within `autonat_dialback_window_s` (more are refused:
+    #: no verdict; a client asks one server once per `autonat_interval_s` once it has an answer).
+    autonat_dialbacks_per_peer: int = 4
+    #: Dial-backs our AutoNAT server makes for all peers together within the window.
+    autonat_dialbacks_total: int = 64
+    #: Seconds of the AutoNAT server's dial-back window.
+    autonat_dialback_window_s: float = 60.0
     #: Relays a private node holds a reservation on at once (each one more relayed address it advertises).
     max_relays: int = 2
     #: Seconds a reservation request may take (dial the relay, ask, answer).
@@ -314,6 +321,16 @@ class NatTuning:
     hole_punch_dial_timeout_s: float = 3.0
     #: Seconds a connection may stay relayed before its upgrade counts as failed (it stays relayed).
     hole_punch_give_up_s: float = 30.0
+    #: Hole punches this node starts at once, each toward another peer (py-libp2p's own DCUtR driver starts
+    #: them one after another, every 2 s: a fetcher meeting seven relayed peers at once waited up to 18 s).
+    hole_punch_concurrency: int = 8
+    #: Seconds a relayed connection waits for the peer with the smaller id to start the hole punch before this
+    #: side starts one itself (one side at a time: two exchanges at once cross their dials).
+    hole_punch_answer_wait_s: float = 6.0
+    #: Seconds after a failed hole punch before this side tries again...
+    hole_punch_retry_s: float = 2.0
+    #: ...up to this many times per relayed connection.
+    hole_punch_attempts: int = 3
     #: Seconds a chunk transfer waits, from a relayed connection's start, for it to become direct.
     upgrade_wait_s: float = 10.0
     #: Seconds between looks at which connections are relayed and which direct.
@@ -353,6 +370,28 @@ class HostingTuning:
 
 
 @dataclass(frozen=True)
+class PayTuning:
+    """Timing and memory bounds of payments (node/payments.py). The prices and credit windows are the node's
+    terms, set in config.toml [pay] (kvswap/config.py)."""
+
+    #: Seconds a priced sender waits for a voucher before it answers "come back" (a chunk) or `payment` (a
+    #: generation): longer than an honest consumer's verify-sign-send round trip, short enough to free the slot.
+    voucher_wait_s: float = 5.0
+    #: Seconds one voucher send may take before it counts as failed.
+    voucher_send_timeout_s: float = 10.0
+    #: Times a failed voucher send is tried again before the payer gives up on it (a later voucher supersedes it).
+    voucher_send_retries: int = 3
+    #: Seconds between two tries of a voucher send.
+    voucher_retry_s: float = 0.5
+    #: Seconds a fetch or a hosted generation waits at its end for its last vouchers to be acked.
+    flush_timeout_s: float = 10.0
+    #: Consumers a provider keeps credit counters for in memory (the book has them all; the bound is memory).
+    max_consumers: int = 4096
+    #: Providers a consumer keeps terms of in memory.
+    max_providers: int = 1024
+
+
+@dataclass(frozen=True)
 class NodeTuning:
     """Everything above, one group per part of the node."""
 
@@ -365,6 +404,7 @@ class NodeTuning:
     daemon: DaemonTuning = field(default_factory=DaemonTuning)
     nat: NatTuning = field(default_factory=NatTuning)
     hosting: HostingTuning = field(default_factory=HostingTuning)
+    pay: PayTuning = field(default_factory=PayTuning)
 
 
 def swarm_tuning(tuning: NodeTuning, mode: SwarmMode) -> NodeTuning:
@@ -384,4 +424,4 @@ LEGACY_CHUNK_TIMEOUT_S = 60.0
 DEFAULT_TUNING = NodeTuning()
 
 __all__ = ["DEFAULT_TUNING", "LEGACY_CHUNK_TIMEOUT_S", "swarm_tuning", "DaemonTuning", "DataPlaneTuning", "DhtTuning", "FetchTuning", "GossipTuning",
-           "HostingTuning", "NatTuning", "NodeTuning", "RationTuning", "ServeTuning"]
+           "HostingTuning", "NatTuning", "NodeTuning", "PayTuning", "RationTuning", "ServeTuning"]

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import trio
 
@@ -202,6 +203,15 @@ class Turn:
     sent: bool = False
 
 
+def stored_size(path: Any) -> int:
+    """A stored chunk's size from its file, what a priced provider's till counts (0 when the file went away:
+    the sender then falls back to reading the chunk, or reports it missing)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 class UploadGate:
     """The rule both senders follow for each chunk they hold, so it lives in one place:
 
@@ -212,20 +222,44 @@ class UploadGate:
     3. the ration again (`refusal`), which counts the copy, and after the send `finished`: a copy that failed
        to go out no longer counts.
 
+    Before all three, a priced provider's till (node/payments.py): a chunk whose consumer's vouchers lag more
+    than the credit window is answered "come back" (a rationed answer naming nobody) after pay.voucher_wait_s.
+
     `slots` None: no upload slots (serve.upload_slots = 0, or `node.swarm = "legacy"`): the ration alone."""
 
-    def __init__(self, ration: UploadRation, slots: UploadSlots | None = None) -> None:
+    def __init__(self, ration: UploadRation, slots: UploadSlots | None = None, till: Any = None) -> None:
         self.ration = ration
         self.slots = slots
+        #: a priced provider's till (node/payments.py): a chunk goes only within the consumer's credit window
+        self.till = till
 
     @classmethod
     def of(cls, ration: UploadRation, tuning: ServeTuning,
-           reshares: Callable[[str], int] = lambda peer: 0) -> "UploadGate":
+           reshares: Callable[[str], int] = lambda peer: 0, till: Any = None) -> "UploadGate":
         """The gate a node's tuning asks for: upload slots unless serve.upload_slots is 0."""
-        return cls(ration, UploadSlots(tuning, reshares) if tuning.upload_slots > 0 else None)
+        return cls(ration, UploadSlots(tuning, reshares) if tuning.upload_slots > 0 else None, till)
 
     @contextlib.asynccontextmanager
-    async def turn(self, artifact: Cid | None, cid: Cid, peer: str) -> AsyncIterator[Turn]:
+    async def turn(self, artifact: Cid | None, cid: Cid, peer: str, size: int = 0) -> AsyncIterator[Turn]:
+        """One chunk's turn; `size` (its stored bytes) is what a priced provider's till counts (0: unpriced)."""
+        till = self.till
+        if till is None or not till.prices_bytes:
+            async with self._turn(artifact, cid, peer) as turn:
+                yield turn
+            return
+        if not await till.admit_chunk(peer, size):  # its vouchers lag: nothing more until they come
+            yield Turn(ChunkMissing(cid, rationed=True))
+            return
+        sent = False
+        try:
+            async with self._turn(artifact, cid, peer) as turn:
+                yield turn
+                sent = turn.answer is None and turn.sent
+        finally:
+            till.chunk_done(peer, artifact, size, sent)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, artifact: Cid | None, cid: Cid, peer: str) -> AsyncIterator[Turn]:
         ration = self.ration
         if self.slots is None or ration.would_refuse(artifact, cid, peer):
             async with self._counted(artifact, cid, peer) as turn:
@@ -248,4 +282,4 @@ class UploadGate:
                 self.ration.finished(artifact, cid, peer, ok=turn.sent)
 
 
-__all__ = ["Reciprocity", "Turn", "UploadGate", "UploadQueue", "UploadSlots"]
+__all__ = ["Reciprocity", "Turn", "UploadGate", "UploadQueue", "UploadSlots", "stored_size"]

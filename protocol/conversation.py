@@ -11,6 +11,7 @@ decoders from it, so a peer that sends a frame its conversation does not allow i
 | /kvswap/chunks/1      | ChunkRequest     | ChunkData / ChunkMissing per asked CID in order, or one       |
 |                       |                  | DataGrant naming exactly the asked CIDs, or an ErrorMessage   |
 | /kvswap/generate/1    | GenerateRequest  | one GenerateResponse or ErrorMessage                          |
+| /kvswap/pay/1         | Voucher          | one VoucherAck or ErrorMessage                                |
 | data plane (TCP)      | (the raw token)  | ChunkData / ChunkMissing per granted CID in order             |
 | gossip announce topic | Announce         |                                                               |
 
@@ -38,8 +39,10 @@ from .messages import (
     ManifestRequest,
     ManifestResponse,
     Message,
+    Voucher,
+    VoucherAck,
 )
-from .names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
+from .names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL, PAY_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,13 @@ CONVERSATIONS: dict[str, Conversation] = {
         Conversation(CHUNKS_PROTOCOL, ChunkRequest, frozenset({ChunkData, ChunkMissing, DataGrant, ErrorMessage}),
                      False),
         Conversation(GENERATE_PROTOCOL, GenerateRequest, frozenset({GenerateResponse, ErrorMessage}), True),
+        Conversation(PAY_PROTOCOL, Voucher, frozenset({VoucherAck, ErrorMessage}), True),
         Conversation(DATAPLANE_PROTOCOL, None, frozenset({ChunkData, ChunkMissing}), False),
     )
 }
 
 #: the libp2p protocols a node serves (the data plane is its own TCP listener)
-SERVED_PROTOCOLS = (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, GENERATE_PROTOCOL)
+SERVED_PROTOCOLS = (MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, GENERATE_PROTOCOL, PAY_PROTOCOL)
 
 #: frames a gossip announcement topic carries
 ANNOUNCE_TYPES = frozenset({Announce.TYPE})

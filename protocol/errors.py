@@ -13,6 +13,8 @@
      |         +-- DataPlaneFailed   its bulk data plane was unusable: take the chunks over libp2p instead
      +-- LimitExceeded               a named limit (protocol/, artifact/ or control/ limits.py) was hit
      +-- Busy                        a node at capacity, or an asker over its share: ask again later or elsewhere
+ +-- PaymentRequired             a priced provider refused: terms not accepted, vouchers lag, a bad voucher
+ |    +-- OverBudget             this node refused to pay: a price over its caps, or its budget spent
      +-- UsageError                  the user asked for something that cannot be done (bad flag, empty doc)
 
 Each class carries what every edge needs to say about it, so there is one table, the classes themselves:
@@ -125,6 +127,20 @@ class Busy(KvswapError):
     wire_code = "busy"
 
 
+class PaymentRequired(KvswapError):
+    """A priced provider will not serve (more) without payment: the asker has not accepted its terms, its
+    vouchers lag more than the credit window behind what it was sent, or a voucher it sent does not count
+    (kvswap/payments/rules.py). Ask for the terms, pay, or go to another provider."""
+
+    http_status = 402
+    wire_code = "payment"
+
+
+class OverBudget(PaymentRequired):
+    """This node will not pay what is asked: a provider's price is over `--max-price`, its unit is not this
+    node's, or the operation's `--budget` is spent (kvswap/payments/rules.py Purse). Nothing was signed for it."""
+
+
 class UsageError(KvswapError):
     """The request cannot be honoured as asked (bad flag, empty document, document too long)."""
 
@@ -214,6 +230,8 @@ __all__ = [
     "LocalProtocolError",
     "ModelMismatch",
     "NotFound",
+    "OverBudget",
+    "PaymentRequired",
     "ProtocolError",
     "RemoteProtocolError",
     "UntrustedSigner",

@@ -65,5 +65,11 @@ MAX_HOST_CHARS = 64
 MAX_PEER_ID_CHARS = 64
 #: Most holders a rationed answer names.
 MAX_HOLDER_HINTS = 4
+#: Largest signed terms a ManifestResponse carries (bytes): the payment format's terms are at most 512.
+MAX_WIRE_TERMS_BYTES = 1 * KiB
+#: Largest voucher a Voucher message carries (bytes): the payment format's voucher is 228.
+MAX_WIRE_VOUCHER_BYTES = 256
+#: Bytes of the terms digest a ChunkRequest or GenerateRequest accepts (sha-256).
+TERMS_DIGEST_BYTES = 32
 #: Bytes of a one-time data-plane token (random, 256 bits: unguessable).
 DATAPLANE_TOKEN_BYTES = 32

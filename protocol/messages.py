@@ -23,7 +23,7 @@ from .keys import ArtifactKey, DocumentKey
 from . import limits
 
 #: Error codes an ErrorMessage may carry (a closed set: a peer cannot invent codes we must interpret).
-ERROR_CODES = frozenset({"not_found", "bad_request", "busy", "limit", "model_mismatch", "internal"})
+ERROR_CODES = frozenset({"not_found", "bad_request", "busy", "limit", "model_mismatch", "payment", "internal"})
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -111,6 +111,11 @@ def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _check_terms_digest(value: Any, what: str) -> None:
+    if value is not None and (not isinstance(value, bytes) or len(value) != limits.TERMS_DIGEST_BYTES):
+        raise _bad(f"{what}.terms must be a {limits.TERMS_DIGEST_BYTES}-byte digest")
+
+
 # --- messages ---------------------------------------------------------------------------------------------
 
 
@@ -164,11 +169,14 @@ class ManifestResponse:
     manifest: bytes
     envelopes: tuple[bytes, ...] = ()
     attestations: bytes = b""
+    terms: bytes = b""  # the provider's signed terms (kvswap/payments/terms.py); empty: it serves for free
 
     def to_body(self) -> bytes:
         body = {"m": self.manifest, "e": list(self.envelopes)}
         if self.attestations:
             body["a"] = self.attestations
+        if self.terms:
+            body["t"] = self.terms
         return _pack(body)
 
     @classmethod
@@ -185,7 +193,10 @@ class ManifestResponse:
         attestations = d.get("a", b"")
         if not isinstance(attestations, bytes) or len(attestations) > limits.MAX_WIRE_SIGNATURES_BYTES:
             raise _bad("ManifestResponse.attestations must be bytes of at most MAX_WIRE_SIGNATURES_BYTES")
-        return cls(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations)
+        terms = d.get("t", b"")
+        if not isinstance(terms, bytes) or len(terms) > limits.MAX_WIRE_TERMS_BYTES:
+            raise _bad("ManifestResponse.terms must be bytes of at most MAX_WIRE_TERMS_BYTES")
+        return cls(manifest=manifest, envelopes=tuple(envelopes), attestations=attestations, terms=terms)
 
 
 @dataclass(frozen=True)
@@ -195,16 +206,20 @@ class ChunkRequest:
     TYPE: ClassVar[int] = 3
     cids: tuple[Cid, ...]
     dataplane: bool = False
-    artifact: Cid | None = None  # the artifact these chunks belong to, for the server's ledger only
+    artifact: Cid | None = None  # the artifact these chunks belong to, for the server's ledger and vouchers
+    terms: bytes | None = None  # the digest of the provider's terms the asker accepts and pays under
 
     def __post_init__(self) -> None:
         if not 0 < len(self.cids) <= limits.MAX_CHUNKS_PER_REQUEST:
             raise _bad(f"a ChunkRequest names 1..{limits.MAX_CHUNKS_PER_REQUEST} chunks")
+        _check_terms_digest(self.terms, "ChunkRequest")
 
     def to_body(self) -> bytes:
         body = {"c": [c.to_bytes() for c in self.cids], "p": self.dataplane}
         if self.artifact is not None:
             body["a"] = self.artifact.to_bytes()
+        if self.terms is not None:
+            body["t"] = self.terms
         return _pack(body)
 
     @classmethod
@@ -219,6 +234,7 @@ class ChunkRequest:
             cids=tuple(_cid(c, "ChunkRequest.cids[]") for c in cids),
             dataplane=dataplane,
             artifact=None if artifact is None else _cid(artifact, "ChunkRequest.artifact"),
+            terms=d.get("t"),
         )
 
 
@@ -334,15 +350,18 @@ class GenerateRequest:
     suffix_ids: tuple[int, ...]
     max_new_tokens: int = 24
     seed: int | None = None
+    terms: bytes | None = None  # the digest of the host's terms the asker accepts and pays under
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or len(self.suffix_ids) + self.max_new_tokens > limits.MAX_GENERATE_TOKENS:
             raise _bad(f"suffix + max_new_tokens exceeds MAX_GENERATE_TOKENS ({limits.MAX_GENERATE_TOKENS})")
+        _check_terms_digest(self.terms, "GenerateRequest")
 
     def to_body(self) -> bytes:
-        return _pack(
-            {"a": self.artifact_cid.to_bytes(), "s": list(self.suffix_ids), "n": self.max_new_tokens, "r": self.seed}
-        )
+        body = {"a": self.artifact_cid.to_bytes(), "s": list(self.suffix_ids), "n": self.max_new_tokens, "r": self.seed}
+        if self.terms is not None:
+            body["t"] = self.terms
+        return _pack(body)
 
     @classmethod
     def from_body(cls, body: bytes | memoryview) -> "GenerateRequest":
@@ -354,6 +373,7 @@ class GenerateRequest:
             suffix_ids=tuple(_int(t, "GenerateRequest.suffix_ids[]", 0, limits.MAX_TOKEN_ID) for t in suffix),
             max_new_tokens=_int(d.get("n"), "GenerateRequest.max_new_tokens", 0, limits.MAX_GENERATE_TOKENS),
             seed=None if seed is None else _int(seed, "GenerateRequest.seed", 0, limits.MAX_GENERATE_SEED),
+            terms=d.get("t"),
         )
 
 
@@ -446,6 +466,41 @@ class Announce:
         )
 
 
+@dataclass(frozen=True)
+class Voucher:
+    """A consumer's signed, cumulative voucher for a provider (opaque here: kvswap/payments/vouchers.py parses
+    and checks it), sent on /kvswap/pay/1 as verified bytes or hosted tokens arrive."""
+
+    TYPE: ClassVar[int] = 11
+    voucher: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.voucher, bytes) or not 0 < len(self.voucher) <= limits.MAX_WIRE_VOUCHER_BYTES:
+            raise _bad(f"a Voucher carries 1..{limits.MAX_WIRE_VOUCHER_BYTES} bytes")
+
+    def to_body(self) -> bytes:
+        return _pack({"v": self.voucher})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "Voucher":
+        return cls(_req(_unpack(body, "Voucher"), "v", bytes, "Voucher"))
+
+
+@dataclass(frozen=True)
+class VoucherAck:
+    """The provider counted a voucher: the sequence it now holds for that series (a replay is acked too)."""
+
+    TYPE: ClassVar[int] = 12
+    sequence: int
+
+    def to_body(self) -> bytes:
+        return _pack({"s": self.sequence})
+
+    @classmethod
+    def from_body(cls, body: bytes | memoryview) -> "VoucherAck":
+        return cls(_int(_unpack(body, "VoucherAck").get("s"), "VoucherAck.sequence", 0, 2**63 - 1))
+
+
 Message = (
     ManifestRequest
     | ManifestResponse
@@ -457,6 +512,8 @@ Message = (
     | GenerateResponse
     | ErrorMessage
     | Announce
+    | Voucher
+    | VoucherAck
 )
 
 #: frame type byte -> message class
@@ -473,6 +530,8 @@ MESSAGE_TYPES: dict[int, type] = {
         GenerateResponse,
         ErrorMessage,
         Announce,
+        Voucher,
+        VoucherAck,
     )
 }
 
@@ -484,6 +543,7 @@ MAX_BODY_BYTES: dict[int, int] = {
     ManifestRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
     ChunkRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
     GenerateRequest.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
+    Voucher.TYPE: limits.MAX_REQUEST_FRAME_BYTES,
     ManifestResponse.TYPE: limits.MAX_MANIFEST_FRAME_BYTES,
     ChunkData.TYPE: limits.MAX_DATA_FRAME_BYTES,
     Announce.TYPE: limits.MAX_ANNOUNCE_BYTES,

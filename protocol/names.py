@@ -18,6 +18,8 @@ from .cid import Cid
 MANIFEST_PROTOCOL = "/kvswap/manifest/1"
 CHUNKS_PROTOCOL = "/kvswap/chunks/1"
 GENERATE_PROTOCOL = "/kvswap/generate/1"
+#: a consumer's vouchers to a priced provider (kvswap/payments/)
+PAY_PROTOCOL = "/kvswap/pay/1"
 #: not a libp2p protocol: the name ledger rows carry for chunk bytes that crossed the data plane, which a
 #: /kvswap/chunks/1 request negotiated (same chunks and frames, plain TCP)
 DATAPLANE_PROTOCOL = CHUNKS_PROTOCOL + "+tcp"
@@ -69,6 +71,7 @@ __all__ = [
     "DATAPLANE_PROTOCOL",
     "GENERATE_PROTOCOL",
     "MANIFEST_PROTOCOL",
+    "PAY_PROTOCOL",
     "announce_topic",
     "any_model_key",
     "artifact_keys",

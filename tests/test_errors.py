@@ -15,6 +15,8 @@ from kvswap.protocol.errors import (
     LocalProtocolError,
     ModelMismatch,
     NotFound,
+    OverBudget,
+    PaymentRequired,
     RemoteProtocolError,
     UntrustedSigner,
     UsageError,
@@ -61,7 +63,7 @@ def test_http_status_and_exit_code_per_class():
         "KvswapError": 500, "FormatError": 400, "IntegrityError": 422, "UntrustedSigner": 422, "AuditFailed": 422,
         "ModelMismatch": 409, "NotFound": 404, "ProtocolError": 500, "LocalProtocolError": 500,
         "RemoteProtocolError": 502, "DataPlaneFailed": 502, "RelayOnly": 502, "LimitExceeded": 413, "Busy": 503,
-        "UsageError": 400}
+        "PaymentRequired": 402, "OverBudget": 402, "UsageError": 400}
     assert {cls.__name__ for cls in ALL if cls.exit_code != 1} == {"UsageError"}
     assert UsageError.exit_code == 2
 
@@ -77,10 +79,11 @@ def test_wire_codes_map_back_only_to_the_class_that_declares_them():
     assert wire_code_of(ModelMismatch("x")) == "model_mismatch"
     assert wire_code_of(LimitExceeded("x")) == "limit"
     assert wire_code_of(Busy("x")) == "busy"
+    assert wire_code_of(PaymentRequired("x")) == wire_code_of(OverBudget("x")) == "payment"
     assert wire_code_of(UntrustedSigner("x")) == wire_code_of(FormatError("x")) == "bad_request"
     assert wire_code_of(ValueError("a bug")) == "internal"
     for code, cls in (("not_found", NotFound), ("model_mismatch", ModelMismatch), ("limit", LimitExceeded),
-                      ("bad_request", RemoteProtocolError), ("busy", Busy),
+                      ("bad_request", RemoteProtocolError), ("busy", Busy), ("payment", PaymentRequired),
                       ("internal", RemoteProtocolError)):
         err = error_from_wire(code, "peer x: why")
         assert type(err) is cls and str(err) == "peer x: why"

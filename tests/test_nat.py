@@ -110,3 +110,34 @@ def test_a_node_waits_to_provide_only_while_it_may_be_private():
     assert not nat.maybe_private(nat.UNKNOWN, ["10.88.2.2"], ["10.88.2.2"])  # seen where it listens
     assert not nat.maybe_private(nat.UNKNOWN, ["127.0.0.1"], [])  # loopback only: no NAT in between
     assert not nat.maybe_private(nat.PRIVATE, ["10.88.2.2"], ["10.77.0.13"])  # AutoNAT has answered
+
+
+def test_an_autonat_server_dials_one_peer_back_only_so_often():
+    """nat.autonat_dialbacks_per_peer per window for one peer, nat.autonat_dialbacks_total for all; a refusal
+    is counted, the window slides, and what is remembered stays within the total whatever the peers."""
+    t = NatTuning()
+    limit = nat.DialBackLimit(t.autonat_dialbacks_per_peer, t.autonat_dialback_window_s, t.autonat_dialbacks_total)
+    got = [limit.allow("a", 0.0 + i) for i in range(t.autonat_dialbacks_per_peer + 3)]
+    assert got == [True] * t.autonat_dialbacks_per_peer + [False] * 3 and limit.refused == 3
+    assert limit.allow("b", 10.0)  # another peer has its own share
+    assert not limit.allow("a", t.autonat_dialback_window_s - 0.5)  # the first grant (at 0) is still in the window
+    assert limit.allow("a", t.autonat_dialback_window_s + 0.5)  # ...and now it is not
+    # many identities together get no more than the total, and memory stays at the total
+    flood = nat.DialBackLimit(2, 60.0, 10)
+    granted = sum(flood.allow(f"id{i}", 100.0) for i in range(1000))
+    assert granted == 10 and flood.tracked() == 10 and len(flood._granted) == 10
+    assert flood.allow("late", 161.0) and flood.tracked() == 1  # all of the flood's grants have expired
+
+
+def test_one_side_of_a_relayed_connection_starts_the_hole_punch_and_the_other_only_if_it_does_not_come():
+    t = NatTuning()
+    kw = dict(answer_wait_s=t.hole_punch_answer_wait_s, retry_s=t.hole_punch_retry_s, max_attempts=t.hole_punch_attempts)
+    a, b = sorted([ME, OTHER])
+    assert nat.starts_punch(a, b) and not nat.starts_punch(b, a)  # exactly one of any two
+    assert nat.punch_due(a, b, 0.0, 0, 0.0, **kw)  # at once
+    assert not nat.punch_due(b, a, 0.0, 0, 0.0, **kw)  # waits for a's exchange...
+    assert not nat.punch_due(b, a, t.hole_punch_answer_wait_s - 0.1, 0, 0.0, **kw)
+    assert nat.punch_due(b, a, t.hole_punch_answer_wait_s, 0, 0.0, **kw)  # ...which never came
+    assert not nat.punch_due(a, b, 5.0, 1, t.hole_punch_retry_s - 0.1, **kw)  # a failed one: a pause
+    assert nat.punch_due(a, b, 5.0, 1, t.hole_punch_retry_s, **kw)  # then again
+    assert not nat.punch_due(a, b, 60.0, t.hole_punch_attempts, 60.0, **kw)  # not forever

@@ -352,6 +352,37 @@ async def long_generations(h: Hostile, target: str, cid: Cid, n: int, max_new_to
     return outcomes
 
 
+async def freeload(h: Hostile, target: str, artifact: Cid, chunks: list[Cid], max_s: float = 60.0) -> dict:
+    """A consumer that accepts a priced provider's terms and never pays: it asks for `chunks` one request at a
+    time, under the terms from the provider's manifest answer, and signs no voucher. Stops at the first
+    answer without bytes (the provider held back), or when every chunk came, or after `max_s`. Returns the
+    bytes it got for nothing and how it ended."""
+    from kvswap.payments.terms import decode_terms
+
+    reply = await h.exchange.request_manifest(target, ManifestRequest(artifact))
+    terms = decode_terms(reply.terms)
+    got = {"bytes": 0, "chunks": 0, "ended": "all chunks", "credit_bytes": terms.credit_bytes}
+
+    async def on_chunk(cid: Cid, answer: Any) -> None:
+        if isinstance(answer, ChunkMissing):
+            got["ended"] = "held back" if answer.rationed else "missing"
+        else:
+            got["bytes"] += len(answer)
+            got["chunks"] += 1
+
+    with trio.move_on_after(max_s) as scope:
+        for cid in chunks:
+            try:
+                await h.exchange.request_chunks(target, [cid], on_chunk, artifact=artifact, terms=terms.digest)
+            except Exception as exc:  # a refusal is how it ends, whatever its type
+                got["ended"] = type(exc).__name__
+            if got["ended"] != "all chunks":
+                break
+    if scope.cancelled_caught:
+        got["ended"] = "timeout"
+    return got
+
+
 # --- hostile providers --------------------------------------------------------------------------------------
 
 

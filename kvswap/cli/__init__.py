@@ -19,7 +19,7 @@ from typing import Any, Callable
 from ..protocol.errors import KvswapError
 
 #: command-group modules, in the order `kvswap --help` lists them
-_GROUPS = ("engine_cmds", "artifact_cmds", "node_cmds", "report_cmds", "config_cmds", "demo_cmds")
+_GROUPS = ("engine_cmds", "artifact_cmds", "node_cmds", "report_cmds", "pay_cmds", "config_cmds", "demo_cmds")
 
 
 def default_home() -> Path:

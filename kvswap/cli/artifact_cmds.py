@@ -93,7 +93,8 @@ def cmd_generate(args) -> int:
         raise UsageError("give an artifact CID or --doc FILE")
     result = ops.generate(source, args.prompt, home=home_of(args), model=args.model, dtype=args.dtype,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature,
-                          host=args.host, decode=args.decode, accept_any=args.accept_any)
+                          host=args.host, decode=args.decode, accept_any=args.accept_any,
+                          max_price_token=args.max_price_token, budget=args.budget)
     emit(args, result, lambda r: r["text"])
     return 0
 
@@ -345,6 +346,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode step when no node runs here (a node uses its own, compiled once at its start)")
     p.add_argument("--host", default=None, metavar="PEER",
                    help="ask this peer (id or multiaddr) to generate from its resident KV (hosted mode)")
+    p.add_argument("--max-price-token", type=int, default=None, metavar="UNITS",
+                   help="hosted: the most paid per token (default: config pay.max_price_token)")
+    p.add_argument("--budget", type=int, default=None, metavar="UNITS",
+                   help="hosted: the most this generation spends (default: config pay.budget; 0 pays nobody)")
     add_common(p)
     p.set_defaults(func=cmd_generate)
 

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     start = node_sub.add_parser("start", help="start the daemon in the foreground (Ctrl-C stops it)")
     add_common(start)
     add_setting_flags(start, "node")
+    add_setting_flags(start, "pay")
     start.set_defaults(func=cmd_start)
 
     addr = node_sub.add_parser("addr", help="print one multiaddr of the running node (for another's --bootstrap)")
@@ -46,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     get.add_argument("--tokens", type=int, default=None, help="fetch only the chunks covering this many tokens")
     get.add_argument("--no-progress", action="store_true")
     get.add_argument("--accept-any", action="store_true", help="accept a manifest signed by any key for this fetch")
+    get.add_argument("--max-price", type=int, default=None, metavar="UNITS",
+                     help="the most this fetch pays a provider per MB (default: config pay.max_price_mb)")
+    get.add_argument("--budget", type=int, default=None, metavar="UNITS",
+                     help="the most this fetch spends in all (default: config pay.budget; 0 pays nobody)")
     get.set_defaults(func=cmd_get)
     node.set_defaults(func=lambda args: (node.print_help(), 2)[1])
 
@@ -88,7 +93,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from ..node.daemon import run_daemon
 
     home = home_of(args)
-    config = load_config(home, flags=setting_flags(args, "node"))
+    config = load_config(home, flags={**setting_flags(args, "node"), **setting_flags(args, "pay")})
 
     def ready(info: dict) -> None:  # once listening: the addresses a script (or another node) needs
         if args.json:
@@ -193,7 +198,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     with bar("fetch", enabled=not (args.no_progress or args.json)) as progress:
         try:
             result = ops.get(source, home=home_of(args), n_tokens=args.tokens, accept_any=args.accept_any,
-                             progress=progress)
+                             progress=progress, max_price=args.max_price, budget=args.budget)
         except KeyboardInterrupt:  # ops.get has cancelled the fetch in the daemon
             raise KvswapError("interrupted: the fetch was cancelled (chunks already stored stay; `get` again resumes)")
     emit(args, result, _render_get)

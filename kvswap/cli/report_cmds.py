@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     led.add_argument("--since", help="only events since: 15m, 2h, 3d, unix seconds or ISO time")
     led.add_argument("--limit", type=int, default=None, help="at most the newest N rows of each table")
     led.set_defaults(func=cmd_ledger)
+    from .pay_cmds import add_ledger_actions
+
+    add_ledger_actions(led)  # `kvswap ledger tabs`, `kvswap ledger settle`
 
     rep = sub.add_parser("report", help="egress vs prefill economics from this node's measurements")
     add_common(rep)

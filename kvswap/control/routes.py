@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..artifact.codecs import CODEC_CHOICES
 from ..artifact.limits import DEFAULT_BLOCK_TOKENS, MAX_TOKENS
 from ..modes import AuditMode
+from ..payments.limits import MAX_COUNTER, MAX_PRICE
 from ..protocol.cid import Cid
 from ..protocol.errors import FormatError, UsageError
 from ..protocol.keys import ArtifactKey, DocumentKey, is_hex64
@@ -170,6 +171,8 @@ class GetBody(Body):
     document: str | None = _f(Check("text"), None)
     tokens: int | None = _f(Check("int", 1, MAX_TOKENS), None)
     accept_any: bool = _f(Check("bool"), False)
+    max_price: int | None = _f(Check("int", 0, MAX_PRICE), None)  # None: the node's pay.max_price_mb
+    budget: int | None = _f(Check("int", 0, MAX_COUNTER), None)  # None: the node's pay.budget
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ class GenerateBody(Body):
     seed: int | None = _f(_SEED, None)
     temperature: float = _f(Check("float", 1e-6, 100.0), 1.0)
     host: str | None = _f(Check("str"), None)
+    max_price_token: int | None = _f(Check("int", 0, MAX_PRICE), None)  # None: the node's pay.max_price_token
+    budget: int | None = _f(Check("int", 0, MAX_COUNTER), None)  # None: the node's pay.budget
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ from .source import Source
 
 
 def get(source: Any, *, home: Home | str | Path | None = None, n_tokens: int | None = None,
-        accept_any: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+        accept_any: bool = False, progress: Callable[[dict], None] | None = None, max_price: int | None = None,
+        budget: int | None = None) -> dict:
     """Fetch an artifact (by CID, document or document hash) into the home's store through its running node;
-    a given document is bound to the artifact before first use. Returns the fetch's summary."""
+    a given document is bound to the artifact before first use. Returns the fetch's summary, with what it paid.
+    `max_price` (per MB) and `budget` cap what priced providers are paid (None: config.toml [pay])."""
     h, owned = as_home(home)
     try:
         src = Source.of(source)
@@ -24,7 +26,7 @@ def get(source: Any, *, home: Home | str | Path | None = None, n_tokens: int | N
         if client is None:
             raise NotFound(f"no node is running in {h.path}: fetching needs one (`kvswap node start --home {h.path}`)")
         body = routes.GetBody(key=src.key, document=src.document.text if src.document else None, tokens=n_tokens,
-                              accept_any=accept_any)
+                              accept_any=accept_any, max_price=max_price, budget=budget)
         return wait_job(client, client.call(routes.GET, body), progress=progress, cancel_on_interrupt=True)
     finally:
         if owned:

@@ -50,10 +50,12 @@ def generate_here(home: Home, engine, cid: Cid, prompt: str, max_new_tokens: int
 
 def generate(source: Any, prompt: str = "", *, home: Home | str | Path | None = None, model: Any = None,
              dtype: str | None = None, max_new_tokens: int = 24, seed: int | None = None, temperature: float = 1.0,
-             host: str | None = None, decode: DecodeMode | str = DecodeMode.EAGER, accept_any: bool = False) -> dict:
+             host: str | None = None, decode: DecodeMode | str = DecodeMode.EAGER, accept_any: bool = False,
+             max_price_token: int | None = None, budget: int | None = None) -> dict:
     """Generate after a stored artifact (ship), or ask `host` to generate from its copy (host mode). Through the
     running node when there is one (host mode needs it), else in this process with `model` (default: the
-    artifact's own model)."""
+    artifact's own model). A host that prices tokens is paid per token delivered, within `max_price_token` and
+    `budget` (None: config.toml [pay]); the answer's `paid` says how much."""
     h, owned = as_home(home)
     try:
         src = Source.of(source)
@@ -63,7 +65,8 @@ def generate(source: Any, prompt: str = "", *, home: Home | str | Path | None = 
         if client is not None:
             body = routes.GenerateBody(key=src.key, document=src.document.text if src.document else None,
                                        prompt=prompt, max_new_tokens=max_new_tokens, seed=seed,
-                                       temperature=temperature, host=host)
+                                       temperature=temperature, host=host, max_price_token=max_price_token,
+                                       budget=budget)
             return client.call(routes.GENERATE, body)
         if model is None and src.cid is not None:
             manifest = h.store.get_manifest(src.cid)
