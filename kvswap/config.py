@@ -195,7 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pay", "price_per_token", 0, "int", "KVSWAP_PRICE_PER_TOKEN",
             "what this node charges per hosted output token (0 = free)", flag="--price-per-token",
             flag_args=(("metavar", "UNITS"),)),
-    Setting("pay", "credit_bytes", "32MiB", "size", "KVSWAP_CREDIT_BYTES",
+    Setting("pay", "credit_bytes", "64MiB", "size", "KVSWAP_CREDIT_BYTES",
             "bytes a priced node sends a consumer ahead of its vouchers (its exposure per consumer)",
             flag="--credit-bytes", flag_args=(("metavar", "SIZE"),)),
     Setting("pay", "credit_tokens", 256, "int", "KVSWAP_CREDIT_TOKENS",

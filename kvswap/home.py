@@ -109,10 +109,7 @@ class Home:
         """What one operation may pay (kvswap/payments/rules.py Purse): config.toml [pay], overridden per call."""
         from .payments.rules import Purse
 
-        cfg = self.config
-        pick = lambda given, name: cfg[name] if given is None else given  # noqa: E731
-        return Purse(unit=cfg["pay.unit"], max_price_mb=pick(max_price_mb, "pay.max_price_mb"),
-                     max_price_token=pick(max_price_token, "pay.max_price_token"), budget=pick(budget, "pay.budget"))
+        return Purse.of(self.config, max_price_mb, max_price_token, budget)
 
     def policy(self, accept_any: bool | None = None):
         """The trust policy as config.toml says it now (re-read: `kvswap trust add` applies without a restart)."""

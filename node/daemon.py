@@ -37,6 +37,7 @@ from ..home import Home
 from ..modes import AuditMode, DecodeMode, HostBackend, SwarmMode
 from ..protocol.cid import Cid
 from ..protocol.errors import Busy, IntegrityError, KvswapError, ModelMismatch, NotFound, UsageError
+from ..payments.rules import Purse
 from ..payments.terms import sign_terms
 from ..protocol.keys import DocumentKey
 from ..protocol.messages import GenerateRequest, GenerateResponse
@@ -300,7 +301,7 @@ class Daemon:
                 key = key.for_model(engine.fingerprint)
                 expect_model = engine.fingerprint
 
-            purse = self.h.purse(max_price_mb=req.max_price, budget=req.budget)  # what this fetch may pay
+            purse = Purse.of(self.config, max_price_mb=req.max_price, budget=req.budget)  # what this fetch may pay
 
             def progress(p) -> None:
                 job.progress.update(bytes=p.bytes_done, total_bytes=p.bytes_total, rate_mb_s=p.rate_mb_s,
@@ -323,7 +324,7 @@ class Daemon:
             out = {"cid": str(r.cid), "tokens": r.n_tokens, "chunks": r.chunks_fetched + r.chunks_present,
                    "chunks_fetched": r.chunks_fetched, "bytes": r.bytes_fetched, "seconds": r.seconds,
                    "peers": len(r.providers), "providers": r.providers,
-                   "complete": self.store.is_complete(r.cid), "paid": purse.spent, "unit": purse.unit}
+                   "complete": self.store.is_complete(r.cid), "paid": r.paid, "unit": purse.unit, "settle_s": round(r.settle_s, 3)}
             job.progress["stage"] = "audit"
             out["audit"] = await self._check_fetched(r.cid, req.document)
             return out
@@ -404,7 +405,7 @@ class Daemon:
             raise UsageError(f"{NO_MODEL}: it cannot tokenize a prompt")
         suffix = engine.tokenize(req.prompt) if req.prompt else []
         t0 = time.perf_counter()
-        purse = self.h.purse(max_price_token=req.max_price_token, budget=req.budget)
+        purse = Purse.of(self.config, max_price_token=req.max_price_token, budget=req.budget)
         resp = await self.net.remote_generate(req.host, GenerateRequest(cid, tuple(suffix), req.max_new_tokens, req.seed),
                                               purse=purse)
         self.metrics.generations.labels("remote").inc()
@@ -464,7 +465,7 @@ class Daemon:
             except NotFound:
                 want = key.for_model(engine.fingerprint)
         try:
-            r = await self.net.fetch(want, expect_model=engine.fingerprint)
+            r = await self.net.fetch(want, expect_model=engine.fingerprint, purse=Purse.of(self.config))
         except KvswapError:
             self.metrics.fetches.labels("failed").inc()
             raise

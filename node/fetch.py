@@ -137,6 +137,8 @@ class FetchResult:
     bytes_fetched: int
     seconds: float
     providers: dict[str, int] = field(default_factory=dict)  # peer -> chunks served
+    paid: int = 0  # units signed for in vouchers to priced providers (kvswap/payments/)
+    settle_s: float = 0.0  # seconds after the last chunk until its last vouchers were acked (not in `seconds`)
 
     @property
     def rate_mb_s(self) -> float:
@@ -332,6 +334,7 @@ class Fetcher:
         if self.payer is not None:
             plan.prices.update({p: t.price_per_mb for p, t in self.payer.terms.items() if t is not None})
         run = _ChunkRun(self, plan, verified.cid, report, purse)
+        settle_s = 0.0
         try:
             await run.run()
         except KvswapError as exc:
@@ -339,8 +342,10 @@ class Fetcher:
                 raise OverBudget(f"{run.purse.refusals[0]}; no other provider served the rest ({exc})") from None
             raise
         finally:
+            seconds = time.monotonic() - started  # the fetch: until its last chunk verified and stored
             if run.paid and self.payer is not None:  # the last vouchers reach their providers before we return
                 await self.payer.flush(verified.cid)
+                settle_s = time.monotonic() - started - seconds
         complete = n_tokens is None or n_tokens >= verified.n_tokens
         # the fetched chunks were provided as they were stored; now the ones we had, and the whole if complete
         self.p2p.provide_soon(artifact_keys(verified.cid, verified.model_fingerprint, verified.document_hash,
@@ -353,8 +358,10 @@ class Fetcher:
             chunks_fetched=len(todo),
             chunks_present=len(present),
             bytes_fetched=plan.bytes_done,
-            seconds=time.monotonic() - started,
+            seconds=seconds,
             providers=plan.providers(),
+            paid=run.purse.spent,
+            settle_s=settle_s,
         )
 
 

@@ -44,7 +44,8 @@ What and why:
 - **one FIND_NODE to one peer** (`PeerRouting._query_peer_for_closest`) and **one ADD_PROVIDER to one peer**
   (`ProviderStore._send_add_provider`): see `ask_peer_about` and `provide_to`.
 - **which connections are relayed** (`Swarm.connections`, `_actual_transport_addresses`): DCUtR's own test
-  for a direct connection, used by node/nat.py to tell relayed peers from direct ones.
+  for a direct connection, used by node/nat.py to tell relayed peers from direct ones; and **which connection a
+  new stream takes** (`Swarm._best_connection`): a direct one where there is one (`prefer_direct_connections`).
 - **quieter loggers**: KadDHT logs a WARNING each time a peer closes a DHT stream normally, several per
   lookup, the auto-connector logs its state at INFO every cycle, and gossipsub logs a WARNING for every
   message its own spam protection drops (a flood became a line per message). Raised to ERROR / WARNING;
@@ -94,6 +95,7 @@ def check(version: str | None = None) -> list[str]:
     from libp2p.host.autonat import autonat as autonat_module
     from libp2p.host.autonat.autonat import AutoNATService
     from libp2p.kad_dht.peer_routing import PeerRouting
+    from libp2p.network.swarm import Swarm
     from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
     from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
     from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -102,6 +104,7 @@ def check(version: str | None = None) -> list[str]:
               (SecureSession, "write"), (kad_dht.KadDHT, "__init__"), (AutoNATService, "_try_dial"),
               (CircuitV2Protocol, "_handle_reserve"), (CircuitV2Protocol, "_handle_connect"),
               (CircuitV2Protocol, "_relay_data"), (DCUtRProtocol, "_auto_drive_loop"),
+              (Swarm, "_best_connection"),
               (CircuitV2Transport, "_make_reservation"), (PeerRouting, "_query_peer_for_closest"),
               (ProviderStore, "_send_add_provider"), (AutoNATService, "_handle_request"),
               (AutoNATService, "_observed_ip"), (AutoNATService, "_filter_by_observed_ip"),
@@ -354,22 +357,44 @@ def drive_dcutr(dcutr: Any) -> None:
     dcutr._auto_drive_loop = driven_elsewhere
 
 
-def has_direct_connection(host: Any, peer_id: Any) -> bool:
-    """Whether `peer_id` is connected other than through a relay: a connection counts as relayed when its type
-    says so or every transport address it has names a circuit (an inbound TCP connection may have none
-    recorded: it is direct)."""
+def _relayed_conn(conn: Any) -> bool:
+    """A connection is relayed when its type says so or every transport address it has names a circuit (an
+    inbound TCP connection may have none recorded: it is direct); one closing under us counts as relayed."""
     from libp2p.connection_types import ConnectionType
 
-    conns = host.get_network().connections.get(peer_id) or []
-    for conn in conns if isinstance(conns, list) else [conns]:
-        with contextlib.suppress(Exception):  # a connection closing under us: not direct
-            if conn.get_connection_type() == ConnectionType.RELAYED:
-                continue
-            addrs = getattr(conn, "_actual_transport_addresses", None) or []
-            if addrs and all("/p2p-circuit" in str(a) for a in addrs):
-                continue
+    try:
+        if conn.get_connection_type() == ConnectionType.RELAYED:
             return True
-    return False
+        addrs = getattr(conn, "_actual_transport_addresses", None) or []
+        return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+    except Exception:  # a connection closing under us: not direct
+        return True
+
+
+def has_direct_connection(host: Any, peer_id: Any) -> bool:
+    """Whether `peer_id` is connected other than through a relay (`_relayed_conn`)."""
+    conns = host.get_network().connections.get(peer_id) or []
+    return any(not _relayed_conn(conn) for conn in (conns if isinstance(conns, list) else [conns]))
+
+
+def prefer_direct_connections(host: Any) -> None:
+    """New streams to a peer go over a direct connection to it when there is one (`Swarm._best_connection`).
+    0.8.1 prefers connections typed DIRECT, then the one with more streams, but a hole-punched connection is
+    not typed DIRECT: every new stream, chunk requests with their bytes among them, kept going through the
+    relay, the older connection with more streams, until DCUtR closed it a minute later (issue 26)."""
+    network = host.get_network()
+
+    def best(connections: list) -> Any:
+        def key(conn: Any) -> tuple:
+            try:
+                streams = len(conn.get_streams())
+            except Exception:  # a connection closing under us
+                streams = 0
+            return (not _relayed_conn(conn), streams, id(conn))
+
+        return max(connections, key=key)
+
+    network._best_connection = best
 
 
 def ask_peer_about(dht: Any, peer: Any, target: Any) -> Awaitable[list]:
@@ -413,6 +438,6 @@ def observed_ips(host: Any) -> list[str]:
     return out
 
 
-__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "drive_dcutr", "provide_to", "check", "encode_dht_key", "has_direct_connection",
+__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "drive_dcutr", "prefer_direct_connections", "provide_to", "check", "encode_dht_key", "has_direct_connection",
            "installed_version", "observed_ips", "patch_autonat_dial_back", "providers_from_peer", "relay_limits",
            "relay_load", "reservation_expiry", "reserve_on", "serve_autonat", "set_provider_rate"]

@@ -362,6 +362,7 @@ class NatService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         t = self.tuning
         libp2p_compat.patch_autonat_dial_back(t.autonat_dial_timeout_s)
+        libp2p_compat.prefer_direct_connections(self.host)  # chunk streams over the punched connection
         limits = libp2p_compat.relay_limits(t)
         # the STOP side (accept circuits through our relays) and the client: every node
         self._stop = CircuitV2Protocol(self.host, limits=limits, allow_hop=False)

@@ -112,14 +112,16 @@ class Till:
             return True
         return await self._admit(peer, _BYTES, size, self.terms.credit_bytes)
 
-    def chunk_done(self, peer: str, artifact: Cid | None, size: int, sent: bool) -> None:
-        """After an admitted chunk: delivered (booked), or not (its bytes no longer count as owed)."""
+    async def chunk_done(self, peer: str, artifact: Cid | None, size: int, sent: bool) -> None:
+        """After an admitted chunk: delivered (booked in a worker thread, shielded: it happened even if the
+        request is being cancelled), or not (its bytes no longer count as owed)."""
         if not self.prices_bytes:
             return
         key = peer_key(peer)
         if sent:
             if self.book is not None and artifact is not None:
-                self.book.delivered(key, artifact, nbytes=size)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(lambda: self.book.delivered(key, artifact, nbytes=size))
         else:
             self._counters(key)[_BYTES] -= size
 

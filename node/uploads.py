@@ -256,7 +256,7 @@ class UploadGate:
                 yield turn
                 sent = turn.answer is None and turn.sent
         finally:
-            till.chunk_done(peer, artifact, size, sent)
+            await till.chunk_done(peer, artifact, size, sent)
 
     @contextlib.asynccontextmanager
     async def _turn(self, artifact: Cid | None, cid: Cid, peer: str) -> AsyncIterator[Turn]:

@@ -141,6 +141,11 @@ GOOD = [
     Case("get", "b", lambda w: ["get", "--doc", str(w.doc), "--no-progress", "--json"],
          lambda out: out["complete"] and out["audit"]["mode"] == "exact"),
     Case("ledger", "solo", lambda w: ["ledger", "--json"], lambda out: len(out["computes"]) >= 1),
+    Case("ledger", "solo", lambda w: ["ledger", "tabs", "--json"], lambda out: out["tabs"] == []),
+    Case("ledger", "solo", lambda w: ["ledger", "settle", "--out", str(w.root / "statement.json"), "--json"],
+         lambda out: out["vouchers"] == 0),
+    Case("receipts", "none", lambda w: ["receipts", "verify", str(w.root / "statement.json"), "--json"],
+         lambda out: out["valid"] and out["vouchers"] == 0),
     Case("report", "b", lambda w: ["report", "--json"], lambda out: "n_star" in json.dumps(out)),
     Case("config", "solo", lambda w: ["config", "show", "--json"], lambda out: "node.listen" in out["settings"]),
     Case("config", "solo", lambda w: ["config", "set", "store.budget", "30GiB", "--json"],
@@ -192,6 +197,9 @@ BAD = [
     Case("get", "b", lambda w: ["get", "not-a-cid", "--no-progress"]),
     Case("get", "solo", lambda w: ["get", "--doc", str(w.doc), "--no-progress"]),  # fetching needs a node
     Case("ledger", "solo", lambda w: ["ledger", "--kind", "bogus"]),
+    Case("ledger", "solo", lambda w: ["ledger", "settle", "--out", str(w.root)]),  # a folder, not a file
+    Case("receipts", "none", lambda w: ["receipts", "verify", str(w.doc)]),  # not a statement
+    Case("receipts", "none", lambda w: ["receipts", "verify", str(w.root / "missing.json")]),
     Case("report", "solo", lambda w: ["report", "--artifact", "not-a-cid"]),
     Case("config", "solo", lambda w: ["config", "set", "no.such", "1"]),
     Case("config", "solo", lambda w: ["config", "set", "node.audit_fraction", "2"]),

@@ -45,8 +45,10 @@ from kvswap.protocol.messages import (
     GenerateResponse,
     ManifestRequest,
     ManifestResponse,
+    Voucher,
+    VoucherAck,
 )
-from kvswap.protocol.names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL
+from kvswap.protocol.names import CHUNKS_PROTOCOL, DATAPLANE_PROTOCOL, GENERATE_PROTOCOL, MANIFEST_PROTOCOL, PAY_PROTOCOL
 
 C = [Cid.of(f"chunk {i}".encode()) for i in range(4)]
 HOLDER = "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"
@@ -117,13 +119,14 @@ def test_every_message_belongs_to_a_conversation_or_the_gossip_topic():
     for conversation in CONVERSATIONS.values():
         said |= conversation.request_types | conversation.reply_types
     assert said == set(MESSAGE_TYPES)
-    assert set(SERVED_PROTOCOLS) == {MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, GENERATE_PROTOCOL}
+    assert set(SERVED_PROTOCOLS) == {MANIFEST_PROTOCOL, CHUNKS_PROTOCOL, GENERATE_PROTOCOL, PAY_PROTOCOL}
 
 
 @pytest.mark.parametrize("protocol, request_msg, reply", [
     (MANIFEST_PROTOCOL, ManifestRequest(C[0]), ManifestResponse(b"m")),
     (CHUNKS_PROTOCOL, ChunkRequest((C[0],)), ChunkData(C[0], b"x")),
     (GENERATE_PROTOCOL, GenerateRequest(C[0], (1,)), GenerateResponse((2,))),
+    (PAY_PROTOCOL, Voucher(b"v" * 228), VoucherAck(1)),
 ])
 def test_each_side_may_only_say_its_part(protocol, request_msg, reply):
     conversation = CONVERSATIONS[protocol]

@@ -25,6 +25,8 @@ from kvswap.protocol.messages import (
     GenerateResponse,
     ManifestRequest,
     ManifestResponse,
+    Voucher,
+    VoucherAck,
 )
 from kvswap.protocol.keys import DocumentKey
 from kvswap.protocol.names import announce_topic, any_model_key, artifact_keys, cid_key, document_key
@@ -47,6 +49,12 @@ SAMPLES = [
     GenerateRequest(artifact_cid=C1, suffix_ids=(), max_new_tokens=0),
     GenerateResponse(tokens=(5, 6), text="hi there", timings=(("decode_s", 0.5), ("load_s", 0.01))),
     ErrorMessage(code="not_found", text="no such artifact"),
+    ErrorMessage(code="payment", text="accept the terms"),
+    ManifestResponse(manifest=b"m", terms=b"t" * 200),
+    ChunkRequest(cids=(C1,), artifact=C1, terms=b"d" * limits.TERMS_DIGEST_BYTES),
+    GenerateRequest(artifact_cid=C1, suffix_ids=(1,), max_new_tokens=4, terms=b"d" * limits.TERMS_DIGEST_BYTES),
+    Voucher(b"v" * 228),
+    VoucherAck(sequence=7),
     Announce(artifact_cid=C1, model_fingerprint="ab" * 32, document_hash="cd" * 32, n_tokens=3774,
              publisher="12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"),
 ]

@@ -133,6 +133,12 @@ def _render_status(s: dict) -> str:
                      f"relaying for others {'yes' if nat['relay_service'] else 'no'}   reserved on {relays}")
         lines.append(f"relayed    {nat['relayed_peers']} peers   hole punches {punches['succeeded']} ok, "
                      f"{punches['failed']} failed   chunk bytes over relays {'yes' if nat['relay_data'] else 'no'}")
+    pay = s.get("payments")
+    if pay and pay.get("terms"):  # node/payments.py: this node's prices and what its till did
+        t = pay["terms"]
+        lines.append(f"prices     {t['price_per_mb']} {t['unit']}/MB, {t['price_per_token']} {t['unit']}/token   "
+                     f"credit {t['credit_bytes']:,} B, {t['credit_tokens']} tokens   vouchers taken "
+                     f"{pay['vouchers_taken']}   held back {pay['held_back']}")
     return "\n".join(lines)
 
 

@@ -85,6 +85,14 @@ class Purse:
     refusals: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # trio + signing threads
 
+    @classmethod
+    def of(cls, config, max_price_mb: int | None = None, max_price_token: int | None = None,
+           budget: int | None = None) -> "Purse":
+        """One operation's purse: a home's config ([pay] in config.toml, kvswap/config.py), overridden per call."""
+        pick = lambda given, name: config[name] if given is None else given  # noqa: E731
+        return cls(unit=config["pay.unit"], max_price_mb=pick(max_price_mb, "pay.max_price_mb"),
+                   max_price_token=pick(max_price_token, "pay.max_price_token"), budget=pick(budget, "pay.budget"))
+
     def refusal(self, terms: Terms, who: str, tokens: bool = False) -> str | None:
         """Why this purse will not pay `terms` for chunks (or, `tokens`, for hosted tokens); None if it will."""
         price = terms.price_per_token if tokens else terms.price_per_mb

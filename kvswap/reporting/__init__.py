@@ -6,6 +6,7 @@
     readers      bytes on the wire per reader (what one reader is, on each side)
     measured     measured inputs derived from the ledger (and the store's manifest)
     calibration  one prefill (and reuse step) timed here and logged, when the ledger has none
+    payments     the payment book's vouchers priced: paid vs prefill saved, revenue vs egress, break-even
     build        inputs + measurements -> one JSON-able report dict (origins, warnings, N*)
     render       terminal table, Markdown and HTML pages
     plots        matplotlib (Agg) PNGs, imported only when asked for

@@ -21,6 +21,7 @@ from typing import Any
 from ..protocol.errors import UsageError
 from . import costmodel as cm
 from .measured import FROM_CALIBRATION, FROM_LEDGER, MIXED, Measured
+from .payments import BookFacts, payment_section
 from .prices import PAPER_BYTES_PER_TOKEN, PAPER_READERS, PAPER_REUSE_RATIO, PAPER_TOKENS, Prices
 from .stats import spread_warning
 
@@ -272,8 +273,9 @@ def warnings_for(inputs: dict[str, dict[str, Any]], borrowed: dict[str, str], me
 
 
 def build_report(prices: Prices, price_sources: dict[str, str], measured: Measured, opts: ReportOptions,
-                 ledger_path: Path | None = None) -> dict[str, Any]:
-    """The whole report as a JSON-able dict (what `kvswap report --json` prints)."""
+                 ledger_path: Path | None = None, payments: BookFacts | None = None) -> dict[str, Any]:
+    """The whole report as a JSON-able dict (what `kvswap report --json` prints); `payments` (run.py reads it
+    from the home's payment book) adds the "payments" section (payments.py)."""
     inp, inputs, notes, borrowed = cost_inputs(prices, price_sources, measured, opts)
     empty = measured.compute_events == 0 and measured.transfer_events == 0
     if empty and measured.artifact_choice == "given":
@@ -305,10 +307,11 @@ def build_report(prices: Prices, price_sources: dict[str, str], measured: Measur
     ship, host = measured.reader_bytes("ship"), measured.reader_bytes("host")
     if ship.readers and host.readers and host.mean_wire_bytes and ship.side == host.side:
         ms["ship_over_host_bytes"] = ship.mean_wire_bytes / host.mean_wire_bytes
-    return {
+    warnings = warnings_for(inputs, borrowed, measured)
+    report = {
         "ledger": str(ledger_path) if ledger_path else None,
         "ledger_empty": empty,
-        "warnings": warnings_for(inputs, borrowed, measured),
+        "warnings": warnings,
         "provenance": {"prefill": measured.prefill_source, "reuse_step": measured.step_source,
                        "reuse_ratio": measured.ratio_source, "borrowed": sorted(borrowed)},
         "inputs": inputs,
@@ -319,6 +322,10 @@ def build_report(prices: Prices, price_sources: dict[str, str], measured: Measur
         "notes": notes,
         "units": {"GB": f"{cm.BYTES_PER_GB:,} bytes", "money": "USD"},
     }
+    if payments is not None:
+        report["payments"], more = payment_section(payments, inputs, prices, measured)
+        warnings.extend(more)
+    return report
 
 
 def curves(report: dict[str, Any], max_readers: float | None = None) -> tuple[list[float], dict[str, list[float]]]:

@@ -173,6 +173,85 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+PAYMENT_HEADER = ("what", "value", "origin", "source")
+
+
+def _micro(entry: dict[str, Any]) -> str:
+    return f"{number(entry['value'])} {entry['unit']}"
+
+
+def _units(amounts: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{a['value']:,} {unit}" for unit, a in amounts.items()) or "-"
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3g}x"
+
+
+def payment_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The payments section as (what, value, origin, source) rows; [] when the report has none."""
+    p = report.get("payments")
+    if not p or not p.get("present"):
+        return []
+    row = lambda what, value, e: (what, value, _origin(e.get("origin")), e["source"])  # noqa: E731
+    rows = [row("prefill cost per token here", money(p["prefill_per_token"]["value"]) + "/token",
+                p["prefill_per_token"]),
+            row("stored bytes per token", f"{p['bytes_per_token']['value']:,.0f} B", p["bytes_per_token"])]
+    be, tariff = p["break_even"], p["tariff"]
+    rows += [row("break-even price per MB", _micro(be["per_mb"]), be["per_mb"]),
+             row("break-even price per token", _micro(be["per_token"]), be["per_token"]),
+             row(f"{number(tariff['fraction']['value'])}x cache-read tariff per token", _micro(tariff["per_token"]),
+                 tariff["per_token"]),
+             row("cache-read tariff per MB", _micro(tariff["per_mb"]) + f" ({_times(tariff['vs_break_even'])} "
+                 "the break-even)", tariff["per_mb"]),
+             row("egress per MB", _micro(p["egress_per_mb"]), p["egress_per_mb"])]
+    c = p.get("consumer")
+    if c:
+        rows.append(("bought (owed vouchers)", f"{c['series']} series, {c['artifacts']} artifacts, "
+                     f"{size(c['bytes'])}, {c['tokens']:,} hosted tokens", "book", "latest voucher per series"))
+        for unit, amount in c["paid"].items():
+            rows.append(row(f"paid ({unit})", f"{amount['value']:,} {unit}", amount))
+        rows.append(row("paid ($)", money(c["paid_usd"]["value"]), c["paid_usd"]))
+        rows.append(row("prefill compute saved", money(c["saved"]["value"]), c["saved"]))
+        verdict = ("-" if c["net_usd"] is None else
+                   f"{money(c['net_usd'])} ({'saved' if c['net_usd'] >= 0 else 'lost'}; saved/paid "
+                   f"{_times(c['saved_over_paid'])})")
+        rows.append(("saved - paid", verdict, "derived", "prefill compute saved - paid ($)"))
+    s = p.get("provider")
+    if s:
+        rows.append(("sold (earned vouchers)", f"{s['series']} series, {s['artifacts']} artifacts, "
+                     f"{size(s['bytes_sold'])}, {s['tokens_sold']:,} hosted tokens", "book",
+                     "latest voucher per series"))
+        for unit, amount in s["revenue"].items():
+            rows.append(row(f"revenue ({unit})", f"{amount['value']:,} {unit}", amount))
+        rows.append(row("revenue ($)", money(s["revenue_usd"]["value"]), s["revenue_usd"]))
+        rows.append(row("egress of the bytes sold", money(s["egress"]["value"]), s["egress"]))
+        verdict = ("-" if s["net_usd"] is None else
+                   f"{money(s['net_usd'])} (revenue/egress {_times(s['revenue_over_egress'])})")
+        rows.append(("revenue - egress", verdict, "derived", "revenue ($) - egress of the bytes sold"))
+    for t in p["prices"]:
+        if "price_per_mb" not in t:
+            continue
+        cmp = (f" ({_times(t['price_per_mb_vs_break_even'])} break-even, {_times(t['price_per_mb_vs_tariff'])} "
+               f"tariff, {_times(t['price_per_mb_vs_egress'])} egress)" if "price_per_mb_vs_break_even" in t
+               else " (not converted)")
+        who = (f"price paid to {t['provider'][:12]}.." if t["role"] == "owed" else "price this node charges")
+        rows.append((who,
+                     f"{t['price_per_mb']:,} {t['unit']}/MB, {t['price_per_token']:,} {t['unit']}/token{cmp}",
+                     "book", f"terms {t['terms'][:16]}"))
+    return rows
+
+
+def payment_lines(report: dict[str, Any]) -> list[str]:
+    """The payments section's one line when it has no vouchers, and its notes."""
+    p = report.get("payments")
+    if not p:
+        return []
+    if not p.get("present"):
+        return [f"Payments: none ({p['message']})."]
+    return [f"- {n}" for n in p.get("notes", [])]
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...] = (0,)) -> str:
     """Plain text columns: numbers right-aligned, the columns named in `left` left-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -215,6 +294,11 @@ def render_terminal(report: dict[str, Any]) -> str:
         "",
         *summary_lines(report),
     ]
+    if payment_rows(report):
+        parts += ["", "Payments (buying KV vs prefilling here; prices in the terms' unit)",
+                  _table(PAYMENT_HEADER, payment_rows(report), left=(0, 1, 2, 3)), *payment_lines(report)]
+    elif payment_lines(report):
+        parts += ["", *payment_lines(report)]
     if report["notes"]:
         parts += ["", "Notes", *(f"- {n}" for n in report["notes"])]
     return "\n".join(parts)
@@ -249,6 +333,11 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     parts += ["## Inputs", "", _md_table(INPUT_HEADER, input_rows(report), left=(0, 2, 3, 4)), "",
               "## Measured on this node", "", _md_table(("what", "value"), measured_rows(report), left=(0, 1)), "",
               *(f"- {line}" for line in reader_definitions(report)), ""]
+    if payment_rows(report):
+        parts += ["## Payments", "", _md_table(PAYMENT_HEADER, payment_rows(report), left=(0, 1, 2, 3)), "",
+                  *payment_lines(report), ""]
+    elif payment_lines(report):
+        parts += ["## Payments", "", *payment_lines(report), ""]
     if report["notes"]:
         parts += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     parts.append(f"GB = {report['units']['GB']}; money in {report['units']['money']}.")
@@ -288,6 +377,11 @@ def render_html(report: dict[str, Any], plots: dict[str, str] | None = None) -> 
         "<h2>Measured on this node</h2>", _html_table(("what", "value"), measured_rows(report), left=(0, 1)),
         "<ul>", *(f"<li>{esc(line)}</li>" for line in reader_definitions(report)), "</ul>",
     ]
+    if payment_rows(report):
+        parts += ["<h2>Payments</h2>", _html_table(PAYMENT_HEADER, payment_rows(report), left=(0, 1, 2, 3)),
+                  *(f"<p>{esc(line)}</p>" for line in payment_lines(report))]
+    elif payment_lines(report):
+        parts += ["<h2>Payments</h2>", *(f"<p>{esc(line)}</p>" for line in payment_lines(report))]
     if report["notes"]:
         parts += ["<h2>Notes</h2><ul>", *(f"<li>{esc(n)}</li>" for n in report["notes"]), "</ul>"]
     parts.append(f"<p>GB = {esc(report['units']['GB'])}; money in {esc(report['units']['money'])}.</p>")

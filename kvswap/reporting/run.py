@@ -13,21 +13,25 @@ from ..protocol.errors import KvswapError
 from ..ledger import Ledger, ledger_path
 from .build import ReportOptions, build_report
 from .measured import Measured, measure
+from .payments import read_book
 from .prices import resolve_prices
 from .render import render_html, render_markdown
 
 
 def make_report(home: Path, *, artifact: str | None = None, options: ReportOptions = ReportOptions(),
                 price_overrides: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-    """The report for the node at `home`; a missing ledger counts as an empty one (nothing is created)."""
+    """The report for the node at `home`; a missing ledger counts as an empty one, a missing payment book as no
+    payments (nothing is created)."""
     prices, sources = resolve_prices(home, price_overrides)
     path = ledger_path(home)
     if path.is_file():
         with Ledger(path) as ledger:
             measured = measure(ledger, artifact=artifact, home=home)
+            book = read_book(home, ledger)
     else:
         measured = Measured(artifact=artifact, artifact_choice="given" if artifact else "all events")
-    return build_report(prices, sources, measured, options, ledger_path=path)
+        book = read_book(home)
+    return build_report(prices, sources, measured, options, ledger_path=path, payments=book)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
