@@ -1,6 +1,6 @@
 """A relay under load (issue 26): many reservations, circuits and bytes against one kvswap relay.
 
-    python -m bench relay_load [--ips 20] [--per-ip 8] [--circuits-each 3] [--flood-mib 256]
+    python -m bench relay_load [--ips 20] [--per-ip 8] [--circuits-each 3] [--flood-mib MiB] [--circuit-mib MiB]
 
 The relay is a real kvswap host (node/p2p.py P2PHost, `node.relay = on`, NatTuning's limits unless told
 otherwise) in its own process on 127.0.0.1, so its RSS is its own. Every other peer is a real py-libp2p host in
@@ -11,8 +11,9 @@ counts reservations per IP address). Nothing is simulated: every byte crosses TC
 1. reservations: an honest peer reserves; then `--ips` addresses x `--per-ip` identities ask at once;
 2. circuits: every hostile peer that got a slot is dialled through the relay by `--circuits-each` others, at
    once (more than a reservation admits, more than the relay carries in all);
-3. bytes: every open hostile circuit pushes `--flood-mib` MiB... more than its byte budget; the relay cuts it;
-4. honest: once the cut circuits are gone, another honest peer dials the honest one through the relay and
+3. bytes: every open hostile circuit pushes `--flood-mib` MiB (default 4x its byte budget); the relay cuts it;
+2b. while those circuits are open, an honest dialler (its own address) dials the honest peer through the relay;
+4. honest: once the cut circuits are gone, the honest dialler reaches the honest peer through the relay and
    gets an echo back.
 Sampled every 0.1 s throughout: the relay's reservations and circuits (its `kvswap node status` numbers), its
 RSS. tests/test_relay_load.py runs this with small limits and checks every bound. Writes
@@ -256,7 +257,11 @@ async def load(relay: Relay, ips: list[str], per_ip: int, circuits_each: int, fl
                     inner.start_soon(circuit, others[(i * circuits_each + k) % len(others)], dst)
         report.update(circuits_tried=circuits_each * len(held), circuits_opened=len(opened),
                       circuits_s=round(time.monotonic() - t0, 2),
-                      circuits_per_target_max=max([sum(1 for _, d in opened if d is dst) for dst in held], default=0))
+                      circuits_per_target_max=max([sum(1 for _, d in opened if d is dst) for dst in held], default=0),
+                      circuits_per_ip_max=max([sum(1 for src, _ in opened if src.ip == ip) for ip in ips], default=0),
+                      rss_after_reservations_and_circuits=relay.rss())
+        # 2b. while the hostile circuits are open: an honest dialler (another address) reaches the honest peer
+        report["honest_during"] = await dialer.dial_through(relay.addr, honest.host.get_id())
 
         # 3. bytes
         async def flood(src: Peer, dst: Peer) -> None:
@@ -275,21 +280,22 @@ async def load(relay: Relay, ips: list[str], per_ip: int, circuits_each: int, fl
             for src, dst in opened:
                 inner.start_soon(flood, src, dst)
         report["flood_s"] = round(time.monotonic() - t0, 2)
+        report["rss_after_flood"] = relay.rss()
         targets = {dst for _, dst in opened}
         report["flood_pushed_per_circuit"] = flood_bytes
         report["delivered_per_circuit_max"] = max(
             [dst.received / sum(1 for _, d in opened if d is dst) for dst in targets], default=0)
-        report["circuits_left"] = None
-        with trio.move_on_after(STEP_TIMEOUT_S):  # the cut circuits leave the relay's books
-            while relay.status()["relay"]["circuits"]:
+        # the cut circuits leave the relay's books (the honest one of step 2b stays open): hostile ones left
+        honest_open = 1 if honest.host.get_id() in dialer.host.get_connected_peers() else 0
+        with trio.move_on_after(STEP_TIMEOUT_S):
+            while relay.status()["relay"]["circuits"] > honest_open:
                 await trio.sleep(0.2)
-            report["circuits_left"] = 0
         report["circuits_gone_s"] = round(time.monotonic() - t0 - report["flood_s"], 2)
-        if report["circuits_left"] is None:
-            report["circuits_left"] = relay.status()["relay"]["circuits"]
+        report["circuits_left"] = max(0, relay.status()["relay"]["circuits"] - honest_open)
 
-        # 4. an honest relayed peer, reached through the relay
-        report["honest_dialled"] = await dialer.dial_through(relay.addr, honest.host.get_id())
+        # 4. an honest relayed peer, reached through the relay (again, or for the first time)
+        report["honest_dialled"] = (honest.host.get_id() in dialer.host.get_connected_peers()
+                                    or await dialer.dial_through(relay.addr, honest.host.get_id()))
         report["honest_echo"] = False
         if report["honest_dialled"]:
             with trio.move_on_after(15):
@@ -317,7 +323,8 @@ def run(limits: dict | None = None, ips: int = 20, per_ip: int = 8, circuits_eac
     with tempfile.TemporaryDirectory(prefix="kvswap-relay-load-") as tmp, Relay(limits or {}, Path(tmp)) as relay:
         report = trio.run(load, relay, addrs, per_ip, circuits_each, flood)
     report["limits"] = {k: getattr(tuning, k) for k in ("relay_max_reservations", "relay_max_reservations_per_ip",
-                                                        "relay_max_circuits", "relay_circuits_per_reservation",
+                                                        "relay_max_circuits", "relay_max_circuits_per_ip",
+                                                        "relay_circuits_per_reservation",
                                                         "relay_circuit_bytes")}
     return report
 
@@ -329,10 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--circuits-each", type=int, default=3, help="circuits asked to each hostile slot")
     parser.add_argument("--flood-mib", type=float, default=None,
                         help="MiB pushed through each circuit (default: 4x nat.relay_circuit_bytes)")
+    parser.add_argument("--circuit-mib", type=float, default=None,
+                        help="the relay's nat.relay_circuit_bytes in MiB (default: NatTuning's; 64 MiB per circuit takes "
+                             "minutes to spend on 2 cores)")
+    parser.add_argument("--out", default="relay_load.json", help="file name under bench/results/")
     args = parser.parse_args(argv)
     flood = None if args.flood_mib is None else int(args.flood_mib * 1024 * 1024)
+    limits = None if args.circuit_mib is None else {"relay_circuit_bytes": int(args.circuit_mib * 1024 * 1024)}
     t0 = time.monotonic()
-    r = run(None, args.ips, args.per_ip, args.circuits_each, flood)
+    r = run(limits, args.ips, args.per_ip, args.circuits_each, flood)
+    r["argv"] = list(argv or [])
     r["wall_s"] = round(time.monotonic() - t0, 1)
     lim = r["limits"]
     print(f"relay_load: limits {lim}")
@@ -340,15 +353,18 @@ def main(argv: list[str] | None = None) -> int:
           f"(max per IP {max(r['granted_per_ip'].values())}); peak held {r['peak_reservations']}; honest renewed: "
           f"{r['honest_renewed']}")
     print(f"  circuits: {r['circuits_opened']} of {r['circuits_tried']} opened in {r['circuits_s']} s (max "
-          f"{r['circuits_per_target_max']} per slot); peak {r['peak_circuits']}")
+          f"{r['circuits_per_target_max']} per slot, {r['circuits_per_ip_max']} per address); peak {r['peak_circuits']}; "
+          f"an honest dialler got one meanwhile: {r['honest_during']}")
     print(f"  bytes: {r['flood_pushed_per_circuit'] / 2**20:.0f} MiB pushed per circuit, at most "
           f"{r['delivered_per_circuit_max'] / 2**20:.1f} MiB delivered; circuits left after {r['circuits_gone_s']} s: "
           f"{r['circuits_left']}")
     print(f"  honest relayed peer reached and answered afterwards: {r['honest_dialled'] and r['honest_echo']}")
-    print(f"  relay RSS {r['rss_before'] / 1e6:.0f} MB before, peak {r['rss_peak'] / 1e6:.0f} MB "
+    print(f"  relay RSS {r['rss_before'] / 1e6:.0f} MB before, {r['rss_after_reservations_and_circuits'] / 1e6:.0f} MB "
+          f"with {r['reservations_asked'] + 2} peers connected and the circuits open, {r['rss_after_flood'] / 1e6:.0f} MB "
+          f"after the flood, peak {r['rss_peak'] / 1e6:.0f} MB "
           f"(+{r['rss_growth'] / 1e6:.1f} MB); refused by kvswap's bounds: {r['refused']}; {r['wall_s']} s in all")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "relay_load.json").write_text(json.dumps(r, indent=2) + "\n")
+    (RESULTS / args.out).write_text(json.dumps(r, indent=2) + "\n")
     return 0
 
 

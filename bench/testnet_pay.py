@@ -5,10 +5,12 @@
 Namespace testnet (root; bench/harness/netns.py), every host a real `kvswap node start` (light nodes): node0 (the
 bootstrap peer) holds a signed synthetic Qwen3-4B-layout artifact B and prices it: `--price-per-mb P` (micro-usd
 per 10**6 stored bytes, the default credit window); node1 holds another one, A (same size, another seed), and
-serves it for free. node2 is the reader, node3.. the rest of the swarm. Every link is shaped to the rate, both directions.
+serves it for free; node2 holds C, priced, with a 4 GiB credit window. node3 is the reader, node4.. the rest of
+the swarm. Every link is shaped to the rate, both directions.
 
 1. Goodput, free against priced, in one run: per repeat the reader fetches A (free), `rm`, then B (priced, with
-   `--budget` and `--max-price` that pay it), `rm`; order alternates between repeats. Goodput = stored bytes /
+   `--budget` and `--max-price` that pay it), `rm`, then C from node2 (priced the same, with a 4 GiB credit
+   window: what the default window costs); the order rotates between repeats. Goodput = stored bytes /
    the fetch's own seconds. Target: the priced median >= 95% of the free median.
 2. The swarm: the reader and every other consumer fetch B at once, each with a budget. Afterwards node1's
    book is reconciled with its ledger, consumer by consumer: the bytes of the latest voucher against the stored
@@ -41,7 +43,8 @@ def _fetch(host, cid: str, pay: list[str]) -> dict:
     if not got.get("complete"):
         raise RuntimeError(f"fetch of {cid} did not complete: {got}")
     return {"seconds": got["seconds"], "wall_s": round(time.perf_counter() - t0, 3), "bytes": got["bytes"],
-            "paid": got.get("paid", 0), "mb_s": round(got["bytes"] / got["seconds"] / 1e6, 2)}
+            "paid": got.get("paid", 0), "settle_s": got.get("settle_s", 0.0),
+            "mb_s": round(got["bytes"] / got["seconds"] / 1e6, 2)}
 
 
 def _sent_to(home: Path) -> dict[str, int]:
@@ -83,6 +86,8 @@ def reconcile(provider_home: Path, consumers: list, artifact: str, price: int) -
             "sent_bytes": sum(r["sent_bytes"] for r in rows), "earned": sum(r["amount"] for r in rows)}
 
 
+#: the credit window of the third publisher: wide enough never to wait, what the default window is measured against
+WIDE_CREDIT = "4GiB"
 #: the testnet's subnet: its own, so it can run beside another benchmark's testnet
 SUBNET = "10.79.0.0/24"
 
@@ -98,29 +103,34 @@ def run(n_tokens: int, rate: str, repeats: int, consumers: int, price: int) -> d
     pay = ["--budget", str(10**12), "--max-price", str(price)]
     pairs: list[dict] = []
     try:
-        with tn.Testnet([rate] * (2 + consumers), root=root, model=None, subnet=SUBNET) as net:
-            paid_pub, free_pub, *swarm = net.hosts  # the priced publisher is the bootstrap peer: all know it
+        with tn.Testnet([rate] * (3 + consumers), root=root, model=None, subnet=SUBNET) as net:
+            paid_pub, free_pub, wide_pub, *swarm = net.hosts  # the priced publisher is the bootstrap peer: all know it
             reader = swarm[0]
             t0 = time.perf_counter()
             free_art = seed_home(free_pub.home, n_tokens, "auto", seed=1)
             paid_art = seed_home(paid_pub.home, n_tokens, "auto", seed=2)
-            print(f"  seeded 2 x {paid_art['chunks']} chunks, {paid_art['stored_size'] / 1e6:.1f} MB stored each, in "
+            wide_art = seed_home(wide_pub.home, n_tokens, "auto", seed=3)
+            print(f"  seeded 3 x {paid_art['chunks']} chunks, {paid_art['stored_size'] / 1e6:.1f} MB stored each, in "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
             net.start([0], extra_args=["--price-per-mb", str(price)])  # the bootstrap peer first
+            net.start([2], extra_args=["--price-per-mb", str(price), "--credit-bytes", WIDE_CREDIT])
             net.start([1] + [h.index for h in swarm])
             load_before = os.getloadavg()
+            kinds = [("free", free_art, []), ("priced", paid_art, pay), ("wide", wide_art, pay)]
             for rep in range(repeats):
-                order = [("free", free_art, []), ("priced", paid_art, pay)]
-                if rep % 2:
-                    order.reverse()
+                order = kinds[rep % 3:] + kinds[:rep % 3]  # each kind first once in three repeats
                 row = {"rep": rep}
                 for name, art, args in order:
                     row[name] = _fetch(reader, art["cid"], args)
                     reader.kvswap("rm", art["cid"])
                 row["ratio"] = round(row["priced"]["mb_s"] / row["free"]["mb_s"], 4)
+                row["wide_ratio"] = round(row["wide"]["mb_s"] / row["free"]["mb_s"], 4)
                 pairs.append(row)
                 print(f"  rep {rep}: free {row['free']['mb_s']:.2f} MB/s, priced {row['priced']['mb_s']:.2f} MB/s "
-                      f"(paid {row['priced']['paid']}), ratio {row['ratio']:.3f}", flush=True)
+                      f"(paid {row['priced']['paid']}, settle {row['priced']['settle_s']:.2f} s), ratio "
+                      f"{row['ratio']:.3f}; credit {WIDE_CREDIT}: {row['wide']['mb_s']:.2f} MB/s, "
+                      f"{row['wide_ratio']:.3f}", flush=True)
+            till = paid_pub.kvswap("node", "status")["payments"]
             before = _sent_to(paid_pub.home)
             t0 = time.perf_counter()
             gets = [h.spawn("get", paid_art["cid"], "--no-progress", "--json", *pay) for h in swarm]
@@ -141,7 +151,10 @@ def run(n_tokens: int, rate: str, repeats: int, consumers: int, price: int) -> d
     return {"benchmark": "testnet_pay", "tokens": n_tokens, "rate": rate, "price_per_mb": price, "repeats": repeats,
             "artifact_stored_bytes": paid_art["stored_size"], "pairs": pairs,
             "median": {"free_mb_s": free, "priced_mb_s": priced, "ratio": round(priced / free, 4),
-                       "pair_ratio": statistics.median(p["ratio"] for p in pairs)},
+                       "pair_ratio": statistics.median(p["ratio"] for p in pairs),
+                       "wide_mb_s": statistics.median(p["wide"]["mb_s"] for p in pairs),
+                       "wide_pair_ratio": statistics.median(p["wide_ratio"] for p in pairs)},
+            "till_after_goodput": till, "wide_credit": WIDE_CREDIT,
             "target_fraction": TARGET_FRACTION, "met": priced / free >= TARGET_FRACTION,
             "swarm": {"consumers": len(outs), "complete": sum(1 for o in outs if o.get("complete")),
                       "seconds": round(swarm_s, 2), "errors": [o["error"] for o in outs if "error" in o],
@@ -156,6 +169,10 @@ def print_table(r: dict) -> None:
           f"{r['rate']}, price {r['price_per_mb']} micro-usd/MB, medians of {r['repeats']}")
     print(f"  free {m['free_mb_s']:.2f} MB/s, priced {m['priced_mb_s']:.2f} MB/s: {m['ratio']:.1%} (pairs "
           f"{m['pair_ratio']:.1%}); target >= {r['target_fraction']:.0%}: {'MET' if r['met'] else 'MISSED'}")
+    t = r["till_after_goodput"]
+    print(f"  priced with a {r['wide_credit']} credit window: {m['wide_mb_s']:.2f} MB/s ({m['wide_pair_ratio']:.1%} "
+          f"of free); the default window's till waited {t.get('credit_waits')} times, "
+          f"{t.get('credit_waited_s')} s, held back {t.get('held_back')}")
     b = s["books"]
     print(f"  swarm of {s['consumers']}: {s['complete']} complete in {s['seconds']:.1f} s, publisher sent "
           f"{s['publisher_copies']:.2f} copies, consumers paid {s['paid']}, publisher earned {b['earned']}; "

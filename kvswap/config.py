@@ -96,6 +96,17 @@ def key_of_peer_id(peer_id: str) -> str | None:
     return raw[6:].hex()
 
 
+def peer_id_of_key(key_hex: str) -> str:
+    """The libp2p peer id ("12D3KooW...") of an Ed25519 public key (hex): key_of_peer_id's inverse."""
+    raw = _PEER_ID_PREFIX + bytes.fromhex(key_hex)
+    n = int.from_bytes(raw, "big")
+    out = ""
+    while n:
+        n, r = divmod(n, 58)
+        out = _BASE58[r] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+
 def check_key(key: str) -> str:
     """A trust-list key: 64 hex digits (`kvswap id`), or the peer id every other command prints."""
     key = str(key).strip()

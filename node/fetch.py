@@ -287,6 +287,23 @@ class Fetcher:
             raise mismatch[0]
         return found[0] if found else None
 
+    async def _learn_prices(self, cid: Cid, peers: list[str]) -> None:
+        """Ask `peers` (at most fetch.max_providers, at once, for fetch.price_lookup_s in all) for the manifest of
+        `cid`, for the terms its answer carries; one that fails or is silent is taken to be free until it says
+        otherwise (it answers `payment`)."""
+
+        async def ask(peer: str) -> None:
+            try:
+                reply = await self.exchange.request_manifest(peer, ManifestRequest(cid))
+                self.payer.learn(peer, reply.terms)
+            except KvswapError as exc:  # lacks it, or forged its terms: nothing learnt
+                log.debug("no price from %s: %s", peer[:16], exc)
+
+        with trio.move_on_after(self.tuning.price_lookup_s):
+            async with trio.open_nursery() as nursery:
+                for peer in list(dict.fromkeys(peers))[:self.tuning.max_providers]:
+                    nursery.start_soon(ask, peer)
+
     async def _check_size(self, verified: VerifiedManifest, nbytes: int) -> None:
         """LimitExceeded when an artifact declares more stored bytes than a fetch takes on (fetch.max_artifact_bytes)
         or than the target has room for (its optional `check_room(nbytes)`: the store's budget, the disk)."""
@@ -316,6 +333,8 @@ class Fetcher:
         if not candidates:
             raise NotFound(f"no provider found for {describe(key)}")
         verified, holders = await self.fetch_manifest(key, candidates, expect_model, expect_dtype, accept_any)
+        if self.payer is not None and purse is not None and purse.budget > 0:  # a buyer: who charges what?
+            await self._learn_prices(verified.cid, [p for p in holders + candidates if p not in self.payer.terms])
         wanted = list({b.cid: b for b in verified.blobs
                        if n_tokens is None or b.token_start < n_tokens}.values())  # a CID may repeat
         await self._check_size(verified, sum(b.stored_size for b in wanted))  # before anything is stored or asked
@@ -516,17 +535,21 @@ class _ChunkRun:
 
     async def _store(self, blob: FetchBlob, data: bytes | bytearray, peer: str, bill: "_Bill | None" = None) -> None:
         """Verify a received chunk against its CID and write it through the target, in a worker thread. A peer
-        whose chunk verified earns a record with this node (node/quota.py PeerRecords)."""
+        whose chunk verified earns a record with this node (node/quota.py PeerRecords). A priced peer's chunk is
+        paid for as soon as it verified, before the write: the voucher does not wait for the disk, so the
+        provider's credit window is not spent on bytes waiting to be stored."""
+        priced = bill is not None and bill.terms is not None
         try:
+            if priced:
+                await self.fetcher._thread(blob.cid.verify, data)
+                await self._pay(peer, bill, len(data))  # exactly what verified
             await self.fetcher._thread(_verify_and_put, self.fetcher.target, blob.cid, data,
-                                       self.fetcher._target_verifies)
+                                       self.fetcher._target_verifies or priced)
         except IntegrityError as exc:  # the provider lied: another one will serve this chunk
             self.events.send_nowait(ChunkCorrupt(blob.cid, str(exc)))
         except KvswapError as exc:  # our own store failed: the fetch cannot go on
             self.events.send_nowait(Aborted(exc))
         else:
-            if bill is not None and bill.terms is not None:  # a priced peer: pay for exactly what verified
-                await self._pay(peer, bill, len(data))
             self.fetcher.records.earn(peer)
             self.fetcher.reciprocity.credit(peer, len(data))
             if self.fetcher.ration is not None:  # a fetcher of this artifact is no seed of it (node/ration.py)

@@ -28,10 +28,11 @@ What and why:
   (`Swarm.dial_addr`), within a timeout, and closes that test connection again.
 - **the relay's own limits** (`CircuitV2Protocol._handle_reserve`, `_handle_connect`, issue 26): 0.8.1 bounds
   reservations in total and circuits per reservation, each circuit's duration and bytes (`relay_limits`), but
-  not reservations per IP address nor circuits in total, and it takes a RESERVE's optional peer field as the
+  not reservations per IP address nor circuits in total or per IP address, and it takes a RESERVE's optional peer field as the
   peer to reserve for, so one peer could hold slots in others' names; and a circuit whose one direction ended
   (its byte budget spent, a reset) could keep its other direction, and so its slot, blocked in a read for
-  good (the duration is checked only between reads). `bound_relay` adds the two bounds, refuses a
+  good (the duration is checked only between reads). `bound_relay` adds the three bounds (and counts a reservation's circuits before it
+  answers: 0.8.1 counted them only once the target accepted, so concurrent CONNECTs overshot), refuses a
   reservation for anyone but the requester, and ends both directions of a circuit together, at its
   duration at the latest (`_relay_data`).
 - **AutoNAT's server** (`AutoNATService._handle_request`, issue 26): 0.8.1 dials back whatever peer id a DIAL
@@ -285,17 +286,33 @@ def bound_relay(hop: Any, t: Any) -> dict:
             if peer not in rm._reservations:
                 ips.pop(peer, None)
 
+    circuits_by_ip: dict = {}  # source IP -> circuits it has open
+    circuits_to: dict = {}  # destination peer (bytes) -> circuits open to it
+
+    def count(table: dict, key: Any, step: int) -> None:
+        table[key] = table.get(key, 0) + step
+        if not table[key]:
+            del table[key]
+
     async def bounded_connect(stream: Any, msg: Any) -> None:
-        if counters["circuits"] >= t.relay_max_circuits:
+        # counted here, before the first await: 0.8.1 counts a reservation's circuits only once the target
+        # accepted, so concurrent CONNECTs to one peer all passed its check (5 circuits to a 4-circuit slot)
+        ip, dst = _remote_ip(stream), bytes(msg.peer.id) if msg.HasField("peer") else b""
+        if (counters["circuits"] >= t.relay_max_circuits or circuits_by_ip.get(ip, 0) >= t.relay_max_circuits_per_ip
+                or circuits_to.get(dst, 0) >= t.relay_circuits_per_reservation):
             await refuse(stream)
             with contextlib.suppress(Exception):
                 await stream.reset()
             return
         counters["circuits"] += 1
+        count(circuits_by_ip, ip, 1)
+        count(circuits_to, dst, 1)
         try:
             await connect(stream, msg)
         finally:
             counters["circuits"] -= 1
+            count(circuits_by_ip, ip, -1)
+            count(circuits_to, dst, -1)
 
     relay_data = hop._relay_data
     directions: dict = {}  # the circuit's two streams -> the cancel scopes of its directions still running

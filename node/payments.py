@@ -64,6 +64,8 @@ class Till:
         self._paid: dict[bytes, trio.Event] = {}  # consumer key -> set when its next voucher lands
         self.held_back = 0  # chunks and generations held back for vouchers that did not come (status, tests)
         self.vouchers = 0  # vouchers that advanced a series here
+        self.waits = 0  # sends that waited for a voucher first (the credit window was full)
+        self.waited_s = 0.0  # seconds they waited in all
 
     @property
     def prices_bytes(self) -> bool:
@@ -95,16 +97,24 @@ class Till:
 
     async def _admit(self, peer: str, index: int, amount: int, credit: int) -> bool:
         key = peer_key(peer)
-        with trio.move_on_after(self.tuning.voucher_wait_s):
-            while True:
-                owed = self._counters(key)
-                if owed[index] + amount <= credit or owed[index] <= 0:
-                    owed[index] += amount
-                    return True
-                event = self._paid.setdefault(key, trio.Event())
-                await event.wait()
-        self.held_back += 1
-        return False
+        started = None
+        try:
+            with trio.move_on_after(self.tuning.voucher_wait_s):
+                while True:
+                    owed = self._counters(key)
+                    if owed[index] + amount <= credit or owed[index] <= 0:
+                        owed[index] += amount
+                        return True
+                    if started is None:
+                        started = trio.current_time()
+                        self.waits += 1
+                    event = self._paid.setdefault(key, trio.Event())
+                    await event.wait()
+            self.held_back += 1
+            return False
+        finally:
+            if started is not None:
+                self.waited_s += trio.current_time() - started
 
     async def admit_chunk(self, peer: str, size: int) -> bool:
         """True: send this chunk now (its bytes count as owed); False: the consumer's vouchers lag."""
@@ -176,6 +186,7 @@ class Till:
     def snapshot(self) -> dict:
         t = self.terms
         return {"terms": t.summary() if t else None, "vouchers_taken": self.vouchers, "held_back": self.held_back,
+                "credit_waits": self.waits, "credit_waited_s": round(self.waited_s, 3),
                 "consumers_owing": sum(1 for v in self._unpaid.values() if v[0] > 0 or v[1] > 0)}
 
 
@@ -282,11 +293,20 @@ class Payer:
             self._sending.discard(key)
 
     async def flush(self, artifact: Cid) -> bool:
-        """Wait until every voucher for `artifact` was acked (True), or pay.flush_timeout_s passed (False)."""
+        """Wait until every voucher for `artifact` was acked (True), or pay.flush_timeout_s passed (False). A
+        series whose sender gave up (its provider refused the stream, or was slow) is sent again meanwhile."""
         with trio.move_on_after(self.tuning.flush_timeout_s):
-            while any(a == artifact for _, a in self._pending) and any(a == artifact for _, a in self._sending):
+            while True:
+                left = [k for k in self._pending if k[1] == artifact]
+                if not left:
+                    return True
+                for key in left:
+                    if key not in self._sending and self._nursery is not None:
+                        self._sending.add(key)
+                        self._nursery.start_soon(self._send_loop, key)
                 await trio.sleep(0.02)
-            return True
+        log.warning("vouchers for %s not acked within %g s (the book holds them as owed)", artifact.short(),
+                    self.tuning.flush_timeout_s)
         return False
 
 

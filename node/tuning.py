@@ -90,6 +90,9 @@ class FetchTuning:
     max_other_model_asks: int = 3
     #: Seconds that question may take in all before the error is reported without it.
     other_model_lookup_s: float = 10.0
+    #: Seconds a fetch with a budget spends, after the manifest, asking the other providers for their prices (their
+    #: manifest answers carry their terms), so the plan can rank them cheapest first; the silent ones count as free.
+    price_lookup_s: float = 2.0
     #: Seconds a fetcher asks a peer whose data plane failed or refused it for no grant (libp2p meanwhile).
     dataplane_backoff_s: float = 30.0
     #: Largest artifact a fetch starts on (stored bytes, as its manifest declares), whatever the store's budget:
@@ -304,6 +307,8 @@ class NatTuning:
     relay_max_reservations_per_ip: int = 4
     #: Circuits our relay carries at once, all reservations together.
     relay_max_circuits: int = 32
+    #: Circuits our relay carries at once for dialers at one IP address (one host cannot take every circuit).
+    relay_max_circuits_per_ip: int = 8
     #: Circuits one reservation's holder may be reached by at once.
     relay_circuits_per_reservation: int = 4
     #: Seconds one circuit through our relay may last (then it is reset; control traffic redials).

@@ -658,3 +658,15 @@ def test_a_holder_named_again_for_a_chunk_it_lacked_is_asked_again_from_scratch(
     sim.miss(now, rationed=("H",))  # S names H again
     assert sim.plan._pacing.not_before[("H", cid)] == now
     assert sim.only().peer == "H"
+
+
+def test_a_cheaper_provider_is_asked_first_and_a_dear_one_still_serves_what_only_it_has():
+    p = plan(2, peers=("dear", "cheap"), parallel=2)
+    p.prices.update({"dear": 7000, "cheap": 0})
+    first = requests(p.apply(Tick(), 0.0))
+    assert {r.peer for r in first} == {"cheap"}  # both chunks go to the free one first
+    # the cheap one lacks one of them: that chunk goes to the dear provider, the only other holder
+    lacked = first[0].blobs[0].cid
+    p.apply(ChunkLacked(first[0].request, lacked), 0.1)
+    after = requests(p.apply(RequestEnded(first[0].request, None, False, False), 0.2))
+    assert any(r.peer == "dear" and lacked in [b.cid for b in r.blobs] for r in after)

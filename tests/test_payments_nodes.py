@@ -175,6 +175,8 @@ def test_tabs_settle_and_an_offline_verify_that_fails_on_any_changed_byte(market
     pub = nodes["pub"]
     tabs = cli_json(pub.home, "ledger", "tabs")["tabs"]
     assert tabs and all(t["owed"] == 0 for t in tabs) and sum(t["earned"] for t in tabs) > 0
+    assert {nodes["buyer"].peer_id, nodes["buyer2"].peer_id} <= {t["peer_id"] for t in tabs}
+    assert "12D3KooW" in cli(pub.home, "ledger", "tabs").stdout  # the human table names peers by peer id
     statement = tmp_path / "statement.json"
     settled = cli_json(pub.home, "ledger", "settle", "--out", str(statement))
     assert settled["earned"]["micro-usd"] == sum(t["earned"] for t in tabs)

@@ -22,7 +22,7 @@ from kvswap.node.tuning import NatTuning  # noqa: E402
 
 #: the relay's limits here (small, so that the test exceeds them quickly)
 LIMITS = {"relay_max_reservations": 6, "relay_max_reservations_per_ip": 2, "relay_max_circuits": 4,
-          "relay_circuits_per_reservation": 2, "relay_circuit_bytes": 512 * 1024}
+          "relay_max_circuits_per_ip": 1, "relay_circuits_per_reservation": 2, "relay_circuit_bytes": 512 * 1024}
 #: hostile addresses and identities per address: 12 asking for 5 free slots, at most 2 per address
 IPS, PER_IP = 3, 4
 #: the relay's RSS may grow by at most this much under the whole load
@@ -44,6 +44,9 @@ def test_a_relay_under_load_stays_within_its_limits_and_memory_and_honest_peers_
     assert r["circuits_tried"] > t.relay_max_circuits
     assert 1 <= r["circuits_opened"] <= t.relay_max_circuits
     assert r["circuits_per_target_max"] <= t.relay_circuits_per_reservation
+    assert r["circuits_per_ip_max"] <= t.relay_max_circuits_per_ip
+    # ...so three hostile addresses hold three of the four circuits, and an honest dialler gets the fourth
+    assert r["honest_during"]
     assert r["peak_circuits"] <= t.relay_max_circuits
     # bytes: each circuit pushed 4x its budget and delivered no more than the budget, Noise and Yamux included;
     # the cut circuits left the relay's books (py-libp2p 0.8.1 kept some for good: node/libp2p_compat.py)

@@ -50,7 +50,7 @@ def _render_tabs(result: dict) -> str:
     lines = [f"{'peer':<18} {'earned':>10} {'owed':>10} {'unit':<10} {'MB sold':>9} {'MB bought':>9} {'tokens':>7} "
              f"{'unpaid MB':>9}"]
     for t in result["tabs"]:
-        lines.append(f"{t['peer'][:16] + '..':<18} {t['earned']:>10} {t['owed']:>10} {t['unit']:<10} "
+        lines.append(f"{t['peer_id'][:16] + '..':<18} {t['earned']:>10} {t['owed']:>10} {t['unit']:<10} "
                      f"{t['bytes_sold'] / 1e6:>9.2f} {t['bytes_bought'] / 1e6:>9.2f} "
                      f"{t['tokens_sold'] + t['tokens_bought']:>7} {t['unpaid_bytes'] / 1e6:>9.2f}")
     return "\n".join(lines)

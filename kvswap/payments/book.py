@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import peer_id_of_key
 from ..protocol.cid import Cid
 from ..protocol.errors import FormatError, KvswapError
 from . import rules
@@ -165,6 +166,7 @@ class PaymentBook:
             out[peer] = {"peer": peer, "earned": 0, "owed": 0, "bytes_sold": 0, "bytes_bought": 0, "tokens_sold": 0,
                          "tokens_bought": 0, "artifacts": 0, "units": set()}
         for tab in out.values():
+            tab["peer_id"] = peer_id_of_key(tab["peer"])  # what every other command names a peer by
             tab["unit"] = ",".join(sorted(tab.pop("units"))) or "-"
             tab["unpaid_bytes"], tab["unpaid_tokens"] = self.unpaid(bytes.fromhex(tab["peer"]))
         return sorted(out.values(), key=lambda t: (-t["earned"] - t["owed"], t["peer"]))
