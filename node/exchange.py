@@ -261,8 +261,8 @@ class Exchange:
 
     async def _serve_chunks(self, framed: FramedStream, request: ChunkRequest) -> None:
         framed.artifact = request.artifact
-        if self.till.prices_bytes:  # priced: nothing moves before the asker accepted the terms
-            self.till.check_terms(request.terms, request.artifact, framed.peer)
+        if self.till.prices_bytes and await self._holds_any(request.cids):  # priced: nothing moves before the
+            self.till.check_terms(request.terms, request.artifact, framed.peer)  # asker accepted the terms
         if request.dataplane and self.dataplane is not None and self.p2p.dataplane_reachable(framed.peer):
             grant = self.dataplane.grant(framed.peer, request.cids, request.artifact)
             if grant is not None:
@@ -294,6 +294,14 @@ class Exchange:
             sent += turn.sent
         if sent:  # it asked for chunks and took them: a peer that is using the node as it is meant to be used
             self.records.earn(framed.peer)
+
+    async def _holds_any(self, cids: Sequence[Cid]) -> bool:
+        """Whether this node holds any of `cids` (a priced node that holds none answers "missing", as a free one
+        does: asking for its terms would tell the asker nothing)."""
+        chunk_path = getattr(self.service, "chunk_path", None)
+        has = (lambda cid: chunk_path(cid) is not None) if chunk_path is not None else (
+            lambda cid: self.service.read_chunk(cid) is not None)
+        return await self._in_thread(lambda: any(has(c) for c in cids))
 
     async def _send_stored(self, framed: FramedStream, cid: Cid, path: Any) -> bool:
         """Send a stored chunk from its file, serve.stream_read_bytes at a time; False if the file is gone or too big

@@ -475,8 +475,13 @@ class _ChunkRun:
                             terms=bill.terms.digest if bill.terms is not None else None)
                         break
                     except PaymentRequired:
-                        if attempt == 0 and await self._learn_terms(req.peer, bill.terms):
-                            continue  # it is priced, or its terms changed: ask again under them
+                        if attempt == 0:
+                            learnt = await self._learn_terms(req.peer, bill.terms)
+                            if learnt:
+                                continue  # it is priced, or its terms changed: ask again under them
+                            if learnt is None:  # it would not say its terms: as if it lacked these chunks
+                                refused = True
+                                break
                         busy = True  # our vouchers lag behind its credit window: ask again later
                         break
             if scope.cancelled_caught:
@@ -517,21 +522,23 @@ class _ChunkRun:
             self.purse.refusals.append(why)
         return False
 
-    async def _learn_terms(self, peer: str, had) -> bool:
-        """Read `peer`'s terms from its manifest answer after it refused us with `payment`; True when they
-        differ from the terms the request was made under."""
+    async def _learn_terms(self, peer: str, had) -> bool | None:
+        """Read `peer`'s terms from its manifest answer after it refused us with `payment`: True when they
+        differ from the terms the request was made under, False when they do not, None when it gave none."""
         payer = self.fetcher.payer
         if payer is None:
             self.purse.refusals.append(f"provider {peer[:16]} is priced and this node pays nobody")
-            return False
+            return None
         try:
             reply = await self.fetcher.exchange.request_manifest(peer, ManifestRequest(self.artifact))
             terms = payer.learn(peer, reply.terms)
         except KvswapError as exc:
             log.info("no terms from %s: %s", peer[:16], exc)
-            return False
-        self.plan.prices[peer] = terms.price_per_mb if terms is not None else 0
-        return terms is not None and (had is None or terms.digest != had.digest)
+            return None
+        if terms is None:  # it asked for payment and then says it is free: nothing to ask again under
+            return None
+        self.plan.prices[peer] = terms.price_per_mb
+        return had is None or terms.digest != had.digest
 
     async def _store(self, blob: FetchBlob, data: bytes | bytearray, peer: str, bill: "_Bill | None" = None) -> None:
         """Verify a received chunk against its CID and write it through the target, in a worker thread. A peer
