@@ -85,6 +85,31 @@ def test_a_consumer_without_budget_is_refused_before_any_chunk_moves(market):
     assert _sent_to(pub.home, broke.peer_id) == {}
 
 
+def test_a_priced_node_that_lacks_the_chunks_says_so_instead_of_asking_for_payment(market):
+    """Before it bought anything, the priced reseller holds none of the chunks: a request without its terms is
+    answered "missing" (so a swarm moves on), not `payment` (which would send askers after terms for nothing)."""
+    nodes, cid, sizes = market
+    reseller = nodes["reseller"]
+
+    async def body(ready, stop):
+        from kvswap.protocol.messages import ChunkMissing
+
+        answers = []
+
+        async def on_chunk(chunk, answer):
+            answers.append(isinstance(answer, ChunkMissing) and not answer.rationed)
+
+        async with hostile.hostile_host() as h:
+            await h.p2p.connect(reseller.addr)
+            ready.set()
+            await h.exchange.request_chunks(reseller.peer_id, [Cid.parse(c) for c in sizes], on_chunk,
+                                            artifact=Cid.parse(cid))
+        return {"missing": answers}
+
+    got = hostile.AttackThread(body).start().wait(timeout=60)
+    assert got["missing"] == [True] * len(sizes)
+
+
 def test_a_priced_fetch_pays_exactly_the_verified_bytes_and_a_freeloader_gets_only_the_credit(market):
     nodes, cid, sizes = market
     pub, buyer = nodes["pub"], nodes["buyer"]
