@@ -206,9 +206,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pay", "price_per_token", 0, "int", "KVSWAP_PRICE_PER_TOKEN",
             "what this node charges per hosted output token (0 = free)", flag="--price-per-token",
             flag_args=(("metavar", "UNITS"),)),
-    Setting("pay", "credit_bytes", "256MiB", "size", "KVSWAP_CREDIT_BYTES",
-            "bytes a priced node sends a consumer ahead of its vouchers (its exposure per consumer; 256 MiB covers "
-            "~20 s of voucher lag at 100 Mbit/s: 64 MiB cost a loaded testnet ~15% goodput, BENCHMARKS.md)",
+    Setting("pay", "credit_bytes", "64MiB", "size", "KVSWAP_CREDIT_BYTES",
+            "bytes a priced node sends a consumer ahead of its vouchers (its exposure per consumer; 64 MiB is ~5 s "
+            "at 100 Mbit/s, and the testnet's till never waited on it: BENCHMARKS.md \"Buying KV\")",
             flag="--credit-bytes", flag_args=(("metavar", "SIZE"),)),
     Setting("pay", "credit_tokens", 256, "int", "KVSWAP_CREDIT_TOKENS",
             "hosted tokens a priced node generates for a consumer ahead of its vouchers", flag="--credit-tokens",
