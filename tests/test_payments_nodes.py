@@ -55,7 +55,10 @@ def market(tmp_path_factory):
         nodes = {"pub": pub}
         for name, extra in (("buyer", []), ("broke", []), ("reseller", ["--price-per-mb", str(RESALE_MB)]),
                             ("buyer2", [])):
-            nodes[name] = NodeProc(root / name, model=None, bootstrap=[pub.addr], accept_any=True, extra_args=extra)
+            # buyer2 also joins through the reseller: a connected peer is a candidate from the first second
+            # (a DHT record of what the reseller bought could come too late for the fetch to ask it)
+            boot = [pub.addr] + ([nodes["reseller"].addr] if name == "buyer2" else [])
+            nodes[name] = NodeProc(root / name, model=None, bootstrap=boot, accept_any=True, extra_args=extra)
             started.append(nodes[name])
         pub.wait_model()
         doc = root / "doc.txt"
@@ -81,6 +84,7 @@ def test_a_consumer_without_budget_is_refused_before_any_chunk_moves(market):
     assert len(errors) == 1 and "budget" in errors[0] and f"{PRICE_MB} micro-usd/MB" in errors[0], proc.stderr[-1500:]
     assert _sent_to(pub.home, broke.peer_id) == {}  # not one chunk byte went out to it
     over = cli(broke.home, "get", cid, "--no-progress", "--budget", "1000000", "--max-price", "10", check=False)
+    assert over.returncode != 0 and len(error_lines(over)) == 1
     assert over.returncode != 0 and "--max-price" in error_lines(over)[0]
     assert _sent_to(pub.home, broke.peer_id) == {}
 
@@ -135,6 +139,8 @@ def test_a_priced_fetch_pays_exactly_the_verified_bytes_and_a_freeloader_gets_on
     assert sum(_sent_to(pub.home, buyer.peer_id).values()) == v.bytes
     owed = _book(buyer.home).vouchers("owed")
     assert owed == [v]  # the buyer holds the same receipt
+    again = cli(buyer.home, "get", cid, "--no-progress")  # already complete: nothing fetched, nothing paid
+    assert "paid" not in again.stdout
 
     # the freeloader got at most the credit window, then nothing
     assert stolen["ended"] == "held back", stolen

@@ -190,6 +190,8 @@ def _render_get(r: dict) -> str:
     lines = [f"fetched {r['cid']}",
              f"{r['tokens']} tokens, {r['chunks']} chunks, {r['bytes']:,} bytes from {r['peers']} peer(s) "
              f"in {r['seconds']:.2f} s"]
+    if r.get("paid"):  # priced providers were paid in vouchers (kvswap/payments/)
+        lines.append(f"paid {r['paid']} {r.get('unit', '')} to priced providers (`kvswap ledger tabs`)")
     a = r.get("audit")
     if a:
         lines.append(f"audited {len(a['blocks'])} of {a['n_blocks']} blocks before first use: {a['mode']}")
