@@ -54,7 +54,7 @@ from kvswap.protocol.names import DATAPLANE_PROTOCOL
 from .accounting import TransferEvent, TransferHook, current_request
 from .quota import PeerCounter, RefusalLog
 from .ration import UploadRation
-from .uploads import UploadGate, stored_size
+from .uploads import UploadGate
 from .tuning import DEFAULT_TUNING, DataPlaneTuning, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,7 @@ class DataPlane:
             if data is None:
                 await self._send_msg(sock, ChunkMissing(cid), grant)
                 return
-        size = len(data) if data is not None else await trio.to_thread.run_sync(stored_size, path, limiter=self._limiter)
-        async with self.gate.turn(grant.artifact, cid, grant.peer, size) as turn:  # credit, ration, upload slot
+        async with self.gate.turn(grant.artifact, cid, grant.peer, path, data) as turn:  # credit, ration, upload slot
             if turn.answer is not None:
                 await self._send_msg(sock, turn.answer, grant)
                 return
@@ -472,4 +471,3 @@ async def _handshake(sock: trio.SocketStream, peer: str, timeout_s: float) -> No
 
 
 __all__ = ["DataPlane", "DataPlaneFailed", "fetch_granted", "grant_address"]
-

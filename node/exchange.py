@@ -61,7 +61,7 @@ from .p2p import PEER_FAILURES
 from .payments import Till
 from .quota import FairSlots, PeerRecords, RefusalLog, StreamAdmission
 from .ration import UploadRation
-from .uploads import UploadGate, stored_size
+from .uploads import UploadGate
 from .tuning import DEFAULT_TUNING, NodeTuning
 
 log = logging.getLogger(__name__)
@@ -279,8 +279,7 @@ class Exchange:
                 if data is None:
                     await framed.send(ChunkMissing(cid))
                     continue
-            size = await self._in_thread(stored_size, path) if path is not None else len(data)
-            async with self.gate.turn(request.artifact, cid, framed.peer, size) as turn:  # credit, ration, slot
+            async with self.gate.turn(request.artifact, cid, framed.peer, path, data) as turn:  # credit, ration, slot
                 if turn.answer is not None:
                     await framed.send(turn.answer)
                     continue
@@ -454,7 +453,6 @@ class Exchange:
                 raise RemoteProtocolError(f"peer {peer[:16]} did not answer within {self.tuning.serve.generate_timeout_s:g} s")
         return _only_reply(reply, GenerateResponse, peer, "closed without an answer")
 
-
     async def send_voucher(self, peer: str, voucher: bytes) -> int:
         """Give `peer` a voucher; the sequence it acked. PaymentRequired when it refused the voucher."""
         framed = await self._open(peer, PAY_PROTOCOL)
@@ -462,7 +460,6 @@ class Exchange:
             await framed.send(Voucher(voucher))
             reply = await framed.recv()
         return _only_reply(reply, VoucherAck, peer, "did not ack the voucher").sequence
-
 
 
 async def _reset(stream: Any) -> None:

@@ -294,8 +294,7 @@ class Fetcher:
 
         async def ask(peer: str) -> None:
             try:
-                reply = await self.exchange.request_manifest(peer, ManifestRequest(cid))
-                self.payer.learn(peer, reply.terms)
+                await self.payer.ask_terms(self.exchange, peer, cid)
             except KvswapError as exc:  # lacks it, or forged its terms: nothing learnt
                 log.debug("no price from %s: %s", peer[:16], exc)
 
@@ -530,8 +529,7 @@ class _ChunkRun:
             self.purse.refusals.append(f"provider {peer[:16]} is priced and this node pays nobody")
             return None
         try:
-            reply = await self.fetcher.exchange.request_manifest(peer, ManifestRequest(self.artifact))
-            terms = payer.learn(peer, reply.terms)
+            terms = await payer.ask_terms(self.fetcher.exchange, peer, self.artifact)
         except KvswapError as exc:
             log.info("no terms from %s: %s", peer[:16], exc)
             return None

@@ -391,12 +391,7 @@ class Network:
         node = self._need()
         if "/" in peer:
             peer = await self.connect(peer)
-        limiter = node.limiter
-
-        async def in_thread(fn, *args):
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-
-        return await self._bridge.call(paid_generate, node.exchange, node.payer, peer, request, purse, in_thread)
+        return await self._bridge.call(paid_generate, node.exchange, node.payer, peer, request, purse, node.limiter)
 
     def payments_snapshot(self) -> dict:
         """The till's terms and counters (node/payments.py), for `kvswap node status`."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -34,6 +35,7 @@ from kvswap.payments.terms import Terms, decode_terms
 from kvswap.payments.vouchers import Voucher, decode_voucher, sign_voucher
 from kvswap.protocol.cid import Cid
 from kvswap.protocol.errors import IntegrityError, KvswapError, OverBudget, PaymentRequired
+from kvswap.protocol.messages import GenerateRequest, GenerateResponse, ManifestRequest
 
 from .tuning import PayTuning
 
@@ -232,6 +234,12 @@ class Payer:
         self._remember(peer, terms)
         return terms
 
+    async def ask_terms(self, exchange: Any, peer: str, artifact: Cid) -> Terms | None:
+        """`peer`'s terms, read from its manifest answer for `artifact` (None: it serves for free). The peer's
+        refusal (it lacks the artifact) or forged terms come out as its KvswapError."""
+        reply = await exchange.request_manifest(peer, ManifestRequest(artifact))
+        return self.learn(peer, reply.terms)
+
     def _remember(self, peer: str, terms: Terms | None) -> None:
         if len(self.terms) >= self.tuning.max_providers and peer not in self.terms:
             self.terms.pop(next(iter(self.terms)))
@@ -313,16 +321,12 @@ class Payer:
 __all__ = ["Payer", "Till", "peer_key"]
 
 
-async def paid_generate(exchange: Any, payer: Payer | None, peer: str, request: Any, purse: rules.Purse | None,
-                        sign_in_thread: Callable[..., Awaitable[Any]]) -> Any:
+async def paid_generate(exchange: Any, payer: Payer | None, peer: str, request: GenerateRequest,
+                        purse: rules.Purse | None, limiter: trio.CapacityLimiter) -> GenerateResponse:
     """Hosted generation on `peer`, paid per token when its terms price tokens: at most the tokens the purse
     and the host's credit window allow are asked for (none left: OverBudget, nothing asked), the delivered
     tokens are paid with one voucher, acked before this returns. A host that answers `payment` has its terms
     read from its manifest answer, then is asked once more."""
-    from dataclasses import replace
-
-    from kvswap.protocol.messages import ManifestRequest
-
     purse = purse if purse is not None else rules.Purse(unit="")
     for attempt in range(2):
         terms = payer.priced(peer) if payer is not None else None
@@ -343,15 +347,14 @@ async def paid_generate(exchange: Any, payer: Payer | None, peer: str, request: 
         except PaymentRequired:
             purse.release(reservation)
             if attempt == 0 and payer is not None:
-                reply = await exchange.request_manifest(peer, ManifestRequest(request.artifact_cid))
-                learnt = payer.learn(peer, reply.terms)
+                learnt = await payer.ask_terms(exchange, peer, request.artifact_cid)
                 if learnt is not None and learnt.price_per_token > 0 and (terms is None or learnt.digest != terms.digest):
                     continue
             raise
         if terms is not None:
             try:
-                voucher = await sign_in_thread(payer.sign, peer, request.artifact_cid, terms, purse, 0,
-                                               len(response.tokens), reservation)
+                voucher = await trio.to_thread.run_sync(payer.sign, peer, request.artifact_cid, terms, purse, 0,
+                                                        len(response.tokens), reservation, limiter=limiter)
             finally:
                 purse.release(reservation)
             payer.post(peer, voucher)

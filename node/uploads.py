@@ -240,13 +240,16 @@ class UploadGate:
         return cls(ration, UploadSlots(tuning, reshares) if tuning.upload_slots > 0 else None, till)
 
     @contextlib.asynccontextmanager
-    async def turn(self, artifact: Cid | None, cid: Cid, peer: str, size: int = 0) -> AsyncIterator[Turn]:
-        """One chunk's turn; `size` (its stored bytes) is what a priced provider's till counts (0: unpriced)."""
+    async def turn(self, artifact: Cid | None, cid: Cid, peer: str, path: Any = None,
+                   data: bytes | bytearray | None = None) -> AsyncIterator[Turn]:
+        """One chunk's turn. The chunk is its file `path` or its bytes `data`: a priced provider's till counts
+        its stored size (read from the file only then, so a free node pays no stat per chunk)."""
         till = self.till
         if till is None or not till.prices_bytes:
             async with self._turn(artifact, cid, peer) as turn:
                 yield turn
             return
+        size = len(data) if data is not None else await trio.to_thread.run_sync(stored_size, path)
         if not await till.admit_chunk(peer, size):  # its vouchers lag: nothing more until they come
             yield Turn(ChunkMissing(cid, rationed=True))
             return
