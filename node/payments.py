@@ -168,8 +168,8 @@ class Till:
         terms = self.book.terms(voucher.terms)
         if terms is None or terms.provider != self.book.me:
             raise PaymentRequired("voucher names terms this provider never offered")
-        held = self.book.latest(voucher.provider, voucher.consumer, voucher.artifact)
-        if self.book.accept(voucher, terms):
+        advanced, held = self.book.advance(voucher, terms)
+        if advanced:
             self.vouchers += 1
             before = (0, 0) if held is None else (held.bytes, held.tokens)
             return voucher.sequence, (voucher.bytes - before[0], voucher.tokens - before[1])

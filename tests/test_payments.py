@@ -150,6 +150,7 @@ def test_the_book_counts_a_series_once_and_reconciles_deliveries(tmp_path, keys)
     book.delivered(consumer.public_bytes, ART, nbytes=32_000)
     assert book.unpaid(consumer.public_bytes) == (32_000, 0)
     assert book.accept(v1, t) and book.accept(v2, t) and not book.accept(v2, t)
+    assert book.advance(v2, t) == (False, v2)  # the one held comes back, read in the same transaction
     with pytest.raises(PaymentRequired):
         book.accept(v1, t)  # older: refused, the newer one stays
     assert book.vouchers("earned") == [v2] and book.vouchers("owed") == []

@@ -94,6 +94,11 @@ class PaymentBook:
     def accept(self, voucher: Voucher, terms: Terms) -> bool:
         """Store `voucher` (signature checked) if it advances its series (rules.accept): True; a replay of the
         one held: False, nothing changes; PaymentRequired when it is refused."""
+        return self.advance(voucher, terms)[0]
+
+    def advance(self, voucher: Voucher, terms: Terms) -> tuple[bool, Voucher | None]:
+        """`accept`, and the voucher the series held before it, read in the same transaction: what a new
+        voucher paid for is its totals minus those, counted once however many vouchers arrive at once."""
         with self._lock:
             conn = self._conn
             try:
@@ -109,7 +114,7 @@ class PaymentBook:
                                       voucher.amount, voucher.bytes, voucher.tokens, voucher.terms, voucher.encode(),
                                       time.time()))
                     conn.execute("COMMIT")
-                    return advanced
+                    return advanced, held
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
