@@ -22,7 +22,7 @@ chunks). Measured:
   bytes / the fetch's own seconds, and against the no-NAT baseline (target: >= 90% after a hole punch).
 Writes bench/results/nat.json.
 
-    python -m bench testnet_nat --swarm [--consumers 8] [--tokens 1024] [--rate 100mbit] [--repeats 1]
+    python -m bench testnet_nat --swarm [--consumers 8] [--tokens 1024] [--rate 100mbit] [--repeats 1] [--keep-logs]
 
 The swarm target: 1 public publisher (node0, the bootstrap peer), 1 more public host (node1, a relay that
 fetches nothing) and N consumers (node2..), all fetching one artifact at once (`kvswap get CID`, started
@@ -148,9 +148,11 @@ def _tx_bytes(h) -> int:
                            capture_output=True, text=True, timeout=10, check=True).stdout)
 
 
-def swarm_run(kind: str, template: Path, art: dict, consumers: int, rate: str, root: Path) -> dict:
+def swarm_run(kind: str, template: Path, art: dict, consumers: int, rate: str, root: Path,
+              keep_logs: bool = False) -> dict:
     """One swarm on a fresh testnet: node0 publishes, node1 relays, node2.. fetch at once; `kind` "none" (every
-    host public) or "cone" (each consumer behind its own cone NAT)."""
+    host public) or "cone" (each consumer behind its own cone NAT). `keep_logs`: the daemons' logs are kept
+    (ROOT/RUN-logs) even when every fetch completed."""
     import shutil
 
     from bench.harness import netns as tn
@@ -200,7 +202,7 @@ def swarm_run(kind: str, template: Path, art: dict, consumers: int, rate: str, r
         total_s = time.perf_counter() - begin
         cpu = cpu_used(cpu0, cpu_sample(net.hosts))
         tx = {h.name: _tx_bytes(h) - tx0[h.name] for h in net.hosts}
-        if failed:
+        if failed or keep_logs:
             net.keep_logs()
         names = {h.peer_id: h.name for h in net.hosts}
         by_name = {h.name: h for h in cons}
@@ -226,7 +228,8 @@ def swarm_run(kind: str, template: Path, art: dict, consumers: int, rate: str, r
         }
 
 
-def run_swarm(consumers: int = 8, n_tokens: int = 1024, rate: str = "100mbit", repeats: int = 1) -> dict:
+def run_swarm(consumers: int = 8, n_tokens: int = 1024, rate: str = "100mbit", repeats: int = 1,
+              keep_logs: bool = False) -> dict:
     import shutil
 
     from bench.harness import netns as tn
@@ -243,7 +246,7 @@ def run_swarm(consumers: int = 8, n_tokens: int = 1024, rate: str = "100mbit", r
     try:
         for r in range(repeats):
             for kind in ("none", "cone"):
-                runs.append(swarm_run(kind, template, art, consumers, rate, root))
+                runs.append(swarm_run(kind, template, art, consumers, rate, root, keep_logs))
                 x = runs[-1]
                 print(f"  {kind:<5} repeat {r + 1}: {x['completed']} of {consumers} complete in {x['total_s']:.1f} s; "
                       f"publisher egress {x['publisher_egress']['copies']:.2f} copies (ledger), "
@@ -269,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--swarm", action="store_true", help="the swarm target: no-NAT vs cone-NAT consumers")
     parser.add_argument("--consumers", type=int, default=8, help="--swarm: consumers per swarm")
+    parser.add_argument("--keep-logs", action="store_true", help="--swarm: keep every daemon's logs (printed where)")
     args = parser.parse_args(argv)
     if args.swarm:
-        out = run_swarm(args.consumers, args.tokens, args.rate, args.repeats)
+        out = run_swarm(args.consumers, args.tokens, args.rate, args.repeats, args.keep_logs)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "nat_swarm.json").write_text(json.dumps(out, indent=2) + "\n")
         print(f"  publisher egress, median of {args.repeats}: no NAT {out['publisher_copies']['none']:.2f} copies, "

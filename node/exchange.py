@@ -345,8 +345,10 @@ class Exchange:
     # --- client side ------------------------------------------------------------------------------------
 
     async def _open(self, peer: str, protocol: str, idle: float | None = None,
-                    max_body: int | None = None) -> FramedStream:
-        stream = await self.p2p.open_stream(peer, protocol)
+                    max_body: int | None = None, chunks: bool = False) -> FramedStream:
+        """A framed stream to `peer`; `chunks`: one that carries chunk bytes, never over a relay unless
+        node.relay_data allows (`P2PHost.open_chunk_stream`)."""
+        stream = await (self.p2p.open_chunk_stream if chunks else self.p2p.open_stream)(peer, protocol)
         serve = self.tuning.serve
         return FramedStream(stream, peer, protocol, self.on_transfer, CONVERSATIONS[protocol].reply_decoder(max_body),
                             idle_timeout=serve.stream_idle_timeout_s if idle is None else idle,
@@ -382,7 +384,6 @@ class Exchange:
             answered.add(cid)
             await on_chunk(cid, answer)
 
-        await self.p2p.direct_path(peer)  # a relayed connection: wait for its upgrade, or RelayOnly (node/nat.py)
         use_dataplane = dataplane and not self._dataplane_backed_off(peer)
         grant, reached_ip = await self._chunk_stream(peer, cids, counted, artifact, use_dataplane, max_body, terms)
         if grant is None:
@@ -403,7 +404,8 @@ class Exchange:
                             terms: bytes | None = None) -> tuple[DataGrant | None, str | None]:
         """One chunk request on a libp2p stream: the chunks it answers go to `on_chunk`; a grant is returned
         (with the IP the stream reached the peer at) for the caller to use."""
-        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.silence_s, max_body=max_body)
+        framed = await self._open(peer, CHUNKS_PROTOCOL, idle=self.tuning.fetch.silence_s, max_body=max_body,
+                                  chunks=True)
         framed.artifact = artifact
         reached_ip = _remote_ip(framed.stream)
         answers = ChunkAnswers(cids, grant_allowed=dataplane, who=f"peer {peer[:16]}")  # a grant only if asked

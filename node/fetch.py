@@ -64,6 +64,8 @@ from .fetchplan import (
     FindProviders,
     ListPeers,
     LookupDone,
+    PathOpen,
+    PathWait,
     PeersSeen,
     ProvideChunk,
     RequestChunks,
@@ -463,6 +465,7 @@ class _ChunkRun:
         busy = False
         try:
             with self._scopes[req.request], trio.move_on_at(req.deadline) as scope:  # the plan may cancel it
+                await self._path(req)
                 for attempt in range(2):
                     if not self._open_bill(req, bill):
                         refused = True
@@ -497,6 +500,18 @@ class _ChunkRun:
             self._scopes.pop(req.request, None)
             self.purse.release(bill.reservation)  # what no verified chunk used
         self.events.send_nowait(RequestEnded(req.request, failure, refused, busy))
+
+    async def _path(self, req: RequestChunks) -> None:
+        """Behind NAT: wait for a relayed connection to the peer to be hole-punched (`P2PHost.direct_path`,
+        RelayOnly when it stays relayed and node.relay_data is off), telling the plan, which does not count
+        the wait against the request (node/fetchplan.py)."""
+        if not self.fetcher.p2p.path_pending(req.peer):
+            return
+        self.events.send_nowait(PathWait(req.request))
+        try:
+            await self.fetcher.p2p.direct_path(req.peer)
+        finally:
+            self.events.send_nowait(PathOpen(req.request))
 
     def _open_bill(self, req: RequestChunks, bill: "_Bill") -> bool:
         """Price this request by its peer's terms (free when it has none) and reserve its cost in the purse;

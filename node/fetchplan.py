@@ -10,7 +10,8 @@ like node/ration.py on the serving side (the shape of iroh-blobs' downloader: `a
     ...                                           # until [Done()] or [Failed(error)]
 
 Events (what happened): `Tick` (time passed), `PeersSeen` (connected peers, or providers a lookup found),
-`ChunkReceived` / `ChunkLacked` / `ChunkRationed` (one answer within a request), `RequestEnded` (the request
+`ChunkReceived` / `ChunkLacked` / `ChunkRationed` (one answer within a request), `PathWait` / `PathOpen` (a
+request waits for a relayed connection to its peer to become direct, then may send), `RequestEnded` (the request
 finished: cleanly, failed, or refused as a whole), `ChunkStored` / `ChunkCorrupt` (the bytes verified and
 written, or not), `LookupDone` (a DHT lookup for one chunk's providers finished), `Aborted` (a local failure
 the fetch cannot survive). Actions (what to do): `RequestChunks` (ask this peer for these blobs before this
@@ -58,6 +59,11 @@ The rules (the numbers are the fields of the `FetchTuning` it is given, node/tun
   ChunkMissing that comes late marks the peer slow too. Slow peers are asked only when no other peer may
   be; a named holder is preferred only while it has neither failed nor lagged.
 - A peer that answers `busy` is asked again after fetch.busy_retry_s (no penalty: it is shedding load).
+- A request whose peer is connected only through a relay waits for the hole punch (node/nat.py) before any
+  byte can flow: from `PathWait` to `PathOpen` it is neither overdue nor late, and its time counts from the
+  open. Counted from the request, every first request to a holder behind a NAT was late within ~1 s (4x a
+  chunk at the fastest peer's rate), was cancelled, and its holder became a bad hint: fetchers then went back
+  to the publisher, which sent another copy (issue 26). The request's deadline still bounds the wait.
 - A holder named again for a chunk it lacked is asked again from scratch (its copy may have been on its way).
 - A holder a rationing peer named that then fails, is late, or (known only from hints) lacks the chunk for good
   (fetch.max_lack_asks) is a bad hint: it is no longer preferred for that chunk, and after fetch.max_bad_hints the rationing peer's hints,
@@ -148,6 +154,20 @@ class RequestEnded:
 
 
 @dataclass(frozen=True)
+class PathWait:
+    """Request `request` waits for its peer's relayed connection to become direct (nothing can flow yet)."""
+
+    request: int
+
+
+@dataclass(frozen=True)
+class PathOpen:
+    """Request `request` has its path to the peer and sends from now on."""
+
+    request: int
+
+
+@dataclass(frozen=True)
 class ChunkStored:
     """`cid`'s bytes matched their CID and are in the store."""
 
@@ -177,8 +197,8 @@ class Aborted:
     error: Exception
 
 
-Event = Tick | PeersSeen | ChunkReceived | ChunkLacked | ChunkRationed | RequestEnded | ChunkStored \
-    | ChunkCorrupt | LookupDone | Aborted
+Event = Tick | PeersSeen | ChunkReceived | ChunkLacked | ChunkRationed | PathWait | PathOpen | RequestEnded \
+    | ChunkStored | ChunkCorrupt | LookupDone | Aborted
 
 
 # --- actions: what to do next ------------------------------------------------------------------------------
@@ -274,7 +294,8 @@ class PeerState:
 class _Request:
     peer: str
     cids: tuple[Cid, ...]
-    started: float
+    started: float  # when it was asked, or when its path opened after a wait (`PathOpen`)
+    waiting: bool = False  # for its path (`PathWait`): neither overdue nor late meanwhile
 
 
 @dataclass
@@ -359,6 +380,12 @@ class FetchPlan:
             if self._owner.get(event.cid) == event.request:
                 self._late_answer(event.request, now)
                 self._rationed(self._requests[event.request].peer, event.cid, event.holders, now)
+        elif isinstance(event, (PathWait, PathOpen)):
+            request = self._requests.get(event.request)
+            if request is not None:  # not cancelled meanwhile
+                request.waiting = isinstance(event, PathWait)
+                if not request.waiting:
+                    request.started = now
         elif isinstance(event, RequestEnded):
             self._request_ended(event, now)
         elif isinstance(event, ChunkStored):
@@ -428,11 +455,11 @@ class FetchPlan:
 
     def _overdue_at(self, rid: int) -> float | None:
         """When request `rid` has run fetch.late_factor times as long as the fastest other measured peer would take
-        for its unanswered bytes (None: no peer to compare with). An overdue request no longer holds one of
+        for its unanswered bytes (None: no peer to compare with, or it waits for its path). An overdue request no longer holds one of
         the `parallel` request slots, and its peer gets no new request while it is overdue."""
         request = self._requests[rid]
         rate = self._best_rate(request.peer)
-        if rate is None:
+        if rate is None or request.waiting:
             return None
         left = sum(self.blobs[cid].stored_size for cid in self._unanswered(rid))
         return request.started + self.tuning.late_factor * left / rate

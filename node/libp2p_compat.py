@@ -40,7 +40,9 @@ What and why:
   requester and past a per-peer rate (node/nat.py DialBackLimit).
 - **DCUtR's driver** (`DCUtRProtocol._auto_drive_loop`, issue 26): it started hole punches one peer after
   another every 2 s, from both sides of a connection at once; `drive_dcutr` turns it off and node/nat.py
-  starts them (concurrently, one side first).
+  starts them (concurrently, one side first). It also shortens the grace after which DCUtR closes the relayed
+  connection an upgrade made idle (`_close_relayed_conns_after_grace`, 60 s in 0.8.1), whose circuit held a
+  relay slot meanwhile.
 - **relayed addresses in what the host advertises** (`BasicHost.get_addrs`): see `advertise_also`.
 - **one FIND_NODE to one peer** (`PeerRouting._query_peer_for_closest`) and **one ADD_PROVIDER to one peer**
   (`ProviderStore._send_add_provider`): see `ask_peer_about` and `provide_to`.
@@ -105,6 +107,7 @@ def check(version: str | None = None) -> list[str]:
               (SecureSession, "write"), (kad_dht.KadDHT, "__init__"), (AutoNATService, "_try_dial"),
               (CircuitV2Protocol, "_handle_reserve"), (CircuitV2Protocol, "_handle_connect"),
               (CircuitV2Protocol, "_relay_data"), (DCUtRProtocol, "_auto_drive_loop"),
+              (DCUtRProtocol, "_close_relayed_conns_after_grace"),
               (Swarm, "_best_connection"),
               (CircuitV2Transport, "_make_reservation"), (PeerRouting, "_query_peer_for_closest"),
               (ProviderStore, "_send_add_provider"), (AutoNATService, "_handle_request"),
@@ -363,15 +366,24 @@ def advertise_also(host: Any, extra: Any) -> None:
     host.get_addrs = get_addrs
 
 
-def drive_dcutr(dcutr: Any) -> None:
+def drive_dcutr(dcutr: Any, relay_close_grace_s: float) -> None:
     """Turn off py-libp2p's DCUtR driver on `dcutr` (before it runs): every 2 s it started an exchange with each
     relayed peer in turn, awaiting each, and from both sides of a connection at once. node/nat.py starts the
-    exchanges instead (`punch_due`); the DCUtR stream handler still answers the peer's."""
+    exchanges instead (`punch_due`); the DCUtR stream handler still answers the peer's. After an upgrade the
+    relayed connection is closed `relay_close_grace_s` later (0.8.1 waits 60 s): new streams take the direct
+    one (`prefer_direct_connections`), and the idle circuit held one of the relay's slots for the target, so
+    fetchers reaching a holder behind a NAT were refused (31-34 refusals per relay in one swarm run)."""
 
     async def driven_elsewhere() -> None:
         await trio.sleep_forever()
 
+    close_after = dcutr._close_relayed_conns_after_grace
+
+    async def close_sooner(peer_id: Any, grace: float = relay_close_grace_s) -> None:
+        await close_after(peer_id, grace=min(grace, relay_close_grace_s))
+
     dcutr._auto_drive_loop = driven_elsewhere
+    dcutr._close_relayed_conns_after_grace = close_sooner
 
 
 def _relayed_conn(conn: Any) -> bool:
@@ -392,6 +404,14 @@ def has_direct_connection(host: Any, peer_id: Any) -> bool:
     """Whether `peer_id` is connected other than through a relay (`_relayed_conn`)."""
     conns = host.get_network().connections.get(peer_id) or []
     return any(not _relayed_conn(conn) for conn in (conns if isinstance(conns, list) else [conns]))
+
+
+def stream_relayed(stream: Any) -> bool:
+    """Whether `stream` runs over a relayed connection (`_relayed_conn`): a stream the swarm opened after it
+    dialled a peer's circuit address itself, which a wait for the upgrade beforehand cannot rule out (a
+    relayed dial that failed left the peer unconnected, and the swarm then dialled every address it knew)."""
+    conn = getattr(stream, "swarm_conn", None)
+    return conn is not None and _relayed_conn(conn)
 
 
 def prefer_direct_connections(host: Any) -> None:
@@ -455,6 +475,6 @@ def observed_ips(host: Any) -> list[str]:
     return out
 
 
-__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "drive_dcutr", "prefer_direct_connections", "provide_to", "check", "encode_dht_key", "has_direct_connection",
+__all__ = ["PINNED_VERSION", "advertise_also", "apply", "ask_peer_about", "bound_relay", "drive_dcutr", "prefer_direct_connections", "stream_relayed", "provide_to", "check", "encode_dht_key", "has_direct_connection",
            "installed_version", "observed_ips", "patch_autonat_dial_back", "providers_from_peer", "relay_limits",
            "relay_load", "reservation_expiry", "reserve_on", "serve_autonat", "set_provider_rate"]

@@ -212,6 +212,19 @@ def punch_due(me: str, peer: str, relayed_s: float, attempts: int, idle_s: float
     return starts_punch(me, peer) or relayed_s >= answer_wait_s
 
 
+def upgrade_wait_over(relayed_s: float, attempts: int, punching: bool, *, wait_s: float, wait_max_s: float,
+                      max_attempts: int) -> bool:
+    """Whether a chunk transfer stops waiting for a connection, relayed for `relayed_s` seconds, to become
+    direct: after `wait_s`, unless a DCUtR exchange of ours toward the peer is under way (`punching`) or still
+    due (fewer than `max_attempts` made); then after `wait_max_s` at the latest. With ten daemons on two loaded
+    cores an upgrade took 10-39 s, and fetchers that gave up at 10 s went back to the publisher, which sent
+    another copy (BENCHMARKS.md, "The swarm behind cone NATs"); behind symmetric NATs every exchange fails
+    within a few seconds, so the failure still comes early."""
+    if relayed_s >= wait_max_s:
+        return True
+    return relayed_s >= wait_s and not (punching or attempts < max_attempts)
+
+
 def _ma(addr: Any) -> multiaddr.Multiaddr | None:
     try:
         return addr if isinstance(addr, multiaddr.Multiaddr) else multiaddr.Multiaddr(addr)
@@ -374,7 +387,7 @@ class NatService:
                 await self._stop.event_started.wait()
                 if self.hole_punching:
                     self._dcutr = DCUtRProtocol(self.host, dial_timeout=int(t.hole_punch_dial_timeout_s))
-                    libp2p_compat.drive_dcutr(self._dcutr)  # _connection_watch starts the exchanges
+                    libp2p_compat.drive_dcutr(self._dcutr, t.relay_close_grace_s)  # _connection_watch starts them
                     nursery.start_soon(self._run_service, self._dcutr)
                 nursery.start_soon(self._autonat_loop)
                 nursery.start_soon(self._reservation_loop)
@@ -580,15 +593,21 @@ class NatService:
         return pid in self.host.get_connected_peers() and not libp2p_compat.has_direct_connection(self.host, pid)
 
     async def wait_direct(self, pid: Any) -> bool:
-        """Wait up to `nat.upgrade_wait_s` for a relayed connection to `pid` to become direct; True when the
+        """Wait for a relayed connection to `pid` to become direct, as long as `upgrade_wait_over` allows
+        (`nat.upgrade_wait_s`, up to `nat.upgrade_wait_max_s` while a hole punch may still come); True when the
         connection is direct (or not relayed at all) by then."""
         if not self.relayed_only(pid):
             return True
-        if self.hole_punching:
-            since = self._relayed_since.get(pid.to_base58(), time.monotonic())
-            with trio.move_on_at(trio.current_time() + max(0.0, since + self.tuning.upgrade_wait_s - time.monotonic())):
-                while self.relayed_only(pid):
-                    await trio.sleep(self.tuning.watch_interval_s / 4)
+        if not self.hole_punching:
+            return False
+        t, text, first = self.tuning, pid.to_base58(), time.monotonic()
+        while self.relayed_only(pid):
+            now = time.monotonic()
+            if upgrade_wait_over(now - self._relayed_since.get(text, first), self._punch_attempts.get(text, 0),
+                                 text in self._punching, wait_s=t.upgrade_wait_s, wait_max_s=t.upgrade_wait_max_s,
+                                 max_attempts=t.hole_punch_attempts):
+                break
+            await trio.sleep(t.watch_interval_s / 4)
         return not self.relayed_only(pid)
 
     async def dial_relayed(self, pid: Any, addrs: list) -> bool:
@@ -606,4 +625,4 @@ class NatService:
 
 __all__ = ["CIRCUIT", "DialBackLimit", "NatConfig", "NatService", "PRIVATE", "PUBLIC", "REACHABILITY_MODES", "RELAY_MODES", "Reachability",
            "RelayOnly", "UNKNOWN", "advertise", "checked_addrs", "circuit_addr", "direct_first", "maybe_private", "is_relayed", "punch_due", "relay_service_on",
-           "starts_punch", "wants_relays"]
+           "starts_punch", "upgrade_wait_over", "wants_relays"]

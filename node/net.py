@@ -80,6 +80,8 @@ class TrioNode:
         self.ration = ration or UploadRation(tuning.ration, legacy=bool(tuning.ration.legacy))
         if self.ration.present is None:  # a holder that left is no holder (node/ration.py)
             self.ration.present = self._connected
+        if self.ration.private is None:  # a holder behind a NAT gets longer to re-share
+            self.ration.private = self._private
         #: bytes this node verified from each peer: who re-shares gets an upload slot first
         self.reciprocity = Reciprocity(tuning.serve.max_recorded_peers)
         #: this node's terms and its consumers' credit, and its own vouchers as a consumer (node/payments.py)
@@ -117,6 +119,9 @@ class TrioNode:
             return bool(self.p2p.host.get_network().connections.get(self.p2p.peer_id_obj(peer)))
         except Exception:  # no host yet, or not a peer id: assume it is there (the ration's old behaviour)
             return True
+
+    def _private(self, peer: str) -> bool:
+        return self.p2p.host is not None and self.p2p.private_peer(peer)  # no host yet: nobody is known
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         holdings = getattr(self.service, "holdings", None)

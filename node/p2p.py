@@ -33,6 +33,7 @@ import functools
 import logging
 import math
 import sqlite3
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
@@ -396,8 +397,8 @@ class P2PHost:
                     nursery.start_soon(ask, peer)
 
     async def direct_path(self, peer_id: str) -> None:
-        """Before chunk bytes go to or come from `peer_id`: wait briefly (nat.upgrade_wait_s) for a relayed
-        connection to become direct (DCUtR), then allow it unless it is still relayed and `node.relay_data` is
+        """Before chunk bytes go to or come from `peer_id`: wait (nat.upgrade_wait_s, longer while a hole punch
+        may still come: `nat.upgrade_wait_over`) for a relayed connection to become direct (DCUtR), then allow it unless it is still relayed and `node.relay_data` is
         off: RelayOnly (a RemoteProtocolError, so the fetch moves on to other providers)."""
         if self.nat is None:
             return
@@ -405,15 +406,67 @@ class P2PHost:
             pid = self.peer_id_obj(peer_id)
         except UsageError as exc:  # ids come from peers too
             raise RemoteProtocolError(str(exc)) from None
+        started = time.monotonic()
         if pid not in self.host.get_connected_peers():  # connect first (through a relay if need be), then wait
             with trio.move_on_after(self.tuning.serve.dial_timeout_s):
+                if not self._known_addrs(pid):  # a peer a rationed answer named: our neighbours know it best
+                    await self._addrs_from_neighbours(pid)
                 if not self._known_addrs(pid):
                     await self._find_addrs(pid)
                 await self._dial_through_relay(pid)
-        if await self.nat.wait_direct(pid) or self.nat.relay_data:
-            return
-        raise nat.RelayOnly(f"peer {peer_id[:16]} is reachable only through a relay, and chunk bytes do not go over "
-                        f"relays (node.relay_data is off)")
+        dialled = time.monotonic()
+        direct = await self.nat.wait_direct(pid)
+        if dialled - started > 1.0 or time.monotonic() - dialled > 1.0:
+            state = "relayed" if not direct else "direct" if pid in self.host.get_connected_peers() else "not connected"
+            log.info("path to %s: dialled for %.1f s, then %.1f s for the upgrade: %s", peer_id[:16],
+                     dialled - started, time.monotonic() - dialled, state)
+        if direct or self.nat.relay_data:
+            return  # direct, or not connected yet: the stream's dial decides (`open_chunk_stream` checks it)
+        raise self._relay_only(peer_id)
+
+    async def open_chunk_stream(self, peer_id: str, protocol: str) -> Any:
+        """A stream that carries chunk bytes: `direct_path` first, and never one over a relayed connection
+        while `node.relay_data` is off. The swarm may still open one there (it dials a circuit address itself
+        when it has no connection): that stream is reset, and the wait for the upgrade runs once more on the
+        connection then open, before RelayOnly."""
+        for _ in range(2):
+            await self.direct_path(peer_id)
+            stream = await self.open_stream(peer_id, protocol)
+            if self.nat is None or self.nat.relay_data or not libp2p_compat.stream_relayed(stream):
+                return stream
+            log.info("a %s stream to %s went over a relay: reset", protocol, peer_id[:16])
+            with contextlib.suppress(Exception):  # boundary: the stream's connection may be gone already
+                await stream.reset()
+        raise self._relay_only(peer_id)
+
+    def path_pending(self, peer_id: str) -> bool:
+        """Whether chunk bytes to or from `peer_id` must wait for `direct_path`: it is connected only through a
+        relay, or not connected and known at relayed addresses (a private peer: its direct ones are behind its
+        NAT, so the dial goes through its relay, then the wait for the hole punch)."""
+        if self.nat is None:
+            return False
+        try:
+            pid = self.peer_id_obj(peer_id)
+        except UsageError:
+            return False
+        if pid in self.host.get_connected_peers():
+            return self.nat.relayed_only(pid)
+        return self.private_peer(peer_id)
+
+    def private_peer(self, peer_id: str) -> bool:
+        """Whether `peer_id` is behind a NAT as far as this node knows: it advertises relayed addresses (its
+        direct ones are then LAN addresses, `nat.direct_first`). False for a peer id that is no peer id."""
+        try:
+            pid = self.peer_id_obj(peer_id)
+        except UsageError:
+            return False
+        _, relayed = nat.checked_addrs(peer_id, self._known_addrs(pid), self.tuning.nat.max_peer_relay_addrs)
+        return bool(relayed)
+
+    @staticmethod
+    def _relay_only(peer_id: str) -> Exception:
+        return nat.RelayOnly(f"peer {peer_id[:16]} is reachable only through a relay, and chunk bytes do not go over "
+                             f"relays (node.relay_data is off)")
 
     def dataplane_reachable(self, peer_id: str) -> bool:
         """Whether `peer_id` can reach our data plane: not when we are private (its port is not mapped), nor

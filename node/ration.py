@@ -12,7 +12,8 @@ sent) and when each one completed:
   soon" (a peer still receiving the chunk lacks it: sent there, a fetcher counted it lacking, then a bad hint);
 - a further copy goes out only once ration.patience_s (or ration.patience_factor times that copy's own send
   time, if longer) have passed since the chunk's latest copy *completed* (its holders have had that long to
-  re-share it), never while the copies are still in flight: counted from
+  re-share it), never while the copies are still in flight, and ration.private_holder_extra_s more when every
+  holder is behind a NAT (reached through a relay, then a hole punch, first: issue 26): counted from
   the refusal, as before, the patience of refused fetchers ran out while a slow first copy was still on its
   way (4.6-8.5 s for the first 6.5 MB chunk at 100 Mbit/s), and they were all served anyway (1.73 copies);
 - a copy whose send failed (the peer went away, stalled) no longer counts: the next fetcher gets it; nor
@@ -69,7 +70,8 @@ class UploadRation:
 
     def __init__(self, tuning: RationTuning = RationTuning(), clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None, legacy: bool = False,
-                 present: Callable[[str], bool] | None = None) -> None:
+                 present: Callable[[str], bool] | None = None,
+                 private: Callable[[str], bool] | None = None) -> None:
         self.tuning = tuning
         self.copies = tuning.copies
         self.patience_s = tuning.patience_s
@@ -77,6 +79,8 @@ class UploadRation:
         self.legacy = legacy
         #: whether a peer is still connected to us (node/net.py: the libp2p host's connections); None: assume so
         self.present = present
+        #: whether a peer is behind a NAT (it advertises relayed addresses: node/p2p.py); None: nobody is
+        self.private = private
         self.clock = clock
         self.rng = rng or random.Random()
         self._artifacts: OrderedDict[Cid, _ArtifactCopies] = OrderedDict()
@@ -153,6 +157,8 @@ class UploadRation:
         latest = max(done, key=lambda c: c.done_at)
         wait = min(self.tuning.patience_max_s,
                    max(self.patience_s, self.tuning.patience_factor * (latest.done_at - latest.started)))
+        if self.private is not None and all(self.private(c.peer) for c in done):
+            wait += self.tuning.private_holder_extra_s
         return now - latest.done_at >= wait
 
     def refusal(self, artifact: Cid | None, cid: Cid, peer: str) -> ChunkMissing | None:

@@ -48,9 +48,9 @@ class FetchTuning:
     #: Seconds before a chunk a provider rationed is asked for again.
     ration_retry_s: float = 0.5
     #: Seconds after a peer first rationed a chunk past which its further rationed answers count as lacking
-    #: it for good: an honest node serves a fetcher it refused within its longest patience (ration.patience_max_s,
-    #: 20 s), so one still rationing half as long again later is lying, and a fetch among such liars fails
-    #: instead of asking them forever.
+    #: it for good: an honest node serves a fetcher it refused within its longest patience (ration.patience_max_s
+    #: 20 s, plus ration.private_holder_extra_s 8 s when every holder is behind a NAT), so one still rationing
+    #: later is lying, and a fetch among such liars fails instead of asking them forever.
     ration_give_up_s: float = 30.0
     #: Seconds between a fetch's looks for new peers (connected peers, the DHT's providers of the artifact).
     peer_refresh_s: float = 1.0
@@ -189,6 +189,10 @@ class RationTuning:
     patience_factor: float = 2.0
     #: ...but never longer than this (seconds): fetchers give a rationing peer up after fetch.ration_give_up_s.
     patience_max_s: float = 20.0
+    #: Seconds more when every holder of the chunk is behind a NAT (it advertises relayed addresses): a fetcher
+    #: reaches one through its relay and waits for the hole punch (5-13 s in the NAT swarm runs) before it can
+    #: pass the chunk on. With patience_max_s still below fetch.ration_give_up_s.
+    private_holder_extra_s: float = 8.0
     #: 1: the previous rule (patience counted from each fetcher's first refusal, no upload slots, 60 s per
     #: chunk request), kept measurable beside the new one (`node.swarm = "legacy"`); 0: super-seeding.
     legacy: int = 0
@@ -336,8 +340,14 @@ class NatTuning:
     hole_punch_retry_s: float = 2.0
     #: ...up to this many times per relayed connection.
     hole_punch_attempts: int = 3
-    #: Seconds a chunk transfer waits, from a relayed connection's start, for it to become direct.
+    #: Seconds a relayed connection stays open once hole-punched (py-libp2p's DCUtR: 60 s): its circuit holds a
+    #: relay slot for the peer meanwhile, and fetchers reaching a holder behind a NAT were refused.
+    relay_close_grace_s: float = 5.0
+    #: Seconds a chunk transfer waits, from a relayed connection's start, for it to become direct...
     upgrade_wait_s: float = 10.0
+    #: ...and at most, while a hole punch toward the peer is under way or still due (its attempts not spent):
+    #: under CPU load an upgrade took 10-39 s; below the 30 s in which a symmetric NAT's failure must come.
+    upgrade_wait_max_s: float = 20.0
     #: Seconds between looks at which connections are relayed and which direct.
     watch_interval_s: float = 0.5
     #: Seconds after start a node that may be behind a NAT (AutoNAT has not answered; no peer has seen it yet,

@@ -25,6 +25,8 @@ from kvswap.node.fetchplan import (
     FindProviders,
     ListPeers,
     LookupDone,
+    PathOpen,
+    PathWait,
     PeersSeen,
     ProvideChunk,
     RequestChunks,
@@ -491,6 +493,27 @@ def test_a_late_request_is_cancelled_its_peer_marked_slow_and_its_chunks_asked_o
     for req in list(sim.inflight.values()):  # from now on A serves, S is asked nothing
         _answer_all(sim, req, 0.3)
         assert all(r.peer == "A" for r in sim.inflight.values())
+
+
+def test_a_request_waiting_for_its_path_is_not_late_and_its_lateness_counts_from_the_open():
+    """Behind NAT (issue 26): S is connected only through a relay and the request waits for the hole punch. Counted
+    from the request it would be late after fetch.late_min_s, cancelled, and S a bad hint; it is not while it
+    waits, and from the open on it is measured like any other."""
+    sim = Sim(plan(40, peers=("A", "S"), parallel=2))
+    sim.apply(Tick(), 0.0)
+    (waiting,) = _of(sim, "S")
+    sim.apply(PathWait(waiting.request), 0.0)
+    _answer_all(sim, _of(sim, "A")[0], 0.01)
+    for now in (0.05, T.late_min_s, 5.0, 15.0):  # a hole punch under load took 4-39 s
+        out = sim.apply(Tick(), now)
+        assert CancelRequest(waiting.request) not in out and waiting.request in sim.inflight
+        assert sim.plan.peers["S"].slow == 0
+        for req in requests(out):
+            _answer_all(sim, req, now)
+    sim.apply(PathOpen(waiting.request), 15.0)
+    assert CancelRequest(waiting.request) not in sim.apply(Tick(), 15.05)  # overdue from the open, not yet late
+    assert CancelRequest(waiting.request) in sim.apply(Tick(), 15.0 + T.late_min_s)  # ...now it is
+    assert sim.plan.peers["S"].slow == 1 and sim.plan.peers["S"].failures == 0
 
 
 def test_in_the_end_game_an_overdue_request_is_cancelled_at_once():

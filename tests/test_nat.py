@@ -129,6 +129,18 @@ def test_an_autonat_server_dials_one_peer_back_only_so_often():
     assert flood.allow("late", 161.0) and flood.tracked() == 1  # all of the flood's grants have expired
 
 
+def test_a_chunk_transfer_waits_for_an_upgrade_longer_only_while_a_hole_punch_may_still_come():
+    t = NatTuning()
+    kw = dict(wait_s=t.upgrade_wait_s, wait_max_s=t.upgrade_wait_max_s, max_attempts=t.hole_punch_attempts)
+    assert t.upgrade_wait_s < t.upgrade_wait_max_s < t.hole_punch_give_up_s
+    assert not nat.upgrade_wait_over(0.0, 0, False, **kw)
+    assert not nat.upgrade_wait_over(t.upgrade_wait_s - 0.1, t.hole_punch_attempts, False, **kw)  # the short wait
+    assert nat.upgrade_wait_over(t.upgrade_wait_s, t.hole_punch_attempts, False, **kw)  # every punch failed: done
+    assert not nat.upgrade_wait_over(t.upgrade_wait_s, t.hole_punch_attempts, True, **kw)  # the last one runs
+    assert not nat.upgrade_wait_over(t.upgrade_wait_s + 5, 1, False, **kw)  # attempts left: one may still come
+    assert nat.upgrade_wait_over(t.upgrade_wait_max_s, 1, True, **kw)  # but not past the longest wait
+
+
 def test_one_side_of_a_relayed_connection_starts_the_hole_punch_and_the_other_only_if_it_does_not_come():
     t = NatTuning()
     kw = dict(answer_wait_s=t.hole_punch_answer_wait_s, retry_s=t.hole_punch_retry_s, max_attempts=t.hole_punch_attempts)

@@ -191,6 +191,31 @@ def test_a_slow_copy_earns_its_holders_a_longer_patience_up_to_a_bound():
     assert ration.decide(ART, C2, "B") is None
 
 
+def test_holders_behind_nats_get_longer_to_re_share_and_the_fetchers_patience_still_outlasts_it():
+    """Issue 26: a fetcher reaches a holder behind a NAT through its relay and waits for the hole punch before the
+    chunk can flow, so when every holder is private the patience is ration.private_holder_extra_s longer; one
+    public holder is enough for the usual patience. The longest patience stays below fetch.ration_give_up_s,
+    after which fetchers take a rationing peer for a liar."""
+    from kvswap.node.tuning import FetchTuning
+
+    t = RationTuning()
+    assert t.patience_max_s + t.private_holder_extra_s < FetchTuning().ration_give_up_s
+    behind_nat = {"A", "B"}
+    clock = Clock()
+    ration = UploadRation(RationTuning(copies=1, patience_s=5.0, patience_factor=0.0), clock=clock,
+                          rng=random.Random(0), private=lambda peer: peer in behind_nat)
+    assert ration.decide(ART, C1, "A") is None
+    ration.finished(ART, C1, "A", ok=True)
+    clock.now += 5.0 + t.private_holder_extra_s - 0.1
+    assert ration.decide(ART, C1, "C") == ("A",)  # A is behind a NAT: C is still pointed at it
+    clock.now += 0.2
+    assert ration.decide(ART, C1, "C") is None  # ...until the longer patience ran out
+    assert ration.decide(ART, C2, "P") is None  # a public holder
+    ration.finished(ART, C2, "P", ok=True)
+    clock.now += 5.1
+    assert ration.decide(ART, C2, "C") is None  # the usual patience
+
+
 def test_only_a_seed_rations_a_node_fetching_the_artifact_serves_freely():
     """A node that stored chunks of an artifact lately is one of its swarm's fetchers: it does not ration it
     (pointing fetchers from holder to holder made them give chunks up); once it has not received any for
