@@ -594,8 +594,9 @@ class NatService:
 
     async def wait_direct(self, pid: Any) -> bool:
         """Wait for a relayed connection to `pid` to become direct, as long as `upgrade_wait_over` allows
-        (`nat.upgrade_wait_s`, up to `nat.upgrade_wait_max_s` while a hole punch may still come); True when the
-        connection is direct (or not relayed at all) by then."""
+        (`nat.upgrade_wait_s`, up to `nat.upgrade_wait_max_s` while a hole punch may still come, unless
+        node.relay_data lets the bytes go through the relay meanwhile); True when the connection is direct (or
+        not relayed at all) by then."""
         if not self.relayed_only(pid):
             return True
         if not self.hole_punching:
@@ -604,7 +605,8 @@ class NatService:
         while self.relayed_only(pid):
             now = time.monotonic()
             if upgrade_wait_over(now - self._relayed_since.get(text, first), self._punch_attempts.get(text, 0),
-                                 text in self._punching, wait_s=t.upgrade_wait_s, wait_max_s=t.upgrade_wait_max_s,
+                                 text in self._punching, wait_s=t.upgrade_wait_s,
+                                 wait_max_s=t.upgrade_wait_s if self.relay_data else t.upgrade_wait_max_s,
                                  max_attempts=t.hole_punch_attempts):
                 break
             await trio.sleep(t.watch_interval_s / 4)

@@ -345,8 +345,9 @@ class NatTuning:
     relay_close_grace_s: float = 5.0
     #: Seconds a chunk transfer waits, from a relayed connection's start, for it to become direct...
     upgrade_wait_s: float = 10.0
-    #: ...and at most, while a hole punch toward the peer is under way or still due (its attempts not spent):
-    #: under CPU load an upgrade took 10-39 s; below the 30 s in which a symmetric NAT's failure must come.
+    #: ...and at most, while a hole punch toward the peer is under way or still due (its attempts not spent) and
+    #: node.relay_data is off: under CPU load an upgrade took 10-39 s; below the 30 s in which a symmetric NAT's
+    #: failure must come.
     upgrade_wait_max_s: float = 20.0
     #: Seconds between looks at which connections are relayed and which direct.
     watch_interval_s: float = 0.5
