@@ -1,6 +1,7 @@
 """A relay under load (issue 26): many reservations, circuits and bytes against one kvswap relay.
 
     python -m bench relay_load [--ips 20] [--per-ip 8] [--circuits-each 3] [--flood-mib MiB] [--circuit-mib MiB]
+                               [--rounds N] [--trace]
 
 The relay is a real kvswap host (node/p2p.py P2PHost, `node.relay = on`) in its own process on 127.0.0.1, so its RSS is its own. Every other peer is a real py-libp2p host in
 this process speaking circuit relay v2 with py-libp2p's own client (CircuitV2Protocol for STOP,
@@ -14,6 +15,11 @@ counts reservations per IP address). Nothing is simulated: every byte crosses TC
 2b. while those circuits are open, an honest dialler (its own address) dials the honest peer through the relay;
 4. honest: once the cut circuits are gone, the honest dialler reaches the honest peer through the relay and
    gets an echo back.
+Steps 2-4 run `--rounds` times (new circuits each time, flooded again). Once each round's circuits are gone, and
+before the first, the relay reports what it holds (`probe`): its RSS, glibc's heap in use and free (mallinfo2),
+the bytes in Yamux's stream buffers and its streams, Python objects, and with `--trace` tracemalloc's totals and
+growth; at the end, its RSS after malloc_trim(0). Bounded: none of these grows from round to round.
+The peers listen nowhere, so that every connection between two of them is a circuit through the relay.
 Sampled every 0.1 s throughout: the relay's reservations and circuits (its `kvswap node status` numbers), its
 RSS. NatTuning's limits except the circuit budget (`--circuit-mib`, 1 MiB unless told). tests/test_relay_load.py
 runs this with small limits and checks every bound. Writes
@@ -23,6 +29,7 @@ bench/results/relay_load.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,13 +46,79 @@ ECHO = "/kvswap-bench/echo/1"
 STEP_TIMEOUT_S = 60
 
 _RELAY = """
-import dataclasses, json, os, sys, trio
+import collections, ctypes, dataclasses, gc, json, os, sys, tracemalloc, trio
 from kvswap.node import nat
 from kvswap.node.p2p import P2PConfig, P2PHost
 from kvswap.node.tuning import DEFAULT_TUNING
 
+trace = sys.argv[3] == "1"
+if trace:  # from here: the load's allocations, not the imports'
+    tracemalloc.start(1)
+
 status_file = sys.argv[2]
 tuning = dataclasses.replace(DEFAULT_TUNING, nat=dataclasses.replace(DEFAULT_TUNING.nat, **json.loads(sys.argv[1])))
+libc = ctypes.CDLL("libc.so.6")
+first = []
+buffered_peak = [0]  # the most bytes Yamux held in stream buffers at once since the last probe (sampled)
+biggest = [0, None]  # ...and the fullest stream buffer since then, with its stream's window
+
+
+def buffered(host):
+    total = 0
+    for conns in host.host.get_network().connections.values():
+        for c in (conns if isinstance(conns, list) else [conns]):
+            mx = getattr(c, "muxed_conn", None)
+            for sid, b in getattr(mx, "stream_buffers", {}).items():
+                total += len(b)
+                st = mx.streams.get(sid)
+                if len(b) > biggest[0] and st is not None:
+                    biggest[:] = [len(b), {"held": "_auto_tune_and_send_window_update" in vars(st),
+                                           "recv_window": st.recv_window, "target": st.target_recv_window}]
+    return total
+
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def probe(ask):
+    # what the relay holds: RSS, glibc's heap (in use / free), Yamux's stream buffers, object counts, and with
+    # --trace the Python allocations (tracemalloc) against the first probe; malloc_trim(0) if asked
+    gc.collect()
+    libc.mallinfo2.restype = Mallinfo2
+    m = libc.mallinfo2()
+    out = {"rss": rss(), "heap_arena": m.arena, "heap_mmap": m.hblkhd, "heap_in_use": m.uordblks + m.hblkhd,
+           "heap_free": m.fordblks}
+    objs = gc.get_objects()
+    muxers = [o for o in objs if type(o).__name__ == "Yamux"]
+    bufs = [b for mx in muxers for b in mx.stream_buffers.values()]
+    states = collections.Counter((st.closed, st.send_closed, st.recv_closed, bool(mx.stream_buffers.get(sid)))
+                                 for mx in muxers for sid, st in mx.streams.items())
+    out.update(yamux_conns=len(muxers), yamux_streams=sum(len(mx.streams) for mx in muxers),
+               yamux_stream_states=[[list(k), v] for k, v in states.most_common()],
+               yamux_buffered=sum(len(b) for b in bufs), yamux_buffer_alloc=sum(sys.getsizeof(b) for b in bufs),
+               yamux_buffered_peak=buffered_peak[0], yamux_biggest=list(biggest), objects=len(objs),
+               top_types=collections.Counter(type(o).__name__ for o in objs).most_common(8))
+    del objs, muxers, bufs
+    if trace:
+        snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
+        out["traced"] = sum(s.size for s in snap.statistics("filename"))
+        out["traced_top"] = [[str(s.traceback), s.size, s.count] for s in snap.statistics("lineno")[:8]]
+        if first:
+            out["traced_growth_top"] = [[str(s.traceback), s.size_diff, s.count_diff]
+                                        for s in snap.compare_to(first[0], "lineno")[:8]]
+        else:
+            first.append(snap)
+    if ask.get("trim"):
+        libc.malloc_trim(0)
+        out["rss_after_trim"] = rss()
+    return out
 
 
 async def main():
@@ -59,6 +132,16 @@ async def main():
             with open(tmp, "w") as f:
                 json.dump(host.nat.snapshot(), f)
             os.replace(tmp, status_file)
+            buffered_peak[0] = max(buffered_peak[0], buffered(host))
+            if os.path.exists(status_file + ".ask"):  # bench/relay_load.py Relay.probe
+                with open(status_file + ".ask") as f:
+                    ask = json.load(f)
+                os.unlink(status_file + ".ask")
+                with open(tmp, "w") as f:
+                    json.dump(probe(ask), f)
+                buffered_peak[0] = 0
+                biggest[:] = [0, None]
+                os.replace(tmp, status_file + ".probe")
             await trio.sleep(0.1)
 
 trio.run(main)
@@ -68,20 +151,23 @@ trio.run(main)
 class Relay:
     """The relay process: start, its address, its status (the snapshot it writes), its RSS; a context manager."""
 
-    def __init__(self, limits: dict, folder: Path) -> None:
-        self.limits, self.status_file = limits, folder / "relay.json"
+    def __init__(self, limits: dict, folder: Path, trace: bool = False) -> None:
+        self.limits, self.status_file, self.trace = limits, folder / "relay.json", trace
         self.proc: subprocess.Popen | None = None
+        self.log = open(folder / "relay.log", "w+")  # its stderr: a pipe nobody reads would fill and block it
         self.addr = ""
 
     def __enter__(self) -> "Relay":
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        self.proc = subprocess.Popen([sys.executable, "-c", _RELAY, json.dumps(self.limits), str(self.status_file)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-c", _RELAY, json.dumps(self.limits), str(self.status_file),
+                                      "1" if self.trace else "0"],
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         try:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"the relay did not start: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"the relay did not start: {self.log.read()[-2000:]}")
             self.addr = json.loads(line)["addr"]
             deadline = time.monotonic() + 30
             while not self.status_file.exists() and time.monotonic() < deadline:
@@ -95,6 +181,9 @@ class Relay:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
+        self.log.seek(0)
+        self.log_text = self.log.read()
+        self.log.close()
 
     def status(self) -> dict:
         for _ in range(50):  # the file is replaced atomically; a read racing the first write retries
@@ -108,6 +197,19 @@ class Relay:
         import psutil
 
         return psutil.Process(self.proc.pid).memory_info().rss
+
+    def probe(self, trim: bool = False) -> dict:
+        """What the relay holds (see `probe` in _RELAY); blocks this process (call it between steps)."""
+        answer = Path(str(self.status_file) + ".probe")
+        answer.unlink(missing_ok=True)
+        Path(str(self.status_file) + ".ask").write_text(json.dumps({"trim": trim}))
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not answer.exists() and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.1)
+        if not answer.exists():
+            self.log.seek(0)
+            raise RuntimeError(f"the relay did not answer its probe: {self.log.read()[-2000:]}")
+        return json.loads(answer.read_text())
 
 
 class Peer:
@@ -139,7 +241,9 @@ class Peer:
         limits = libp2p_compat.relay_limits(NatTuning())
 
         async def run() -> None:
-            async with self.host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{self.ip}/tcp/0")]):
+            # listening nowhere: every connection between two peers is a circuit through the relay (with a
+            # listener, later rounds' floods went over direct connections py-libp2p had dialled meanwhile)
+            async with self.host.run(listen_addrs=[]):
                 stop = CircuitV2Protocol(self.host, limits=limits, allow_hop=False)
                 async with background_trio_service(stop):
                     await stop.event_started.wait()
@@ -189,6 +293,12 @@ class Peer:
                 await stream.close()
         return False
 
+    async def new_relayed_stream(self, target, protocol: str):
+        """A stream to `target` over a connection through the relay, never a direct one: py-libp2p's new_stream
+        dials the addresses identify taught it when no connection is open (a later round's circuit gone already)."""
+        self.host.get_peerstore().clear_addrs(target)
+        return await self.host.new_stream(target, [protocol])
+
     async def dial_through(self, relay_addr: str, target) -> bool:
         import multiaddr
         import trio
@@ -202,18 +312,113 @@ class Peer:
         return False
 
 
-async def load(relay: Relay, ips: list[str], per_ip: int, circuits_each: int, flood_bytes: int) -> dict:
-    """Steps 1-4 of the module docstring against `relay`; what happened, and the relay's peaks."""
+async def circuits_and_bytes(relay: Relay, sybils: list, held: list, ips: list[str], honest: Peer,
+                             dialer: Peer, circuits_each: int, flood_bytes: int, peak: dict) -> dict:
+    """Steps 2-4 of the module docstring, once: what happened, and the relay's RSS after it."""
+    import trio
+
+    report: dict = {}
+    peak["rss"] = relay.rss()  # this round's peak
+    # 2. circuits
+    opened: list = []
+
+    async def circuit(src: Peer, dst: Peer) -> None:
+        if await src.dial_through(relay.addr, dst.host.get_id()):
+            opened.append((src, dst))
+
+    t0 = time.monotonic()
+    async with trio.open_nursery() as inner:
+        for i, dst in enumerate(held):
+            others = [p for p in sybils if p is not dst]
+            for k in range(circuits_each):
+                inner.start_soon(circuit, others[(i * circuits_each + k) % len(others)], dst)
+    report.update(circuits_tried=circuits_each * len(held), circuits_opened=len(opened),
+                  circuits_s=round(time.monotonic() - t0, 2),
+                  circuits_per_target_max=max([sum(1 for _, d in opened if d is dst) for dst in held], default=0),
+                  circuits_per_ip_max=max([sum(1 for src, _ in opened if src.ip == ip) for ip in ips], default=0),
+                  rss_after_reservations_and_circuits=relay.rss())
+    # 2b. while the hostile circuits are open: an honest dialler (another address) reaches the honest peer
+    report["honest_during"] = (honest.host.get_id() in dialer.host.get_connected_peers()
+                               or await dialer.dial_through(relay.addr, honest.host.get_id()))
+
+    # 3. bytes
+    started: list = []
+    direct: list = []
+    errors: dict = {}  # why floods stopped: the relay's reset, or py-libp2p's 5 s wait for a window update
+
+    async def flood(src: Peer, dst: Peer) -> None:
+        with trio.move_on_after(STEP_TIMEOUT_S):
+            try:
+                from kvswap.node import libp2p_compat
+                if libp2p_compat.has_direct_connection(src.host, dst.host.get_id()):
+                    direct.append(src)
+                stream = await src.new_relayed_stream(dst.host.get_id(), SINK)
+                started.append(src)
+                chunk = bytes(64 * 1024)
+                try:
+                    for _ in range(max(1, flood_bytes // len(chunk))):
+                        await stream.write(chunk)
+                    await stream.close()
+                except Exception as e:  # the relay reset the circuit, or the write timed out: this flooder stops
+                    why = repr(e.__cause__ or e.__context__ or e)[:80]
+                    errors[why] = errors.get(why, 0) + 1
+                    with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+                        await stream.reset()
+                    raise
+            except Exception:  # boundary: the relay reset the circuit
+                pass
+
+    received = {p: p.received for p in held}
+    t0 = time.monotonic()
+    async with trio.open_nursery() as inner:
+        for src, dst in opened:
+            inner.start_soon(flood, src, dst)
+    report["flood_s"], report["floods_started"] = round(time.monotonic() - t0, 2), len(started)
+    report["floods_direct"], report["flood_errors"] = len(direct), errors
+    report["rss_after_flood"] = relay.rss()
+    targets = {dst for _, dst in opened}
+    report["flood_pushed_per_circuit"] = flood_bytes
+    report["relayed"] = sum(p.received - received[p] for p in held)
+    report["delivered_per_circuit_max"] = max(
+        [(dst.received - received[dst]) / sum(1 for _, d in opened if d is dst) for dst in targets], default=0)
+    # the cut circuits leave the relay's books (the honest one of step 2b stays open): hostile ones left
+    honest_open = 1 if honest.host.get_id() in dialer.host.get_connected_peers() else 0
+    with trio.move_on_after(STEP_TIMEOUT_S):
+        while relay.status()["relay"]["circuits"] > honest_open:
+            await trio.sleep(0.2)
+    report["circuits_gone_s"] = round(time.monotonic() - t0 - report["flood_s"], 2)
+    report["circuits_left"] = max(0, relay.status()["relay"]["circuits"] - honest_open)
+
+    # 4. an honest relayed peer, reached through the relay (again, or for the first time)
+    report["honest_dialled"] = (honest.host.get_id() in dialer.host.get_connected_peers()
+                                or await dialer.dial_through(relay.addr, honest.host.get_id()))
+    report["honest_echo"] = False
+    if report["honest_dialled"]:
+        with trio.move_on_after(15):
+            stream = await dialer.new_relayed_stream(honest.host.get_id(), ECHO)
+            await stream.write(b"still here")
+            report["honest_echo"] = await stream.read(64) == b"still here"
+    report["rss_after"], report["rss_peak"] = relay.rss(), peak["rss"]
+    report["probe"] = relay.probe()
+    return report
+
+
+async def load(relay: Relay, ips: list[str], per_ip: int, circuits_each: int, flood_bytes: int,
+               rounds: int = 1) -> dict:
+    """Steps 1-4 of the module docstring against `relay`, steps 2-4 `rounds` times; what happened, and the relay's
+    peaks."""
     import trio
 
     report: dict = {"rss_before": relay.rss()}
-    peak = {"reservations": 0, "circuits": 0, "rss": report["rss_before"]}
+    peak = {"reservations": 0, "circuits": 0, "rss": report["rss_before"], "rss_all": report["rss_before"]}
     async with trio.open_nursery() as nursery:
         async def sample() -> None:
             while True:
                 s = relay.status()["relay"]
                 peak.update(reservations=max(peak["reservations"], s["reservations"]),
-                            circuits=max(peak["circuits"], s["circuits"]), rss=max(peak["rss"], relay.rss()))
+                            circuits=max(peak["circuits"], s["circuits"]))
+                rss = relay.rss()
+                peak.update(rss=max(peak["rss"], rss), rss_all=max(peak["rss_all"], rss))
                 await trio.sleep(0.1)
 
         nursery.start_soon(sample)
@@ -241,75 +446,30 @@ async def load(relay: Relay, ips: list[str], per_ip: int, circuits_each: int, fl
                       granted_per_ip={ip: sum(1 for p in held if p.ip == ip) for ip in ips},
                       honest_renewed=await honest.reserve())
 
-        # 2. circuits
-        opened: list = []
-
-        async def circuit(src: Peer, dst: Peer) -> None:
-            if await src.dial_through(relay.addr, dst.host.get_id()):
-                opened.append((src, dst))
-
-        t0 = time.monotonic()
-        async with trio.open_nursery() as inner:
-            for i, dst in enumerate(held):
-                others = [p for p in sybils if p is not dst]
-                for k in range(circuits_each):
-                    inner.start_soon(circuit, others[(i * circuits_each + k) % len(others)], dst)
-        report.update(circuits_tried=circuits_each * len(held), circuits_opened=len(opened),
-                      circuits_s=round(time.monotonic() - t0, 2),
-                      circuits_per_target_max=max([sum(1 for _, d in opened if d is dst) for dst in held], default=0),
-                      circuits_per_ip_max=max([sum(1 for src, _ in opened if src.ip == ip) for ip in ips], default=0),
-                      rss_after_reservations_and_circuits=relay.rss())
-        # 2b. while the hostile circuits are open: an honest dialler (another address) reaches the honest peer
-        report["honest_during"] = await dialer.dial_through(relay.addr, honest.host.get_id())
-
-        # 3. bytes
-        async def flood(src: Peer, dst: Peer) -> None:
-            with trio.move_on_after(STEP_TIMEOUT_S):
-                try:
-                    stream = await src.host.new_stream(dst.host.get_id(), [SINK])
-                    chunk = bytes(64 * 1024)
-                    for _ in range(max(1, flood_bytes // len(chunk))):
-                        await stream.write(chunk)
-                    await stream.close()
-                except Exception:  # boundary: the relay reset the circuit
-                    pass
-
-        t0 = time.monotonic()
-        async with trio.open_nursery() as inner:
-            for src, dst in opened:
-                inner.start_soon(flood, src, dst)
-        report["flood_s"] = round(time.monotonic() - t0, 2)
-        report["rss_after_flood"] = relay.rss()
-        targets = {dst for _, dst in opened}
-        report["flood_pushed_per_circuit"] = flood_bytes
-        report["delivered_per_circuit_max"] = max(
-            [dst.received / sum(1 for _, d in opened if d is dst) for dst in targets], default=0)
-        # the cut circuits leave the relay's books (the honest one of step 2b stays open): hostile ones left
-        honest_open = 1 if honest.host.get_id() in dialer.host.get_connected_peers() else 0
-        with trio.move_on_after(STEP_TIMEOUT_S):
-            while relay.status()["relay"]["circuits"] > honest_open:
-                await trio.sleep(0.2)
-        report["circuits_gone_s"] = round(time.monotonic() - t0 - report["flood_s"], 2)
-        report["circuits_left"] = max(0, relay.status()["relay"]["circuits"] - honest_open)
-
-        # 4. an honest relayed peer, reached through the relay (again, or for the first time)
-        report["honest_dialled"] = (honest.host.get_id() in dialer.host.get_connected_peers()
-                                    or await dialer.dial_through(relay.addr, honest.host.get_id()))
-        report["honest_echo"] = False
-        if report["honest_dialled"]:
-            with trio.move_on_after(15):
-                stream = await dialer.host.new_stream(honest.host.get_id(), [ECHO])
-                await stream.write(b"still here")
-                report["honest_echo"] = await stream.read(64) == b"still here"
+        report["probe_before"] = relay.probe()
+        report["rounds"] = []
+        for n in range(rounds):
+            r = await circuits_and_bytes(relay, sybils, held, ips, honest, dialer, circuits_each,
+                                         flood_bytes, peak)
+            if not n:  # the first round's numbers, as a single-round run reports them
+                report.update({k: v for k, v in r.items() if k not in ("relayed", "rss_peak", "probe")})
+            report["rounds"].append({k: r[k] for k in ("circuits_opened", "floods_started", "floods_direct", "flood_errors", "relayed", "flood_s", "circuits_gone_s",
+                                                       "delivered_per_circuit_max", "honest_during", "rss_after_flood", "rss_after",
+                                                       "rss_peak", "circuits_left", "honest_echo", "probe")})
+            report["honest_echo"] = report["honest_echo"] and r["honest_echo"]
+            report["circuits_left"] = max(report["circuits_left"], r["circuits_left"])
+            report["delivered_per_circuit_max"] = max(report["delivered_per_circuit_max"],
+                                                      r["delivered_per_circuit_max"])
+        report["probe_end"] = relay.probe(trim=True)  # and what glibc gives back to the system when asked
         nursery.cancel_scope.cancel()
     status = relay.status()
-    report.update(peak_reservations=peak["reservations"], peak_circuits=peak["circuits"], rss_peak=peak["rss"],
-                  rss_growth=peak["rss"] - report["rss_before"], refused=status["relay"]["refused"])
+    report.update(peak_reservations=peak["reservations"], peak_circuits=peak["circuits"], rss_peak=peak["rss_all"],
+                  rss_growth=peak["rss_all"] - report["rss_before"], refused=status["relay"]["refused"])
     return report
 
 
 def run(limits: dict | None = None, ips: int = 20, per_ip: int = 8, circuits_each: int = 3,
-        flood_bytes: int | None = None) -> dict:
+        flood_bytes: int | None = None, rounds: int = 1, trace: bool = False) -> dict:
     import trio
 
     from kvswap.node import libp2p_compat
@@ -319,8 +479,11 @@ def run(limits: dict | None = None, ips: int = 20, per_ip: int = 8, circuits_eac
     libp2p_compat.apply(write_idle_s=tuning.reservation_timeout_s)  # what a kvswap host sets (quiet relay logs)
     flood = flood_bytes if flood_bytes is not None else 4 * tuning.relay_circuit_bytes
     addrs = [f"127.0.0.{21 + i}" for i in range(ips)]
-    with tempfile.TemporaryDirectory(prefix="kvswap-relay-load-") as tmp, Relay(limits or {}, Path(tmp)) as relay:
-        report = trio.run(load, relay, addrs, per_ip, circuits_each, flood)
+    with tempfile.TemporaryDirectory(prefix="kvswap-relay-load-") as tmp, Relay(limits or {}, Path(tmp),
+                                                                                           trace) as relay:
+        report = trio.run(load, relay, addrs, per_ip, circuits_each, flood, rounds)
+    report["relay_log_lines"] = relay.log_text.count("\n")
+    report["relay_window_exceeded"] = relay.log_text.count("exceeded receive window")  # Yamux's warning
     report["limits"] = {k: getattr(tuning, k) for k in ("relay_max_reservations", "relay_max_reservations_per_ip",
                                                         "relay_max_circuits", "relay_max_circuits_per_ip",
                                                         "relay_circuits_per_reservation",
@@ -338,12 +501,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--circuit-mib", type=float, default=1.0,
                         help="the relay's nat.relay_circuit_bytes in MiB (default 1; 0: NatTuning's 64 MiB, which 32 "
                              "circuits take minutes to spend through a Python relay on 2 cores)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times steps 2-4 run (new circuits, each flooded): the relay's RSS after each")
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc in the relay (slower): its Python allocations after each round")
     parser.add_argument("--out", default="relay_load.json", help="file name under bench/results/")
     args = parser.parse_args(argv)
     flood = None if args.flood_mib is None else int(args.flood_mib * 1024 * 1024)
     limits = {"relay_circuit_bytes": int(args.circuit_mib * 1024 * 1024)} if args.circuit_mib else None
     t0 = time.monotonic()
-    r = run(limits, args.ips, args.per_ip, args.circuits_each, flood)
+    r = run(limits, args.ips, args.per_ip, args.circuits_each, flood, args.rounds, args.trace)
     r["argv"] = list(argv or [])
     r["wall_s"] = round(time.monotonic() - t0, 1)
     lim = r["limits"]
@@ -362,6 +529,21 @@ def main(argv: list[str] | None = None) -> int:
           f"with {r['reservations_asked'] + 2} peers connected and the circuits open, {r['rss_after_flood'] / 1e6:.0f} MB "
           f"after the flood, peak {r['rss_peak'] / 1e6:.0f} MB "
           f"(+{r['rss_growth'] / 1e6:.1f} MB); refused by kvswap's bounds: {r['refused']}; {r['wall_s']} s in all")
+    relayed = 0
+    for n, rd in enumerate([{"probe": r["probe_before"], "relayed": 0}] + r["rounds"]):
+        relayed += rd["relayed"]
+        pr = rd["probe"]
+        print(f"  {'before' if not n else f'round {n}'}: {relayed / 2**20:.0f} MiB relayed in all, RSS "
+              f"{pr['rss'] / 1e6:.0f} MB, glibc heap {pr['heap_in_use'] / 1e6:.0f} MB in use + "
+              f"{pr['heap_free'] / 1e6:.0f} MB free, Yamux buffers {pr['yamux_buffered'] / 1e6:.1f} MB (peak "
+              f"{pr['yamux_buffered_peak'] / 1e6:.1f} MB) "
+              f"({pr['yamux_streams']} streams), {pr['objects']} objects"
+              + (f", traced {pr['traced'] / 1e6:.1f} MB" if "traced" in pr else ""))
+    pe = r["probe_end"]
+    print(f"  at the end: RSS {pe['rss'] / 1e6:.0f} MB, after malloc_trim(0) {pe['rss_after_trim'] / 1e6:.0f} MB")
+    if "traced_growth_top" in pe:
+        for site, size, count in pe["traced_growth_top"][:5]:
+            print(f"    traced growth {size / 1e6:+.2f} MB ({count:+d} blocks) {site}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(r, indent=2) + "\n")
     return 0

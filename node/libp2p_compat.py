@@ -34,7 +34,11 @@ What and why:
   good (the duration is checked only between reads). `bound_relay` adds the three bounds (and counts a reservation's circuits before it
   answers: 0.8.1 counted them only once the target accepted, so concurrent CONNECTs overshot), refuses a
   reservation for anyone but the requester, and ends both directions of a circuit together, at its
-  duration at the latest (`_relay_data`).
+  duration at the latest (`_relay_data`). Its memory (the relay's Yamux, `_handle_hop_stream`): a stream the
+  relay reset kept its unread bytes, and what still arrived for it, until a sweep 60-90 s later; a relayed
+  stream's receive window grew to 4-16 MiB; a hop stream its peer closed was never closed. `bound_relay` drops
+  the unread bytes (`_drop_unread`), holds a circuit's windows at 256 KiB (`_hold_window`) and resets a hop
+  stream once its handler returns: flat at 137-141 MB RSS over 19-256 MiB relayed (BENCHMARKS.md).
 - **AutoNAT's server** (`AutoNATService._handle_request`, issue 26): 0.8.1 dials back whatever peer id a DIAL
   names, as often as asked; `serve_autonat` answers in its place, refusing a dial-back for anyone but the
   requester and past a per-peer rate (node/nat.py DialBackLimit).
@@ -106,7 +110,8 @@ def check(version: str | None = None) -> list[str]:
     wanted = [(kad_dht, "_encode_key"), (ProviderStore, "_get_providers_from_peer_with_closers"),
               (SecureSession, "write"), (kad_dht.KadDHT, "__init__"), (AutoNATService, "_try_dial"),
               (CircuitV2Protocol, "_handle_reserve"), (CircuitV2Protocol, "_handle_connect"),
-              (CircuitV2Protocol, "_relay_data"), (DCUtRProtocol, "_auto_drive_loop"),
+              (CircuitV2Protocol, "_relay_data"), (CircuitV2Protocol, "_handle_hop_stream"),
+              (DCUtRProtocol, "_auto_drive_loop"),
               (DCUtRProtocol, "_close_relayed_conns_after_grace"),
               (Swarm, "_best_connection"),
               (CircuitV2Transport, "_make_reservation"), (PeerRouting, "_query_peer_for_closest"),
@@ -249,6 +254,44 @@ def _remote_ip(stream: Any) -> str | None:
     return None
 
 
+async def _drop_unread(stream: Any) -> None:
+    """A relayed stream the relay has reset: drop what its peer sent that nobody will read. 0.8.1's Yamux keeps a
+    reset stream with unread bytes (and appends what still arrives for it) until its stale-stream sweep, 60-90 s
+    later: a relay under a flood held tens of MB of them (BENCHMARKS.md, "A relay under load")."""
+    muxed = getattr(stream, "muxed_stream", None)
+    conn = getattr(muxed, "conn", None)
+    if not getattr(muxed, "closed", False) or not isinstance(getattr(conn, "stream_buffers", None), dict):
+        return
+    async with conn.streams_lock:
+        buffer = conn.stream_buffers.get(muxed.stream_id)
+        if buffer:
+            buffer.clear()
+            conn._finalize_stream_locked(muxed, fully_closed=True)  # with no bytes buffered: forgotten now
+
+
+def _hold_window(stream: Any) -> None:
+    """Keep a relayed stream's Yamux receive window at py-libp2p's initial 256 KiB: 0.8.1 doubles it, up to 16 MiB,
+    whenever two window updates come within 4 RTTs (a circuit's first few small reads, before this call: 4-16 MiB
+    granted), and then credits back what was read; the relay buffers up to a window per stream while the other side
+    is slower (a flood of 4 MiB circuits: 72 MB at once). Held, a stream is granted more only while less than 256 KiB
+    is granted or buffered; what was granted before is spent once; a peer sending beyond it is still buffered (0.8.1)."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE as window
+
+    muxed = getattr(stream, "muxed_stream", None)
+    if not hasattr(muxed, "_auto_tune_and_send_window_update") or not hasattr(muxed, "send_window_update"):
+        return
+
+    async def credit(*, bytes_read: int = 0) -> None:  # this stream's own: the host's other streams still grow
+        async with muxed.window_lock:
+            delta = window - (muxed.recv_window + len(muxed.conn.stream_buffers.get(muxed.stream_id, b"")))
+            if delta < window // 2:  # half a window at least, as py-libp2p batches its updates
+                return
+            muxed.recv_window += delta
+        await muxed.send_window_update(delta, skip_lock=True)
+
+    muxed._auto_tune_and_send_window_update = credit
+
+
 def bound_relay(hop: Any, t: Any) -> dict:
     """Reservations per IP address and circuits in total on one hop service; a RESERVE only for its sender
     (see the module docstring). Returns the live counters {"circuits": n, "refused": n}."""
@@ -328,6 +371,7 @@ def bound_relay(hop: Any, t: Any) -> dict:
             scope.deadline = trio.current_time() + max(0.0, deadline - time.monotonic())
         scopes = directions.setdefault(key, [])
         scopes.append(scope)
+        _hold_window(src)  # each direction its source: both streams of the circuit
         try:
             with scope:
                 await relay_data(src, dst, peer_id, deadline, data_limit)
@@ -341,12 +385,25 @@ def bound_relay(hop: Any, t: Any) -> dict:
                 for s in (src, dst):
                     with contextlib.suppress(Exception):  # reset already, or its connection gone
                         await s.reset()
+                    with contextlib.suppress(Exception):
+                        await _drop_unread(s)
             for k, pair in list(hop._active_relays.items()):
                 if any(x is src or x is dst for x in pair):
                     hop._active_relays.pop(k, None)
 
+    hop_stream = hop._handle_hop_stream
+
+    async def ended_hop_stream(stream: Any) -> None:
+        try:
+            await hop_stream(stream)
+        finally:  # 0.8.1 returns from a hop stream its peer closed (after a RESERVE, a refused CONNECT) without
+            # closing its own side: Yamux kept each for the connection's life (+15 in a test round of 15 CONNECTs)
+            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
+                await stream.reset()
+                await _drop_unread(stream)
+
     hop._handle_reserve, hop._handle_connect = bounded_reserve, bounded_connect
-    hop._relay_data = bounded_relay_data
+    hop._relay_data, hop._handle_hop_stream = bounded_relay_data, ended_hop_stream  # the service registers it
     return counters
 
 
