@@ -131,7 +131,9 @@ def test_provider_sigkilled_mid_transfer_fetch_completes_from_the_other(swarm):
     kill_when_partial(get, d, c, swarm.total_chunks)
     out = finish_cli(get, timeout=300)
     log = (d.home / "node.log").read_text(errors="replace")
-    assert f"provider {c.peer_id[:16]} penalised" in log  # D was using C when C died (or tried it after)
+    # D was using C when C died (or tried it after): the request failed (penalised), or, when C stalled before its
+    # connection dropped, D gave C's chunks to A first (late); a loaded machine gives either (both seen)
+    assert f"provider {c.peer_id[:16]} penalised" in log or f"provider {c.peer_id[:16]} late" in log, log[-3000:]
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["complete"] and got["chunks"] == swarm.total_chunks
