@@ -398,8 +398,9 @@ class P2PHost:
 
     async def direct_path(self, peer_id: str) -> None:
         """Before chunk bytes go to or come from `peer_id`: wait (nat.upgrade_wait_s, longer while a hole punch
-        may still come: `nat.upgrade_wait_over`) for a relayed connection to become direct (DCUtR), then allow it unless it is still relayed and `node.relay_data` is
-        off: RelayOnly (a RemoteProtocolError, so the fetch moves on to other providers)."""
+        may still come: `nat.upgrade_wait_over`) for a relayed connection to become direct (DCUtR), then allow
+        it unless it is still relayed and `node.relay_data` is off: RelayOnly (a RemoteProtocolError, so the
+        fetch moves on to other providers)."""
         if self.nat is None:
             return
         try:
