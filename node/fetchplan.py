@@ -455,8 +455,8 @@ class FetchPlan:
 
     def _overdue_at(self, rid: int) -> float | None:
         """When request `rid` has run fetch.late_factor times as long as the fastest other measured peer would take
-        for its unanswered bytes (None: no peer to compare with, or it waits for its path). An overdue request no longer holds one of
-        the `parallel` request slots, and its peer gets no new request while it is overdue."""
+        for its unanswered bytes (None: no peer to compare with, or it waits for its path). An overdue request
+        no longer holds one of the `parallel` request slots, and its peer gets no new request while it is overdue."""
         request = self._requests[rid]
         rate = self._best_rate(request.peer)
         if rate is None or request.waiting:

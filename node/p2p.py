@@ -452,16 +452,18 @@ class P2PHost:
             return False
         if pid in self.host.get_connected_peers():
             return self.nat.relayed_only(pid)
-        return self.private_peer(peer_id)
+        return self._advertises_relays(pid)
 
     def private_peer(self, peer_id: str) -> bool:
         """Whether `peer_id` is behind a NAT as far as this node knows: it advertises relayed addresses (its
         direct ones are then LAN addresses, `nat.direct_first`). False for a peer id that is no peer id."""
         try:
-            pid = self.peer_id_obj(peer_id)
+            return self._advertises_relays(self.peer_id_obj(peer_id))
         except UsageError:
             return False
-        _, relayed = nat.checked_addrs(peer_id, self._known_addrs(pid), self.tuning.nat.max_peer_relay_addrs)
+
+    def _advertises_relays(self, pid: Any) -> bool:
+        _, relayed = nat.checked_addrs(pid.to_base58(), self._known_addrs(pid), self.tuning.nat.max_peer_relay_addrs)
         return bool(relayed)
 
     @staticmethod

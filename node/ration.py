@@ -157,7 +157,9 @@ class UploadRation:
         latest = max(done, key=lambda c: c.done_at)
         wait = min(self.tuning.patience_max_s,
                    max(self.patience_s, self.tuning.patience_factor * (latest.done_at - latest.started)))
-        if self.private is not None and all(self.private(c.peer) for c in done):
+        if now - latest.done_at < wait:
+            return False
+        if self.private is not None and all(self.private(c.peer) for c in done):  # asked only past the usual wait
             wait += self.tuning.private_holder_extra_s
         return now - latest.done_at >= wait
 
