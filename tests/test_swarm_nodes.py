@@ -6,6 +6,7 @@ request with one clear line."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import pytest
@@ -51,6 +52,12 @@ def _chunks_sent(home) -> Counter:
     return Counter(r.chunk for r in rows if r.chunk and (r.raw_bytes or 0) > 0)
 
 
+def _late_chunks(nodes) -> int:
+    """Chunks the nodes' fetches took from a late request and gave to a faster peer (their node.log)."""
+    logs = [(node.home / "node.log").read_text(errors="replace") for node in nodes]
+    return sum(int(n) for log in logs for n in re.findall(r"late \([\d.]+ s for (\d+) chunks\)", log))
+
+
 def test_four_consumers_at_once_cost_the_publisher_one_copy_of_each_chunk(swarm):
     pub, consumers, published, results = swarm
     for result in results:
@@ -61,7 +68,10 @@ def test_four_consumers_at_once_cost_the_publisher_one_copy_of_each_chunk(swarm)
     assert set(sent) == blobs
     assert max(sent.values()) == 1, sent  # super-seeding: one copy of each chunk, the consumers trade the rest
     reshared = sum(sum(_chunks_sent(c.home).values()) for c in consumers)
-    assert reshared == (CONSUMERS - 1) * len(blobs)
+    # each consumer took every chunk the publisher did not send it from another; a copy more only where a consumer
+    # gave a late request's chunk to a faster peer while the first copy was still coming (a loaded CI machine
+    # did, once in a few runs: the duplicate arrived in full)
+    assert 0 <= reshared - (CONSUMERS - 1) * len(blobs) <= _late_chunks(consumers), (reshared, len(blobs))
     for c in consumers:
         assert cli_json(c.home, "verify", published["cid"], "--accept-any")["ok"]
 
