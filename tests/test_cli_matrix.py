@@ -203,7 +203,10 @@ BAD = [
     Case("report", "solo", lambda w: ["report", "--artifact", "not-a-cid"]),
     Case("config", "solo", lambda w: ["config", "set", "no.such", "1"]),
     Case("config", "solo", lambda w: ["config", "set", "node.audit_fraction", "2"]),
-    Case("demo", "none", lambda w: ["demo", "--doc", str(w.root / "missing.txt"), "--model", "tiny-qwen3"]),
+    # both before any node starts (the check sees stderr: the demo's progress lines go there)
+    Case("demo", "none", lambda w: ["demo", "--doc", str(w.root / "missing.txt"), "--model", "tiny-qwen3"],
+         check=lambda err: "starting node" not in err),
+    Case("demo", "none", lambda w: ["demo", "--model", "nosuchmodel"], check=lambda err: "starting node" not in err),
 ]
 
 
@@ -236,5 +239,6 @@ def test_bad_input_is_one_line_and_loses_nothing(world, case):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1, (proc.returncode, proc.stderr[-2000:])
+    assert case.check(proc.stderr), proc.stderr[-2000:]
     if before is not None:
         assert _fingerprint(home) == before, "bad input changed the home"

@@ -40,10 +40,16 @@ def _say(step: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..document import Document
+    from ..engine.catalog import check_name
     from ..node.launcher import ChildNode, run_cli
 
     import shutil
 
+    # what a user can get wrong fails before two nodes start (a missing --doc took 21 s to say so)
+    check_name(args.model)
+    if args.doc is not None:
+        Document.read(args.doc)
     keep = args.keep or args.workdir is not None
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kvswap-demo-"))
     doc = args.doc or work / "document.txt"
