@@ -15,11 +15,14 @@ from . import add_common, emit
 
 
 def cmd_exact(args: argparse.Namespace) -> int:
-    from ..engine import load_engine, run_exact
+    from ..engine.catalog import check_name
 
     if args.tokens < 1:
         raise UsageError("--tokens must be at least 1")
     text = Document.read(args.doc).text
+    check_name(args.model)  # bad input is one line before torch loads (5 s)
+    from ..engine import load_engine, run_exact
+
     engine = load_engine(args.model, dtype=args.dtype, decode=args.decode)
     doc_ids = engine.tokenize(text)
     question_ids = engine.tokenize(args.question) if args.question is not None else None
