@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kvswap.engine import catalog
-from kvswap.engine.fingerprint import canonical_config, folder_fingerprint
+from kvswap.engine.fingerprint import (canonical_config, folder_fingerprint, tokenizer_fingerprint,
+                                       tokenizer_fingerprint_from_json)
 from kvswap.engine.rawbits import bits_to_tensor, tensor_to_bits
 from kvswap.protocol.errors import ModelMismatch
 
@@ -93,6 +94,20 @@ def test_fingerprint_cache_is_keyed_by_file_stats(tmp_path, tiny_engine):
     assert folder_fingerprint(copy, config, tiny_engine.tokenizer_fingerprint, cache_dir) == first
     _flip_one_weight_bit(copy)  # new mtime -> new cache key -> re-hashed
     assert folder_fingerprint(copy, config, tiny_engine.tokenizer_fingerprint, cache_dir) != first
+
+
+def test_tokenizer_fingerprint_is_remembered_by_its_exact_text(tmp_path):
+    """The cache only skips the parse: the same fingerprint as computing it, one entry per exact text, and
+    texts that differ only in layout still share one fingerprint (it hashes canonical JSON)."""
+    text = '{"model": {"vocab": {"b": 1, "a": 0}}, "added_tokens": []}'
+    spaced = '{ "added_tokens": [],\n "model": {"vocab": {"a": 0, "b": 1}} }'
+    fp = tokenizer_fingerprint(text, tmp_path)
+    assert fp == tokenizer_fingerprint_from_json(text) == tokenizer_fingerprint(text, tmp_path)
+    assert tokenizer_fingerprint(spaced, tmp_path) == fp
+    cache = json.loads((tmp_path / "fingerprints.json").read_text())
+    assert sorted(cache.values()) == [fp, fp] and all(k.startswith("tokenizer:") for k in cache)
+    assert tokenizer_fingerprint(text.replace('"b": 1', '"b": 2'), tmp_path) != fp
+    assert tokenizer_fingerprint(text, None) == fp  # no cache: computed
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])

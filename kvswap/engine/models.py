@@ -22,7 +22,7 @@ import torch
 from ..protocol.errors import FormatError, NotFound
 from . import catalog
 from .core import Engine
-from .fingerprint import fingerprint_parts, folder_fingerprint, tokenizer_fingerprint_from_json
+from .fingerprint import fingerprint_parts, folder_fingerprint, tokenizer_fingerprint
 from .rawbits import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _tokenizer_fp(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         raise FormatError(f"{type(tokenizer).__name__} has no fast tokenizer JSON to fingerprint")
-    return tokenizer_fingerprint_from_json(backend.to_str())
+    return tokenizer_fingerprint(backend.to_str(), catalog.model_cache_root())
 
 
 def load_folder(folder: Path, *, model_id: str, dtype: str, device: str | None) -> Engine:

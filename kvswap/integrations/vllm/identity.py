@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ...engine import catalog
-from ...engine.fingerprint import folder_fingerprint, tokenizer_fingerprint_from_json
+from ...engine.fingerprint import folder_fingerprint, tokenizer_fingerprint
 from ...protocol.errors import NotFound, UsageError
 from ...kvtensors import KvLayout
 from ._source import ModelIdentity
@@ -59,7 +59,7 @@ def engine_identity(vllm_config, model_id: str | None = None, tokenizer=None) ->
     folder = model_folder(mc.model)
     tok_folder = model_folder(mc.tokenizer) if mc.tokenizer and mc.tokenizer != mc.model else folder
     tokenizer = tokenizer or load_tokenizer(tok_folder)
-    tok_fp = tokenizer_fingerprint_from_json(tokenizer.backend_tokenizer.to_str())
+    tok_fp = tokenizer_fingerprint(tokenizer.backend_tokenizer.to_str(), catalog.model_cache_root())
     config = json.loads((folder / "config.json").read_text())
     fp = folder_fingerprint(folder, config, tok_fp, catalog.model_cache_root())
     dtype = DTYPE_NAMES[mc.dtype]
