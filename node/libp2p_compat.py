@@ -254,6 +254,15 @@ def _remote_ip(stream: Any) -> str | None:
     return None
 
 
+async def _end_stream(stream: Any) -> None:
+    """Reset a stream of the relay's (unless it is reset already, or its connection gone) and drop what it still
+    buffers (`_drop_unread`)."""
+    with contextlib.suppress(Exception):
+        await stream.reset()
+    with contextlib.suppress(Exception):
+        await _drop_unread(stream)
+
+
 async def _drop_unread(stream: Any) -> None:
     """A relayed stream the relay has reset: drop what its peer sent that nobody will read. 0.8.1's Yamux keeps a
     reset stream with unread bytes (and appends what still arrives for it) until its stale-stream sweep, 60-90 s
@@ -383,10 +392,7 @@ def bound_relay(hop: Any, t: Any) -> dict:
                 directions.pop(key, None)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 for s in (src, dst):
-                    with contextlib.suppress(Exception):  # reset already, or its connection gone
-                        await s.reset()
-                    with contextlib.suppress(Exception):
-                        await _drop_unread(s)
+                    await _end_stream(s)
             for k, pair in list(hop._active_relays.items()):
                 if any(x is src or x is dst for x in pair):
                     hop._active_relays.pop(k, None)
@@ -398,9 +404,8 @@ def bound_relay(hop: Any, t: Any) -> dict:
             await hop_stream(stream)
         finally:  # 0.8.1 returns from a hop stream its peer closed (after a RESERVE, a refused CONNECT) without
             # closing its own side: Yamux kept each for the connection's life (+15 in a test round of 15 CONNECTs)
-            with trio.CancelScope(shield=True), trio.move_on_after(2), contextlib.suppress(Exception):
-                await stream.reset()
-                await _drop_unread(stream)
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await _end_stream(stream)
 
     hop._handle_reserve, hop._handle_connect = bounded_reserve, bounded_connect
     hop._relay_data, hop._handle_hop_stream = bounded_relay_data, ended_hop_stream  # the service registers it
