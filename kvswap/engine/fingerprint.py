@@ -51,14 +51,7 @@ def tokenizer_fingerprint(tokenizer_json: str, cache_dir: Path | None) -> str:
     text: the same text gives the same fingerprint, and parsing and re-serialising a 6.9 MB Qwen tokenizer took
     1.3 s of every command that loads a model (hashing the text takes 15 ms)."""
     key = "tokenizer:" + hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    cache_file = cache_dir / _FP_CACHE_NAME if cache_dir else None
-    cached = _read_cache(cache_file).get(key)
-    if isinstance(cached, str):
-        return cached
-    fp = tokenizer_fingerprint_from_json(tokenizer_json)
-    if cache_file is not None:
-        _write_cache(cache_file, key, fp)
-    return fp
+    return _remembered(cache_dir, key, lambda: tokenizer_fingerprint_from_json(tokenizer_json))
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, str, list[int], int, int]]:
@@ -124,13 +117,22 @@ def folder_fingerprint(folder: Path, config: dict, tokenizer_fp: str, cache_dir:
         st = p.stat()
         key_material.append([p.name, st.st_size, st.st_mtime_ns])
     key = hashlib.sha256(canonical_json(key_material)).hexdigest()
+
+    def digest() -> str:
+        h = fingerprint_parts(config, tokenizer_fp)
+        weights_digest_from_files(files, h)
+        return h.hexdigest()
+
+    return _remembered(cache_dir, key, digest)
+
+
+def _remembered(cache_dir: Path | None, key: str, compute) -> str:
+    """The fingerprint cached under `key` in `cache_dir`'s fingerprints.json, else `compute()`, then cached."""
     cache_file = cache_dir / _FP_CACHE_NAME if cache_dir else None
-    cached = _read_cache(cache_file)
-    if key in cached:
-        return cached[key]
-    h = fingerprint_parts(config, tokenizer_fp)
-    weights_digest_from_files(files, h)
-    fp = h.hexdigest()
+    cached = _read_cache(cache_file).get(key)
+    if isinstance(cached, str):
+        return cached
+    fp = compute()
     if cache_file is not None:
         _write_cache(cache_file, key, fp)
     return fp
